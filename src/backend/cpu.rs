@@ -1,0 +1,323 @@
+//! CPU fallback backend: multithreaded, projections through the `gemm` crate (runtime-dispatched
+//! SIMD microkernels), and the epilogue fused per row block.
+//!
+//! The batch is cut into row blocks small enough that a block's projected activations
+//! (`M x rows x D` f32) stay in the core's cache. Each block, on one pool thread: checks its
+//! inputs (mask, NaN/Inf), runs the M projection GEMMs into a thread-local scratch, then walks
+//! each row once: bias + tanh score per present modality, masked softmax, weighted sum written
+//! straight into the output row, and LayerNorm in place. The activations are produced and
+//! consumed while hot instead of being swept five more times as a layer-by-layer framework does.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::backend::{Backend, BackendKind, DeviceInfo};
+use crate::batch::{BatchRef, OutputsMut};
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+use crate::tensor::{bytes_to_f32, find_non_finite_bytes};
+
+mod epilogue;
+
+/// Largest row block. 64 rows x 3 modalities x 512 x 4 B = 384 KiB of activations.
+const MAX_BLOCK_ROWS: usize = 64;
+
+/// Device description of the CPU backend.
+pub fn device_info(index: usize, threads: Option<usize>) -> DeviceInfo {
+    let threads = threads.unwrap_or_else(default_threads);
+    DeviceInfo {
+        kind: BackendKind::Cpu,
+        index,
+        name: cpu_model(),
+        detail: format!("{threads} threads, gemm {}", simd_level()),
+        accelerator: false,
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2+fma";
+        }
+        "sse2"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "portable"
+    }
+}
+
+/// A head prepared for the CPU: projection weights transposed to `[d_m, D]` so each GEMM
+/// streams the weight rows contiguously.
+struct Prepared {
+    head: Arc<FusionHead>,
+    wt: Vec<Vec<f32>>,
+}
+
+/// The CPU backend: its own rayon pool (so several CPU "devices" in the engine each own their
+/// threads) and a prepared head.
+pub struct CpuBackend {
+    info: DeviceInfo,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    prepared: Option<Prepared>,
+}
+
+thread_local! {
+    /// Per-thread scratch: projected activations and converted (non-f32) inputs. Grows to the
+    /// largest block seen, so steady state allocates nothing.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl CpuBackend {
+    /// A CPU device with `threads` workers (default: all cores).
+    pub fn new(index: usize, threads: Option<usize>) -> Result<CpuBackend> {
+        let threads = threads.unwrap_or_else(default_threads).max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("fusion-cpu{index}-{i}"))
+            .build()
+            .map_err(|e| Error::BackendUnavailable {
+                backend: "cpu".into(),
+                reason: format!("cannot start {threads} threads: {e}"),
+            })?;
+        Ok(CpuBackend {
+            info: device_info(index, Some(threads)),
+            pool,
+            threads,
+            prepared: None,
+        })
+    }
+
+    /// Runs only the M projection GEMMs for the batch (no bias, no epilogue), on the same row
+    /// blocks and threads as [`Backend::run`]. This is the "projections alone" yardstick that
+    /// `bench` reports the whole head against.
+    fn projections_only(&mut self, batch: &BatchRef<'_>) -> Result<()> {
+        let p = self.prepared.as_ref().ok_or_else(no_head)?;
+        batch.validate_shapes(&p.head)?;
+        let block = block_rows(batch.rows, self.threads);
+        let nblocks = batch.rows.div_ceil(block);
+        let par = nblocks < self.threads;
+        self.pool.install(|| {
+            (0..nblocks).into_par_iter().for_each(|bi| {
+                let r0 = bi * block;
+                let n = block.min(batch.rows - r0);
+                SCRATCH.with(|s| {
+                    let (h, xs) = &mut *s.borrow_mut();
+                    project_block(p, batch, r0, n, h, xs, par);
+                })
+            })
+        });
+        Ok(())
+    }
+}
+
+fn no_head() -> Error {
+    Error::Config("no head uploaded to the cpu backend".into())
+}
+
+/// Rows per block: at most `MAX_BLOCK_ROWS`, and small enough that every thread gets a block.
+fn block_rows(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads).clamp(1, MAX_BLOCK_ROWS)
+}
+
+/// Projects rows `[r0, r0 + n)` of every modality into `h` (`[M, n, D]`, no bias).
+/// `parallel` lets the GEMM itself use the pool (for batches too small to give every thread a
+/// block of its own).
+fn project_block(
+    p: &Prepared,
+    batch: &BatchRef<'_>,
+    r0: usize,
+    n: usize,
+    h: &mut Vec<f32>,
+    xs: &mut Vec<f32>,
+    parallel: bool,
+) {
+    let d = p.head.dim;
+    let m = p.head.num_modalities();
+    if h.len() < m * n * d {
+        h.resize(m * n * d, 0.0);
+    }
+    for (i, md) in p.head.modalities.iter().enumerate() {
+        let k = md.width;
+        let x = batch.inputs[i].rows_slice(r0, n);
+        // Skip a modality absent from every row of the block.
+        if (0..n).all(|r| !batch.present(r0 + r, i)) {
+            continue;
+        }
+        let lhs: &[f32] = match x.as_f32() {
+            Some(v) => v,
+            None => {
+                if xs.len() < n * k {
+                    xs.resize(n * k, 0.0);
+                }
+                bytes_to_f32(x.dtype, x.bytes, &mut xs[..n * k]);
+                &xs[..n * k]
+            }
+        };
+        let dst = &mut h[i * n * d..(i + 1) * n * d];
+        let wt = &p.wt[i];
+        debug_assert_eq!(lhs.len(), n * k);
+        debug_assert_eq!(wt.len(), k * d);
+        // SAFETY: dst is n x d (row stride d), lhs is n x k (row stride k), rhs is k x d (row
+        // stride d); all three slices have exactly those lengths (h was resized above, lhs comes
+        // from a view whose length the batch validation checked, wt from `upload`), so every
+        // offset gemm computes from these strides and sizes is in bounds. read_dst = false, so
+        // dst's previous contents are ignored.
+        unsafe {
+            gemm::gemm(
+                n,
+                d,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                d as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                wt.as_ptr(),
+                1,
+                d as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                if parallel {
+                    gemm::Parallelism::Rayon(0)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+    }
+}
+
+/// Checks mask values, that each row has a modality, and NaN/Inf in present rows of a block.
+fn check_block(head: &FusionHead, batch: &BatchRef<'_>, r0: usize, n: usize) -> Result<()> {
+    let m = head.num_modalities();
+    for r in r0..r0 + n {
+        let mut any = false;
+        for (c, v) in batch.mask[r * m..(r + 1) * m].iter().enumerate() {
+            match *v {
+                0 => {}
+                1 => {
+                    any = true;
+                    let x = &batch.inputs[c];
+                    if let Some(col) = find_non_finite_bytes(x.dtype, x.row_bytes(r)) {
+                        return Err(Error::InputNonFinite {
+                            name: head.modalities[c].name.clone(),
+                            row: r,
+                            col,
+                        });
+                    }
+                }
+                value => {
+                    return Err(Error::BadMask {
+                        row: r,
+                        col: c,
+                        value,
+                    })
+                }
+            }
+        }
+        if !any {
+            return Err(Error::NoModality { row: r });
+        }
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
+        let d = head.dim;
+        let wt = head
+            .modalities
+            .iter()
+            .zip(&head.proj_weight)
+            .map(|(md, w)| {
+                let k = md.width;
+                let mut t = vec![0f32; k * d];
+                for o in 0..d {
+                    for c in 0..k {
+                        t[c * d + o] = w[o * k + c];
+                    }
+                }
+                t
+            })
+            .collect();
+        self.prepared = Some(Prepared { head, wt });
+        Ok(())
+    }
+
+    fn head(&self) -> Option<&Arc<FusionHead>> {
+        self.prepared.as_ref().map(|p| &p.head)
+    }
+
+    fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
+        self.projections_only(batch).map(|_| true)
+    }
+
+    fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
+        let p = self.prepared.as_ref().ok_or_else(no_head)?;
+        let head = &*p.head;
+        batch.validate_shapes(head)?;
+        out.check(head, batch.rows)?;
+        let (d, m) = (head.dim, head.num_modalities());
+        let block = block_rows(batch.rows, self.threads);
+        let nblocks = batch.rows.div_ceil(block);
+        let par = nblocks < self.threads;
+        let kernel = epilogue::Kernel::detect();
+        self.pool.install(|| {
+            out.fused
+                .par_chunks_mut(block * d)
+                .zip(out.weights.par_chunks_mut(block * m))
+                .enumerate()
+                .try_for_each(|(bi, (fused, weights))| {
+                    let r0 = bi * block;
+                    let n = fused.len() / d;
+                    check_block(head, batch, r0, n)?;
+                    SCRATCH.with(|s| {
+                        let (h, xs) = &mut *s.borrow_mut();
+                        project_block(p, batch, r0, n, h, xs, par);
+                        let present = &batch.mask[r0 * m..(r0 + n) * m];
+                        kernel.run(head, &mut h[..m * n * d], n, present, fused, weights);
+                    });
+                    Ok(())
+                })
+        })
+        .map(|_: ()| ())?;
+        debug_assert_eq!(nblocks, batch.rows.div_ceil(block));
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! The `fusion-engine` command line: `fuse`, `bench`, `devices`, `selftest`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use fusion_engine::backend::{self, Backend, BackendChoice, BackendKind, OpenOptions};
+use fusion_engine::batch::Outputs;
+use fusion_engine::bench::bench_backend;
+use fusion_engine::error::{Error, Result};
+use fusion_engine::model::FusionHead;
+use fusion_engine::selftest::{run_case, standard_cases};
+use fusion_engine::tensor::DType;
+
+#[derive(Parser)]
+#[command(name = "fusion-engine", version, about = "GPU-native multi-modal fusion engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fuse a features file (one [B, d_m] tensor per modality, optional "mask") into a results
+    /// file ("fused" [B, D] and "weights" [B, M], F32).
+    Fuse {
+        /// Fusion head (.safetensors); the embedded default head when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Features file (.safetensors).
+        #[arg(long)]
+        input: PathBuf,
+        /// Results file to write (.safetensors); not written on error.
+        #[arg(long)]
+        output: PathBuf,
+        /// auto, cpu, wgpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Time the head on a backend; one line per (batch, dtype) run.
+    Bench {
+        /// auto, cpu, wgpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
+        /// Batch sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1024")]
+        batch: Vec<usize>,
+        /// Timed iterations per run (median reported).
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        /// Untimed warm-up iterations.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Input dtypes, comma separated (f32, f16, bf16).
+        #[arg(long, value_delimiter = ',', default_value = "f32")]
+        dtype: Vec<DType>,
+        /// Fusion head; the embedded default head when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices of every backend and why any is unavailable.
+    Devices {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every available backend against the float64 reference on fresh random inputs.
+    Selftest {
+        /// auto (every available backend), cpu, wgpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
+        /// Seed (default: fresh from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Fuse {
+            model,
+            input,
+            output,
+            backend,
+            threads,
+        } => fuse(model, input, output, backend, threads),
+        Cmd::Bench {
+            backend,
+            batch,
+            iters,
+            warmup,
+            dtype,
+            model,
+            threads,
+            json,
+        } => bench(backend, &batch, iters, warmup, &dtype, model, threads, json),
+        Cmd::Devices { json } => devices(json),
+        Cmd::Selftest {
+            backend,
+            seed,
+            json,
+        } => selftest(backend, seed, json),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_head(model: Option<PathBuf>) -> Result<Arc<FusionHead>> {
+    let head = FusionHead::load_or_embedded(model.as_deref())?;
+    if model.is_none() {
+        eprintln!(
+            "note: no --model given: using the embedded default head ({}, D={})",
+            head.modalities
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.width))
+                .collect::<Vec<_>>()
+                .join(", "),
+            head.dim
+        );
+    }
+    Ok(Arc::new(head))
+}
+
+fn fuse(
+    model: Option<PathBuf>,
+    input: PathBuf,
+    output: PathBuf,
+    choice: BackendChoice,
+    threads: Option<usize>,
+) -> Result<ExitCode> {
+    let head = load_head(model)?;
+    let batch = fusion_engine::io::read_input_file(&input, &head)?;
+    let opts = OpenOptions {
+        threads,
+        ..Default::default()
+    };
+    let mut be = backend::open_choice(choice, head.clone(), &opts)?;
+    let mut out = Outputs::zeros(&head, batch.rows);
+    let t = Instant::now();
+    be.run(&batch.view(), out.as_mut())?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes = fusion_engine::io::output_bytes(&head, batch.rows, &out)?;
+    fusion_engine::io::write_atomic(&output, &bytes)?;
+    eprintln!(
+        "fused {} samples on {} ({}) in {ms:.2} ms -> {}",
+        batch.rows,
+        be.info().id(),
+        be.info().name,
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    choice: BackendChoice,
+    batches: &[usize],
+    iters: usize,
+    warmup: usize,
+    dtypes: &[DType],
+    model: Option<PathBuf>,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    let head = load_head(model)?;
+    let opts = OpenOptions {
+        threads,
+        ..Default::default()
+    };
+    let mut be = backend::open_choice(choice, head, &opts)?;
+    for &b in batches {
+        if b == 0 {
+            return Err(Error::Config("--batch must be at least 1".into()));
+        }
+        for &dt in dtypes {
+            let r = bench_backend(&mut be, b, dt, iters, warmup)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
+                );
+            } else {
+                let proj = match (r.proj_ms_per_batch, r.head_over_proj) {
+                    (Some(p), Some(x)) => format!("  proj-only {p:.3} ms (head/proj {x:.2}x)"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:5} {:>6} {:4}  {:9.3} ms/batch  {:12.0} samples/s  {:7.1} GFLOP/s{proj}  [{}]",
+                    r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.gflops, r.device
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices(json: bool) -> Result<ExitCode> {
+    let entries = backend::discover();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).map_err(|e| Error::Config(e.to_string()))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &entries {
+        match (&e.device, &e.unavailable) {
+            (Some(d), _) => println!("{:8} {}  {}", d.id(), d.name, d.detail),
+            (None, Some(r)) => println!("{:8} unavailable: {r}", e.kind),
+            (None, None) => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selftest(choice: BackendChoice, seed: Option<u64>, json: bool) -> Result<ExitCode> {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let kinds: Vec<BackendKind> = match choice {
+        BackendChoice::Auto => BackendKind::ALL.to_vec(),
+        BackendChoice::Kind(k) => vec![k],
+    };
+    let placeholder = Arc::new(FusionHead::random(&[("x".into(), 4)], 4, 1e-5, 0));
+    let mut failed = 0usize;
+    let mut ran = 0usize;
+    if !json {
+        println!("selftest seed {seed}");
+    }
+    for kind in kinds {
+        for entry in backend::discover_kind(kind) {
+            let Some(dev) = entry.device else {
+                let reason = entry.unavailable.unwrap_or_default();
+                if choice == BackendChoice::Kind(kind) {
+                    eprintln!("error: backend {kind} unavailable: {reason}");
+                    failed += 1;
+                } else if !json {
+                    println!("{kind:5} skipped: {reason}");
+                }
+                continue;
+            };
+            let mut be = backend::open(kind, dev.index, placeholder.clone(), &OpenOptions::default())?;
+            for (i, case) in standard_cases().iter().enumerate() {
+                let r = run_case(&mut be, case, seed.wrapping_add(i as u64));
+                ran += 1;
+                if !r.pass {
+                    failed += 1;
+                }
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
+                    );
+                } else {
+                    println!(
+                        "{:8} {:20} fused {:9.2e}  weights {:9.2e}  tol {:.0e}  {}{}",
+                        r.device,
+                        r.case,
+                        r.fused_err,
+                        r.weights_err,
+                        r.tol,
+                        if r.pass { "ok" } else { "FAIL" },
+                        r.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    if !json {
+        println!("{ran} cases run, {failed} failed");
+    }
+    Ok(if failed == 0 && ran > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

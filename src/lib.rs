@@ -1,0 +1,32 @@
+//! fusion-engine: a GPU-native multi-modal fusion engine.
+//!
+//! Producers stream per-modality feature vectors; the engine joins the modalities of each sample,
+//! batches them, runs a learned attention fusion head on a device, and returns fused vectors.
+//! SPEC.md (shared) is the contract; this crate is organised in the order data flows through it:
+//!
+//! - [`error`]: the crate [`Error`] with a stable machine code per variant.
+//! - [`tensor`]: element types and borrowed/owned views of little-endian feature matrices.
+//! - [`model`]: the fusion head's parameters: safetensors loading, validation, the embedded head.
+//! - [`batch`]: a batch of samples (inputs + presence mask) and the caller-provided outputs.
+//! - [`backend`]: the device boundary ([`backend::Backend`], [`backend::AnyBackend`]), device
+//!   discovery, and the CPU, wgpu and CUDA backends.
+//! - [`reference`]: the float64 reference every backend is checked against.
+//! - [`io`]: offline-mode files (`fuse`): reading features, writing results atomically.
+//! - [`selftest`]: agreement of every available backend with the reference on random inputs.
+//! - [`bench`]: kernel timing shared by the `bench` command and the criterion benches.
+
+pub mod backend;
+pub mod batch;
+pub mod bench;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod reference;
+pub mod selftest;
+pub mod tensor;
+
+pub use backend::{AnyBackend, Backend, BackendChoice, BackendKind, DeviceInfo};
+pub use batch::{Batch, BatchRef, Outputs, OutputsMut};
+pub use error::{Error, Result};
+pub use model::FusionHead;
+pub use tensor::DType;

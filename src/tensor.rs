@@ -1,0 +1,287 @@
+//! Host-side input tensors: element types, borrowed views over raw little-endian bytes, and
+//! conversion to f32. Inputs stay in the dtype they arrived in until a backend consumes them.
+
+use half::{bf16, f16};
+
+/// Element type of an input or weight tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lower-case name (`f32`, `f16`, `bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Maps a safetensors dtype, if it is one the engine accepts for features or weights.
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+        match d {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            other => Err(format!("unknown dtype {other:?} (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+/// A borrowed row-major `[rows, cols]` matrix of little-endian elements of `dtype`.
+///
+/// The byte slice need not be aligned (safetensors data and network frames often are not).
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Number of rows (samples).
+    pub rows: usize,
+    /// Number of columns (features).
+    pub cols: usize,
+    /// `rows * cols * dtype.size()` bytes.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> MatRef<'a> {
+    /// Builds a view, checking that the byte length matches the shape. Returns `None` on mismatch.
+    pub fn new(dtype: DType, rows: usize, cols: usize, bytes: &'a [u8]) -> Option<Self> {
+        let n = rows.checked_mul(cols)?.checked_mul(dtype.size())?;
+        (n == bytes.len()).then_some(MatRef {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// A view over an f32 slice.
+    pub fn from_f32(rows: usize, cols: usize, data: &'a [f32]) -> Option<Self> {
+        Self::new(DType::F32, rows, cols, bytemuck::cast_slice(data))
+    }
+
+    /// A view over an f16 slice.
+    pub fn from_f16(rows: usize, cols: usize, data: &'a [f16]) -> Option<Self> {
+        Self::new(DType::F16, rows, cols, bytemuck::cast_slice(data))
+    }
+
+    /// A view over a bf16 slice.
+    pub fn from_bf16(rows: usize, cols: usize, data: &'a [bf16]) -> Option<Self> {
+        Self::new(DType::BF16, rows, cols, bytemuck::cast_slice(data))
+    }
+
+    /// Bytes of row `r` (caller guarantees `r < rows`).
+    #[inline]
+    pub fn row_bytes(&self, r: usize) -> &'a [u8] {
+        let w = self.cols * self.dtype.size();
+        &self.bytes[r * w..(r + 1) * w]
+    }
+
+    /// Sub-view of rows `[start, start + n)` (caller guarantees the range is inside).
+    pub fn rows_slice(&self, start: usize, n: usize) -> MatRef<'a> {
+        let w = self.cols * self.dtype.size();
+        MatRef {
+            dtype: self.dtype,
+            rows: n,
+            cols: self.cols,
+            bytes: &self.bytes[start * w..(start + n) * w],
+        }
+    }
+
+    /// The data as `&[f32]` without copying, when the dtype is f32 and the bytes are aligned.
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        if self.dtype == DType::F32 {
+            bytemuck::try_cast_slice(self.bytes).ok()
+        } else {
+            None
+        }
+    }
+
+    /// Converts row `r` to f32 into `out` (`out.len() == cols`).
+    #[inline]
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        bytes_to_f32(self.dtype, self.row_bytes(r), out);
+    }
+
+    /// Element `(r, c)` as f64 (slow path, for references and error reports).
+    pub fn get_f64(&self, r: usize, c: usize) -> f64 {
+        let s = self.dtype.size();
+        let off = (r * self.cols + c) * s;
+        let b = &self.bytes[off..off + s];
+        match self.dtype {
+            DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+            DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
+            DType::BF16 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
+        }
+    }
+
+    /// Position `(row, col)` of the first NaN or Inf among the given rows, if any.
+    pub fn find_non_finite(&self, rows: impl Iterator<Item = usize>) -> Option<(usize, usize)> {
+        for r in rows {
+            if let Some(c) = find_non_finite_bytes(self.dtype, self.row_bytes(r)) {
+                return Some((r, c));
+            }
+        }
+        None
+    }
+}
+
+/// Converts little-endian bytes of `dtype` to f32 (`out.len()` elements).
+#[inline]
+pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        DType::BF16 => {
+            // bf16 is the top half of an f32: widening is a shift.
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+    }
+}
+
+/// Index of the first NaN/Inf element in little-endian bytes of `dtype`.
+///
+/// The common case (everything finite) is a branch-free OR over blocks of 64 elements, which
+/// the compiler vectorises; the exact position is only searched for in a block that failed.
+pub fn find_non_finite_bytes(dtype: DType, bytes: &[u8]) -> Option<usize> {
+    // An IEEE value is non-finite exactly when all exponent bits are set.
+    const BLOCK: usize = 64;
+    let es = dtype.size();
+    for (bi, block) in bytes.chunks(BLOCK * es).enumerate() {
+        let bad = match dtype {
+            DType::F32 => block.chunks_exact(4).fold(false, |acc, b| {
+                acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            }),
+            DType::F16 => block.chunks_exact(2).fold(false, |acc, b| {
+                acc | (u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+            }),
+            DType::BF16 => block.chunks_exact(2).fold(false, |acc, b| {
+                acc | (u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
+            }),
+        };
+        if bad {
+            let pos = match dtype {
+                DType::F32 => block.chunks_exact(4).position(|b| {
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+                }),
+                DType::F16 => block
+                    .chunks_exact(2)
+                    .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+                DType::BF16 => block
+                    .chunks_exact(2)
+                    .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+            };
+            return pos.map(|p| bi * BLOCK + p);
+        }
+    }
+    None
+}
+
+/// An owned row-major matrix in its wire dtype (what the engine queues).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostMat {
+    /// Element type.
+    pub dtype: DType,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Little-endian element bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl HostMat {
+    /// Borrowed view.
+    pub fn view(&self) -> MatRef<'_> {
+        MatRef {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            bytes: &self.bytes,
+        }
+    }
+
+    /// From f32 values.
+    pub fn from_f32(rows: usize, cols: usize, data: &[f32]) -> Self {
+        HostMat {
+            dtype: DType::F32,
+            rows,
+            cols,
+            bytes: bytemuck::cast_slice(data).to_vec(),
+        }
+    }
+
+    /// From f32 values, rounded to `dtype`.
+    pub fn from_f32_as(dtype: DType, rows: usize, cols: usize, data: &[f32]) -> Self {
+        let bytes = match dtype {
+            DType::F32 => bytemuck::cast_slice(data).to_vec(),
+            DType::F16 => data
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+            DType::BF16 => data
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+        };
+        HostMat {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        }
+    }
+}
