@@ -11,40 +11,38 @@ const LANES: usize = 8;
 
 /// tanh via a [13/6] rational approximation (the one Eigen uses for float), accurate to a few
 /// ulp over the clamped range; branch-free so it vectorises.
+const TANH_CLAMP: f32 = 7.905_311;
+/// Numerator coefficients, highest power first (odd powers 13..1, times x at the end).
+const TANH_A: [f32; 7] = [
+    -2.760_768_5e-16,
+    2.000_188e-13,
+    -8.604_671_5e-11,
+    5.122_297e-8,
+    1.485_722_4e-5,
+    6.372_619_3e-4,
+    4.893_524_6e-3,
+];
+/// Denominator coefficients, highest power first (even powers 6..0).
+const TANH_B: [f32; 4] = [
+    1.198_258_4e-6,
+    1.185_347_1e-4,
+    2.268_434_6e-3,
+    4.893_525_2e-3,
+];
+
 #[inline(always)]
 fn tanh_fast(x: f32) -> f32 {
-    const CLAMP: f32 = 7.905_311;
-    const A1: f32 = 4.893_524_6e-3;
-    const A3: f32 = 6.372_619_3e-4;
-    const A5: f32 = 1.485_722_4e-5;
-    const A7: f32 = 5.122_297e-8;
-    const A9: f32 = -8.604_671_5e-11;
-    const A11: f32 = 2.000_188e-13;
-    const A13: f32 = -2.760_768_5e-16;
-    const B0: f32 = 4.893_525_2e-3;
-    const B2: f32 = 2.268_434_6e-3;
-    const B4: f32 = 1.185_347_1e-4;
-    const B6: f32 = 1.198_258_4e-6;
-    let x = if x > CLAMP {
-        CLAMP
-    } else if x < -CLAMP {
-        -CLAMP
-    } else {
-        x
-    };
+    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
     let x2 = x * x;
-    let mut p = A13;
-    p = p * x2 + A11;
-    p = p * x2 + A9;
-    p = p * x2 + A7;
-    p = p * x2 + A5;
-    p = p * x2 + A3;
-    p = p * x2 + A1;
+    let mut p = TANH_A[0];
+    for a in &TANH_A[1..] {
+        p = p * x2 + a;
+    }
     p *= x;
-    let mut q = B6;
-    q = q * x2 + B4;
-    q = q * x2 + B2;
-    q = q * x2 + B0;
+    let mut q = TANH_B[0];
+    for b in &TANH_B[1..] {
+        q = q * x2 + b;
+    }
     p / q
 }
 
@@ -72,6 +70,104 @@ fn bias_score(h: &mut [f32], b: &[f32], q: &[f32]) -> f32 {
         let t = *hh + bb;
         *hh = t;
         s += qq * tanh_fast(t);
+    }
+    s
+}
+
+/// AVX2+FMA version of [`bias_score`]: 8 lanes per step, same approximation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bias_score_avx2(h: &mut [f32], b: &[f32], q: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = h.len().min(b.len()).min(q.len());
+    let chunks = n / LANES;
+    let mut acc = _mm256_setzero_ps();
+    let hi = _mm256_set1_ps(TANH_CLAMP);
+    let lo = _mm256_set1_ps(-TANH_CLAMP);
+    let c = |v: f32| _mm256_set1_ps(v);
+    for i in 0..chunks {
+        let o = i * LANES;
+        // SAFETY: o + 8 <= chunks * 8 <= n, and n is at most each slice's length, so the
+        // unaligned 8-float loads and the store stay inside `h`, `b` and `q`.
+        let (hv, bv, qv) = unsafe {
+            (
+                _mm256_loadu_ps(h.as_ptr().add(o)),
+                _mm256_loadu_ps(b.as_ptr().add(o)),
+                _mm256_loadu_ps(q.as_ptr().add(o)),
+            )
+        };
+        let t = _mm256_add_ps(hv, bv);
+        // SAFETY: as above, o + 8 <= h.len().
+        unsafe { _mm256_storeu_ps(h.as_mut_ptr().add(o), t) };
+        let x = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+        let x2 = _mm256_mul_ps(x, x);
+        let mut p = c(TANH_A[0]);
+        for a in &TANH_A[1..] {
+            p = _mm256_fmadd_ps(p, x2, c(*a));
+        }
+        p = _mm256_mul_ps(p, x);
+        let mut d = c(TANH_B[0]);
+        for bq in &TANH_B[1..] {
+            d = _mm256_fmadd_ps(d, x2, c(*bq));
+        }
+        acc = _mm256_fmadd_ps(qv, _mm256_div_ps(p, d), acc);
+    }
+    let mut lanes = [0f32; LANES];
+    // SAFETY: `lanes` is exactly 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let mut s: f32 = lanes.iter().sum();
+    for j in chunks * LANES..n {
+        let t = h[j] + b[j];
+        h[j] = t;
+        s += q[j] * tanh_fast(t);
+    }
+    s
+}
+
+/// AVX-512 version of [`bias_score`]: 16 lanes per step, same approximation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn bias_score_avx512(h: &mut [f32], b: &[f32], q: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    const W: usize = 16;
+    let n = h.len().min(b.len()).min(q.len());
+    let chunks = n / W;
+    let mut acc = _mm512_setzero_ps();
+    let hi = _mm512_set1_ps(TANH_CLAMP);
+    let lo = _mm512_set1_ps(-TANH_CLAMP);
+    let c = |v: f32| _mm512_set1_ps(v);
+    for i in 0..chunks {
+        let o = i * W;
+        // SAFETY: o + 16 <= chunks * 16 <= n, and n is at most each slice's length, so the
+        // unaligned 16-float loads and the store stay inside `h`, `b` and `q`.
+        let (hv, bv, qv) = unsafe {
+            (
+                _mm512_loadu_ps(h.as_ptr().add(o)),
+                _mm512_loadu_ps(b.as_ptr().add(o)),
+                _mm512_loadu_ps(q.as_ptr().add(o)),
+            )
+        };
+        let t = _mm512_add_ps(hv, bv);
+        // SAFETY: as above, o + 16 <= h.len().
+        unsafe { _mm512_storeu_ps(h.as_mut_ptr().add(o), t) };
+        let x = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+        let x2 = _mm512_mul_ps(x, x);
+        let mut p = c(TANH_A[0]);
+        for a in &TANH_A[1..] {
+            p = _mm512_fmadd_ps(p, x2, c(*a));
+        }
+        p = _mm512_mul_ps(p, x);
+        let mut d = c(TANH_B[0]);
+        for bq in &TANH_B[1..] {
+            d = _mm512_fmadd_ps(d, x2, c(*bq));
+        }
+        acc = _mm512_fmadd_ps(qv, _mm512_div_ps(p, d), acc);
+    }
+    let mut s = _mm512_reduce_add_ps(acc);
+    for j in chunks * W..n {
+        let t = h[j] + b[j];
+        h[j] = t;
+        s += q[j] * tanh_fast(t);
     }
     s
 }
@@ -105,8 +201,7 @@ fn layer_norm(z: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
         }
     }
     let var = (acc.iter().sum::<f32>()
-        + zc
-            .remainder()
+        + zc.remainder()
             .iter()
             .map(|v| (v - mean) * (v - mean))
             .sum::<f32>())
@@ -127,6 +222,7 @@ fn block(
     present: &[u8],
     fused: &mut [f32],
     weights: &mut [f32],
+    score: impl Fn(&mut [f32], &[f32], &[f32]) -> f32,
 ) {
     let d = head.dim;
     let m = head.num_modalities();
@@ -146,7 +242,7 @@ fn block(
         for i in 0..m {
             if mrow[i] != 0 {
                 let hr = &mut h[(i * n + r) * d..(i * n + r + 1) * d];
-                let v = bias_score(hr, &head.proj_bias[i], &head.gate) as f64;
+                let v = score(hr, &head.proj_bias[i], &head.gate) as f64;
                 scores[i] = v;
                 smax = smax.max(v);
             }
@@ -185,7 +281,25 @@ fn block_avx2(
     fused: &mut [f32],
     weights: &mut [f32],
 ) {
-    block(head, h, n, present, fused, weights)
+    // Calling an AVX2 function from an AVX2 context needs no `unsafe`.
+    block(head, h, n, present, fused, weights, |h, b, q| {
+        bias_score_avx2(h, b, q)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn block_avx512(
+    head: &FusionHead,
+    h: &mut [f32],
+    n: usize,
+    present: &[u8],
+    fused: &mut [f32],
+    weights: &mut [f32],
+) {
+    block(head, h, n, present, fused, weights, |h, b, q| {
+        bias_score_avx512(h, b, q)
+    })
 }
 
 /// The epilogue variant for this CPU.
@@ -194,12 +308,17 @@ pub(crate) enum Kernel {
     Generic,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Kernel {
     pub(crate) fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
@@ -219,11 +338,14 @@ impl Kernel {
         weights: &mut [f32],
     ) {
         match self {
-            Kernel::Generic => block(head, h, n, present, fused, weights),
+            Kernel::Generic => block(head, h, n, present, fused, weights, bias_score),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2` is only constructed by `detect` after checking that the CPU
             // supports AVX2 and FMA, the features `block_avx2` is compiled for.
             Kernel::Avx2 => unsafe { block_avx2(head, h, n, present, fused, weights) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx512` is only constructed by `detect` after checking for AVX-512F.
+            Kernel::Avx512 => unsafe { block_avx512(head, h, n, present, fused, weights) },
         }
     }
 }
