@@ -63,10 +63,11 @@ pub fn read_input(bytes: &[u8], head: &FusionHead, context: &str) -> Result<Batc
         }
     }
     // B from the first modality tensor that exists (in head order).
-    let rows = head
-        .modalities
-        .iter()
-        .find_map(|md| st.tensor(&md.name).ok().and_then(|t| t.shape().first().copied()));
+    let rows = head.modalities.iter().find_map(|md| {
+        st.tensor(&md.name)
+            .ok()
+            .and_then(|t| t.shape().first().copied())
+    });
     let rows_str = rows.map_or("B".to_string(), |b| b.to_string());
     let mut inputs = Vec::with_capacity(m);
     for md in &head.modalities {
@@ -142,10 +143,22 @@ pub fn write_input_bytes(head: &FusionHead, batch: &Batch, with_mask: bool) -> R
         .iter()
         .zip(&batch.inputs)
         .zip(&shapes)
-        .map(|((md, x), s)| (md.name.as_str(), x.dtype.to_safetensors(), &s[..], &x.bytes[..]))
+        .map(|((md, x), s)| {
+            (
+                md.name.as_str(),
+                x.dtype.to_safetensors(),
+                &s[..],
+                &x.bytes[..],
+            )
+        })
         .collect();
     if with_mask {
-        items.push(("mask", safetensors::Dtype::U8, &mask_shape[..], &batch.mask[..]));
+        items.push((
+            "mask",
+            safetensors::Dtype::U8,
+            &mask_shape[..],
+            &batch.mask[..],
+        ));
     }
     serialize_raw(items.into_iter(), None)
 }

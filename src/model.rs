@@ -16,7 +16,8 @@ use crate::tensor::{bytes_to_f32, find_non_finite_bytes, DType};
 pub const DEFAULT_EPS: f64 = 1e-5;
 
 /// Modalities of the embedded default head.
-pub const DEFAULT_MODALITIES: [(&str, usize); 3] = [("vision", 1024), ("text", 768), ("audio", 128)];
+pub const DEFAULT_MODALITIES: [(&str, usize); 3] =
+    [("vision", 1024), ("text", 768), ("audio", 128)];
 /// Common width of the embedded default head.
 pub const DEFAULT_DIM: usize = 512;
 /// Seed of the embedded default head's weights.
@@ -126,13 +127,19 @@ impl FusionHead {
         let mut proj_bias = Vec::with_capacity(dims.len());
         for (_, w) in dims {
             let bound = 1.0 / (*w.max(&1) as f32).sqrt();
-            proj_weight.push((0..dim * w).map(|_| rng.random_range(-bound..=bound)).collect());
+            proj_weight.push(
+                (0..dim * w)
+                    .map(|_| rng.random_range(-bound..=bound))
+                    .collect(),
+            );
             proj_bias.push((0..dim).map(|_| rng.random_range(-bound..=bound)).collect());
         }
         // A gate scaled up from nn.Linear's default so that attention weights are far from
         // uniform: a head whose softmax is flat would hide score bugs.
         let gbound = 4.0 / (dim.max(1) as f32).sqrt();
-        let gate = (0..dim).map(|_| rng.random_range(-gbound..=gbound)).collect();
+        let gate = (0..dim)
+            .map(|_| rng.random_range(-gbound..=gbound))
+            .collect();
         let norm_weight = (0..dim).map(|_| rng.random_range(0.5..=1.5)).collect();
         let norm_bias = (0..dim).map(|_| rng.random_range(-0.1..=0.1)).collect();
         FusionHead {
@@ -420,7 +427,9 @@ impl FusionHead {
             })
             .collect();
         crate::io::serialize(
-            encoded.iter().map(|(n, s, b)| (n.as_str(), dtype, s.as_slice(), b.as_slice())),
+            encoded
+                .iter()
+                .map(|(n, s, b)| (n.as_str(), dtype, s.as_slice(), b.as_slice())),
             Some(meta),
         )
     }

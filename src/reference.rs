@@ -26,7 +26,9 @@ pub fn reference(head: &FusionHead, batch: &BatchRef<'_>) -> Reference {
             if !batch.present(r, i) {
                 continue;
             }
-            let x: Vec<f64> = (0..md.width).map(|c| batch.inputs[i].get_f64(r, c)).collect();
+            let x: Vec<f64> = (0..md.width)
+                .map(|c| batch.inputs[i].get_f64(r, c))
+                .collect();
             let w = &head.proj_weight[i];
             for (o, ho) in h[i].iter_mut().enumerate() {
                 let row = &w[o * md.width..(o + 1) * md.width];

@@ -103,7 +103,9 @@ impl Case {
 
     /// Builds the random head for this case.
     pub fn head(&self, seed: u64) -> FusionHead {
-        let names = ["vision", "text", "audio", "depth", "imu", "lidar", "thermal", "extra"];
+        let names = [
+            "vision", "text", "audio", "depth", "imu", "lidar", "thermal", "extra",
+        ];
         let dims: Vec<(String, usize)> = self
             .widths
             .iter()
@@ -131,17 +133,98 @@ pub fn standard_cases() -> Vec<Case> {
     };
     use DType::*;
     vec![
-        c("default-shape", &[1024, 768, 128], 512, 64, F32, F32, MaskMode::All, 1e-5),
-        c("odd-sizes-masked", &[37, 5, 129], 67, 33, F32, F32, MaskMode::Random, 1e-5),
+        c(
+            "default-shape",
+            &[1024, 768, 128],
+            512,
+            64,
+            F32,
+            F32,
+            MaskMode::All,
+            1e-5,
+        ),
+        c(
+            "odd-sizes-masked",
+            &[37, 5, 129],
+            67,
+            33,
+            F32,
+            F32,
+            MaskMode::Random,
+            1e-5,
+        ),
         c("batch-1", &[300, 20], 96, 1, F32, F32, MaskMode::All, 1e-5),
         c("one-modality", &[19], 8, 17, F32, F32, MaskMode::All, 1e-5),
-        c("all-but-one-absent", &[64, 48, 16, 8], 40, 21, F32, F32, MaskMode::Only(2), 1e-5),
-        c("large-eps", &[33, 65], 130, 9, F32, F32, MaskMode::Random, 0.5),
-        c("f16-inputs", &[1024, 768, 128], 512, 40, F16, F32, MaskMode::Random, 1e-5),
-        c("bf16-inputs", &[250, 3, 66], 100, 23, BF16, F32, MaskMode::Random, 1e-5),
-        c("f16-weights", &[129, 31], 65, 12, F16, F16, MaskMode::All, 1e-5),
-        c("bf16-weights", &[64, 64, 64], 64, 5, BF16, BF16, MaskMode::Random, 1e-5),
-        c("big-batch", &[70, 33, 9], 48, 1037, F32, F32, MaskMode::Random, 1e-5),
+        c(
+            "all-but-one-absent",
+            &[64, 48, 16, 8],
+            40,
+            21,
+            F32,
+            F32,
+            MaskMode::Only(2),
+            1e-5,
+        ),
+        c(
+            "large-eps",
+            &[33, 65],
+            130,
+            9,
+            F32,
+            F32,
+            MaskMode::Random,
+            0.5,
+        ),
+        c(
+            "f16-inputs",
+            &[1024, 768, 128],
+            512,
+            40,
+            F16,
+            F32,
+            MaskMode::Random,
+            1e-5,
+        ),
+        c(
+            "bf16-inputs",
+            &[250, 3, 66],
+            100,
+            23,
+            BF16,
+            F32,
+            MaskMode::Random,
+            1e-5,
+        ),
+        c(
+            "f16-weights",
+            &[129, 31],
+            65,
+            12,
+            F16,
+            F16,
+            MaskMode::All,
+            1e-5,
+        ),
+        c(
+            "bf16-weights",
+            &[64, 64, 64],
+            64,
+            5,
+            BF16,
+            BF16,
+            MaskMode::Random,
+            1e-5,
+        ),
+        c(
+            "big-batch",
+            &[70, 33, 9],
+            48,
+            1037,
+            F32,
+            F32,
+            MaskMode::Random,
+            1e-5,
+        ),
     ]
 }
 

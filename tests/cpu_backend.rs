@@ -12,8 +12,16 @@ use proptest::prelude::*;
 
 fn open_cpu(threads: Option<usize>) -> fusion_engine::AnyBackend {
     let head = Arc::new(FusionHead::random(&[("x".into(), 4)], 4, 1e-5, 0));
-    backend::open(BackendKind::Cpu, 0, head, &OpenOptions { threads, ..Default::default() })
-        .expect("the cpu backend always opens")
+    backend::open(
+        BackendKind::Cpu,
+        0,
+        head,
+        &OpenOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .expect("the cpu backend always opens")
 }
 
 backend_suite!(Some(open_cpu(None)));

@@ -134,7 +134,8 @@ pub fn non_finite(b: &mut AnyBackend) {
     // The same NaN in an absent row is fine and does not leak into the result.
     b.upload(head.clone()).expect("upload");
     batch.mask[3 * 2 + 1] = 0;
-    b.run(&batch.view(), out.as_mut()).expect("absent NaN is not read");
+    b.run(&batch.view(), out.as_mut())
+        .expect("absent NaN is not read");
     assert!(out.fused.iter().all(|v| v.is_finite()));
     let r = reference(&head, &batch.view());
     assert!(rel_error(&out.fused, &r.fused) < 1e-4);
