@@ -87,6 +87,12 @@ enum Cmd {
         /// JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// CUDA only: compile every kernel with NVRTC for compute_90 (no GPU needed) and exit.
+        #[arg(long)]
+        compile_only: bool,
+        /// Extra CUDA include folder for --compile-only (else CUDA_HOME, CUDA_PATH, pip wheels).
+        #[arg(long, requires = "compile_only")]
+        include: Option<PathBuf>,
     },
 }
 
@@ -120,8 +126,15 @@ fn main() -> ExitCode {
         Cmd::Devices { json } => devices(json),
         Cmd::Selftest {
             backend,
+            compile_only: true,
+            include,
+            ..
+        } => compile_check(backend, include),
+        Cmd::Selftest {
+            backend,
             seed,
             json,
+            ..
         } => selftest(backend, seed, json),
     };
     match res {
@@ -305,4 +318,30 @@ fn selftest(choice: BackendChoice, seed: Option<u64>, json: bool) -> Result<Exit
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `selftest --compile-only`: NVRTC compile check of the CUDA kernels (no GPU needed).
+fn compile_check(choice: BackendChoice, include: Option<PathBuf>) -> Result<ExitCode> {
+    if !matches!(
+        choice,
+        BackendChoice::Auto | BackendChoice::Kind(BackendKind::Cuda)
+    ) {
+        return Err(Error::Config(
+            "--compile-only checks the cuda kernels: use --backend cuda".into(),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let report = fusion_engine::backend::cuda::compile_check(include.as_deref())?;
+        println!("{report}");
+        Ok(ExitCode::SUCCESS)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = include;
+        Err(Error::BackendUnavailable {
+            backend: "cuda".into(),
+            reason: "not compiled in (build with the `cuda` cargo feature)".into(),
+        })
+    }
 }

@@ -1,34 +1,152 @@
-//! CUDA backend (placeholder until the CUDA issue lands): reports itself unavailable.
+//! CUDA backend over cudarc: cuBLAS projections and one fused epilogue kernel, with pinned,
+//! double-buffered, overlapped copies.
+//!
+//! Nothing here assumes CUDA is installed. The driver, NVRTC and cuBLAS are loaded at run time
+//! ([`libs`]); a missing library is a reason in `devices` and a typed
+//! [`Error::BackendUnavailable`], never a panic.
+//!
+//! - [`libs`]: finding libnvrtc/libcublas (also in pip wheels) and the panic guard.
+//! - [`device`]: discovery and context creation.
+//! - [`kernels`]: `kernels/*.cu`, NVRTC compilation, per-device module cache, compile check.
+//! - [`blas`]: the cuBLAS handle and the projection GEMM.
+//! - [`mem`]: grow-only device and pinned buffers, events.
+//! - [`weights`]: the head on the device.
+//! - [`run`]: the chunked, double-buffered pipeline.
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, BackendKind, DeviceEntry, DeviceInfo, OpenOptions};
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::backend::{Backend, DeviceEntry, DeviceInfo, OpenOptions};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
-/// Lists GPUs.
+mod blas;
+mod device;
+mod kernels;
+mod libs;
+mod mem;
+mod run;
+mod weights;
+
+pub use kernels::{compile_check, CompileReport, KernelSource, CHECK_ARCH, SOURCES};
+
+/// Lists every CUDA GPU, or why CUDA cannot be used here.
 pub fn discover() -> Vec<DeviceEntry> {
-    vec![DeviceEntry {
-        kind: BackendKind::Cuda,
-        device: None,
-        unavailable: Some("cuda backend not implemented yet".into()),
-    }]
+    device::discover()
 }
 
-/// CUDA device.
+fn unavailable(reason: String) -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason,
+    }
+}
+
+fn device_error(reason: String) -> Error {
+    Error::Device {
+        backend: "cuda".into(),
+        reason,
+    }
+}
+
+/// One CUDA GPU with an uploaded head. Owned by one thread at a time; every call binds the
+/// device's context to the calling thread first.
 pub struct CudaBackend {
     info: DeviceInfo,
-    head: Option<Arc<FusionHead>>,
+    smem_limit: usize,
+    // Field order is drop order: everything that lives in the context goes before the streams
+    // and the context itself (and `Drop` synchronises first).
+    head: Option<weights::DeviceHead>,
+    pipeline: run::Pipeline,
+    blas: blas::Blas,
+    kernels: Arc<kernels::Kernels>,
+    h2d: Arc<CudaStream>,
+    compute: Arc<CudaStream>,
+    d2h: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
 }
 
 impl CudaBackend {
-    /// Opens GPU `index`.
-    pub fn new(_index: usize, _opts: &OpenOptions) -> Result<CudaBackend> {
-        Err(Error::BackendUnavailable {
-            backend: "cuda".into(),
-            reason: "not implemented yet".into(),
+    /// Opens GPU `index`: context, streams, cuBLAS handle, kernels (compiled by NVRTC for the
+    /// GPU's architecture on first use, then cached).
+    pub fn new(index: usize, opts: &OpenOptions) -> Result<CudaBackend> {
+        let gpus = device::gpus().map_err(unavailable)?;
+        let gpu = gpus
+            .iter()
+            .find(|g| g.ordinal == index)
+            .cloned()
+            .ok_or_else(|| unavailable(format!("no CUDA GPU {index} ({} found)", gpus.len())))?;
+        let driver = device::driver_version().ok();
+        device::check_libs(driver.map(|d| d.0)).map_err(unavailable)?;
+        let ctx = device::context(index).map_err(unavailable)?;
+        let stream = |what: &str| {
+            libs::guard("cuStreamCreate", || {
+                ctx.new_stream()
+                    .map_err(|e| format!("creating the {what} stream: {e}"))
+            })
+            .map_err(unavailable)
+        };
+        let (h2d, compute, d2h) = (stream("upload")?, stream("compute")?, stream("download")?);
+        let kernels = kernels::load(&ctx, index, gpu.cc)
+            .map_err(|e| unavailable(format!("{} ({}): {e}", gpu.name, gpu.arch())))?;
+        let blas = blas::Blas::new(compute.cu_stream(), opts.allow_tf32).map_err(unavailable)?;
+        let pipeline = run::Pipeline::new(&ctx).map_err(unavailable)?;
+        Ok(CudaBackend {
+            info: device::info(&gpu, driver),
+            smem_limit: gpu.smem_per_block,
+            head: None,
+            pipeline,
+            blas,
+            kernels,
+            h2d,
+            compute,
+            d2h,
+            ctx,
         })
+    }
+
+    fn streams(&self) -> run::Streams {
+        run::Streams {
+            h2d: self.h2d.cu_stream(),
+            compute: self.compute.cu_stream(),
+            d2h: self.d2h.cu_stream(),
+        }
+    }
+
+    /// Waits for all three streams (after an error, so that buffers can be reused or freed).
+    fn sync_all(&self) {
+        for s in [&self.h2d, &self.compute, &self.d2h] {
+            let _ = s.synchronize();
+        }
+    }
+
+    fn execute(&mut self, batch: &BatchRef<'_>, out: Option<OutputsMut<'_>>) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))?;
+        let streams = self.streams();
+        let dh = self
+            .head
+            .as_mut()
+            .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
+        let r = libs::guard("cuda run", || {
+            self.pipeline.run(
+                dh,
+                &mut self.blas,
+                &self.kernels,
+                streams,
+                self.smem_limit,
+                batch,
+                out,
+            )
+        });
+        if let Err(reason) = r {
+            self.sync_all();
+            return Err(device_error(reason));
+        }
+        Ok(())
     }
 }
 
@@ -36,17 +154,52 @@ impl Backend for CudaBackend {
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
+
     fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
-        self.head = Some(head);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))?;
+        // The previous head's buffers may still be read by queued work only after an error;
+        // runs end synchronised, but be safe before freeing them.
+        self.sync_all();
+        self.head = None;
+        let dh = libs::guard("cuda upload", || {
+            weights::DeviceHead::upload(&self.ctx, head)
+        })
+        .map_err(device_error)?;
+        self.head = Some(dh);
         Ok(())
     }
+
     fn head(&self) -> Option<&Arc<FusionHead>> {
-        self.head.as_ref()
+        self.head.as_ref().map(|h| &h.head)
     }
-    fn run(&mut self, _batch: &BatchRef<'_>, _out: OutputsMut<'_>) -> Result<()> {
-        Err(Error::BackendUnavailable {
-            backend: "cuda".into(),
-            reason: "not implemented yet".into(),
-        })
+
+    fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
+        let head = self
+            .head()
+            .cloned()
+            .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
+        batch.validate(&head)?;
+        out.check(&head, batch.rows)?;
+        self.execute(batch, Some(out))
+    }
+
+    fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
+        let head = self
+            .head()
+            .cloned()
+            .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
+        batch.validate_shapes(&head)?;
+        self.execute(batch, None).map(|_| true)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Bind so that the buffers, events and handle below are released in this context, and
+        // wait for queued work that may still use them.
+        let _ = self.ctx.bind_to_thread();
+        self.sync_all();
     }
 }

@@ -1,0 +1,151 @@
+// Fused epilogue of the attention fusion head (SPEC section 2), CUDA twin of
+// shaders/fusion_epilogue.wgsl.
+//
+// Input: the projections h_m = W_m x_m of a chunk of n samples, as cuBLAS wrote them (f32,
+// [M, n, D], no bias). One block per sample row walks the row once:
+//
+//   pass 1  v_m = h_m + b_m (kept in shared memory), s_m = q . tanh(v_m)   (present m only)
+//   pass 2  a = softmax(s) over present modalities (absent get exactly 0)
+//   pass 3  z = sum_m a_m v_m, mean(z)
+//   pass 4  var(z) (two-pass, biased), y = (z - mean) / sqrt(var + eps) * gamma + beta
+//
+// h is read from global memory exactly once; z lives in shared memory (or, for a D too large for
+// shared memory, in the output row itself). Reductions: warp shuffles, then one float per warp.
+//
+// Compiled at run time by NVRTC (no headers needed). Symbols are extern "C" <op>_<dtype>; the
+// dtype is that of h (always f32: the GEMMs accumulate and write f32 whatever the inputs were).
+//
+// Launch contract (checked by the host, src/backend/cuda/run.rs):
+//   grid = (n, 1, 1), block = (T, 1, 1) with T a multiple of 32 and at most 1024,
+//   dynamic shared memory = 4 * (32 + 2*M + (flags & 1 ? D : 0) + (flags & 2 ? M*D : 0)) bytes.
+//   mask values are 0 or 1 and every row has at least one 1 (validated on the host).
+
+#define FUSION_FULL_MASK 0xffffffffu
+
+// Flags.
+#define FUSION_Z_IN_SHARED 1  // z is kept in shared memory (else in the output row)
+#define FUSION_H_IN_SHARED 2  // v_m = h_m + b_m is cached in shared memory (else re-read)
+
+__device__ __forceinline__ float fusion_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(FUSION_FULL_MASK, v, o);
+    }
+    return v;
+}
+
+// Sum over the block; every thread gets the total. `red` holds 32 floats. Must be reached by
+// every thread of the block (it synchronises).
+__device__ __forceinline__ float fusion_block_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = fusion_warp_sum(v);
+    __syncthreads();  // the previous call's readers are done with `red`
+    if (lane == 0) {
+        red[warp] = v;
+    }
+    __syncthreads();
+    float t = (lane < nwarps) ? red[lane] : 0.0f;
+    return fusion_warp_sum(t);
+}
+
+extern "C" __global__ void fusion_epilogue_f32(
+    const float* __restrict__ h,             // [M, n, D] projections without bias
+    const float* __restrict__ bias,          // [M, D]
+    const float* __restrict__ gate,          // [D] attention query q
+    const float* __restrict__ gamma,         // [D] LayerNorm weight
+    const float* __restrict__ beta,          // [D] LayerNorm bias
+    const unsigned char* __restrict__ mask,  // [n, M], 1 = present
+    float* __restrict__ y,                   // [n, D] fused output
+    float* __restrict__ w,                   // [n, M] attention weights
+    int n, int D, int M, float eps, int flags) {
+    extern __shared__ float fusion_smem[];
+    const int r = blockIdx.x;
+    if (r >= n) {
+        return;  // uniform over the block
+    }
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    float* red = fusion_smem;  // [32]
+    float* sc = red + 32;      // [M] scores
+    float* aw = sc + M;        // [M] attention weights
+    float* tail = aw + M;
+    float* yr = y + (size_t)r * D;
+    float* z = (flags & FUSION_Z_IN_SHARED) ? tail : yr;
+    float* hc = (flags & FUSION_H_IN_SHARED) ? tail + ((flags & FUSION_Z_IN_SHARED) ? D : 0) : 0;
+    const unsigned char* mrow = mask + (size_t)r * M;
+
+    // Pass 1: bias + tanh score of each present modality.
+    for (int m = 0; m < M; ++m) {
+        if (mrow[m] == 0) {
+            continue;  // uniform over the block: the row is the block's
+        }
+        const float* hr = h + ((size_t)m * n + r) * D;
+        const float* b = bias + (size_t)m * D;
+        float acc = 0.0f;
+        for (int d = tid; d < D; d += nt) {
+            const float v = hr[d] + b[d];
+            if (hc) {
+                hc[(size_t)m * D + d] = v;
+            }
+            acc = fmaf(gate[d], tanhf(v), acc);
+        }
+        const float s = fusion_block_sum(acc, red);
+        if (tid == 0) {
+            sc[m] = s;
+        }
+    }
+    __syncthreads();
+
+    // Pass 2: masked softmax over the M scores (M is small: each thread redoes the max and sum).
+    for (int m = tid; m < M; m += nt) {
+        float smax = __int_as_float(0xff800000);  // -inf
+        for (int j = 0; j < M; ++j) {
+            if (mrow[j]) {
+                smax = fmaxf(smax, sc[j]);
+            }
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < M; ++j) {
+            if (mrow[j]) {
+                sum += expf(sc[j] - smax);
+            }
+        }
+        const float a = mrow[m] ? expf(sc[m] - smax) / sum : 0.0f;
+        aw[m] = a;
+        w[(size_t)r * M + m] = a;
+    }
+    __syncthreads();
+
+    // Pass 3: weighted sum and its mean. Absent modalities have a == 0 exactly and are skipped,
+    // so their (never validated, possibly NaN) projections are never read.
+    float lsum = 0.0f;
+    for (int d = tid; d < D; d += nt) {
+        float zd = 0.0f;
+        for (int m = 0; m < M; ++m) {
+            const float a = aw[m];
+            if (a != 0.0f) {
+                const float v = hc ? hc[(size_t)m * D + d]
+                                   : h[((size_t)m * n + r) * D + d] + bias[(size_t)m * D + d];
+                zd = fmaf(a, v, zd);
+            }
+        }
+        z[d] = zd;
+        lsum += zd;
+    }
+    const float mean = fusion_block_sum(lsum, red) / (float)D;
+
+    // Pass 4: biased variance (two-pass), then normalise. Each thread touches only its own d's
+    // of z, so z needs no barrier between passes.
+    float lsq = 0.0f;
+    for (int d = tid; d < D; d += nt) {
+        const float t = z[d] - mean;
+        lsq = fmaf(t, t, lsq);
+    }
+    const float var = fusion_block_sum(lsq, red) / (float)D;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (int d = tid; d < D; d += nt) {
+        yr[d] = fmaf((z[d] - mean) * rstd, gamma[d], beta[d]);
+    }
+}

@@ -1,0 +1,249 @@
+//! Device buffers, pinned host staging buffers and events: thin owners of raw driver handles.
+//!
+//! Buffers only grow (a run sizes them for its chunk plan; steady state allocates nothing) and
+//! are reallocated only when every stream is idle: [`super::run`] synchronises before growing.
+//! Raw handles (rather than cudarc's `CudaSlice`) keep cudarc's per-use event tracking off the
+//! hot path; ordering between the copy and compute streams is explicit, with [`Event`]s.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUevent_flags, CUstream};
+use cudarc::driver::{result as dr, CudaContext};
+
+/// A driver error as a reason string.
+pub(crate) fn de(what: &str, e: dr::DriverError) -> String {
+    format!("{what}: {e}")
+}
+
+/// Rounds up to a multiple of 256 bytes (cuBLAS and vector loads like aligned operands).
+pub(crate) const fn align256(n: usize) -> usize {
+    n.div_ceil(256) * 256
+}
+
+/// Grow-only device memory.
+pub(crate) struct DeviceBuf {
+    ctx: Arc<CudaContext>,
+    ptr: CUdeviceptr,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is a device address owned by this value; the driver API is thread-safe and
+// every use binds the context first.
+unsafe impl Send for DeviceBuf {}
+
+impl DeviceBuf {
+    /// An empty buffer.
+    pub fn new(ctx: &Arc<CudaContext>) -> DeviceBuf {
+        DeviceBuf {
+            ctx: ctx.clone(),
+            ptr: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Device address (0 while empty).
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+
+    /// Makes the capacity at least `bytes`. The old contents are dropped. The caller guarantees
+    /// that no queued work uses the buffer.
+    pub fn reserve(&mut self, bytes: usize) -> Result<(), String> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        self.free();
+        let bytes = align256(bytes.max(256));
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| de("cuCtxSetCurrent", e))?;
+        // SAFETY: plain allocation in the bound context; the memory is only accessed through
+        // device pointers the caller bounds by `len()`.
+        self.ptr = unsafe { dr::malloc_sync(bytes) }
+            .map_err(|e| de(&format!("cuMemAlloc({bytes} B)"), e))?;
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    /// Uploads `data` synchronously at `offset` (weights, once per head).
+    pub fn upload(&mut self, offset: usize, data: &[u8]) -> Result<(), String> {
+        if offset + data.len() > self.bytes {
+            return Err(format!(
+                "upload of {} B at {offset} past a {} B buffer",
+                data.len(),
+                self.bytes
+            ));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| de("cuCtxSetCurrent", e))?;
+        // SAFETY: the destination range is inside this allocation (checked above) and the copy
+        // is synchronous, so `data` outlives it.
+        unsafe { dr::memcpy_htod_sync(self.ptr + offset as u64, data) }
+            .map_err(|e| de("cuMemcpyHtoD", e))
+    }
+
+    fn free(&mut self) {
+        if self.ptr != 0 {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: `ptr` came from cuMemAlloc and no queued work uses it (contract of
+            // `reserve` and of drop, which happens after the owner synchronised).
+            let _ = unsafe { dr::free_sync(self.ptr) };
+            self.ptr = 0;
+            self.bytes = 0;
+        }
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// Grow-only page-locked host memory, the source/destination of async copies.
+pub(crate) struct PinnedBuf {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    bytes: usize,
+    flags: u32,
+}
+
+// SAFETY: the pinned allocation is owned by this value and only accessed through `&mut self`
+// or `&self`; the driver API is thread-safe.
+unsafe impl Send for PinnedBuf {}
+
+impl PinnedBuf {
+    /// An empty buffer; `write_combined` for buffers the host only writes (upload staging).
+    pub fn new(ctx: &Arc<CudaContext>, write_combined: bool) -> PinnedBuf {
+        PinnedBuf {
+            ctx: ctx.clone(),
+            ptr: std::ptr::null_mut(),
+            bytes: 0,
+            flags: if write_combined {
+                sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Makes the capacity at least `bytes` (contents dropped; no queued copy may use it).
+    pub fn reserve(&mut self, bytes: usize) -> Result<(), String> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        self.free();
+        let bytes = align256(bytes.max(256));
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| de("cuCtxSetCurrent", e))?;
+        // SAFETY: plain allocation; the pointer is only used within `bytes`.
+        let p = unsafe { dr::malloc_host(bytes, self.flags) }
+            .map_err(|e| de(&format!("cuMemHostAlloc({bytes} B)"), e))?;
+        self.ptr = p as *mut u8;
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    /// The first `n` bytes (n <= capacity). No copy may be writing them (caller's contract,
+    /// kept by waiting on the copy's event first).
+    pub fn bytes(&self, n: usize) -> &[u8] {
+        if self.ptr.is_null() || n == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points to `self.bytes` bytes of host memory owned by this value; `n` is
+        // clamped to that size. Page-locked memory is ordinary readable host memory.
+        unsafe { std::slice::from_raw_parts(self.ptr, n.min(self.bytes)) }
+    }
+
+    /// The first `n` bytes, mutable (n <= capacity; no copy may be reading them).
+    pub fn bytes_mut(&mut self, n: usize) -> &mut [u8] {
+        if self.ptr.is_null() || n == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only host reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n.min(self.bytes)) }
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: `ptr` came from cuMemHostAlloc and no queued copy uses it.
+            let _ = unsafe { dr::free_host(self.ptr as *mut c_void) };
+            self.ptr = std::ptr::null_mut();
+            self.bytes = 0;
+        }
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// A reusable event without timing (cheapest to record and wait on).
+pub(crate) struct Event {
+    ev: CUevent,
+    /// Recorded at least once (waiting on a never-recorded event is a no-op, but being explicit
+    /// keeps the pipeline's reasoning local).
+    pub recorded: bool,
+}
+
+// SAFETY: events are driver handles usable from any thread with the context bound.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// A new event in the current context.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Event, String> {
+        ctx.bind_to_thread().map_err(|e| de("cuCtxSetCurrent", e))?;
+        let ev = dr::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| de("cuEventCreate", e))?;
+        Ok(Event {
+            ev,
+            recorded: false,
+        })
+    }
+
+    /// Records the work queued so far on `stream`.
+    pub fn record(&mut self, stream: CUstream) -> Result<(), String> {
+        // SAFETY: `ev` is a live event and `stream` a live stream of the same context.
+        unsafe { dr::event::record(self.ev, stream) }.map_err(|e| de("cuEventRecord", e))?;
+        self.recorded = true;
+        Ok(())
+    }
+
+    /// Makes `stream` wait for the last recorded work (no-op if never recorded).
+    pub fn wait_on(&self, stream: CUstream) -> Result<(), String> {
+        if !self.recorded {
+            return Ok(());
+        }
+        // SAFETY: live event and stream of the same context.
+        unsafe {
+            dr::stream::wait_event(
+                stream,
+                self.ev,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| de("cuStreamWaitEvent", e))
+    }
+
+    /// Blocks the host until the last recorded work is done (no-op if never recorded).
+    pub fn sync(&self) -> Result<(), String> {
+        if !self.recorded {
+            return Ok(());
+        }
+        // SAFETY: live event.
+        unsafe { dr::event::synchronize(self.ev) }.map_err(|e| de("cuEventSynchronize", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: `ev` is live and destroyed once; pending work releases it asynchronously.
+        let _ = unsafe { dr::event::destroy(self.ev) };
+    }
+}

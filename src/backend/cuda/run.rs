@@ -1,0 +1,437 @@
+//! The batch pipeline: chunks, pinned staging, three streams, double buffering.
+//!
+//! A batch is cut into chunks of a few MiB of input. Chunk k uses slot `k % SLOTS` (pinned
+//! input staging, device input, device output, pinned output) and goes through
+//!
+//! ```text
+//! host:     stage k (parallel memcpy into pinned)        drain k-1 (pinned -> caller's outputs)
+//! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask)
+//! compute:  wait h2d(k); M cuBLAS GEMMs -> h; fused epilogue -> out slot
+//! d2h:      wait compute(k); copy out slot (fused + weights) to pinned
+//! ```
+//!
+//! The host queues chunk k, then drains chunk k-1 and stages chunk k+1 while the GPU copies and
+//! computes chunk k, so the copy engine moves chunk k+1 while the SMs work on chunk k, and
+//! results flow back on their own stream. Reuse of a slot is ordered by events: staging k waits
+//! for h2d(k-SLOTS) (host), h2d(k) waits for compute(k-SLOTS) (device), compute(k) waits for
+//! d2h(k-SLOTS) (device). The single `h` scratch is only touched by the compute stream, in order.
+//! Every buffer is sized up front for the chunk plan and only grows.
+
+use std::ffi::c_void;
+
+use cudarc::driver::result as dr;
+use cudarc::driver::sys::CUstream;
+use rayon::prelude::*;
+
+use super::blas::Blas;
+use super::kernels::Kernels;
+use super::mem::{align256, de, DeviceBuf, Event, PinnedBuf};
+use super::weights::DeviceHead;
+use crate::batch::{BatchRef, OutputsMut};
+use crate::tensor::{bytes_to_f32, DType};
+
+/// Pipeline depth (double buffering).
+pub(crate) const SLOTS: usize = 2;
+/// Target input bytes per chunk: big enough to amortise launches, small enough to overlap.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Fewest rows per chunk (GEMM efficiency).
+const MIN_CHUNK_ROWS: usize = 128;
+/// Host copies above this size are split over the rayon pool.
+const PAR_COPY_BYTES: usize = 1 << 20;
+/// Epilogue flags (kernels/fusion_epilogue.cu).
+const Z_IN_SHARED: i32 = 1;
+const H_IN_SHARED: i32 = 2;
+
+/// The three streams, as raw handles (owned by the backend's cudarc streams).
+#[derive(Clone, Copy)]
+pub(crate) struct Streams {
+    pub h2d: CUstream,
+    pub compute: CUstream,
+    pub d2h: CUstream,
+}
+
+struct Slot {
+    pin_in: PinnedBuf,
+    pin_out: PinnedBuf,
+    dev_in: DeviceBuf,
+    dev_out: DeviceBuf,
+    h2d_done: Event,
+    compute_done: Event,
+    d2h_done: Event,
+}
+
+/// Buffers and events of the pipeline.
+pub(crate) struct Pipeline {
+    slots: Vec<Slot>,
+    h: DeviceBuf,
+}
+
+/// Byte layout of one chunk of `n` rows.
+struct Layout {
+    /// Per modality: offset in the input slot.
+    x_off: Vec<usize>,
+    mask_off: usize,
+    in_bytes: usize,
+    w_off: usize,
+    out_bytes: usize,
+}
+
+/// Per-batch plan.
+struct Plan {
+    chunk: usize,
+    /// Per modality: the dtype staged and multiplied (the input's, or f32 when the weights do
+    /// not fit the input's dtype; then the host widens while staging).
+    gemm_dtype: Vec<DType>,
+}
+
+fn layout(n: usize, widths: &[usize], dtypes: &[DType], dim: usize) -> Layout {
+    let mut off = 0;
+    let mut x_off = Vec::with_capacity(widths.len());
+    for (w, t) in widths.iter().zip(dtypes) {
+        x_off.push(off);
+        off += align256(n * w * t.size());
+    }
+    let mask_off = off;
+    let in_bytes = mask_off + n * widths.len();
+    let w_off = align256(n * dim * 4);
+    Layout {
+        x_off,
+        mask_off,
+        in_bytes,
+        w_off,
+        out_bytes: w_off + n * widths.len() * 4,
+    }
+}
+
+/// `dst.copy_from_slice(src)`, over the rayon pool for large copies.
+fn copy_par(dst: &mut [u8], src: &[u8]) {
+    if dst.len() >= 2 * PAR_COPY_BYTES {
+        dst.par_chunks_mut(PAR_COPY_BYTES)
+            .zip(src.par_chunks(PAR_COPY_BYTES))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl Pipeline {
+    /// Creates the slots' events (buffers start empty).
+    pub fn new(ctx: &std::sync::Arc<cudarc::driver::CudaContext>) -> Result<Pipeline, String> {
+        let mut slots = Vec::with_capacity(SLOTS);
+        for _ in 0..SLOTS {
+            slots.push(Slot {
+                pin_in: PinnedBuf::new(ctx, true),
+                pin_out: PinnedBuf::new(ctx, false),
+                dev_in: DeviceBuf::new(ctx),
+                dev_out: DeviceBuf::new(ctx),
+                h2d_done: Event::new(ctx)?,
+                compute_done: Event::new(ctx)?,
+                d2h_done: Event::new(ctx)?,
+            });
+        }
+        Ok(Pipeline {
+            slots,
+            h: DeviceBuf::new(ctx),
+        })
+    }
+
+    fn plan(&self, dh: &mut DeviceHead, batch: &BatchRef<'_>) -> Result<Plan, String> {
+        let mut gemm_dtype = Vec::with_capacity(batch.inputs.len());
+        for x in &batch.inputs {
+            gemm_dtype.push(if dh.ensure(x.dtype)? {
+                x.dtype
+            } else {
+                DType::F32
+            });
+        }
+        let head = &dh.head;
+        let row_bytes: usize = head
+            .modalities
+            .iter()
+            .zip(&gemm_dtype)
+            .map(|(m, t)| m.width * t.size())
+            .sum::<usize>()
+            + head.num_modalities();
+        let target = (CHUNK_BYTES / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
+        let nchunks = batch.rows.div_ceil(target);
+        let chunk = batch.rows.div_ceil(nchunks.max(1)).max(1);
+        Ok(Plan { chunk, gemm_dtype })
+    }
+
+    /// Sizes every buffer for `plan` (streams must be idle).
+    fn reserve(&mut self, dh: &DeviceHead, plan: &Plan) -> Result<(), String> {
+        let head = &dh.head;
+        let widths: Vec<usize> = head.modalities.iter().map(|m| m.width).collect();
+        let l = layout(plan.chunk, &widths, &plan.gemm_dtype, head.dim);
+        for s in &mut self.slots {
+            s.pin_in.reserve(l.in_bytes)?;
+            s.dev_in.reserve(l.in_bytes)?;
+            s.pin_out.reserve(l.out_bytes)?;
+            s.dev_out.reserve(l.out_bytes)?;
+        }
+        self.h
+            .reserve(head.num_modalities() * plan.chunk * head.dim * 4)
+    }
+
+    /// Runs the head on `batch` into `out` (`with_epilogue`), or only the projections
+    /// (`out == None`). The batch was validated by the caller. Returns when everything is done.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &mut self,
+        dh: &mut DeviceHead,
+        blas: &mut Blas,
+        kernels: &Kernels,
+        streams: Streams,
+        smem_limit: usize,
+        batch: &BatchRef<'_>,
+        mut out: Option<OutputsMut<'_>>,
+    ) -> Result<(), String> {
+        let plan = self.plan(dh, batch)?;
+        self.reserve(dh, &plan)?;
+        let head = dh.head.clone();
+        let (d, m) = (head.dim, head.num_modalities());
+        let widths: Vec<usize> = head.modalities.iter().map(|md| md.width).collect();
+        let nchunks = batch.rows.div_ceil(plan.chunk);
+        let [bias, gate, gamma, beta] = dh.params();
+        let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+
+        for k in 0..nchunks + 1 {
+            if k < nchunks {
+                let r0 = k * plan.chunk;
+                let n = plan.chunk.min(batch.rows - r0);
+                let l = layout(n, &widths, &plan.gemm_dtype, d);
+                let s = &mut self.slots[k % SLOTS];
+
+                // Stage chunk k (the slot's previous upload must have left the staging buffer).
+                s.h2d_done.sync()?;
+                let pin = s.pin_in.bytes_mut(l.in_bytes);
+                for (i, x) in batch.inputs.iter().enumerate() {
+                    let src = x.rows_slice(r0, n);
+                    let dt = plan.gemm_dtype[i];
+                    let dst = &mut pin[l.x_off[i]..l.x_off[i] + n * widths[i] * dt.size()];
+                    if dt == x.dtype {
+                        copy_par(dst, src.bytes);
+                    } else {
+                        let f: &mut [f32] = bytemuck::try_cast_slice_mut(dst)
+                            .map_err(|e| format!("staging buffer misaligned: {e}"))?;
+                        bytes_to_f32(src.dtype, src.bytes, f);
+                    }
+                }
+                pin[l.mask_off..l.mask_off + n * m]
+                    .copy_from_slice(&batch.mask[r0 * m..(r0 + n) * m]);
+
+                // Upload, after the compute stream is done reading this slot's previous chunk.
+                s.compute_done.wait_on(streams.h2d)?;
+                // SAFETY: source is `l.in_bytes` of pinned memory owned by the slot, destination
+                // the slot's device buffer sized for the plan's largest chunk (>= l.in_bytes).
+                // Neither is reused before `h2d_done` (recorded next) has been waited on.
+                unsafe {
+                    dr::memcpy_htod_async(s.dev_in.ptr(), s.pin_in.bytes(l.in_bytes), streams.h2d)
+                }
+                .map_err(|e| de("cuMemcpyHtoDAsync", e))?;
+                s.h2d_done.record(streams.h2d)?;
+
+                // Projections (and epilogue) on the compute stream.
+                s.h2d_done.wait_on(streams.compute)?;
+                s.d2h_done.wait_on(streams.compute)?;
+                for (i, md) in head.modalities.iter().enumerate() {
+                    if !(r0..r0 + n).any(|r| batch.mask[r * m + i] != 0) {
+                        continue; // absent from the whole chunk: the epilogue never reads it
+                    }
+                    let dt = plan.gemm_dtype[i];
+                    let w = dh
+                        .weight(dt, i)
+                        .ok_or_else(|| format!("weights of modality {i} not uploaded in {dt:?}"))?;
+                    // SAFETY: w is D x d_m of `dt` (DeviceHead), x is n x d_m of `dt` at its
+                    // layout offset inside dev_in, h's modality block is n x D f32 inside `h`
+                    // (sized M * chunk * D * 4); all stay allocated until the streams are
+                    // synchronised (end of this run or the error path).
+                    unsafe {
+                        blas.project(
+                            dt,
+                            n,
+                            d,
+                            md.width,
+                            w,
+                            s.dev_in.ptr() + l.x_off[i] as u64,
+                            self.h.ptr() + (i * n * d * 4) as u64,
+                        )?;
+                    }
+                }
+                if out.is_some() {
+                    let y = s.dev_out.ptr();
+                    let wts = y + l.w_off as u64;
+                    let mask = s.dev_in.ptr() + l.mask_off as u64;
+                    let mut args = EpilogueArgs {
+                        h: self.h.ptr(),
+                        bias,
+                        gate,
+                        gamma,
+                        beta,
+                        mask,
+                        y,
+                        w: wts,
+                        n: n as i32,
+                        d: d as i32,
+                        m: m as i32,
+                        eps: head.eps as f32,
+                        flags,
+                    };
+                    let mut params = args.params();
+                    // SAFETY: the argument list matches fusion_epilogue_f32's signature (8
+                    // pointers, 3 ints, a float, an int); every pointer addresses a live buffer
+                    // of the size the kernel indexes for n rows (h: M*n*D f32, params: M*D + 3D
+                    // f32, mask: n*M bytes, y/w: n*D and n*M f32). Grid n x 1, block a multiple
+                    // of 32 <= 256, shared memory as `epilogue_shape` computed within the limit.
+                    unsafe {
+                        dr::launch_kernel(
+                            kernels.epilogue.cu_function(),
+                            (n as u32, 1, 1),
+                            (block, 1, 1),
+                            smem,
+                            streams.compute,
+                            &mut params,
+                        )
+                    }
+                    .map_err(|e| de("launching fusion_epilogue_f32", e))?;
+                }
+                s.compute_done.record(streams.compute)?;
+
+                if out.is_some() {
+                    s.compute_done.wait_on(streams.d2h)?;
+                    let dst = s.pin_out.bytes_mut(l.out_bytes);
+                    // SAFETY: destination is pinned memory owned by the slot (>= l.out_bytes),
+                    // source the slot's device output; the host reads the pinned buffer only
+                    // after `d2h_done` and does not touch it before.
+                    unsafe { dr::memcpy_dtoh_async(dst, s.dev_out.ptr(), streams.d2h) }
+                        .map_err(|e| de("cuMemcpyDtoHAsync", e))?;
+                    s.d2h_done.record(streams.d2h)?;
+                }
+            }
+
+            // Drain chunk k-1 while chunk k is in flight.
+            if k >= 1 {
+                if let Some(out) = out.as_mut() {
+                    let j = k - 1;
+                    let r0 = j * plan.chunk;
+                    let n = plan.chunk.min(batch.rows - r0);
+                    let l = layout(n, &widths, &plan.gemm_dtype, d);
+                    let s = &self.slots[j % SLOTS];
+                    s.d2h_done.sync()?;
+                    let src = s.pin_out.bytes(l.out_bytes);
+                    copy_par(
+                        bytemuck::cast_slice_mut(&mut out.fused[r0 * d..(r0 + n) * d]),
+                        &src[..n * d * 4],
+                    );
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut out.weights[r0 * m..(r0 + n) * m])
+                        .copy_from_slice(&src[l.w_off..l.w_off + n * m * 4]);
+                }
+            }
+        }
+        if out.is_none() {
+            // SAFETY: live stream of the current context.
+            unsafe { dr::stream::synchronize(streams.compute) }
+                .map_err(|e| de("cuStreamSynchronize", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Block size, dynamic shared memory and flags for the epilogue.
+fn epilogue_shape(d: usize, m: usize, smem_limit: usize) -> Result<(u32, u32, i32), String> {
+    // About 4 elements per thread, 1 to 8 warps.
+    let block = (d.div_ceil(4).div_ceil(32) * 32).clamp(32, 256) as u32;
+    let base = 4 * (32 + 2 * m);
+    if base > smem_limit {
+        return Err(format!(
+            "{m} modalities need {base} B of shared memory, the GPU has {smem_limit}"
+        ));
+    }
+    let mut smem = base;
+    let mut flags = 0;
+    if base + 4 * d <= smem_limit {
+        smem += 4 * d;
+        flags |= Z_IN_SHARED;
+        if smem + 4 * m * d <= smem_limit {
+            smem += 4 * m * d;
+            flags |= H_IN_SHARED;
+        }
+    }
+    Ok((block, smem as u32, flags))
+}
+
+/// The epilogue's kernel arguments, laid out so their addresses can be passed to cuLaunchKernel.
+#[repr(C)]
+struct EpilogueArgs {
+    h: u64,
+    bias: u64,
+    gate: u64,
+    gamma: u64,
+    beta: u64,
+    mask: u64,
+    y: u64,
+    w: u64,
+    n: i32,
+    d: i32,
+    m: i32,
+    eps: f32,
+    flags: i32,
+}
+
+impl EpilogueArgs {
+    /// Pointers to each argument, in the kernel's parameter order. Valid while `self` is not
+    /// moved (cuLaunchKernel copies the values before returning).
+    fn params(&mut self) -> [*mut c_void; 13] {
+        [
+            &mut self.h as *mut u64 as *mut c_void,
+            &mut self.bias as *mut u64 as *mut c_void,
+            &mut self.gate as *mut u64 as *mut c_void,
+            &mut self.gamma as *mut u64 as *mut c_void,
+            &mut self.beta as *mut u64 as *mut c_void,
+            &mut self.mask as *mut u64 as *mut c_void,
+            &mut self.y as *mut u64 as *mut c_void,
+            &mut self.w as *mut u64 as *mut c_void,
+            &mut self.n as *mut i32 as *mut c_void,
+            &mut self.d as *mut i32 as *mut c_void,
+            &mut self.m as *mut i32 as *mut c_void,
+            &mut self.eps as *mut f32 as *mut c_void,
+            &mut self.flags as *mut i32 as *mut c_void,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_aligned_and_tight() {
+        let l = layout(
+            33,
+            &[37, 5, 129],
+            &[DType::F32, DType::F16, DType::BF16],
+            67,
+        );
+        assert_eq!(l.x_off[0], 0);
+        assert!(l.x_off.iter().all(|o| o % 256 == 0));
+        assert_eq!(l.x_off[1], align256(33 * 37 * 4));
+        assert_eq!(l.mask_off, l.x_off[2] + align256(33 * 129 * 2));
+        assert_eq!(l.in_bytes, l.mask_off + 33 * 3);
+        assert_eq!(l.w_off % 256, 0);
+        assert_eq!(l.out_bytes, l.w_off + 33 * 3 * 4);
+    }
+
+    #[test]
+    fn epilogue_shape_fits_shared_memory() {
+        // Default head: everything in shared memory.
+        let (b, s, f) = epilogue_shape(512, 3, 48 << 10).expect("fits");
+        assert_eq!((b, f), (128, Z_IN_SHARED | H_IN_SHARED));
+        assert_eq!(s as usize, 4 * (32 + 6 + 512 + 3 * 512));
+        // Huge D: z falls back to the output row, h is re-read.
+        let (b, s, f) = epilogue_shape(20_000, 3, 48 << 10).expect("fits");
+        assert_eq!((b, f), (256, 0));
+        assert_eq!(s as usize, 4 * 38);
+        // Tiny D: one warp.
+        assert_eq!(epilogue_shape(8, 1, 48 << 10).expect("fits").0, 32);
+    }
+}
