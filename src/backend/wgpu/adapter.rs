@@ -1,0 +1,153 @@
+//! Adapter discovery: one wgpu instance over the backends the environment selects
+//! (`WGPU_BACKEND`, e.g. `vulkan` or `vulkan,gl`; all native backends when unset), every adapter
+//! it finds described as a [`DeviceEntry`], and the checks an adapter must pass to run the
+//! kernels. Nothing here panics when a driver is missing: no adapter is a reason, not an error.
+
+use crate::backend::{BackendKind, DeviceEntry, DeviceInfo};
+
+use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
+
+/// Storage buffers bound by the widest kernel (the projection GEMM).
+const STORAGE_BUFFERS: u32 = 6;
+
+/// An instance over the backends named by `WGPU_BACKEND` (all when unset).
+pub(super) fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+/// Every adapter of `instance`, in a stable order (the order `devices` lists them in).
+pub(super) fn adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    let backends = wgpu::Backends::from_env().unwrap_or_else(wgpu::Backends::all);
+    pollster::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .filter(|a| a.get_info().backend != wgpu::Backend::Noop)
+        .collect()
+}
+
+/// Why no adapter was found, naming the environment that decides it.
+pub(super) fn no_adapter_reason() -> String {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "unset".into());
+    let backend = std::env::var("WGPU_BACKEND").ok();
+    if let Some(b) = &backend {
+        if wgpu::Backends::from_comma_list(b).is_empty() {
+            return format!(
+                "WGPU_BACKEND={b:?} selects no backend (expected a comma list of vulkan, metal, dx12, gl)"
+            );
+        }
+    }
+    format!(
+        "no wgpu adapter found (Vulkan/GL drivers missing? WGPU_BACKEND={}, VK_DRIVER_FILES={}, VK_ICD_FILENAMES={})",
+        backend.unwrap_or_else(|| "unset".into()),
+        var("VK_DRIVER_FILES"),
+        var("VK_ICD_FILENAMES"),
+    )
+}
+
+/// The device description of adapter `index`.
+pub(super) fn device_info(index: usize, adapter: &wgpu::Adapter) -> DeviceInfo {
+    let info = adapter.get_info();
+    let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => "discrete GPU",
+        wgpu::DeviceType::IntegratedGpu => "integrated GPU",
+        wgpu::DeviceType::VirtualGpu => "virtual GPU",
+        wgpu::DeviceType::Cpu => "software (CPU)",
+        wgpu::DeviceType::Other => "other",
+    };
+    let driver = match (info.driver.is_empty(), info.driver_info.is_empty()) {
+        (true, true) => "driver unknown".to_string(),
+        (false, true) => format!("driver {}", info.driver),
+        (true, false) => format!("driver {}", info.driver_info),
+        (false, false) => format!("driver {} ({})", info.driver, info.driver_info),
+    };
+    DeviceInfo {
+        kind: BackendKind::Wgpu,
+        index,
+        name: info.name.clone(),
+        detail: format!(
+            "{}, {kind}, {driver}, shader-f16 {}",
+            info.backend,
+            if f16 { "yes" } else { "no" }
+        ),
+        accelerator: info.device_type != wgpu::DeviceType::Cpu,
+    }
+}
+
+/// Checks that the adapter can run the kernels; the reason when it cannot.
+pub(super) fn check(adapter: &wgpu::Adapter) -> Result<(), String> {
+    let caps = adapter.get_downlevel_capabilities();
+    if !caps.flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
+        return Err("adapter has no compute shaders".into());
+    }
+    let l = adapter.limits();
+    let need = [
+        (
+            "max_compute_invocations_per_workgroup",
+            l.max_compute_invocations_per_workgroup,
+            PROJ_THREADS.max(EPILOGUE_THREADS),
+        ),
+        (
+            "max_compute_workgroup_size_x",
+            l.max_compute_workgroup_size_x,
+            EPILOGUE_THREADS.max(PROJ_WG_DIM),
+        ),
+        (
+            "max_compute_workgroup_size_y",
+            l.max_compute_workgroup_size_y,
+            PROJ_WG_DIM,
+        ),
+        (
+            "max_compute_workgroup_storage_size",
+            l.max_compute_workgroup_storage_size,
+            SHARED_BYTES,
+        ),
+        (
+            "max_storage_buffers_per_shader_stage",
+            l.max_storage_buffers_per_shader_stage,
+            STORAGE_BUFFERS,
+        ),
+    ];
+    for (name, have, want) in need {
+        if have < want {
+            return Err(format!(
+                "adapter limit {name} is {have}, the kernels need {want}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Lists every adapter; one entry with the reason when there is none.
+pub fn discover() -> Vec<DeviceEntry> {
+    let instance = instance();
+    let adapters = adapters(&instance);
+    if adapters.is_empty() {
+        return vec![DeviceEntry {
+            kind: BackendKind::Wgpu,
+            device: None,
+            unavailable: Some(no_adapter_reason()),
+        }];
+    }
+    adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let info = device_info(i, a);
+            match check(a) {
+                Ok(()) => DeviceEntry {
+                    kind: BackendKind::Wgpu,
+                    device: Some(info),
+                    unavailable: None,
+                },
+                Err(reason) => DeviceEntry {
+                    kind: BackendKind::Wgpu,
+                    device: None,
+                    unavailable: Some(format!(
+                        "wgpu:{i} {} ({}): {reason}",
+                        info.name, info.detail
+                    )),
+                },
+            }
+        })
+        .collect()
+}
