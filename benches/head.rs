@@ -1,1 +1,58 @@
-fn main(){}
+//! Criterion benches of the whole fusion head and its projections alone, per backend and batch
+//! size (B = 1, 64, 1024, 8192), embedded head shape, f32 inputs. GPU backends are included when
+//! a hardware device is present; their `run` returns only after the outputs are on the host, so
+//! timings are device-synchronised.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fusion_engine::backend::{self, Backend, BackendKind, OpenOptions};
+use fusion_engine::batch::Outputs;
+use fusion_engine::model::FusionHead;
+use fusion_engine::selftest::{random_batch, MaskMode};
+use fusion_engine::tensor::DType;
+use rand::SeedableRng;
+
+fn devices() -> Vec<fusion_engine::AnyBackend> {
+    let head = Arc::new(FusionHead::embedded());
+    let mut out = Vec::new();
+    for e in backend::discover() {
+        if let Some(d) = e.device {
+            // Software adapters (lavapipe) are for correctness only: never benchmarked.
+            if d.accelerator || d.kind == BackendKind::Cpu {
+                match backend::open(d.kind, d.index, head.clone(), &OpenOptions::default()) {
+                    Ok(b) => out.push(b),
+                    Err(err) => eprintln!("skipping {}: {err}", d.id()),
+                }
+            }
+        } else if let Some(r) = e.unavailable {
+            eprintln!("skipping {}: {r}", e.kind);
+        }
+    }
+    out
+}
+
+fn bench_head(c: &mut Criterion) {
+    let head = FusionHead::embedded();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for mut be in devices() {
+        let name = be.info().kind.name();
+        let mut g = c.benchmark_group(format!("head/{name}"));
+        g.sample_size(10);
+        for rows in [1usize, 64, 1024, 8192] {
+            let batch = random_batch(&head, rows, DType::F32, MaskMode::All, &mut rng);
+            let mut out = Outputs::zeros(&head, rows);
+            g.throughput(Throughput::Elements(rows as u64));
+            g.bench_with_input(BenchmarkId::new("whole", rows), &rows, |b, _| {
+                b.iter(|| be.run(&batch.view(), out.as_mut()).map_err(|e| e.to_string()))
+            });
+            g.bench_with_input(BenchmarkId::new("projections", rows), &rows, |b, _| {
+                b.iter(|| be.run_projections_only(&batch.view()).map_err(|e| e.to_string()))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench_head);
+criterion_main!(benches);
