@@ -318,3 +318,28 @@ fn image_for(cc: (i32, i32)) -> Result<Arc<Vec<u8>>, String> {
     images.insert(arch, image.clone());
     Ok(image)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run-time path: a cubin for sm_90 straight from NVRTC (skipped without libnvrtc).
+    /// ptxas's resource report is printed (registers, spills) for the record.
+    #[test]
+    fn compiles_to_an_sm90_cubin() {
+        if let Err(why) = libs::ensure(Lib::Nvrtc, None) {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let src: String = SOURCES.iter().map(|k| k.src).collect::<Vec<_>>().join("\n");
+        let mut opts = options("sm_90", &libs::include_dirs(None));
+        opts.push("--ptxas-options=-v".into());
+        let (image, log) = nvrtc_compile("fusion_kernels", &src, &opts, true).expect("compiles");
+        let Image::Cubin(cubin) = image else {
+            panic!("expected a cubin")
+        };
+        assert!(cubin.starts_with(b"\x7fELF"), "not an ELF cubin");
+        eprintln!("{log}");
+        assert!(!log.contains("bytes spill stores") || log.contains(" 0 bytes spill stores"));
+    }
+}

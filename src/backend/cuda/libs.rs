@@ -90,8 +90,10 @@ impl Lib {
     }
 }
 
-/// Outcome of [`ensure`], cached per library.
-static FOUND: OnceLock<Mutex<Vec<(Lib, Result<String, String>)>>> = OnceLock::new();
+/// Outcome of [`ensure`] per library.
+type Found = Vec<(Lib, Result<String, String>)>;
+/// Cached outcomes of [`ensure`].
+static FOUND: OnceLock<Mutex<Found>> = OnceLock::new();
 /// Libraries opened by full path; never closed (cudarc holds symbols from them for the process).
 static KEEP: OnceLock<Mutex<Vec<libloading::Library>>> = OnceLock::new();
 

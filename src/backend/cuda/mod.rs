@@ -55,6 +55,12 @@ fn device_error(reason: String) -> Error {
 /// device's context to the calling thread first.
 pub struct CudaBackend {
     info: DeviceInfo,
+    /// Boxed: keeps `AnyBackend` small.
+    gpu: Box<Gpu>,
+}
+
+/// The device state behind a [`CudaBackend`].
+struct Gpu {
     smem_limit: usize,
     // Field order is drop order: everything that lives in the context goes before the streams
     // and the context itself (and `Drop` synchronises first).
@@ -95,18 +101,22 @@ impl CudaBackend {
         let pipeline = run::Pipeline::new(&ctx).map_err(unavailable)?;
         Ok(CudaBackend {
             info: device::info(&gpu, driver),
-            smem_limit: gpu.smem_per_block,
-            head: None,
-            pipeline,
-            blas,
-            kernels,
-            h2d,
-            compute,
-            d2h,
-            ctx,
+            gpu: Box::new(Gpu {
+                smem_limit: gpu.smem_per_block,
+                head: None,
+                pipeline,
+                blas,
+                kernels,
+                h2d,
+                compute,
+                d2h,
+                ctx,
+            }),
         })
     }
+}
 
+impl Gpu {
     fn streams(&self) -> run::Streams {
         run::Streams {
             h2d: self.h2d.cu_stream(),
@@ -122,10 +132,14 @@ impl CudaBackend {
         }
     }
 
-    fn execute(&mut self, batch: &BatchRef<'_>, out: Option<OutputsMut<'_>>) -> Result<()> {
+    fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
-            .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))?;
+            .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))
+    }
+
+    fn execute(&mut self, batch: &BatchRef<'_>, out: Option<OutputsMut<'_>>) -> Result<()> {
+        self.bind()?;
         let streams = self.streams();
         let dh = self
             .head
@@ -148,19 +162,11 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-impl Backend for CudaBackend {
-    fn info(&self) -> &DeviceInfo {
-        &self.info
-    }
 
     fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))?;
-        // The previous head's buffers may still be read by queued work only after an error;
-        // runs end synchronised, but be safe before freeing them.
+        self.bind()?;
+        // Runs end synchronised, but after an error queued work may still read the previous
+        // head's buffers: wait before freeing them.
         self.sync_all();
         self.head = None;
         let dh = libs::guard("cuda upload", || {
@@ -170,9 +176,28 @@ impl Backend for CudaBackend {
         self.head = Some(dh);
         Ok(())
     }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // Bind so that the buffers, events and handle are released in this context, and wait
+        // for queued work that may still use them.
+        let _ = self.ctx.bind_to_thread();
+        self.sync_all();
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
+        self.gpu.upload(head)
+    }
 
     fn head(&self) -> Option<&Arc<FusionHead>> {
-        self.head.as_ref().map(|h| &h.head)
+        self.gpu.head.as_ref().map(|h| &h.head)
     }
 
     fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
@@ -182,7 +207,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         batch.validate(&head)?;
         out.check(&head, batch.rows)?;
-        self.execute(batch, Some(out))
+        self.gpu.execute(batch, Some(out))
     }
 
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
@@ -191,15 +216,6 @@ impl Backend for CudaBackend {
             .cloned()
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         batch.validate_shapes(&head)?;
-        self.execute(batch, None).map(|_| true)
-    }
-}
-
-impl Drop for CudaBackend {
-    fn drop(&mut self) {
-        // Bind so that the buffers, events and handle below are released in this context, and
-        // wait for queued work that may still use them.
-        let _ = self.ctx.bind_to_thread();
-        self.sync_all();
+        self.gpu.execute(batch, None).map(|_| true)
     }
 }

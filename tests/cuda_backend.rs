@@ -1,0 +1,173 @@
+//! The agreement suite on the CUDA backend (skipped, with the reason printed, where no GPU is
+//! usable), plus the no-GPU behaviour of the CLI: `devices` names CUDA's reason, `fuse --backend
+//! cuda` fails cleanly, and the NVRTC compile check of the kernels passes wherever libnvrtc is
+//! found (required when FUSION_REQUIRE_NVRTC=1, as in CI).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use fusion_engine::backend::{self, BackendKind, OpenOptions};
+use fusion_engine::model::FusionHead;
+use fusion_engine::selftest::{random_batch, MaskMode};
+use fusion_engine::tensor::DType;
+use rand::SeedableRng;
+
+/// The first usable CUDA device, or None with the reason printed.
+fn open_cuda() -> Option<fusion_engine::AnyBackend> {
+    let entries = backend::discover_kind(BackendKind::Cuda);
+    let Some(dev) = entries.iter().find_map(|e| e.device.clone()) else {
+        let why: Vec<String> = entries
+            .iter()
+            .filter_map(|e| e.unavailable.clone())
+            .collect();
+        eprintln!("skipping: no usable CUDA device ({})", why.join("; "));
+        return None;
+    };
+    let head = Arc::new(FusionHead::random(&[("x".into(), 4)], 4, 1e-5, 0));
+    Some(
+        backend::open(BackendKind::Cuda, dev.index, head, &OpenOptions::default())
+            .expect("a discovered CUDA device opens"),
+    )
+}
+
+backend_suite!(open_cuda());
+
+fn gpu_present() -> bool {
+    backend::discover_kind(BackendKind::Cuda)
+        .iter()
+        .any(|e| e.device.is_some())
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fusion-engine"))
+}
+
+/// `run_projections_only` is offered and agrees in shape handling with `run`.
+#[test]
+fn projections_only_is_offered() {
+    use fusion_engine::Backend;
+    let Some(mut b) = open_cuda() else { return };
+    let (head, batch) = common::setup(&[64, 32], 48, 300, DType::F16, MaskMode::Random, 3);
+    b.upload(head).expect("upload");
+    assert!(b.run_projections_only(&batch.view()).expect("projections"));
+}
+
+/// A batch far larger than one chunk goes through the double-buffered pipeline intact.
+#[test]
+fn many_chunks() {
+    let Some(mut b) = open_cuda() else { return };
+    for (dt, seed) in [(DType::F32, 21u64), (DType::BF16, 22)] {
+        common::agree(
+            &mut b,
+            &[1024, 768, 128],
+            512,
+            5000,
+            dt,
+            MaskMode::Random,
+            seed,
+        );
+    }
+}
+
+#[test]
+fn devices_names_cuda_or_its_reason() {
+    let out = bin().arg("devices").output().expect("run devices");
+    assert!(out.status.success(), "devices failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cuda: Vec<&str> = text.lines().filter(|l| l.starts_with("cuda")).collect();
+    assert!(!cuda.is_empty(), "no cuda line in:\n{text}");
+    if gpu_present() {
+        assert!(cuda.iter().any(|l| l.starts_with("cuda:0")), "{text}");
+    } else {
+        let line = cuda[0];
+        let reason = line
+            .split("unavailable:")
+            .nth(1)
+            .map(str::trim)
+            .unwrap_or("");
+        assert!(!reason.is_empty(), "cuda line without a reason: {line}");
+        eprintln!("devices says: {line}");
+    }
+}
+
+#[test]
+fn fuse_on_cuda_without_gpu_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = FusionHead::embedded();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let batch = random_batch(&head, 8, DType::F32, MaskMode::Random, &mut rng);
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    let bytes = fusion_engine::io::write_input_bytes(&head, &batch, true).expect("serialise");
+    std::fs::write(&input, bytes).expect("write input");
+    let out = bin()
+        .args(["fuse", "--backend", "cuda", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .expect("run fuse");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if gpu_present() {
+        assert!(out.status.success(), "fuse on a GPU failed: {stderr}");
+        assert!(output.exists());
+        return;
+    }
+    assert!(
+        !out.status.success(),
+        "fuse --backend cuda succeeded without a GPU"
+    );
+    assert!(
+        stderr.contains("error: backend cuda unavailable:"),
+        "unclear message: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!output.exists(), "an output was written on error");
+}
+
+#[test]
+fn kernels_compile_with_nvrtc() {
+    let out = bin()
+        .args(["selftest", "--backend", "cuda", "--compile-only"])
+        .output()
+        .expect("run selftest --compile-only");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let required = std::env::var("FUSION_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    if !out.status.success() && stderr.contains("libnvrtc.so not found") && !required {
+        eprintln!("skipping: {}", stderr.trim());
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "compile check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("fusion_epilogue_f32"), "{stdout}");
+    assert!(stdout.contains("compute_90"), "{stdout}");
+    eprintln!("{stdout}");
+}
+
+#[test]
+fn compile_only_rejects_other_backends_and_bad_include() {
+    let out = bin()
+        .args(["selftest", "--backend", "cpu", "--compile-only"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend cuda"));
+    let out = bin()
+        .args([
+            "selftest",
+            "--backend",
+            "cuda",
+            "--compile-only",
+            "--include",
+            "/nonexistent/dir",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a folder"));
+}
