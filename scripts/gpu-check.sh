@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The GPU check: run on a machine with an NVIDIA GPU, from a release binary built elsewhere
+# (no cargo or network needed there; python3 with torch for the PyTorch comparison).
+#
+#   scripts/gpu-check.sh [BINARY]        (default: target/release/fusion-engine)
+#
+# Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
+# f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
+# projections alone (fusion-engine's run_projections_only; PyTorch's F.linear = cuBLAS), and the
+# host<->device copy ceiling. Prints one markdown table (and writes it, with the raw JSON lines,
+# to $OUT/ when OUT is set). Exits non-zero if a selftest fails.
+#
+# Vulkan (wgpu) on machines without the loader: carry the `.gl` folder of loader .debs (see the
+# device README's recipe); it is unpacked here and the NVIDIA ICD is pointed at when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/fusion-engine}
+ITERS=${ITERS:-30}
+WORK=$(mktemp -d)
+status=0
+
+if [ -d .gl ] && ! ldconfig -p 2>/dev/null | grep -q libvulkan; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 || true
+echo "== devices"
+"$BIN" devices 2>&1 | tee "$WORK/devices.txt"
+
+echo "== selftest"
+for be in cuda wgpu cpu; do
+  if ! "$BIN" selftest --backend "$be" 2>&1 | tee "$WORK/selftest-$be.txt"; then
+    echo "selftest --backend $be FAILED"
+    status=1
+  fi
+done
+
+echo "== bench (fusion-engine)"
+for be in cuda wgpu cpu; do
+  "$BIN" bench --backend "$be" --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" --json \
+    >"$WORK/bench-$be.jsonl" 2>"$WORK/bench-$be.err" || echo "bench --backend $be failed: $(tail -1 "$WORK/bench-$be.err")"
+  cat "$WORK/bench-$be.jsonl"
+done
+
+echo "== PyTorch (same head, same shapes)"
+python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
+  --compile both >"$WORK/torch.jsonl" 2>"$WORK/torch.err" || echo "torch_head.py failed: $(tail -3 "$WORK/torch.err")"
+python3 scripts/torch_head.py --device cuda --copy-ceiling >"$WORK/copy.jsonl" 2>>"$WORK/torch.err" || true
+cat "$WORK/torch.jsonl" "$WORK/copy.jsonl"
+
+echo "== table"
+python3 - "$WORK" >"$WORK/gpu-table.md" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+DIMS, D, M = (1024, 768, 128), 512, 3  # the embedded default head
+
+def lines(name):
+    p = os.path.join(work, name)
+    out = []
+    if os.path.exists(p):
+        for l in open(p):
+            l = l.strip()
+            if l.startswith("{"):
+                try:
+                    out.append(json.loads(l))
+                except ValueError:
+                    pass
+    return out
+
+eng = {}
+for be in ("cuda", "wgpu", "cpu"):
+    for r in lines(f"bench-{be}.jsonl"):
+        eng[(be, r["batch"], r["dtype"])] = r
+tor = {(r["impl"], r.get("batch"), r.get("dtype")): r for r in lines("torch.jsonl") if "error" not in r}
+copy = (lines("copy.jsonl") or [{}])[0]
+
+def f(v, fmt="{:.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+gpu = next((r["device"] for r in eng.values() if r.get("backend") == "cuda"), None) or copy.get("gpu", "?")
+print(f"GPU: {gpu}; head: embedded default (d = {DIMS}, D = {D}); median of each run's iterations\n")
+print("| B | dtype | cuda ms | cuda samples/s | cuda proj-only ms | head/proj | cuda H2D GB/s (achieved) "
+      "| wgpu samples/s | cpu samples/s | torch eager fwd ms | torch proj ms (cuBLAS) | cuda ms / torch proj ms "
+      "| torch eager e2e samples/s | torch pinned e2e samples/s | torch.compile e2e samples/s | cuda / torch eager e2e |")
+print("|" + "---|" * 16)
+for b in (64, 1024, 8192):
+    for dt in ("f32", "f16"):
+        c = eng.get(("cuda", b, dt), {})
+        w = eng.get(("wgpu", b, dt), {})
+        p = eng.get(("cpu", b, dt), {})
+        te = tor.get(("torch-eager", b, dt), {})
+        tc = tor.get(("torch-compile", b, dt), {})
+        es = 4 if dt == "f32" else 2
+        in_bytes = b * (sum(DIMS) * es + M)
+        h2d = in_bytes / (c["ms_per_batch"] / 1e3) / 1e9 if c.get("ms_per_batch") else None
+        ratio = c["samples_per_s"] / te["e2e_samples_per_s"] if c.get("samples_per_s") and te.get("e2e_samples_per_s") else None
+        vs_proj = c["ms_per_batch"] / te["proj_ms_per_batch"] if c.get("ms_per_batch") and te.get("proj_ms_per_batch") else None
+        print(f"| {b} | {dt} | {f(c.get('ms_per_batch'), '{:.3f}')} | {f(c.get('samples_per_s'))} "
+              f"| {f(c.get('proj_ms_per_batch'), '{:.3f}')} | {f(c.get('head_over_proj'), '{:.2f}x')} | {f(h2d, '{:.1f}')} "
+              f"| {f(w.get('samples_per_s'))} | {f(p.get('samples_per_s'))} | {f(te.get('ms_per_batch'), '{:.3f}')} "
+              f"| {f(te.get('proj_ms_per_batch'), '{:.3f}')} | {f(vs_proj, '{:.2f}x')} "
+              f"| {f(te.get('e2e_samples_per_s'))} | {f(te.get('e2e_pinned_samples_per_s'))} "
+              f"| {f(tc.get('e2e_samples_per_s'))} | {f(ratio, '{:.2f}x')} |")
+print()
+print(f"Copy ceiling (PyTorch, 256 MiB): H2D pinned {f(copy.get('h2d_pinned_gbps'), '{:.1f}')} GB/s, "
+      f"D2H pinned {f(copy.get('d2h_pinned_gbps'), '{:.1f}')} GB/s, H2D pageable {f(copy.get('h2d_pageable_gbps'), '{:.1f}')} GB/s, "
+      f"D2H pageable {f(copy.get('d2h_pageable_gbps'), '{:.1f}')} GB/s.")
+print("cuda ms and proj-only ms include the host staging and the H2D copies (fusion-engine runs from host memory); "
+      "'cuda H2D GB/s (achieved)' is input bytes / whole-run time, a lower bound on the copy rate; "
+      "goals: B=8192 cuda ms <= 1.3x the projections alone, >= 1.5x torch eager e2e, achieved H2D >= 80% of the pinned ceiling.")
+PY
+cat "$WORK/gpu-table.md"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$WORK/gpu-table.md" "$OUT/gpu-table.md"
+  cat "$WORK"/*.jsonl >"$OUT/gpu-check.jsonl" 2>/dev/null || true
+  cat "$WORK"/selftest-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
+fi
+exit $status
