@@ -12,6 +12,8 @@ const LANES: usize = 8;
 /// tanh via a [13/6] rational approximation (the one Eigen uses for float), accurate to a few
 /// ulp over the clamped range; branch-free so it vectorises.
 const TANH_CLAMP: f32 = 7.905_311;
+// Coefficients as published (Eigen's float tanh); the compiler rounds them to f32.
+#[allow(clippy::excessive_precision)]
 /// Numerator coefficients, highest power first (odd powers 13..1, times x at the end).
 const TANH_A: [f32; 7] = [
     -2.760_768_5e-16,
@@ -22,6 +24,7 @@ const TANH_A: [f32; 7] = [
     6.372_619_3e-4,
     4.893_524_6e-3,
 ];
+#[allow(clippy::excessive_precision)]
 /// Denominator coefficients, highest power first (even powers 6..0).
 const TANH_B: [f32; 4] = [
     1.198_258_4e-6,
