@@ -1,0 +1,539 @@
+//! The wire format of docs/PROTOCOL.md: binary produce frames (parse), binary and JSON result
+//! frames (encode), and the stable error codes. Pure functions, no I/O: the client uses the
+//! same code for the other direction.
+
+use bytes::Bytes;
+
+use crate::engine::Priority;
+use crate::tensor::DType;
+
+/// Protocol version.
+pub const VERSION: u8 = 1;
+/// First two bytes of every binary frame.
+pub const MAGIC: [u8; 2] = *b"FE";
+/// Binary `kind`: produce (client to server).
+pub const KIND_PRODUCE: u8 = 1;
+/// Binary `kind`: result (server to client).
+pub const KIND_RESULT: u8 = 2;
+/// Produce flag: answer with an ack.
+pub const FLAG_ACK: u8 = 1;
+/// Produce flag: last modality of the sample.
+pub const FLAG_LAST: u8 = 2;
+/// Produce header length.
+pub const PRODUCE_HEADER: usize = 24;
+/// Result header length.
+pub const RESULT_HEADER: usize = 24;
+
+/// Stable error codes of the protocol (section 6 of docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    /// Undecodable frame or message.
+    Malformed,
+    /// Protocol version other than 1.
+    UnsupportedVersion,
+    /// Unknown message type or binary kind.
+    UnknownType,
+    /// The head has no such modality.
+    UnknownModality,
+    /// Wrong element count.
+    WrongWidth,
+    /// Unknown dtype code.
+    BadDtype,
+    /// Unknown priority.
+    BadPriority,
+    /// NaN or Inf in the payload.
+    NonFinite,
+    /// Empty or too long stream or key.
+    InvalidName,
+    /// Unsubscribe from a stream not subscribed.
+    UnknownStream,
+    /// Too many distinct streams on one connection.
+    TooManyStreams,
+    /// The modality already arrived for the open sample.
+    DuplicateModality,
+    /// Align timeout with fewer than `min_modalities`.
+    IncompleteSample,
+    /// A bounded queue is full; retry later.
+    Overloaded,
+    /// The batch failed on the devices.
+    DeviceError,
+    /// The batch timed out in the engine.
+    Timeout,
+    /// The server is shutting down.
+    Shutdown,
+    /// Frame over `max_frame_bytes`.
+    FrameTooLarge,
+    /// A server bug.
+    Internal,
+}
+
+impl Code {
+    /// The stable machine tag.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Code::Malformed => "malformed",
+            Code::UnsupportedVersion => "unsupported_version",
+            Code::UnknownType => "unknown_type",
+            Code::UnknownModality => "unknown_modality",
+            Code::WrongWidth => "wrong_width",
+            Code::BadDtype => "bad_dtype",
+            Code::BadPriority => "bad_priority",
+            Code::NonFinite => "non_finite",
+            Code::InvalidName => "invalid_name",
+            Code::UnknownStream => "unknown_stream",
+            Code::TooManyStreams => "too_many_streams",
+            Code::DuplicateModality => "duplicate_modality",
+            Code::IncompleteSample => "incomplete_sample",
+            Code::Overloaded => "overloaded",
+            Code::DeviceError => "device_error",
+            Code::Timeout => "timeout",
+            Code::Shutdown => "shutdown",
+            Code::FrameTooLarge => "frame_too_large",
+            Code::Internal => "internal",
+        }
+    }
+
+    /// The protocol code for an engine error.
+    pub fn of_engine_error(e: &crate::error::Error) -> Code {
+        use crate::error::Error as E;
+        match e {
+            E::Overloaded(_) => Code::Overloaded,
+            E::Timeout(_) => Code::Timeout,
+            E::Shutdown(_) => Code::Shutdown,
+            E::InputNonFinite { .. } => Code::NonFinite,
+            E::InputShape { .. } => Code::WrongWidth,
+            E::Device { .. } | E::BackendUnavailable { .. } => Code::DeviceError,
+            _ => Code::Internal,
+        }
+    }
+}
+
+/// A protocol error: code + human text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    /// Stable code.
+    pub code: Code,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ProtoError {
+    /// A new error.
+    pub fn new(code: Code, message: impl Into<String>) -> ProtoError {
+        ProtoError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Wire code of a dtype.
+pub const fn dtype_code(d: DType) -> u8 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+fn dtype_of(c: u8) -> Option<DType> {
+    match c {
+        0 => Some(DType::F32),
+        1 => Some(DType::F16),
+        2 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Wire code of a priority.
+pub const fn priority_code(p: Priority) -> u8 {
+    p as u8
+}
+
+/// The priority of a wire code.
+pub fn priority_of(c: u8) -> Option<Priority> {
+    match c {
+        0 => Some(Priority::Critical),
+        1 => Some(Priority::Important),
+        2 => Some(Priority::Bulk),
+        _ => None,
+    }
+}
+
+/// The priority named in JSON.
+pub fn priority_named(s: &str) -> Option<Priority> {
+    match s {
+        "critical" => Some(Priority::Critical),
+        "important" => Some(Priority::Important),
+        "bulk" => Some(Priority::Bulk),
+        _ => None,
+    }
+}
+
+/// Lower-case name of a priority.
+pub const fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Critical => "critical",
+        Priority::Important => "important",
+        Priority::Bulk => "bulk",
+    }
+}
+
+/// A parsed binary produce frame; `payload` shares the frame's buffer.
+#[derive(Debug, Clone)]
+pub struct ProduceFrame<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// Sample key.
+    pub key: &'a str,
+    /// Modality name.
+    pub modality: &'a str,
+    /// Payload dtype.
+    pub dtype: DType,
+    /// Class.
+    pub priority: Priority,
+    /// Ack requested.
+    pub ack: bool,
+    /// Last modality of the sample.
+    pub last: bool,
+    /// Request id (0 = none).
+    pub id: u32,
+    /// Element count.
+    pub n: usize,
+    /// Little-endian elements.
+    pub payload: Bytes,
+}
+
+fn u16_at(b: &[u8], i: usize) -> usize {
+    u16::from_le_bytes([b[i], b[i + 1]]) as usize
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Request id of a frame whose header is long enough, for error replies (0 otherwise).
+pub fn produce_id(frame: &[u8]) -> u32 {
+    if frame.len() >= PRODUCE_HEADER {
+        u32_at(frame, 16)
+    } else {
+        0
+    }
+}
+
+/// Parses a binary produce frame (header, lengths, UTF-8); widths are checked by the caller.
+pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
+    let b = &frame[..];
+    let bad = |m: String| Err(ProtoError::new(Code::Malformed, m));
+    if b.len() < PRODUCE_HEADER {
+        return bad(format!(
+            "binary frame of {} bytes is shorter than the {PRODUCE_HEADER}-byte header",
+            b.len()
+        ));
+    }
+    if b[0..2] != MAGIC {
+        return bad("binary frame does not start with the magic \"FE\"".into());
+    }
+    if b[2] != VERSION {
+        return Err(ProtoError::new(
+            Code::UnsupportedVersion,
+            format!(
+                "binary frame version {} (this server speaks {VERSION})",
+                b[2]
+            ),
+        ));
+    }
+    if b[3] != KIND_PRODUCE {
+        return Err(ProtoError::new(
+            Code::UnknownType,
+            format!("binary frame kind {} (clients send 1 = produce)", b[3]),
+        ));
+    }
+    let Some(dtype) = dtype_of(b[4]) else {
+        return Err(ProtoError::new(
+            Code::BadDtype,
+            format!("dtype code {} (0 f32, 1 f16, 2 bf16)", b[4]),
+        ));
+    };
+    let Some(priority) = priority_of(b[5]) else {
+        return Err(ProtoError::new(
+            Code::BadPriority,
+            format!("priority code {} (0 critical, 1 important, 2 bulk)", b[5]),
+        ));
+    };
+    let flags = b[6];
+    if flags & !(FLAG_ACK | FLAG_LAST) != 0 || b[7] != 0 || u16_at(b, 14) != 0 {
+        return bad("reserved header bits are not zero".into());
+    }
+    let (sl, kl, ml) = (u16_at(b, 8), u16_at(b, 10), u16_at(b, 12));
+    let n = u32_at(b, 20) as usize;
+    let expected = (PRODUCE_HEADER + sl + kl + ml) as u64 + n as u64 * dtype.size() as u64;
+    if b.len() as u64 != expected {
+        return bad(format!(
+            "binary frame is {} bytes; its header says {expected} (24 + {sl} + {kl} + {ml} + {n} x {})",
+            b.len(),
+            dtype.size()
+        ));
+    }
+    let text = |from: usize, len: usize, what: &str| {
+        std::str::from_utf8(&b[from..from + len])
+            .map_err(|_| ProtoError::new(Code::Malformed, format!("{what} is not UTF-8")))
+    };
+    let s0 = PRODUCE_HEADER;
+    let stream = text(s0, sl, "stream")?;
+    let key = text(s0 + sl, kl, "key")?;
+    let modality = text(s0 + sl + kl, ml, "modality")?;
+    let p0 = s0 + sl + kl + ml;
+    Ok(ProduceFrame {
+        stream,
+        key,
+        modality,
+        dtype,
+        priority,
+        ack: flags & FLAG_ACK != 0,
+        last: flags & FLAG_LAST != 0,
+        id: u32_at(b, 16),
+        n,
+        payload: frame.slice(p0..),
+    })
+}
+
+/// Encodes a binary produce frame (the client side). Strings longer than 65535 bytes are
+/// refused.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_produce(
+    stream: &str,
+    key: &str,
+    modality: &str,
+    dtype: DType,
+    priority: Priority,
+    flags: u8,
+    id: u32,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let len16 = |s: &str| u16::try_from(s.len()).ok();
+    let (sl, kl, ml) = (len16(stream)?, len16(key)?, len16(modality)?);
+    let n = u32::try_from(payload.len() / dtype.size()).ok()?;
+    let mut v = Vec::with_capacity(
+        PRODUCE_HEADER + stream.len() + key.len() + modality.len() + payload.len(),
+    );
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&[
+        VERSION,
+        KIND_PRODUCE,
+        dtype_code(dtype),
+        priority_code(priority),
+        flags,
+        0,
+    ]);
+    for x in [sl, kl, ml, 0] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&n.to_le_bytes());
+    v.extend_from_slice(stream.as_bytes());
+    v.extend_from_slice(key.as_bytes());
+    v.extend_from_slice(modality.as_bytes());
+    v.extend_from_slice(payload);
+    Some(v)
+}
+
+/// One fused sample as it leaves the engine.
+#[derive(Debug, Clone)]
+pub struct ResultView<'a> {
+    /// Stream.
+    pub stream: &'a str,
+    /// Key.
+    pub key: &'a str,
+    /// Class.
+    pub priority: Priority,
+    /// Presence, head order.
+    pub mask: &'a [u8],
+    /// y, `[D]`.
+    pub fused: &'a [f32],
+    /// a, `[M]`.
+    pub weights: &'a [f32],
+}
+
+/// Offset of the seq field in a binary result.
+pub const SEQ_OFFSET: usize = 16;
+
+/// Encodes a binary result with seq 0 (patch it with [`with_seq`]). Names over 65535 bytes
+/// never reach here (the server limits them to `max_name_bytes`); they would be truncated.
+pub fn encode_result(r: &ResultView<'_>) -> Vec<u8> {
+    let sl = r.stream.len().min(u16::MAX as usize);
+    let kl = r.key.len().min(u16::MAX as usize);
+    let (d, m) = (r.fused.len(), r.weights.len());
+    let mut v = Vec::with_capacity(RESULT_HEADER + sl + kl + m + 4 * (d + m));
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&[VERSION, KIND_RESULT, priority_code(r.priority), 0]);
+    v.extend_from_slice(&(sl as u16).to_le_bytes());
+    v.extend_from_slice(&(kl as u16).to_le_bytes());
+    v.extend_from_slice(&(m.min(u16::MAX as usize) as u16).to_le_bytes());
+    v.extend_from_slice(&(d as u32).to_le_bytes());
+    v.extend_from_slice(&0u64.to_le_bytes());
+    v.extend_from_slice(&r.stream.as_bytes()[..sl]);
+    v.extend_from_slice(&r.key.as_bytes()[..kl]);
+    v.extend_from_slice(r.mask);
+    v.extend_from_slice(bytemuck::cast_slice(r.fused));
+    v.extend_from_slice(bytemuck::cast_slice(r.weights));
+    v
+}
+
+/// A copy of an encoded binary result with `seq` written in.
+pub fn with_seq(encoded: &[u8], seq: u64) -> Bytes {
+    let mut v = encoded.to_vec();
+    if v.len() >= SEQ_OFFSET + 8 {
+        v[SEQ_OFFSET..SEQ_OFFSET + 8].copy_from_slice(&seq.to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+/// The JSON result without its `seq`: everything after `{"type":"result","seq":N,`.
+pub fn json_result_tail(r: &ResultView<'_>) -> String {
+    let v = serde_json::json!({
+        "stream": r.stream,
+        "key": r.key,
+        "priority": priority_name(r.priority),
+        "mask": r.mask,
+        "fused": r.fused,
+        "weights": r.weights,
+    });
+    let s = v.to_string();
+    // `s` is a JSON object "{...}"; drop its opening brace so a seq can be put in front.
+    s.get(1..).unwrap_or("}").to_string()
+}
+
+/// The JSON result with `seq`.
+pub fn json_result(tail: &str, seq: u64) -> String {
+    format!("{{\"type\":\"result\",\"seq\":{seq},{tail}")
+}
+
+/// A decoded binary result (the client side).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedResult {
+    /// Sequence number.
+    pub seq: u64,
+    /// Stream.
+    pub stream: String,
+    /// Key.
+    pub key: String,
+    /// Class.
+    pub priority: Priority,
+    /// Presence, head order.
+    pub mask: Vec<u8>,
+    /// y.
+    pub fused: Vec<f32>,
+    /// a.
+    pub weights: Vec<f32>,
+}
+
+/// Decodes a binary result frame.
+pub fn decode_result(b: &[u8]) -> Option<DecodedResult> {
+    if b.len() < RESULT_HEADER || b[0..2] != MAGIC || b[2] != VERSION || b[3] != KIND_RESULT {
+        return None;
+    }
+    let priority = priority_of(b[4])?;
+    let (sl, kl, m) = (u16_at(b, 6), u16_at(b, 8), u16_at(b, 10));
+    let d = u32_at(b, 12) as usize;
+    let seq = u64::from_le_bytes(b[16..24].try_into().ok()?);
+    let s0 = RESULT_HEADER;
+    let m0 = s0 + sl + kl;
+    let f0 = m0 + m;
+    let w0 = f0 + 4 * d;
+    if b.len() != w0 + 4 * m {
+        return None;
+    }
+    let f32s = |from: usize, n: usize| -> Vec<f32> {
+        b[from..from + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    Some(DecodedResult {
+        seq,
+        stream: String::from_utf8(b[s0..s0 + sl].to_vec()).ok()?,
+        key: String::from_utf8(b[s0 + sl..m0].to_vec()).ok()?,
+        priority,
+        mask: b[m0..f0].to_vec(),
+        fused: f32s(f0, d),
+        weights: f32s(w0, m),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn produce_roundtrip_and_errors() {
+        let payload: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f = encode_produce(
+            "s",
+            "k1",
+            "text",
+            DType::F32,
+            Priority::Bulk,
+            FLAG_LAST,
+            7,
+            &payload,
+        )
+        .unwrap();
+        let fb = Bytes::from(f.clone());
+        let p = parse_produce(&fb).unwrap();
+        assert_eq!(
+            (p.stream, p.key, p.modality, p.n, p.id),
+            ("s", "k1", "text", 3, 7)
+        );
+        assert!(p.last && !p.ack);
+        assert_eq!(p.priority, Priority::Bulk);
+        assert_eq!(&p.payload[..], &payload[..]);
+        let mut short = f.clone();
+        short.pop();
+        assert_eq!(
+            parse_produce(&Bytes::from(short)).unwrap_err().code,
+            Code::Malformed
+        );
+        let mut dt = f.clone();
+        dt[4] = 9;
+        assert_eq!(
+            parse_produce(&Bytes::from(dt)).unwrap_err().code,
+            Code::BadDtype
+        );
+        let mut v = f.clone();
+        v[2] = 2;
+        assert_eq!(
+            parse_produce(&Bytes::from(v)).unwrap_err().code,
+            Code::UnsupportedVersion
+        );
+        assert_eq!(
+            parse_produce(&Bytes::from_static(b"xx")).unwrap_err().code,
+            Code::Malformed
+        );
+    }
+
+    #[test]
+    fn result_roundtrip() {
+        let r = ResultView {
+            stream: "cam",
+            key: "k",
+            priority: Priority::Critical,
+            mask: &[1, 0],
+            fused: &[0.5, -1.0, 2.0],
+            weights: &[1.0, 0.0],
+        };
+        let e = with_seq(&encode_result(&r), 42);
+        let d = decode_result(&e).unwrap();
+        assert_eq!(d.seq, 42);
+        assert_eq!(d.fused, vec![0.5, -1.0, 2.0]);
+        assert_eq!(d.mask, vec![1, 0]);
+        let j: serde_json::Value =
+            serde_json::from_str(&json_result(&json_result_tail(&r), 9)).unwrap();
+        assert_eq!(j["seq"], 9);
+        assert_eq!(j["key"], "k");
+        assert_eq!(j["weights"][0], 1.0);
+    }
+}

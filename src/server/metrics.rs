@@ -1,0 +1,80 @@
+//! Server metrics (SPEC section 8) through the `metrics` facade; handles are created once per
+//! server (install the recorder first, as `serve` does). Per-class series carry
+//! `class="control|critical|important|bulk"`; connections are summed per class (a per-connection
+//! label would make the series count unbounded).
+//!
+//! | name | type | meaning |
+//! | --- | --- | --- |
+//! | `fusion_server_connections` | gauge | open WebSocket connections |
+//! | `fusion_server_connections_total` | counter | accepted connections |
+//! | `fusion_server_refused_total` | counter | by `reason`: `full`, `auth`, `handshake` |
+//! | `fusion_server_queue_depth` | gauge | queued messages, by `class` |
+//! | `fusion_server_sent_total` | counter | messages written, by `class` |
+//! | `fusion_server_dropped_total` | counter | results dropped, by `class` |
+//! | `fusion_server_backpressure_events_total` | counter | BACKPRESSURE on transitions |
+//! | `fusion_server_slow_consumer_total` | counter | 1013 closes, by `reason` |
+//! | `fusion_server_send_seconds` | histogram | one WebSocket send |
+//! | `fusion_server_produce_total` | counter | produce messages accepted |
+//! | `fusion_server_errors_total` | counter | error messages sent, by `code` |
+//! | `fusion_server_open_samples` | gauge | samples in the aligner |
+//! | `fusion_server_aligner_timeouts_total` | counter | samples fused (or rejected) at align_timeout |
+//! | `fusion_server_samples_total` | counter | samples sent to the engine |
+//! | `fusion_server_batch_size` | histogram | samples per batch |
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use super::codec::Code;
+
+/// Class names, CONTROL first (the outbound queue index).
+pub(crate) const CLASS_NAMES: [&str; 4] = ["control", "critical", "important", "bulk"];
+
+/// Metric handles of the server.
+#[derive(Debug)]
+pub(crate) struct ServerMetrics {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub queue_depth: [Gauge; 4],
+    pub sent: [Counter; 4],
+    pub dropped: [Counter; 4],
+    pub backpressure: Counter,
+    pub send_seconds: Histogram,
+    pub produce: Counter,
+    pub open_samples: Gauge,
+    pub align_timeouts: Counter,
+    pub samples: Counter,
+    pub batch_size: Histogram,
+}
+
+impl ServerMetrics {
+    pub fn new() -> ServerMetrics {
+        ServerMetrics {
+            connections: gauge!("fusion_server_connections"),
+            connections_total: counter!("fusion_server_connections_total"),
+            queue_depth: CLASS_NAMES.map(|c| gauge!("fusion_server_queue_depth", "class" => c)),
+            sent: CLASS_NAMES.map(|c| counter!("fusion_server_sent_total", "class" => c)),
+            dropped: CLASS_NAMES.map(|c| counter!("fusion_server_dropped_total", "class" => c)),
+            backpressure: counter!("fusion_server_backpressure_events_total"),
+            send_seconds: histogram!("fusion_server_send_seconds"),
+            produce: counter!("fusion_server_produce_total"),
+            open_samples: gauge!("fusion_server_open_samples"),
+            align_timeouts: counter!("fusion_server_aligner_timeouts_total"),
+            samples: counter!("fusion_server_samples_total"),
+            batch_size: histogram!("fusion_server_batch_size"),
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, reason: &'static str) {
+        counter!("fusion_server_refused_total", "reason" => reason).increment(1);
+    }
+
+    /// Counts a 1013 close.
+    pub fn slow_consumer(&self, reason: &'static str) {
+        counter!("fusion_server_slow_consumer_total", "reason" => reason).increment(1);
+    }
+
+    /// Counts an error message.
+    pub fn error(&self, code: Code) {
+        counter!("fusion_server_errors_total", "code" => code.as_str()).increment(1);
+    }
+}

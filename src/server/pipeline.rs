@@ -1,0 +1,384 @@
+//! The data path after validation: one task owns the aligner and the dynamic batcher (up to
+//! `max_batch` samples or `max_batch_delay` after the first, critical first), submits batches
+//! to the engine without blocking, and each batch's completion fans results out to the
+//! subscribers of their streams by try-pushing into the subscribers' queues.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::aligner::{Aligner, Ingest, Offer, Sample};
+use super::codec::{self, Code, ResultView};
+use super::messages::{self, About};
+use super::outbound::Outbound;
+use super::Shared;
+use crate::batch::Batch;
+use crate::engine::{BatchResult, Priority};
+use crate::error::Result;
+use crate::tensor::{bytes_to_f32, DType, HostMat};
+
+/// What the fan-out needs of a sample once its features are in the batch.
+struct Meta {
+    stream: Arc<str>,
+    key: String,
+    priority: Priority,
+    mask: Vec<u8>,
+    producers: Vec<Arc<Outbound>>,
+}
+
+/// Runs until `stop` fires and everything open and in flight is done (or `shutdown_grace`).
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Ingest>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = &shared.cfg;
+    let mut aligner = Aligner::new(
+        shared.head.num_modalities(),
+        cfg.align_timeout,
+        cfg.max_open_samples,
+    );
+    let mut pending: [VecDeque<Sample>; 3] = Default::default();
+    let mut oldest: Option<Instant> = None;
+    let mut inflight: JoinSet<()> = JoinSet::new();
+    let mut expired = Vec::new();
+    loop {
+        let deadline = [
+            aligner.next_deadline(),
+            oldest.map(|t| t + cfg.max_batch_delay),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            msg = rx.recv() => {
+                let Some(first) = msg else { break };
+                let now = Instant::now();
+                offer(&shared, &mut aligner, first, now, &mut pending, &mut oldest);
+                // Take what else is queued without going back to the scheduler.
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok(m) => offer(&shared, &mut aligner, m, now, &mut pending, &mut oldest),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = sleep_opt(deadline) => {}
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+        }
+        let now = Instant::now();
+        aligner.expire(now, &mut expired);
+        timed_out(&shared, &mut expired, &mut pending, &mut oldest, now);
+        shared.m.open_samples.set(aligner.len() as f64);
+        flush(
+            &shared,
+            &mut pending,
+            &mut oldest,
+            &mut inflight,
+            now,
+            false,
+        );
+    }
+    // Shutdown: what is queued and open is fused with what it has, then in-flight finishes.
+    rx.close();
+    let now = Instant::now();
+    while let Ok(m) = rx.try_recv() {
+        offer(&shared, &mut aligner, m, now, &mut pending, &mut oldest);
+    }
+    aligner.drain(&mut expired);
+    timed_out(&shared, &mut expired, &mut pending, &mut oldest, now);
+    flush(&shared, &mut pending, &mut oldest, &mut inflight, now, true);
+    shared.m.open_samples.set(0.0);
+    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
+        while inflight.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown: in-flight batches did not finish within the grace period");
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn about(ing: &Ingest) -> About<'_> {
+    About {
+        id: ing.id.as_ref(),
+        stream: Some(&ing.stream),
+        key: Some(&ing.key),
+        modality: None,
+    }
+}
+
+fn offer(
+    shared: &Shared,
+    aligner: &mut Aligner,
+    ing: Ingest,
+    now: Instant,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+) {
+    let name = |i: usize| shared.head.modalities.get(i).map(|m| m.name.as_str());
+    let ack = ing.ack.then(|| {
+        (
+            ing.producer.clone(),
+            ing.id.clone(),
+            ing.stream.clone(),
+            ing.key.clone(),
+            ing.modality,
+        )
+    });
+    match aligner.offer(ing, now) {
+        Offer::Complete(s) => enqueue(s, now, pending, oldest),
+        Offer::Pending => {}
+        Offer::Duplicate(ing) => {
+            let a = About {
+                modality: name(ing.modality),
+                ..about(&ing)
+            };
+            shared.m.error(Code::DuplicateModality);
+            let msg = "this modality already arrived for the open sample; ignored";
+            ing.producer
+                .push_control(messages::error(Code::DuplicateModality, msg, &a));
+            return;
+        }
+        Offer::Full(ing) => {
+            let a = About {
+                modality: name(ing.modality),
+                ..about(&ing)
+            };
+            let why = format!("{} open samples (max_open_samples)", aligner.len());
+            refuse(shared, &ing.producer, ing.priority, &a, &why);
+            return;
+        }
+    }
+    if let Some((p, id, stream, key, m)) = ack {
+        let a = About {
+            id: id.as_ref(),
+            stream: Some(&stream),
+            key: Some(&key),
+            modality: name(m),
+        };
+        p.push_control(messages::ack("produce", &a));
+    }
+}
+
+/// Saturation: BULK is shed with a notice, other classes get a retryable overload error.
+pub(crate) fn refuse(shared: &Shared, to: &Outbound, p: Priority, a: &About<'_>, why: &str) {
+    if p == Priority::Bulk {
+        to.push_control(messages::shed(a, why));
+    } else {
+        shared.m.error(Code::Overloaded);
+        to.push_control(messages::error(Code::Overloaded, why, a));
+    }
+}
+
+fn enqueue(
+    s: Sample,
+    now: Instant,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+) {
+    oldest.get_or_insert(now);
+    pending[s.priority as usize].push_back(s);
+}
+
+fn timed_out(
+    shared: &Shared,
+    expired: &mut Vec<Sample>,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+    now: Instant,
+) {
+    for s in expired.drain(..) {
+        shared.m.align_timeouts.increment(1);
+        if s.present >= shared.cfg.min_modalities.max(1) {
+            enqueue(s, now, pending, oldest);
+            continue;
+        }
+        shared.m.error(Code::IncompleteSample);
+        let msg = format!(
+            "{} of {} modalities arrived within align_timeout; min_modalities is {}",
+            s.present,
+            s.parts.len(),
+            shared.cfg.min_modalities
+        );
+        let a = About {
+            stream: Some(&s.stream),
+            key: Some(&s.key),
+            ..About::default()
+        };
+        for p in &s.producers {
+            p.push_control(messages::error(Code::IncompleteSample, &msg, &a));
+        }
+    }
+}
+
+fn flush(
+    shared: &Arc<Shared>,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+    inflight: &mut JoinSet<()>,
+    now: Instant,
+    all: bool,
+) {
+    let max = shared.cfg.max_batch;
+    loop {
+        let total: usize = pending.iter().map(|q| q.len()).sum();
+        let due = oldest.is_some_and(|t| now >= t + shared.cfg.max_batch_delay);
+        if total == 0 || !(total >= max || due || all) {
+            break;
+        }
+        let mut take = Vec::with_capacity(total.min(max));
+        for q in pending.iter_mut() {
+            while take.len() < max {
+                match q.pop_front() {
+                    Some(s) => take.push(s),
+                    None => break,
+                }
+            }
+        }
+        submit(shared, take, inflight);
+        *oldest = if pending.iter().all(|q| q.is_empty()) {
+            None
+        } else {
+            Some(now)
+        };
+    }
+}
+
+/// Builds the batch (each modality in its wire dtype when all rows agree, else f32) and hands
+/// it to the engine.
+fn submit(shared: &Arc<Shared>, samples: Vec<Sample>, inflight: &mut JoinSet<()>) {
+    let head = &shared.head;
+    let (rows, m) = (samples.len(), head.num_modalities());
+    let mut inputs = Vec::with_capacity(m);
+    for (i, md) in head.modalities.iter().enumerate() {
+        let mut dt = None;
+        let mut mixed = false;
+        for p in samples.iter().filter_map(|s| s.parts[i].as_ref()) {
+            mixed |= dt.is_some_and(|d| d != p.dtype);
+            dt = Some(p.dtype);
+        }
+        let dtype = if mixed {
+            DType::F32
+        } else {
+            dt.unwrap_or(DType::F32)
+        };
+        let row_bytes = md.width * dtype.size();
+        let mut bytes = vec![0u8; rows * row_bytes];
+        for (r, s) in samples.iter().enumerate() {
+            let Some(p) = &s.parts[i] else { continue };
+            let dst = &mut bytes[r * row_bytes..(r + 1) * row_bytes];
+            if p.dtype == dtype {
+                dst.copy_from_slice(&p.payload);
+            } else {
+                let mut tmp = vec![0f32; md.width];
+                bytes_to_f32(p.dtype, &p.payload, &mut tmp);
+                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+            }
+        }
+        inputs.push(HostMat {
+            dtype,
+            rows,
+            cols: md.width,
+            bytes,
+        });
+    }
+    let mask: Vec<u8> = samples.iter().flat_map(|s| s.mask()).collect();
+    let priority = samples.iter().map(|s| s.priority).min().unwrap_or_default();
+    let metas: Vec<Meta> = samples
+        .into_iter()
+        .map(|s| Meta {
+            mask: s.mask(),
+            stream: s.stream,
+            key: s.key,
+            priority: s.priority,
+            producers: s.producers,
+        })
+        .collect();
+    shared.m.samples.increment(rows as u64);
+    shared.m.batch_size.record(rows as f64);
+    match shared.engine.submit(Batch { rows, inputs, mask }, priority) {
+        Ok(ticket) => {
+            let sh = Arc::clone(shared);
+            inflight.spawn(async move {
+                let r = ticket.await;
+                fan_out(&sh, metas, r);
+            });
+        }
+        Err(e) => fan_out(shared, metas, Err(e)),
+    }
+}
+
+/// Sends each result to every subscriber of its stream, or the error to its producers.
+fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
+    let res = match r {
+        Ok(res) => res,
+        Err(e) => {
+            let code = Code::of_engine_error(&e);
+            let msg = e.to_string();
+            for meta in &metas {
+                let a = About {
+                    stream: Some(&meta.stream),
+                    key: Some(&meta.key),
+                    ..About::default()
+                };
+                for p in &meta.producers {
+                    if code == Code::Overloaded {
+                        refuse(shared, p, meta.priority, &a, &msg);
+                    } else {
+                        shared.m.error(code);
+                        p.push_control(messages::error(code, &msg, &a));
+                    }
+                }
+            }
+            return;
+        }
+    };
+    let (d, m) = (shared.head.dim, shared.head.num_modalities());
+    for (i, meta) in metas.iter().enumerate() {
+        let Some(subs) = shared.registry.subscribers(&meta.stream) else {
+            continue;
+        };
+        let (Some(fused), Some(weights)) = (
+            res.outputs.fused.get(i * d..(i + 1) * d),
+            res.outputs.weights.get(i * m..(i + 1) * m),
+        ) else {
+            continue;
+        };
+        let view = ResultView {
+            stream: &meta.stream,
+            key: &meta.key,
+            priority: meta.priority,
+            mask: &meta.mask,
+            fused,
+            weights,
+        };
+        let mut bin: Option<Vec<u8>> = None;
+        let mut json: Option<String> = None;
+        for o in subs.iter() {
+            if o.binary() {
+                let enc = bin.get_or_insert_with(|| codec::encode_result(&view));
+                o.push_result(meta.priority, |seq| {
+                    Message::Binary(codec::with_seq(enc, seq))
+                });
+            } else {
+                let tail = json.get_or_insert_with(|| codec::json_result_tail(&view));
+                o.push_result(meta.priority, |seq| {
+                    Message::text(codec::json_result(tail, seq))
+                });
+            }
+        }
+    }
+}
