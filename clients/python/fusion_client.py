@@ -1,0 +1,435 @@
+"""fusion_client: a small Python client for fusion-engine's streaming protocol v1.
+
+One file, to copy into a coordinator. Needs `websockets` (>= 13) and `numpy`.
+The protocol is docs/PROTOCOL.md; this client implements hello/welcome, subscribe,
+binary produce, binary results, errors and notices.
+
+Request/response in one call:
+
+    from fusion_client import fuse
+    fused, weights = fuse("ws://127.0.0.1:7878", "cam-1",
+                          {"vision": v, "text": t, "audio": a})   # each [B, d_m]
+
+Streaming:
+
+    async with await FusionClient.connect("ws://127.0.0.1:7878") as c:
+        results = await c.subscribe("cam-1")
+        await c.produce("cam-1", "frame-1", "vision", v0, priority="critical")
+        await c.produce("cam-1", "frame-1", "text", t0, last=True)
+        async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights)
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+import numpy as np
+
+try:  # websockets >= 13
+    from websockets.asyncio.client import connect as _ws_connect
+except ImportError:  # pragma: no cover - old websockets
+    from websockets import connect as _ws_connect  # type: ignore
+
+PROTOCOL_VERSION = 1
+MAGIC = b"FE"
+KIND_PRODUCE = 1
+KIND_RESULT = 2
+DTYPES = {np.dtype("<f4"): 0, np.dtype("<f2"): 1}  # bf16 (2) is sent as raw uint16 bits
+PRIORITIES = {"critical": 0, "important": 1, "bulk": 2}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+FLAG_ACK = 1
+FLAG_LAST = 2
+_PRODUCE_HEADER = struct.Struct("<2sBBBBBBHHHHII")  # 24 bytes
+_RESULT_HEADER = struct.Struct("<2sBBBBHHHIQ")  # 24 bytes
+
+
+class FusionError(Exception):
+    """An `error` message from the server (code is the stable machine code)."""
+
+    def __init__(self, code: str, message: str, retry: bool = False, detail: Optional[dict] = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry = retry
+        self.detail = detail or {}
+
+
+class ConnectionClosed(Exception):
+    """The server closed the connection (code and reason as sent, e.g. 1013 'slow_consumer last_seq=9')."""
+
+    def __init__(self, code: Optional[int], reason: str):
+        super().__init__(f"connection closed: {code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Result:
+    """One fused sample."""
+
+    stream: str
+    key: str
+    seq: int
+    priority: str
+    mask: np.ndarray  # [M] uint8, head order
+    fused: np.ndarray  # [D] float32
+    weights: np.ndarray  # [M] float32, head order
+
+
+def encode_produce(stream: str, key: str, modality: str, values: Any, priority: str = "important",
+                   last: bool = False, ack: bool = False, request_id: int = 0, bf16: bool = False) -> bytes:
+    """Binary produce frame (PROTOCOL.md 4.1). `values` is 1-D; float16 arrays are sent as F16,
+    `bf16=True` sends a uint16 array of bfloat16 bits, everything else as F32."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+    x = np.asarray(values)
+    if x.ndim != 1:
+        raise ValueError(f"values for {modality!r} must be 1-D, got shape {x.shape}")
+    if bf16:
+        if x.dtype != np.uint16:
+            raise ValueError("bf16=True expects a uint16 array of bfloat16 bit patterns")
+        dtype, payload = 2, x.astype("<u2").tobytes()
+    elif x.dtype == np.float16:
+        dtype, payload = 1, x.astype("<f2").tobytes()
+    else:
+        dtype, payload = 0, x.astype("<f4").tobytes()
+    s, k, m = stream.encode(), key.encode(), modality.encode()
+    flags = (FLAG_ACK if ack else 0) | (FLAG_LAST if last else 0)
+    head = _PRODUCE_HEADER.pack(MAGIC, PROTOCOL_VERSION, KIND_PRODUCE, dtype, PRIORITIES[priority], flags, 0,
+                                len(s), len(k), len(m), 0, request_id, x.shape[0])
+    return head + s + k + m + payload
+
+
+def decode_result(buf: bytes) -> Result:
+    """Binary result frame (PROTOCOL.md 4.2)."""
+    if len(buf) < _RESULT_HEADER.size:
+        raise FusionError("malformed", f"result frame of {len(buf)} bytes is shorter than its header")
+    magic, version, kind, prio, _r, slen, klen, m, d, seq = _RESULT_HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version != PROTOCOL_VERSION or kind != KIND_RESULT:
+        raise FusionError("malformed", f"not a v1 result frame (magic {magic!r}, version {version}, kind {kind})")
+    expected = _RESULT_HEADER.size + slen + klen + m + 4 * (d + m)
+    if len(buf) != expected:
+        raise FusionError("malformed", f"result frame has {len(buf)} bytes, expected {expected}")
+    o = _RESULT_HEADER.size
+    stream = buf[o:o + slen].decode()
+    o += slen
+    key = buf[o:o + klen].decode()
+    o += klen
+    mask = np.frombuffer(buf, np.uint8, m, o).copy()
+    o += m
+    fused = np.frombuffer(buf, "<f4", d, o).astype(np.float32)
+    o += 4 * d
+    weights = np.frombuffer(buf, "<f4", m, o).astype(np.float32)
+    return Result(stream, key, seq, PRIORITY_NAMES.get(prio, str(prio)), mask, fused, weights)
+
+
+def _result_from_json(msg: dict) -> Result:
+    return Result(msg["stream"], str(msg["key"]), int(msg["seq"]), msg.get("priority", "important"),
+                  np.asarray(msg.get("mask", []), np.uint8), np.asarray(msg["fused"], np.float32),
+                  np.asarray(msg["weights"], np.float32))
+
+
+class _Subscription:
+    """Async iterator over one stream's results (see FusionClient.subscribe)."""
+
+    def __init__(self, client: "FusionClient", stream: str, queue: "asyncio.Queue[Any]"):
+        self._client = client
+        self.stream = stream
+        self._queue = queue
+
+    def __aiter__(self) -> "_Subscription":
+        return self
+
+    async def __anext__(self) -> Result:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
+                raise StopAsyncIteration
+            raise item
+        return item
+
+    async def get(self, timeout: Optional[float] = None) -> Result:
+        """The next result (raises asyncio.TimeoutError after `timeout` seconds)."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+
+
+class FusionClient:
+    """One connection. Create with `await FusionClient.connect(url, token=...)`.
+
+    A background task reads the socket: results go to their stream's subscription queue, errors
+    and notices to `errors` / `notices` (asyncio queues; errors about a produce also fail the
+    matching `produce(..., ack=True)` call). Queues are bounded (`max_buffered` per stream);
+    when a consumer does not keep up, the server's own backpressure takes over (the client stops
+    reading once its queue is full).
+    """
+
+    def __init__(self, ws: Any, welcome: dict, max_buffered: int):
+        self._ws = ws
+        self.welcome = welcome
+        self.head = welcome.get("head", {})
+        self.modalities = [m["name"] for m in self.head.get("modalities", [])]
+        self.widths = {m["name"]: m["width"] for m in self.head.get("modalities", [])}
+        self.dim = self.head.get("dim")
+        self._max_buffered = max_buffered
+        self._subs: dict[str, asyncio.Queue] = {}
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self.errors: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        self.notices: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        self.closed: Optional[ConnectionClosed] = None
+        self._reader = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
+                      open_timeout: float = 10.0) -> "FusionClient":
+        """Connects, says hello (binary results), waits for `welcome`."""
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        kwargs: dict[str, Any] = {"max_size": 64 * 1024 * 1024, "open_timeout": open_timeout}
+        if headers:
+            kwargs["additional_headers"] = headers
+        ws = await _ws_connect(url, **kwargs)
+        await ws.send(json.dumps({"type": "hello", "version": PROTOCOL_VERSION, "results": "binary",
+                                  "client": "fusion_client.py"}))
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), open_timeout)
+            if isinstance(raw, str):
+                msg = json.loads(raw)
+                if msg.get("type") == "welcome":
+                    return cls(ws, msg, max_buffered)
+                if msg.get("type") == "error":
+                    await ws.close()
+                    raise FusionError(msg.get("code", "?"), msg.get("message", ""), bool(msg.get("retry")), msg)
+
+    async def __aenter__(self) -> "FusionClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _request(self, msg: dict, timeout: float = 10.0) -> dict:
+        rid = next(self._ids)
+        msg["id"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self._ws.send(json.dumps(msg))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+
+    async def subscribe(self, stream: str) -> _Subscription:
+        """Subscribes to a stream; returns an async iterator of its Results."""
+        q = self._subs.get(stream)
+        if q is None:
+            q = asyncio.Queue(maxsize=self._max_buffered)
+            self._subs[stream] = q
+        await self._request({"type": "subscribe", "stream": stream})
+        return _Subscription(self, stream, q)
+
+    async def unsubscribe(self, stream: str) -> None:
+        await self._request({"type": "unsubscribe", "stream": stream})
+        self._subs.pop(stream, None)
+
+    async def produce(self, stream: str, key: str, modality: str, values: Any, priority: str = "important",
+                      last: bool = False, ack: bool = False, timeout: float = 10.0) -> None:
+        """Sends one modality of one sample (binary). With `ack=True`, waits until the server
+        accepted it and raises FusionError if it did not."""
+        if self.closed:
+            raise self.closed
+        if ack:
+            rid = next(self._ids) & 0xFFFFFFFF or 1
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                await self._ws.send(encode_produce(stream, key, modality, values, priority, last, True, rid))
+                await asyncio.wait_for(fut, timeout)
+            finally:
+                self._pending.pop(rid, None)
+        else:
+            await self._ws.send(encode_produce(stream, key, modality, values, priority, last))
+
+    async def ping(self, timeout: float = 10.0) -> None:
+        await self._request({"type": "ping"}, timeout)
+
+    async def close(self) -> None:
+        try:
+            await self._ws.close()
+        finally:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        for q in self._subs.values():
+            try:
+                q.put_nowait(exc)
+            except asyncio.QueueFull:
+                pass
+
+    async def _read_loop(self) -> None:
+        try:
+            async for raw in self._ws:
+                if isinstance(raw, bytes):
+                    r = decode_result(raw)
+                    q = self._subs.get(r.stream)
+                    if q is not None:
+                        await q.put(r)  # blocks (stops reading) when the consumer is behind
+                    continue
+                msg = json.loads(raw)
+                t = msg.get("type")
+                if t == "result":
+                    r = _result_from_json(msg)
+                    q = self._subs.get(r.stream)
+                    if q is not None:
+                        await q.put(r)
+                elif t in ("ack", "pong"):
+                    fut = self._pending.get(msg.get("id"))
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif t == "error":
+                    err = FusionError(msg.get("code", "?"), msg.get("message", ""), bool(msg.get("retry")), msg)
+                    fut = self._pending.get(msg.get("id"))
+                    if fut is not None and not fut.done():
+                        fut.set_exception(err)
+                    else:
+                        _put_nowait_drop_oldest(self.errors, err)
+                elif t == "notice":
+                    _put_nowait_drop_oldest(self.notices, msg)
+            code = getattr(self._ws, "close_code", None)
+            reason = getattr(self._ws, "close_reason", "") or ""
+            self.closed = ConnectionClosed(code, reason)
+        except asyncio.CancelledError:
+            self.closed = ConnectionClosed(1000, "closed by client")
+            raise
+        except Exception as e:  # connection errors end the session
+            code = getattr(self._ws, "close_code", None)
+            reason = getattr(self._ws, "close_reason", "") or str(e)
+            self.closed = ConnectionClosed(code, reason)
+        finally:
+            if self.closed is None:
+                self.closed = ConnectionClosed(None, "reader stopped")
+            self._fail_all(self.closed)
+
+
+def _put_nowait_drop_oldest(q: asyncio.Queue, item: Any) -> None:
+    if q.full():
+        q.get_nowait()
+    q.put_nowait(item)
+
+
+async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, priority: str = "important",
+                     token: Optional[str] = None, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
+    `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
+    weights [B, M]) with weights in the order of `features`' keys."""
+    names = list(features)
+    arrays = {n: np.asarray(features[n]) for n in names}
+    single = all(a.ndim == 1 for a in arrays.values())
+    if single:
+        arrays = {n: a[None, :] for n, a in arrays.items()}
+    rows = {a.shape[0] for a in arrays.values()}
+    if len(rows) != 1 or any(a.ndim != 2 for a in arrays.values()):
+        raise ValueError(f"features must all be [B, d_m] with the same B, got {[a.shape for a in arrays.values()]}")
+    b = rows.pop()
+    m = np.ones((b, len(names)), np.uint8) if mask is None else np.asarray(mask).astype(np.uint8).reshape(b, len(names))
+    empty = np.flatnonzero(m.sum(1) == 0)
+    if empty.size:
+        raise ValueError(f"mask row {int(empty[0])} has no modality present")
+    tag = uuid.uuid4().hex[:12]
+    keys = [f"{tag}-{i}" for i in range(b)]
+    index = {k: i for i, k in enumerate(keys)}
+    async with await FusionClient.connect(url, token=token) as c:
+        unknown = [n for n in names if n not in c.widths]
+        if unknown:
+            raise FusionError("unknown_modality", f"the server's head has no modality {unknown[0]!r} "
+                                                  f"(it has {c.modalities})")
+        sub = await c.subscribe(stream)
+        fused = np.zeros((b, c.dim), np.float32)
+        weights = np.zeros((b, len(names)), np.float32)
+        head_pos = [c.modalities.index(n) for n in names]
+        got = np.zeros(b, bool)
+
+        async def send_all() -> None:
+            for i, k in enumerate(keys):
+                present = [j for j in range(len(names)) if m[i, j]]
+                for pos, j in enumerate(present):
+                    x = arrays[names[j]][i]
+                    while True:
+                        try:
+                            await c.produce(stream, k, names[j], x, priority=priority,
+                                            last=pos == len(present) - 1)
+                            break
+                        except FusionError as e:  # pragma: no cover - produce without ack never raises
+                            if not e.retry:
+                                raise
+
+        sender = asyncio.create_task(send_all())
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not got.all():
+                if not c.errors.empty():
+                    err = c.errors.get_nowait()
+                    if err.detail.get("key") in index or err.detail.get("stream") in (None, stream):
+                        if err.retry and err.detail.get("key") in index:
+                            # Overloaded: resend that sample's modalities.
+                            i = index[err.detail["key"]]
+                            present = [j for j in range(len(names)) if m[i, j]]
+                            for pos, j in enumerate(present):
+                                await asyncio.sleep(0.005)
+                                await c.produce(stream, keys[i], names[j], arrays[names[j]][i], priority=priority,
+                                                last=pos == len(present) - 1)
+                            continue
+                        raise err
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise asyncio.TimeoutError(f"{int((~got).sum())} of {b} results missing after {timeout}s")
+                try:
+                    r = await sub.get(timeout=min(left, 0.05))
+                except asyncio.TimeoutError:
+                    if sender.done() and sender.exception():
+                        raise sender.exception()  # type: ignore[misc]
+                    continue
+                i = index.get(r.key)
+                if i is None or got[i]:
+                    continue
+                fused[i] = r.fused
+                weights[i] = r.weights[head_pos]
+                got[i] = True
+        finally:
+            sender.cancel()
+    if single:
+        return fused[0], weights[0]
+    return fused, weights
+
+
+def fuse(url: str, stream: str, features: dict, mask: Any = None, priority: str = "important",
+         token: Optional[str] = None, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Blocking request/response: see fuse_async."""
+    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout))
+
+
+async def _demo(url: str) -> None:  # pragma: no cover - manual use
+    async with await FusionClient.connect(url) as c:
+        print("connected:", c.welcome.get("server"), "modalities", c.widths, "D", c.dim)
+    feats = {n: np.random.default_rng(0).standard_normal((4, w), dtype=np.float32)
+             for n, w in c.widths.items()}
+    fused, weights = await fuse_async(url, "demo", feats)
+    print("fused", fused.shape, "weights", weights.round(3).tolist())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    asyncio.run(_demo(sys.argv[1] if len(sys.argv) > 1 else "ws://127.0.0.1:7878"))

@@ -1,0 +1,245 @@
+"""Tests of clients/python/fusion_client.py against a real `fusion-engine serve` on loopback.
+
+The server binary is FUSION_ENGINE_BIN or target/release/fusion-engine (built by `cargo test
+--release`, which scripts/test runs first). Round trips are compared with `fusion-engine fuse` on
+the same head and inputs (within 1e-5), including a head the server has never seen before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fusion_client as fc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("FUSION_ENGINE_BIN", str(ROOT / "target" / "release" / "fusion-engine"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([BIN, "serve", "--listen", f"127.0.0.1:{self.port}", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start listening")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+def random_head(path: Path, dims: dict[str, int], d: int, seed: int, eps: float = 1e-5) -> None:
+    rng = np.random.default_rng(seed)
+    t = {}
+    for name, w in dims.items():
+        t[f"proj.{name}.weight"] = (rng.uniform(-1, 1, (d, w)) / np.sqrt(w)).astype(np.float32)
+        t[f"proj.{name}.bias"] = rng.uniform(-0.1, 0.1, d).astype(np.float32)
+    t["gate.weight"] = (rng.uniform(-4, 4, (1, d)) / np.sqrt(d)).astype(np.float32)
+    t["norm.weight"] = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    t["norm.bias"] = rng.uniform(-0.1, 0.1, d).astype(np.float32)
+    save_file(t, str(path), metadata={"modalities": ",".join(dims), "eps": str(eps)})
+
+
+def offline_fuse(features: dict, mask: np.ndarray, head_order: list[str], model: Path | None) -> tuple:
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
+        t = dict(features)
+        t["mask"] = np.stack([mask[:, list(features).index(n)] for n in head_order], 1).astype(np.uint8)
+        save_file(t, str(inp))
+        args = [BIN, "fuse", "--backend", "cpu", "--input", str(inp), "--output", str(out)]
+        if model:
+            args += ["--model", str(model)]
+        subprocess.run(args, check=True, capture_output=True)
+        r = load_file(str(out))
+        return r["fused"], r["weights"]
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
+
+
+def test_round_trip_matches_offline_fuse(server):
+    rng = np.random.default_rng(1)
+    b = 23
+    # Keys deliberately in another order than the head's (vision, text, audio).
+    feats = {"audio": rng.standard_normal((b, 128), dtype=np.float32),
+             "vision": rng.standard_normal((b, 1024), dtype=np.float32),
+             "text": rng.standard_normal((b, 768), dtype=np.float32)}
+    mask = (rng.random((b, 3)) < 0.7).astype(np.uint8)
+    mask[mask.sum(1) == 0, 0] = 1
+    fused, weights = fc.fuse(server.url, "py-rt", feats, mask=mask)
+    ref_f, ref_w = offline_fuse(feats, mask, ["vision", "text", "audio"], None)
+    assert fused.shape == (b, 512) and weights.shape == (b, 3)
+    assert rel(fused, ref_f) <= 1e-5
+    # weights come back in the order of `features`
+    assert rel(weights, ref_w[:, [2, 0, 1]]) <= 1e-5
+    assert np.all(weights[mask == 0] == 0)
+
+
+def test_single_sample_and_f16():
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "head.safetensors"
+        dims = {"img": 37, "txt": 5, "aud": 130}
+        random_head(model, dims, 67, seed=int(time.time()), eps=0.01)
+        s = Server("--model", str(model))
+        try:
+            rng = np.random.default_rng(2)
+            feats = {n: rng.standard_normal((9, w), dtype=np.float32) for n, w in dims.items()}
+            mask = np.ones((9, 3), np.uint8)
+            mask[4, 1:] = 0
+            fused, weights = fc.fuse(s.url, "unseen", feats, mask=mask, priority="critical")
+            ref_f, ref_w = offline_fuse(feats, mask, list(dims), model)
+            assert rel(fused, ref_f) <= 1e-5 and rel(weights, ref_w) <= 1e-5
+            # f16 payloads and a single sample (1-D arrays)
+            one = {n: v[0].astype(np.float16) for n, v in feats.items()}
+            f1, w1 = fc.fuse(s.url, "unseen", one)
+            r16 = {n: v[:1].astype(np.float16).astype(np.float32) for n, v in feats.items()}
+            ref_f1, ref_w1 = offline_fuse(r16, np.ones((1, 3), np.uint8), list(dims), model)
+            assert f1.shape == (67,) and rel(f1, ref_f1[0]) <= 1e-5 and rel(w1, ref_w1[0]) <= 1e-5
+        finally:
+            s.stop()
+
+
+def test_unknown_modality_and_bad_mask(server):
+    with pytest.raises(fc.FusionError) as e:
+        fc.fuse(server.url, "s", {"smell": np.zeros((1, 4), np.float32)})
+    assert e.value.code == "unknown_modality"
+    with pytest.raises(ValueError):
+        fc.fuse(server.url, "s", {"text": np.zeros((2, 768), np.float32)}, mask=np.array([[1], [0]]))
+
+
+async def _raw_errors(url: str) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(url, max_size=None) as ws:
+        async def next_json() -> dict:
+            while True:
+                m = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(m, str):
+                    j = json.loads(m)
+                    if j["type"] in ("error", "ack", "pong"):
+                        return j
+
+        await ws.send("this is not json")
+        assert (await next_json())["code"] == "malformed"
+        await ws.send(json.dumps({"type": "teleport"}))
+        assert (await next_json())["code"] == "unknown_type"
+        await ws.send(b"\x00\x01garbage")
+        assert (await next_json())["code"] == "malformed"
+        bad = np.zeros(768, np.float32)
+        bad[5] = np.nan
+        await ws.send(fc.encode_produce("s", "k", "text", bad, request_id=3))
+        j = await next_json()
+        assert j["code"] == "non_finite" and j.get("id") == 3
+        await ws.send(fc.encode_produce("s", "k", "text", np.zeros(700, np.float32), request_id=4))
+        assert (await next_json())["code"] == "wrong_width"
+        await ws.send(fc.encode_produce("s", "k", "smell", np.zeros(4, np.float32), request_id=5))
+        assert (await next_json())["code"] == "unknown_modality"
+        hdr = bytearray(fc.encode_produce("s", "k", "text", np.zeros(768, np.float32)))
+        hdr[4] = 9  # dtype code
+        await ws.send(bytes(hdr))
+        assert (await next_json())["code"] in ("bad_dtype", "malformed")
+        # still alive after all that
+        await ws.send(json.dumps({"type": "ping", "id": 99}))
+        j = await next_json()
+        assert j["type"] == "pong" and j.get("id") == 99
+        # oversized frame: closed with 1009
+        await ws.send(b"\x00" * (17 * 1024 * 1024))
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except Exception:
+            pass
+        assert ws.close_code == 1009
+
+
+def test_garbage_and_oversized_frames_get_typed_errors_and_server_survives(server):
+    asyncio.run(_raw_errors(server.url))
+    rng = np.random.default_rng(3)
+    feats = {"vision": rng.standard_normal((2, 1024), dtype=np.float32)}
+    fused, _ = fc.fuse(server.url, "after-garbage", feats)
+    assert np.isfinite(fused).all()
+
+
+def test_token_auth():
+    s = Server("--token", "s3cret")
+    try:
+        feats = {"text": np.ones((1, 768), np.float32)}
+        with pytest.raises(Exception) as e:
+            fc.fuse(s.url, "a", feats)
+        assert "401" in str(e.value)
+        fused, _ = fc.fuse(s.url, "a", feats, token="s3cret")
+        assert fused.shape == (1, 512)
+    finally:
+        s.stop()
+
+
+def test_streaming_client_subscribe_and_produce(server):
+    async def go() -> None:
+        async with await fc.FusionClient.connect(server.url) as c:
+            assert c.modalities == ["vision", "text", "audio"] and c.dim == 512
+            sub = await c.subscribe("live")
+            rng = np.random.default_rng(4)
+            await c.produce("live", "k1", "vision", rng.standard_normal(1024).astype(np.float32), ack=True)
+            await c.produce("live", "k1", "audio", rng.standard_normal(128).astype(np.float32), last=True)
+            r = await sub.get(timeout=10)
+            assert r.key == "k1" and r.stream == "live" and r.seq >= 1
+            assert list(r.mask) == [1, 0, 1] and r.weights[1] == 0 and abs(r.weights.sum() - 1) < 1e-5
+            with pytest.raises(fc.FusionError) as e:
+                await c.produce("live", "k2", "text", np.zeros(3, np.float32), ack=True)
+            assert e.value.code == "wrong_width"
+
+    asyncio.run(go())
+
+
+def test_result_frame_codec_round_trip():
+    d, m = 5, 3
+    s, k = b"st", b"key"
+    fused = np.arange(d, dtype="<f4")
+    w = np.array([0.5, 0.5, 0], "<f4")
+    buf = struct.pack("<2sBBBBHHHIQ", b"FE", 1, 2, 0, 0, len(s), len(k), m, d, 42) + s + k + \
+        bytes([1, 1, 0]) + fused.tobytes() + w.tobytes()
+    r = fc.decode_result(buf)
+    assert (r.stream, r.key, r.seq, r.priority) == ("st", "key", 42, "critical")
+    assert np.array_equal(r.fused, fused) and np.array_equal(r.weights, w)
+    with pytest.raises(fc.FusionError):
+        fc.decode_result(buf[:-1])
