@@ -1,0 +1,285 @@
+//! The agreement suite on the wgpu backend (lavapipe in CI), plus wgpu-specific cases: sizes that
+//! do not divide the GEMM tile, both tile shapes, batches split into chunks, f16 kept in f16 on
+//! the device, masks, and the fallback when no Vulkan driver is installed.
+//!
+//! Without an adapter the device tests are skipped with a printed reason, unless
+//! `FUSION_REQUIRE_WGPU=1` (CI) makes that a failure.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use fusion_engine::backend::wgpu::{Tile, WgpuBackend};
+use fusion_engine::backend::{self, Backend, BackendKind, OpenOptions};
+use fusion_engine::batch::Outputs;
+use fusion_engine::model::FusionHead;
+use fusion_engine::reference::{reference, rel_error};
+use fusion_engine::selftest::MaskMode;
+use fusion_engine::tensor::DType;
+use fusion_engine::AnyBackend;
+
+/// The first usable adapter, or None (printing why) when there is none.
+fn open_raw() -> Option<WgpuBackend> {
+    let entries = backend::discover_kind(BackendKind::Wgpu);
+    let found = entries.iter().find_map(|e| e.device.as_ref());
+    let res = match found {
+        Some(d) => WgpuBackend::new(d.index, &OpenOptions::default()),
+        None => Err(fusion_engine::error::Error::BackendUnavailable {
+            backend: "wgpu".into(),
+            reason: entries
+                .iter()
+                .filter_map(|e| e.unavailable.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    };
+    match res {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if std::env::var("FUSION_REQUIRE_WGPU").as_deref() == Ok("1") {
+                panic!("FUSION_REQUIRE_WGPU=1 but the wgpu backend cannot open: {e}");
+            }
+            eprintln!("skipping wgpu test: {e}");
+            None
+        }
+    }
+}
+
+fn open_wgpu() -> Option<AnyBackend> {
+    let mut b = open_raw()?;
+    let head = Arc::new(FusionHead::random(&[("x".into(), 4)], 4, 1e-5, 0));
+    b.upload(head).expect("upload");
+    Some(AnyBackend::Wgpu(b))
+}
+
+backend_suite!(open_wgpu());
+
+/// Runs `batch` through `b` and returns the outputs.
+fn run(b: &mut WgpuBackend, head: &Arc<FusionHead>, batch: &fusion_engine::Batch) -> Outputs {
+    b.upload(head.clone()).expect("upload");
+    let mut out = Outputs::zeros(head, batch.rows);
+    b.run(&batch.view(), out.as_mut()).expect("run");
+    out
+}
+
+#[test]
+fn sizes_not_dividing_the_tile_on_both_tiles() {
+    let Some(b) = open_raw() else { return };
+    let mut b = AnyBackend::Wgpu(b);
+    let seed = common::seed();
+    let shapes: &[(&[usize], usize, usize)] = &[
+        (&[1], 1, 1),
+        (&[3, 17], 7, 5),
+        (&[65, 1, 130], 65, 63),
+        (&[129, 31], 129, 65),
+        (&[17, 200], 257, 129),
+        (&[15], 300, 2),
+    ];
+    for tile in [Tile::Small, Tile::Large] {
+        if let AnyBackend::Wgpu(w) = &mut b {
+            w.set_tile(Some(tile));
+        }
+        for (i, (widths, dim, rows)) in shapes.iter().enumerate() {
+            let s = seed.wrapping_add(i as u64);
+            common::agree(&mut b, widths, *dim, *rows, DType::F32, MaskMode::Random, s);
+        }
+    }
+}
+
+#[test]
+fn large_tile_is_chosen_for_big_batches() {
+    // 600 rows x D = 256 picks the 128 x 128 tile on its own.
+    let Some(b) = open_raw() else { return };
+    let mut b = AnyBackend::Wgpu(b);
+    common::agree(
+        &mut b,
+        &[40, 9],
+        256,
+        600,
+        DType::F32,
+        MaskMode::Random,
+        common::seed(),
+    );
+}
+
+#[test]
+fn split_batches_match_unsplit_bit_for_bit() {
+    let Some(mut b) = open_raw() else { return };
+    b.set_tile(Some(Tile::Small));
+    let seed = common::seed();
+    let (head, batch) = common::setup(&[33, 70, 5], 48, 101, DType::F32, MaskMode::Random, seed);
+    let whole = run(&mut b, &head, &batch);
+    for cap in [1usize, 7, 64, 100] {
+        b.set_max_chunk_rows(cap);
+        let split = run(&mut b, &head, &batch);
+        assert_eq!(split, whole, "chunks of {cap} rows differ from one chunk");
+    }
+    let r = reference(&head, &batch.view());
+    assert!(rel_error(&whole.fused, &r.fused) < 1e-4);
+    assert!(rel_error(&whole.weights, &r.weights) < 1e-4);
+    // Through the suite's checks too, with the default tile choice.
+    b.set_tile(None);
+    b.set_max_chunk_rows(13);
+    let mut any = AnyBackend::Wgpu(b);
+    common::agree(
+        &mut any,
+        &[20, 9],
+        24,
+        77,
+        DType::BF16,
+        MaskMode::Random,
+        seed,
+    );
+}
+
+#[test]
+fn f16_inputs_stay_f16_on_the_device() {
+    let Some(mut b) = open_raw() else { return };
+    if !b.f16_storage() {
+        eprintln!("adapter has no SHADER_F16: only the host-widened path is tested");
+    }
+    let seed = common::seed();
+    let (head, batch) = common::setup(&[300, 45, 7], 96, 50, DType::F16, MaskMode::Random, seed);
+    let dev = run(&mut b, &head, &batch);
+    b.set_f16_storage(false);
+    assert!(!b.f16_storage());
+    let host = run(&mut b, &head, &batch);
+    let r = reference(&head, &batch.view());
+    for (name, out) in [("f16 storage", &dev), ("host widened", &host)] {
+        let fe = rel_error(&out.fused, &r.fused);
+        let we = rel_error(&out.weights, &r.weights);
+        // The inputs are exact in f32 on both paths, so both are as good as f32.
+        assert!(
+            fe < 1e-4 && we < 1e-4,
+            "{name}: fused {fe:e} weights {we:e}"
+        );
+    }
+    b.set_f16_storage(true);
+    let mut any = AnyBackend::Wgpu(b);
+    common::agree(&mut any, &[1, 2, 3], 5, 9, DType::F16, MaskMode::All, seed);
+    common::agree(
+        &mut any,
+        &[1024, 128],
+        64,
+        33,
+        DType::F16,
+        MaskMode::Random,
+        seed + 1,
+    );
+}
+
+#[test]
+fn every_mask_pattern() {
+    let Some(b) = open_raw() else { return };
+    let mut b = AnyBackend::Wgpu(b);
+    let seed = common::seed();
+    let widths = [21, 8, 40, 3];
+    for (i, mask) in [
+        MaskMode::All,
+        MaskMode::Random,
+        MaskMode::Only(0),
+        MaskMode::Only(1),
+        MaskMode::Only(2),
+        MaskMode::Only(3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        common::agree(&mut b, &widths, 33, 19, DType::F32, mask, seed + i as u64);
+    }
+}
+
+#[test]
+fn projections_only_runs_and_results_stay_right_after() {
+    let Some(mut b) = open_raw() else { return };
+    let seed = common::seed();
+    let (head, batch) = common::setup(&[64, 16], 32, 40, DType::F32, MaskMode::All, seed);
+    let before = run(&mut b, &head, &batch);
+    assert!(b.run_projections_only(&batch.view()).expect("projections"));
+    let mut after = Outputs::zeros(&head, batch.rows);
+    b.run(&batch.view(), after.as_mut()).expect("run");
+    assert_eq!(before, after);
+}
+
+// ---- No Vulkan driver: the CLI degrades cleanly. ----
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fusion-engine"))
+        .args(args)
+        .env("VK_DRIVER_FILES", "/nonexistent")
+        .env("VK_ICD_FILENAMES", "/nonexistent")
+        .env("WGPU_BACKEND", "vulkan")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn without_a_vulkan_driver_devices_says_why_and_auto_falls_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = FusionHead::embedded();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(common::seed());
+    let batch =
+        fusion_engine::selftest::random_batch(&head, 3, DType::F32, MaskMode::All, &mut rng);
+    let input = dir.path().join("in.safetensors");
+    std::fs::write(
+        &input,
+        fusion_engine::io::write_input_bytes(&head, &batch, false).expect("serialise"),
+    )
+    .expect("write input");
+    let input = input.to_str().expect("utf-8 path");
+
+    let out = cli(&["devices"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "devices failed: {out:?}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("wgpu"))
+        .unwrap_or_else(|| panic!("no wgpu line in:\n{stdout}"));
+    assert!(
+        line.contains("unavailable") && line.contains("no wgpu adapter found"),
+        "{line}"
+    );
+    assert!(line.contains("VK_DRIVER_FILES=/nonexistent"), "{line}");
+    assert!(stdout.lines().any(|l| l.starts_with("cpu:0")), "{stdout}");
+
+    let wgpu_out = dir.path().join("wgpu.safetensors");
+    let out = cli(&[
+        "fuse",
+        "--backend",
+        "wgpu",
+        "--input",
+        input,
+        "--output",
+        wgpu_out.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "fuse --backend wgpu succeeded without a driver"
+    );
+    assert!(
+        stderr.contains("backend wgpu unavailable") && stderr.contains("no wgpu adapter found"),
+        "{stderr}"
+    );
+    assert!(!wgpu_out.exists(), "an output was written on error");
+
+    let auto_out = dir.path().join("auto.safetensors");
+    let out = cli(&[
+        "fuse",
+        "--backend",
+        "auto",
+        "--input",
+        input,
+        "--output",
+        auto_out.to_str().expect("utf-8 path"),
+    ]);
+    assert!(out.status.success(), "fuse --backend auto failed: {out:?}");
+    assert!(auto_out.exists());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cpu:0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
