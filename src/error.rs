@@ -114,7 +114,9 @@ pub enum Error {
         known: String,
     },
     /// An input value is NaN or Inf.
-    #[error("input: tensor \"{name}\" row {row} holds a non-finite value (NaN or Inf) at column {col}")]
+    #[error(
+        "input: tensor \"{name}\" row {row} holds a non-finite value (NaN or Inf) at column {col}"
+    )]
     InputNonFinite {
         /// Tensor name.
         name: String,
@@ -124,7 +126,9 @@ pub enum Error {
         col: usize,
     },
     /// A sample has no modality present.
-    #[error("input: tensor \"mask\" row {row} marks no modality present (expected at least one 1)")]
+    #[error(
+        "input: tensor \"mask\" row {row} marks no modality present (expected at least one 1)"
+    )]
     NoModality {
         /// Sample row.
         row: usize,
@@ -171,6 +175,10 @@ pub enum Error {
     /// A request was refused because a bounded queue is full.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A request waited past its time limit (e.g. no device took a batch within
+    /// `queue_timeout`).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// The engine is shutting down and did not run the request.
     #[error("shut down: {0}")]
     Shutdown(String),
@@ -203,6 +211,7 @@ impl Error {
             Error::BackendUnavailable { .. } => "backend_unavailable",
             Error::Device { .. } => "device_error",
             Error::Overloaded(_) => "overloaded",
+            Error::Timeout(_) => "timeout",
             Error::Shutdown(_) => "shutdown",
             Error::Config(_) => "config",
         }

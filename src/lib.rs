@@ -10,6 +10,8 @@
 //! - [`batch`]: a batch of samples (inputs + presence mask) and the caller-provided outputs.
 //! - [`backend`]: the device boundary ([`backend::Backend`], [`backend::AnyBackend`]), device
 //!   discovery, and the CPU, wgpu and CUDA backends.
+//! - [`engine`]: device workers on bounded queues, latency-aware routing, slow-device detection,
+//!   retries and restarts (SPEC section 6).
 //! - [`reference`]: the float64 reference every backend is checked against.
 //! - [`io`]: offline-mode files (`fuse`): reading features, writing results atomically.
 //! - [`selftest`]: agreement of every available backend with the reference on random inputs.
@@ -18,6 +20,7 @@
 pub mod backend;
 pub mod batch;
 pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod io;
 pub mod model;

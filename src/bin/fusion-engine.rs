@@ -16,7 +16,11 @@ use fusion_engine::selftest::{run_case, standard_cases};
 use fusion_engine::tensor::DType;
 
 #[derive(Parser)]
-#[command(name = "fusion-engine", version, about = "GPU-native multi-modal fusion engine")]
+#[command(
+    name = "fusion-engine",
+    version,
+    about = "GPU-native multi-modal fusion engine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -48,8 +52,8 @@ enum Cmd {
         /// auto, cpu, wgpu or cuda.
         #[arg(long, default_value = "auto")]
         backend: BackendChoice,
-        /// Batch sizes, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "1024")]
+        /// Batch sizes, comma separated (default 1024; with --devices one size, default 256).
+        #[arg(long, value_delimiter = ',')]
         batch: Vec<usize>,
         /// Timed iterations per run (median reported).
         #[arg(long, default_value_t = 50)]
@@ -69,6 +73,18 @@ enum Cmd {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// Run the whole engine on synthetic load over these devices instead of timing one
+        /// backend: a comma list such as `cpu,cpu:delay=50ms`, `cpu:threads=1:fail=0.2`,
+        /// `cuda:0,wgpu:0,cpu` (options: threads, delay, jitter, fail, hang, hang_for).
+        #[arg(long)]
+        devices: Option<String>,
+        /// With --devices: samples to submit.
+        #[arg(long, default_value_t = 20_000)]
+        samples: usize,
+        /// With --devices: engine settings file (JSON, the EngineConfig fields); --devices
+        /// replaces its device list.
+        #[arg(long)]
+        engine_config: Option<PathBuf>,
     },
     /// List devices of every backend and why any is unavailable.
     Devices {
@@ -114,6 +130,16 @@ fn main() -> ExitCode {
             threads,
         } => fuse(model, input, output, backend, threads),
         Cmd::Bench {
+            batch,
+            dtype,
+            model,
+            json,
+            devices: Some(devices),
+            samples,
+            engine_config,
+            ..
+        } => engine_bench(&devices, samples, &batch, &dtype, model, engine_config, json),
+        Cmd::Bench {
             backend,
             batch,
             iters,
@@ -122,7 +148,11 @@ fn main() -> ExitCode {
             model,
             threads,
             json,
-        } => bench(backend, &batch, iters, warmup, &dtype, model, threads, json),
+            ..
+        } => {
+            let batch = if batch.is_empty() { vec![1024] } else { batch };
+            bench(backend, &batch, iters, warmup, &dtype, model, threads, json)
+        }
         Cmd::Devices { json } => devices(json),
         Cmd::Selftest {
             backend,
@@ -235,6 +265,67 @@ fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+fn engine_bench(
+    devices: &str,
+    samples: usize,
+    batch: &[usize],
+    dtypes: &[DType],
+    model: Option<PathBuf>,
+    engine_config: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode> {
+    use fusion_engine::engine::{bench::EngineBenchOptions, DeviceSpec, EngineConfig};
+    let mut cfg: EngineConfig = match &engine_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+        }
+        None => EngineConfig::default(),
+    };
+    cfg.devices = DeviceSpec::parse_list(devices)?;
+    let rows = match batch {
+        [] => 256,
+        [rows] => *rows,
+        _ => return Err(Error::Config("--devices takes one --batch size".into())),
+    };
+    let opts = EngineBenchOptions {
+        samples,
+        batch: rows,
+        dtype: dtypes.first().copied().unwrap_or(DType::F32),
+        ..EngineBenchOptions::default()
+    };
+    let head = load_head(model)?;
+    let r = fusion_engine::engine::bench::run_engine_bench(cfg, head, &opts)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
+        );
+    } else {
+        println!(
+            "engine [{}] batch {}: submitted {} delivered {} failed {} duplicates {}  {:.3} s  {:.0} samples/s  e2e p50 {:.2} ms p99 {:.2} ms",
+            r.devices_spec, r.batch, r.submitted, r.delivered, r.failed_permanently, r.duplicates,
+            r.wall_s, r.samples_per_s, r.e2e_p50_ms, r.e2e_p99_ms
+        );
+        for d in &r.devices {
+            println!(
+                "  {:8} {:8} batches {:5} samples {:7} ({:5.1}%)  slow {} failures {} retried {} p50 {:.2} ms p99 {:.2} ms",
+                d.name, d.state.name(), d.batches, d.samples, d.share * 100.0, d.slow_events,
+                d.failures, d.retried, d.p50_ms, d.p99_ms
+            );
+        }
+    }
+    Ok(if r.delivered + r.failed_permanently == r.submitted && r.duplicates == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn devices(json: bool) -> Result<ExitCode> {
     let entries = backend::discover();
     if json {
@@ -283,7 +374,12 @@ fn selftest(choice: BackendChoice, seed: Option<u64>, json: bool) -> Result<Exit
                 }
                 continue;
             };
-            let mut be = backend::open(kind, dev.index, placeholder.clone(), &OpenOptions::default())?;
+            let mut be = backend::open(
+                kind,
+                dev.index,
+                placeholder.clone(),
+                &OpenOptions::default(),
+            )?;
             for (i, case) in standard_cases().iter().enumerate() {
                 let r = run_case(&mut be, case, seed.wrapping_add(i as u64));
                 ran += 1;

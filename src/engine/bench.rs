@@ -1,0 +1,243 @@
+//! The engine under synthetic load (`fusion-engine bench --devices SPEC --samples N`): random
+//! batches are submitted until N samples went in, resubmitting after `Overloaded` with a short
+//! backoff, and every ticket is awaited. The report counts what was submitted, delivered,
+//! delivered twice (must be 0) and failed, and per device its share, state and latencies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+
+use super::config::EngineConfig;
+use super::handle::Engine;
+use super::health::DeviceState;
+use super::job::{Priority, Ticket};
+use crate::bench::median;
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+use crate::selftest::{random_batch, MaskMode};
+use crate::tensor::DType;
+
+/// Engine bench settings.
+#[derive(Debug, Clone)]
+pub struct EngineBenchOptions {
+    /// Samples to submit (rounded up to whole batches).
+    pub samples: usize,
+    /// Rows per batch.
+    pub batch: usize,
+    /// Input dtype.
+    pub dtype: DType,
+    /// Sleep after an `Overloaded` answer before trying again.
+    pub overload_backoff: Duration,
+}
+
+impl Default for EngineBenchOptions {
+    fn default() -> Self {
+        EngineBenchOptions {
+            samples: 20_000,
+            batch: 256,
+            dtype: DType::F32,
+            overload_backoff: Duration::from_micros(500),
+        }
+    }
+}
+
+/// One device's line of the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceReport {
+    /// `kind:index`.
+    pub name: String,
+    /// Batches it delivered.
+    pub batches: u64,
+    /// Samples it delivered.
+    pub samples: u64,
+    /// Share of the delivered samples.
+    pub share: f64,
+    /// State at the end.
+    pub state: DeviceState,
+    /// HEALTHY -> SLOW transitions.
+    pub slow_events: u64,
+    /// Transitions to FAILED.
+    pub failures: u64,
+    /// Batches running on it when it failed, retried elsewhere.
+    pub retried: u64,
+    /// Batches queued on it when it failed or turned SLOW, moved back.
+    pub rerouted: u64,
+    /// Worker restarts.
+    pub restarts: u64,
+    /// Median time on the device per delivered batch, ms.
+    pub p50_ms: f64,
+    /// 99th percentile of that, ms.
+    pub p99_ms: f64,
+}
+
+/// The report (`bench --devices ... --json` prints it as one JSON object).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineBenchReport {
+    /// The device list.
+    pub devices_spec: String,
+    /// Rows per batch.
+    pub batch: usize,
+    /// Samples submitted (admitted).
+    pub submitted: u64,
+    /// Samples delivered with a result.
+    pub delivered: u64,
+    /// Batches delivered more than once (must be 0).
+    pub duplicates: u64,
+    /// Samples whose batch failed for good (error delivered to the caller).
+    pub failed_permanently: u64,
+    /// `Overloaded` answers (each was retried after a short backoff).
+    pub overloaded: u64,
+    /// Abandoned workers' late results, discarded.
+    pub late_results: u64,
+    /// First submission to last delivery, seconds.
+    pub wall_s: f64,
+    /// Delivered samples per second of wall time.
+    pub samples_per_s: f64,
+    /// Submission-to-delivery latency, median ms.
+    pub e2e_p50_ms: f64,
+    /// Submission-to-delivery latency, 99th percentile ms.
+    pub e2e_p99_ms: f64,
+    /// Highest count of admitted, undelivered batches.
+    pub max_admitted: usize,
+    /// Per device.
+    pub devices: Vec<DeviceReport>,
+    /// Error codes of permanently failed batches, with counts.
+    pub errors: HashMap<String, u64>,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Runs the engine bench: starts an engine with `cfg`, loads it, shuts it down.
+pub fn run_engine_bench(
+    cfg: EngineConfig,
+    head: Arc<FusionHead>,
+    opts: &EngineBenchOptions,
+) -> Result<EngineBenchReport> {
+    if opts.batch == 0 || opts.samples == 0 {
+        return Err(Error::Config(
+            "--batch and --samples must be at least 1".into(),
+        ));
+    }
+    let spec = cfg
+        .devices
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let engine = Engine::start(cfg, Arc::clone(&head))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xE1C0);
+    let pool: Vec<Arc<_>> = (0..4)
+        .map(|_| {
+            Arc::new(random_batch(
+                &head,
+                opts.batch,
+                opts.dtype,
+                MaskMode::All,
+                &mut rng,
+            ))
+        })
+        .collect();
+    let nbatches = opts.samples.div_ceil(opts.batch);
+    let mut tickets: Vec<Ticket> = Vec::with_capacity(nbatches);
+    let mut overloaded = 0u64;
+    let t0 = Instant::now();
+    for i in 0..nbatches {
+        let b = Arc::clone(&pool[i % pool.len()]);
+        loop {
+            match engine.submit_shared(Arc::clone(&b), Priority::Bulk) {
+                Ok(t) => {
+                    tickets.push(t);
+                    break;
+                }
+                Err(Error::Overloaded(_)) => {
+                    overloaded += 1;
+                    std::thread::sleep(opts.overload_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut delivered = 0u64;
+    let mut failed = 0u64;
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    let mut e2e = Vec::with_capacity(nbatches);
+    let mut per_dev: HashMap<String, (u64, u64, Vec<f64>)> = HashMap::new();
+    for t in tickets {
+        match t.wait() {
+            Ok(r) => {
+                delivered += r.outputs.weights.len() as u64 / head.num_modalities() as u64;
+                e2e.push(r.total_time.as_secs_f64() * 1e3);
+                let e = per_dev.entry(r.device).or_default();
+                e.0 += 1;
+                e.1 += (r.outputs.fused.len() / head.dim) as u64;
+                e.2.push(r.device_time.as_secs_f64() * 1e3);
+            }
+            Err(e) => {
+                failed += opts.batch as u64;
+                *errors.entry(e.code().to_string()).or_default() += 1;
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    engine.shutdown(Duration::from_secs(1));
+    let devices = stats
+        .devices
+        .iter()
+        .map(|d| {
+            let (batches, samples, mut lat) = per_dev.remove(&d.name).unwrap_or_default();
+            DeviceReport {
+                name: d.name.clone(),
+                batches,
+                samples,
+                share: if delivered > 0 {
+                    samples as f64 / delivered as f64
+                } else {
+                    0.0
+                },
+                state: d.state,
+                slow_events: d.slow_events,
+                failures: d.failures,
+                retried: d.retried,
+                rerouted: d.rerouted,
+                restarts: d.restarts,
+                p50_ms: if lat.is_empty() {
+                    0.0
+                } else {
+                    median(&mut lat.clone())
+                },
+                p99_ms: percentile(&mut lat, 0.99),
+            }
+        })
+        .collect();
+    Ok(EngineBenchReport {
+        devices_spec: spec,
+        batch: opts.batch,
+        submitted: (nbatches * opts.batch) as u64,
+        delivered,
+        duplicates: stats.duplicate_deliveries,
+        failed_permanently: failed,
+        overloaded,
+        late_results: stats.late_results,
+        wall_s: wall,
+        samples_per_s: delivered as f64 / wall,
+        e2e_p50_ms: if e2e.is_empty() {
+            0.0
+        } else {
+            median(&mut e2e.clone())
+        },
+        e2e_p99_ms: percentile(&mut e2e, 0.99),
+        max_admitted: stats.max_admitted_seen,
+        devices,
+        errors,
+    })
+}

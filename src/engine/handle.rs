@@ -1,0 +1,321 @@
+//! [`Engine`]: the cloneable-by-`Arc` handle callers use: start, submit, stats, faults,
+//! shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+
+use super::config::{DeviceSpec, EngineConfig, FaultSpec};
+use super::core::{Core, Device};
+use super::fault::Faults;
+use super::health::DeviceState;
+use super::job::{Priority, Ticket};
+use super::metrics::DeviceMetrics;
+use crate::backend::{self, BackendKind};
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+
+/// One device's numbers, as `Engine::stats` reports them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceStats {
+    /// `kind:index`.
+    pub name: String,
+    /// The device spec it was started from.
+    pub spec: String,
+    /// Health state.
+    pub state: DeviceState,
+    /// Its worker has opened the device.
+    pub ready: bool,
+    /// Batches waiting in its worker queue.
+    pub queued: usize,
+    /// Batches dispatched and not completed (queued + running).
+    pub in_flight: usize,
+    /// Highest `in_flight` seen.
+    pub max_in_flight_seen: usize,
+    /// Batches completed successfully.
+    pub batches: u64,
+    /// Samples completed successfully.
+    pub samples: u64,
+    /// Batches rejected as bad input.
+    pub input_errors: u64,
+    /// HEALTHY -> SLOW transitions.
+    pub slow_events: u64,
+    /// Transitions to FAILED (errors, panics, hangs, open failures).
+    pub failures: u64,
+    /// Batches that were running when it failed and were retried elsewhere.
+    pub retried: u64,
+    /// Batches waiting at it when it failed or turned SLOW, moved back to the engine queue.
+    pub rerouted: u64,
+    /// Worker restarts.
+    pub restarts: u64,
+    /// Per-sample latency moving average, milliseconds.
+    pub ms_per_sample: Option<f64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Engine-wide numbers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineStats {
+    /// Admitted batches not yet at a device.
+    pub pending: usize,
+    /// Admitted batches not yet delivered.
+    pub admitted: usize,
+    /// The admission bound.
+    pub max_pending: usize,
+    /// Highest `admitted` seen.
+    pub max_admitted_seen: usize,
+    /// Submissions refused with `Error::Overloaded`.
+    pub overloaded: u64,
+    /// Results of abandoned workers that came back late and were discarded.
+    pub late_results: u64,
+    /// Second deliveries suppressed (always 0 unless there is a bug).
+    pub duplicate_deliveries: u64,
+    /// Per device.
+    pub devices: Vec<DeviceStats>,
+}
+
+/// The engine: device workers behind a router. Dropping it fails whatever is still pending
+/// (see [`Engine::shutdown`] to drain first).
+pub struct Engine {
+    core: Arc<Core>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+    stop: Option<Sender<()>>,
+}
+
+impl Engine {
+    /// Opens every configured device (each on its own worker thread) and starts routing.
+    /// Waits up to `open_timeout` for the devices; fails when none could be opened. Devices
+    /// that failed to open stay FAILED and are retried with backoff.
+    pub fn start(cfg: EngineConfig, head: Arc<FusionHead>) -> Result<Engine> {
+        cfg.validate()?;
+        let devices = resolve_devices(&cfg)?;
+        let hang_default = cfg.device_timeout * 10;
+        let devices: Vec<Device> = devices
+            .into_iter()
+            .map(|(spec, index)| {
+                let name = format!("{}:{index}", spec.kind);
+                Device {
+                    faults: Faults::new(&spec.faults, hang_default),
+                    m: DeviceMetrics::new(&name),
+                    name,
+                    spec,
+                    index,
+                }
+            })
+            .collect();
+        let core = Arc::new(Core::new(cfg, head, devices));
+        {
+            let mut st = core.state.lock();
+            for d in 0..core.devices.len() {
+                core.spawn_worker(&mut st, d);
+            }
+            let deadline = Instant::now() + core.cfg.open_timeout;
+            while st.devs.iter().any(|s| s.opened.is_none()) {
+                if core.cond.wait_until(&mut st, deadline).timed_out() {
+                    break;
+                }
+            }
+            if !st.devs.iter().any(|s| s.ready) {
+                let why: Vec<String> = core
+                    .devices
+                    .iter()
+                    .zip(&st.devs)
+                    .map(|(d, s)| match &s.opened {
+                        Some(Err(e)) => format!("{}: {e}", d.name),
+                        _ => format!("{}: did not open within open_timeout", d.name),
+                    })
+                    .collect();
+                drop(st);
+                core.stop();
+                return Err(Error::BackendUnavailable {
+                    backend: "engine".into(),
+                    reason: why.join("; "),
+                });
+            }
+        }
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let tick = (core.cfg.device_timeout / 8)
+            .clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let mcore = Arc::clone(&core);
+        let monitor = std::thread::Builder::new()
+            .name("fusion-engine-monitor".into())
+            .spawn(move || loop {
+                match stop_rx.recv_timeout(tick) {
+                    Err(RecvTimeoutError::Timeout) => mcore.tick(),
+                    _ => break,
+                }
+            })
+            .map_err(|e| {
+                core.stop();
+                Error::Config(format!("cannot start the engine monitor thread: {e}"))
+            })?;
+        Ok(Engine {
+            core,
+            monitor: Some(monitor),
+            stop: Some(stop),
+        })
+    }
+
+    /// Submits a batch. Never blocks: a full engine answers `Error::Overloaded` at once, a
+    /// batch with wrong shapes is refused as bad input. The ticket resolves exactly once.
+    pub fn submit(&self, batch: Batch, priority: Priority) -> Result<Ticket> {
+        self.core.submit(Arc::new(batch), priority)
+    }
+
+    /// [`Engine::submit`] for a shared batch (no copy; the engine keeps a reference until the
+    /// batch is done).
+    pub fn submit_shared(&self, batch: Arc<Batch>, priority: Priority) -> Result<Ticket> {
+        self.core.submit(batch, priority)
+    }
+
+    /// The head the devices run.
+    pub fn head(&self) -> &Arc<FusionHead> {
+        &self.core.head
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.core.cfg
+    }
+
+    /// Device names (`kind:index`) in device order.
+    pub fn device_names(&self) -> Vec<String> {
+        self.core.devices.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// Replaces the injected faults of device `device` (index in device order) at run time.
+    pub fn set_faults(&self, device: usize, faults: &FaultSpec) -> Result<()> {
+        let d = self.core.devices.get(device).ok_or_else(|| {
+            Error::Config(format!(
+                "no device {device} (the engine has {})",
+                self.core.devices.len()
+            ))
+        })?;
+        d.faults.set(faults, self.core.cfg.device_timeout * 10);
+        Ok(())
+    }
+
+    /// A snapshot of the engine's numbers.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.core;
+        let st = c.state.lock();
+        EngineStats {
+            pending: st.pending_len(),
+            admitted: st.admitted,
+            max_pending: c.max_pending,
+            max_admitted_seen: st.max_pending_seen,
+            overloaded: c.overloaded.load(std::sync::atomic::Ordering::Relaxed),
+            late_results: c.late.load(std::sync::atomic::Ordering::Relaxed),
+            duplicate_deliveries: c.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+            devices: c
+                .devices
+                .iter()
+                .zip(&st.devs)
+                .map(|(d, s)| DeviceStats {
+                    name: d.name.clone(),
+                    spec: d.spec.to_string(),
+                    state: s.health.state,
+                    ready: s.ready,
+                    queued: s.queued(),
+                    in_flight: s.out.len(),
+                    max_in_flight_seen: s.max_out_seen,
+                    batches: s.c.batches,
+                    samples: s.c.samples,
+                    input_errors: s.c.input_errors,
+                    slow_events: s.c.slow_events,
+                    failures: s.c.failures,
+                    retried: s.c.retried,
+                    rerouted: s.c.rerouted,
+                    restarts: s.c.restarts,
+                    ms_per_sample: s.health.ewma.map(|e| e * 1e3),
+                    last_error: s.last_error.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops admitting, waits up to `grace` for the admitted batches to finish, then fails
+    /// whatever is left with `Error::Shutdown` (no caller waits forever) and stops the
+    /// workers. Returns the number of batches failed that way.
+    pub fn shutdown(mut self, grace: Duration) -> usize {
+        self.drain(grace);
+        self.finish()
+    }
+
+    fn drain(&self, grace: Duration) {
+        let mut st = self.core.state.lock();
+        st.accepting = false;
+        let deadline = Instant::now() + grace;
+        while st.admitted > 0 {
+            if self.core.cond.wait_until(&mut st, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+
+    fn finish(&mut self) -> usize {
+        let n = self.core.stop();
+        self.stop.take();
+        if let Some(m) = self.monitor.take() {
+            if m.join().is_err() {
+                tracing::error!("the engine monitor thread panicked");
+            }
+        }
+        n
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.monitor.is_some() {
+            self.finish();
+        }
+    }
+}
+
+/// Device list with indices resolved: explicit ones as given, the others the lowest free index
+/// of their kind. An empty list means every usable accelerator plus the CPU.
+fn resolve_devices(cfg: &EngineConfig) -> Result<Vec<(DeviceSpec, usize)>> {
+    let specs: Vec<DeviceSpec> = if cfg.devices.is_empty() {
+        let mut v: Vec<DeviceSpec> = backend::discover()
+            .into_iter()
+            .filter_map(|e| e.device)
+            .filter(|d| d.accelerator)
+            .map(|d| DeviceSpec::new(d.kind, Some(d.index)))
+            .collect();
+        v.push(DeviceSpec::new(BackendKind::Cpu, None));
+        v
+    } else {
+        cfg.devices.clone()
+    };
+    let mut taken: Vec<(BackendKind, usize)> = specs
+        .iter()
+        .filter_map(|s| s.index.map(|i| (s.kind, i)))
+        .collect();
+    let mut seen = Vec::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for s in specs {
+        let index = match s.index {
+            Some(i) => i,
+            None => {
+                let i = (0..)
+                    .find(|i| !taken.contains(&(s.kind, *i)))
+                    .unwrap_or_default();
+                taken.push((s.kind, i));
+                i
+            }
+        };
+        if seen.contains(&(s.kind, index)) {
+            return Err(Error::Config(format!(
+                "device {}:{index} is listed twice",
+                s.kind
+            )));
+        }
+        seen.push((s.kind, index));
+        out.push((s, index));
+    }
+    Ok(out)
+}

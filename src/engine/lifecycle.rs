@@ -1,0 +1,349 @@
+//! Completions and the failure paths of the core: FAILED devices and their retries, SLOW
+//! devices giving back queued work, worker (re)starts with backoff, hang and queue timeouts
+//! (the monitor's tick), and shutdown.
+//!
+//! Retry and delivery rules:
+//! - A batch that was *running* on a device that errored, panicked or hung has failed a run;
+//!   it is retried (front of its class) on another device while it has failed at most
+//!   `max_retries` (1) runs, else it fails to its caller with the device error.
+//! - A batch only *queued* at such a device is moved back to the pending queue without using
+//!   its retry: it never ran.
+//! - Taking a device's batches back bumps the device's worker generation first; a worker only
+//!   reports a completion for its own generation, so an abandoned worker that wakes up late is
+//!   ignored (counted in `fusion_engine_late_results_total`) and every batch is delivered once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::core::{Core, Deliveries, State, Work};
+use super::health::{DeviceState, Verdict};
+use super::job::BatchResult;
+use super::worker;
+use crate::batch::Outputs;
+use crate::error::Error;
+
+/// How a run ended, as the worker reports it.
+pub(crate) type RunResult = std::result::Result<Outputs, (&'static str, Error)>;
+
+impl Core {
+    /// A worker finished job `id`. Returns false when the worker must exit (its device
+    /// failed, or it was abandoned).
+    pub fn complete(
+        &self,
+        d: usize,
+        gen: u64,
+        id: u64,
+        res: RunResult,
+        elapsed: std::time::Duration,
+    ) -> bool {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let mut dl = Deliveries::new();
+        let dev = &self.devices[d];
+        if st.devs[d].gen != gen {
+            self.late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.m.late_results.increment(1);
+            tracing::info!(device = %dev.name, job = id, "discarded a late result of an abandoned worker");
+            return false;
+        }
+        let Some(o) = st.devs[d].out.remove(&id) else {
+            return true;
+        };
+        let rows = o.job.rows();
+        let s = &mut st.devs[d];
+        s.out_samples = s.out_samples.saturating_sub(rows);
+        dev.m.in_flight.set(s.out.len() as f64);
+        let keep_running = match res {
+            Ok(outputs) => {
+                s.c.batches += 1;
+                s.c.samples += rows as u64;
+                s.backoff = self.cfg.restart_backoff;
+                dev.m.batches.increment(1);
+                dev.m.samples.increment(rows as u64);
+                dev.m.batch_seconds.record(elapsed.as_secs_f64());
+                let best_other = st
+                    .devs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, o)| *i != d && o.health.state == DeviceState::Healthy && o.ready)
+                    .filter_map(|(_, o)| o.health.ewma)
+                    .reduce(f64::min);
+                let per_sample = elapsed.as_secs_f64() / rows.max(1) as f64;
+                let verdict = st.devs[d]
+                    .health
+                    .observe(per_sample, elapsed, best_other, &self.cfg);
+                dl.push((
+                    Arc::clone(&o.job.inner),
+                    Ok(BatchResult {
+                        outputs,
+                        device: dev.name.clone(),
+                        device_index: d,
+                        retries: o.job.failed_runs,
+                        device_time: elapsed,
+                        total_time: now.duration_since(o.job.inner.submitted),
+                    }),
+                ));
+                st.admitted -= 1;
+                match verdict {
+                    Verdict::Stay => {}
+                    Verdict::Slow(why) => {
+                        self.set_state(&mut st, d, DeviceState::Slow, &why);
+                        st.devs[d].last_probe = Some(now);
+                        self.take_back_queued(&mut st, d);
+                    }
+                    Verdict::Recovered(why) => {
+                        self.set_state(&mut st, d, DeviceState::Healthy, &why)
+                    }
+                }
+                true
+            }
+            Err((_, e)) if e.is_input_error() => {
+                s.c.input_errors += 1;
+                dev.m.error("input");
+                dl.push((Arc::clone(&o.job.inner), Err(e)));
+                st.admitted -= 1;
+                true
+            }
+            Err((kind, e)) => {
+                s.out.insert(id, o);
+                self.fail_device(&mut st, d, kind, &e.to_string(), &mut dl);
+                false
+            }
+        };
+        self.dispatch(&mut st, now);
+        if st.admitted == 0 {
+            self.cond.notify_all();
+        }
+        drop(st);
+        self.deliver_all(dl);
+        keep_running
+    }
+
+    /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
+    fn take_back_queued(&self, st: &mut State, d: usize) {
+        let Some(rx) = st.devs[d].rx.clone() else {
+            return;
+        };
+        let gen = st.devs[d].gen;
+        let mut back = Vec::new();
+        while let Ok(Work { job, gen: g }) = rx.try_recv() {
+            if g != gen {
+                continue;
+            }
+            let s = &mut st.devs[d];
+            if let Some(o) = s.out.remove(&job.id) {
+                s.out_samples = s.out_samples.saturating_sub(o.job.rows());
+                s.c.rerouted += 1;
+                back.push(o.job);
+            }
+        }
+        let s = &st.devs[d];
+        self.devices[d].m.in_flight.set(s.out.len() as f64);
+        self.devices[d].m.queue_depth.set(s.queued() as f64);
+        for job in back.into_iter().rev() {
+            st.requeue_front(job);
+        }
+    }
+
+    /// Marks device `d` FAILED: abandons its worker (new generation), retries or fails its
+    /// batches, and schedules the restart with exponential backoff.
+    pub(crate) fn fail_device(
+        &self,
+        st: &mut State,
+        d: usize,
+        kind: &'static str,
+        reason: &str,
+        dl: &mut Deliveries,
+    ) {
+        let now = Instant::now();
+        let dev = &self.devices[d];
+        let s = &mut st.devs[d];
+        s.gen += 1;
+        s.tx = None;
+        s.rx = None;
+        s.ready = false;
+        s.lost = None;
+        s.c.failures += 1;
+        s.last_error = Some(format!("{kind}: {reason}"));
+        s.restart_at = Some(now + s.backoff);
+        s.backoff = (s.backoff * 2).min(self.cfg.restart_backoff_max);
+        s.out_samples = 0;
+        let mut outs: Vec<_> = s.out.drain().map(|(_, o)| o).collect();
+        dev.m.error(kind);
+        dev.m.in_flight.set(0.0);
+        dev.m.queue_depth.set(0.0);
+        self.set_state(st, d, DeviceState::Failed, &format!("{kind}: {reason}"));
+        outs.sort_by_key(|o| std::cmp::Reverse(o.job.inner.id));
+        for o in outs {
+            let mut job = o.job;
+            if o.started.is_some() {
+                job.failed_runs += 1;
+                if !job.avoid.contains(&d) {
+                    job.avoid.push(d);
+                }
+                if job.failed_runs > self.cfg.max_retries {
+                    tracing::warn!(device = %dev.name, job = job.inner.id, "batch failed, retries exhausted");
+                    dl.push((
+                        Arc::clone(&job.inner),
+                        Err(Error::Device {
+                            backend: dev.name.clone(),
+                            reason: format!(
+                                "{reason} (the batch failed {} runs; retries exhausted)",
+                                job.failed_runs
+                            ),
+                        }),
+                    ));
+                    st.admitted -= 1;
+                    continue;
+                }
+                st.devs[d].c.retried += 1;
+                dev.m.retries.increment(1);
+            } else {
+                st.devs[d].c.rerouted += 1;
+            }
+            st.requeue_front(job);
+        }
+    }
+
+    /// Starts a worker thread (new queue) for device `d` at its current generation.
+    pub(crate) fn spawn_worker(self: &Arc<Self>, st: &mut State, d: usize) {
+        let cap = self.cfg.queue_capacity.max(self.cfg.max_in_flight);
+        let (tx, rx) = crossbeam_channel::bounded(cap);
+        let s = &mut st.devs[d];
+        s.tx = Some(tx);
+        s.rx = Some(rx.clone());
+        s.ready = false;
+        let gen = s.gen;
+        let core = Arc::clone(self);
+        let name = format!("fusion-{}", self.devices[d].name);
+        if let Err(e) = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker::run(core, d, gen, rx))
+        {
+            tracing::error!(device = %self.devices[d].name, error = %e, "cannot start a worker thread");
+            s.tx = None;
+            s.rx = None;
+            s.restart_at = Some(Instant::now() + s.backoff);
+        }
+    }
+
+    /// A worker opened its device (or could not). Returns false when it must exit.
+    pub fn worker_opened(&self, d: usize, gen: u64, res: Result<(), Error>) -> bool {
+        let mut st = self.state.lock();
+        let mut dl = Deliveries::new();
+        if st.devs[d].gen != gen || st.stopped {
+            return false;
+        }
+        let ok = match res {
+            Ok(()) => {
+                let s = &mut st.devs[d];
+                s.ready = true;
+                s.opened.get_or_insert(Ok(()));
+                tracing::info!(device = %self.devices[d].name, restarts = s.c.restarts, "device worker ready");
+                self.set_state(&mut st, d, DeviceState::Healthy, "worker (re)started");
+                true
+            }
+            Err(e) => {
+                st.devs[d].opened.get_or_insert(Err(e.to_string()));
+                self.fail_device(&mut st, d, "open", &e.to_string(), &mut dl);
+                false
+            }
+        };
+        self.dispatch(&mut st, Instant::now());
+        self.cond.notify_all();
+        drop(st);
+        self.deliver_all(dl);
+        ok
+    }
+
+    /// The monitor's periodic work: hang detection, restarts, queue timeouts, due probes.
+    pub fn tick(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        if st.stopped {
+            return;
+        }
+        let mut dl = Deliveries::new();
+        for d in 0..self.devices.len() {
+            if let Some(why) = st.devs[d].lost.clone() {
+                self.fail_device(&mut st, d, "device", &why, &mut dl);
+                continue;
+            }
+            let oldest = st.devs[d].out.values().filter_map(|o| o.started).min();
+            if let Some(t) = oldest.filter(|t| now.duration_since(*t) > self.cfg.device_timeout) {
+                let why = format!(
+                    "a batch has run for {:.3} s, past device_timeout {:.3} s; worker abandoned",
+                    now.duration_since(t).as_secs_f64(),
+                    self.cfg.device_timeout.as_secs_f64()
+                );
+                self.fail_device(&mut st, d, "timeout", &why, &mut dl);
+            }
+        }
+        for d in 0..self.devices.len() {
+            if st.devs[d].restart_at.is_some_and(|t| t <= now) {
+                st.devs[d].restart_at = None;
+                st.devs[d].c.restarts += 1;
+                self.devices[d].m.restarts.increment(1);
+                tracing::info!(device = %self.devices[d].name, "restarting device worker");
+                self.spawn_worker(&mut st, d);
+            }
+        }
+        let limit = self.cfg.queue_timeout;
+        for c in 0..3 {
+            let (keep, old): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pending[c])
+                .into_iter()
+                .partition(|j| now.duration_since(j.inner.submitted) <= limit);
+            st.pending[c] = keep.into();
+            for j in old {
+                st.admitted -= 1;
+                dl.push((
+                    Arc::clone(&j.inner),
+                    Err(Error::Timeout(format!(
+                        "no device took the batch within queue_timeout {:.3} s",
+                        limit.as_secs_f64()
+                    ))),
+                ));
+            }
+        }
+        self.dispatch(&mut st, now);
+        if st.admitted == 0 {
+            self.cond.notify_all();
+        }
+        drop(st);
+        self.deliver_all(dl);
+    }
+
+    /// Ends the engine: fails every batch still pending or at a device with a shutdown error
+    /// and disconnects every worker. Returns how many batches were failed.
+    pub fn stop(&self) -> usize {
+        let mut st = self.state.lock();
+        st.accepting = false;
+        st.stopped = true;
+        let mut dl = Deliveries::new();
+        let msg = |w: &str| Error::Shutdown(format!("the engine shut down {w}"));
+        for c in 0..3 {
+            for j in std::mem::take(&mut st.pending[c]) {
+                dl.push((j.inner, Err(msg("before the batch ran"))));
+            }
+        }
+        for d in 0..self.devices.len() {
+            let s = &mut st.devs[d];
+            s.gen += 1;
+            s.tx = None;
+            s.rx = None;
+            s.ready = false;
+            s.restart_at = None;
+            s.out_samples = 0;
+            for (_, o) in s.out.drain() {
+                dl.push((o.job.inner, Err(msg("while the batch was at its device"))));
+            }
+        }
+        st.admitted = 0;
+        self.m.pending.set(0.0);
+        self.cond.notify_all();
+        drop(st);
+        let n = dl.len();
+        self.deliver_all(dl);
+        n
+    }
+}

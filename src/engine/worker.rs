@@ -1,0 +1,109 @@
+//! A device worker: one OS thread that opens its device (so the backend's state is created on,
+//! and owned by, this thread alone), then pulls batches from its bounded queue and runs them
+//! synchronously, with injected faults applied first and panics caught.
+//!
+//! The worker exits when its queue disconnects (shutdown, or its device was marked FAILED and
+//! a new generation started), after a device error or panic (the core restarts the device with
+//! a fresh backend), or when the core tells it it has been abandoned (a hang: its late result
+//! is discarded).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+
+use super::core::{Core, Work};
+use super::fault::Injected;
+use super::lifecycle::RunResult;
+use crate::backend::{self, AnyBackend, Backend, OpenOptions};
+use crate::batch::{Batch, Outputs};
+use crate::error::Error;
+
+/// The worker thread's body.
+pub(crate) fn run(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work>) {
+    let dev = &core.devices[d];
+    let opts = OpenOptions {
+        threads: dev.spec.threads,
+        allow_tf32: core.cfg.allow_tf32,
+    };
+    let opened = catch_unwind(AssertUnwindSafe(|| {
+        backend::open(dev.spec.kind, dev.index, Arc::clone(&core.head), &opts)
+    }))
+    .unwrap_or_else(|p| {
+        Err(Error::Device {
+            backend: dev.name.clone(),
+            reason: format!("panicked while opening: {}", panic_message(&*p)),
+        })
+    });
+    let mut be = match opened {
+        Ok(be) => {
+            if !core.worker_opened(d, gen, Ok(())) {
+                return;
+            }
+            be
+        }
+        Err(e) => {
+            core.worker_opened(d, gen, Err(e));
+            return;
+        }
+    };
+    while let Ok(Work { job, gen: g }) = rx.recv() {
+        if g != gen || !core.begin(d, gen, job.id) {
+            continue;
+        }
+        let t = Instant::now();
+        let res = run_one(&mut be, &core, d, &job.batch);
+        let elapsed = t.elapsed();
+        if !core.complete(d, gen, job.id, res, elapsed) {
+            return;
+        }
+    }
+}
+
+/// Runs one batch: injected faults first, then the backend, with panics caught.
+fn run_one(be: &mut AnyBackend, core: &Core, d: usize, batch: &Batch) -> RunResult {
+    let dev = &core.devices[d];
+    match dev.faults.draw() {
+        Injected::Fail => {
+            return Err((
+                "device",
+                Error::Device {
+                    backend: dev.name.clone(),
+                    reason: "injected fault".into(),
+                },
+            ))
+        }
+        Injected::Hang(t) => {
+            tracing::debug!(device = %dev.name, secs = t.as_secs_f64(), "injected hang");
+            std::thread::sleep(t);
+        }
+        Injected::Run { delay } => {
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+        }
+    }
+    let mut out = Outputs::zeros(&core.head, batch.rows);
+    match catch_unwind(AssertUnwindSafe(|| be.run(&batch.view(), out.as_mut()))) {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(e)) => Err(("device", e)),
+        Err(p) => Err((
+            "panic",
+            Error::Device {
+                backend: dev.name.clone(),
+                reason: format!("panicked: {}", panic_message(&*p)),
+            },
+        )),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".into()
+    }
+}
