@@ -9,7 +9,8 @@
 //!   softmax, weighted sum, LayerNorm), compiled once per variant and cached.
 //! - [`weights`]: the head's parameters, uploaded once per head.
 //! - [`pool`]: grow-only device and staging buffers reused by every batch.
-//! - [`run`]: chunking, packing and readback.
+//! - [`run`]: chunk sizing, packing and readback helpers.
+//! - [`state`]: the device state: head upload, chunked runs, bind group cache.
 //!
 //! Inputs: f32 as is; f16 stays f16 in device memory when the adapter has SHADER_F16 (accumulation
 //! is f32), otherwise it is widened on the host like bf16.
@@ -18,338 +19,74 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, DeviceInfo, OpenOptions};
 use crate::batch::{BatchRef, OutputsMut};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::FusionHead;
-use crate::tensor::DType;
 
 mod adapter;
 mod gpu;
 mod kernels;
 mod pool;
 mod run;
+mod state;
 mod weights;
 
 pub use adapter::discover;
 pub use kernels::Tile;
 
-use gpu::{device_error, Gpu};
-use kernels::{Kernels, XType};
-use pool::Pool;
-use run::Layout;
-use weights::DeviceHead;
+use state::State;
 
-/// Default cap on samples per chunk (the adapter's limits may impose fewer).
-const DEFAULT_MAX_CHUNK_ROWS: usize = 65_536;
-
-/// Bind groups for the current pool buffers and head.
-struct BindGroups {
-    key: (u64, u64),
-    proj: wgpu::BindGroup,
-    epilogue: wgpu::BindGroup,
-}
-
-/// One wgpu adapter with an uploaded head.
-pub struct WgpuBackend {
-    info: DeviceInfo,
-    gpu: Gpu,
-    kernels: Kernels,
-    pool: Pool,
-    head: Option<DeviceHead>,
-    uploads: u64,
-    binds: Option<BindGroups>,
-    max_chunk_rows: usize,
-    tile: Option<Tile>,
-    f16_storage: bool,
-}
-
-fn unavailable(reason: impl Into<String>) -> Error {
-    Error::BackendUnavailable {
-        backend: "wgpu".into(),
-        reason: reason.into(),
-    }
-}
+/// One wgpu adapter with an uploaded head. The device state is boxed so that [`AnyBackend`]
+/// stays small.
+///
+/// [`AnyBackend`]: crate::backend::AnyBackend
+pub struct WgpuBackend(Box<State>);
 
 impl WgpuBackend {
     /// Opens adapter `index` (in [`discover`] order).
-    pub fn new(index: usize, _opts: &OpenOptions) -> Result<WgpuBackend> {
-        let instance = adapter::instance();
-        let adapters = adapter::adapters(&instance);
-        if adapters.is_empty() {
-            return Err(unavailable(adapter::no_adapter_reason()));
-        }
-        let count = adapters.len();
-        let a = adapters
-            .into_iter()
-            .nth(index)
-            .ok_or_else(|| unavailable(format!("no adapter {index} (found {count})")))?;
-        let info = adapter::device_info(index, &a);
-        adapter::check(&a).map_err(|r| unavailable(format!("{}: {r}", info.name)))?;
-        let gpu = Gpu::open(&a)
-            .map_err(|e| unavailable(format!("requesting a device on {}: {e}", info.name)))?;
-        let kernels = Kernels::new(&gpu.device);
-        gpu.take_error()?;
-        Ok(WgpuBackend {
-            info,
-            gpu,
-            kernels,
-            pool: Pool::new(),
-            head: None,
-            uploads: 0,
-            binds: None,
-            max_chunk_rows: DEFAULT_MAX_CHUNK_ROWS,
-            tile: None,
-            f16_storage: true,
-        })
+    pub fn new(index: usize, opts: &OpenOptions) -> Result<WgpuBackend> {
+        State::new(index, opts).map(|s| WgpuBackend(Box::new(s)))
     }
 
     /// Caps the samples per chunk (tests use it to force splitting; the adapter's limits may
     /// impose fewer). At least 1.
     pub fn set_max_chunk_rows(&mut self, rows: usize) {
-        self.max_chunk_rows = rows.max(1);
+        self.0.max_chunk_rows = rows.max(1);
     }
 
     /// Forces a GEMM tile shape (`None`: chosen per chunk).
     pub fn set_tile(&mut self, tile: Option<Tile>) {
-        self.tile = tile;
+        self.0.tile = tile;
     }
 
     /// Allows or forbids keeping f16 inputs in f16 on the device (default: allowed).
     pub fn set_f16_storage(&mut self, on: bool) {
-        self.f16_storage = on;
+        self.0.f16_storage = on;
     }
 
     /// True when f16 inputs stay f16 on the device (the adapter has SHADER_F16 and it is allowed).
     pub fn f16_storage(&self) -> bool {
-        self.gpu.f16 && self.f16_storage
+        self.0.f16_storage()
     }
-
-    fn xtype(&self, batch: &BatchRef<'_>) -> XType {
-        if self.f16_storage() && batch.inputs.iter().all(|x| x.dtype == DType::F16) {
-            XType::F16
-        } else {
-            XType::F32
-        }
-    }
-
-    /// Runs `batch` chunk by chunk; with `out`, the whole head, otherwise the GEMMs only.
-    fn run_chunks(&mut self, batch: &BatchRef<'_>, mut out: Option<OutputsMut<'_>>) -> Result<()> {
-        let dh = self.head.as_ref().ok_or_else(no_head)?;
-        let head = dh.head.clone();
-        let xt = self.xtype(batch);
-        let (d, m) = (head.dim, head.num_modalities());
-        let tile0 = self.tile.unwrap_or_else(|| Tile::choose(batch.rows, d));
-        let chunk = run::chunk_rows(&self.gpu, &head, batch.rows, xt, tile0, self.max_chunk_rows)?;
-        let mut start = 0;
-        while start < batch.rows {
-            let n = chunk.min(batch.rows - start);
-            let tile = self.tile.unwrap_or_else(|| Tile::choose(n, d));
-            let sub = batch.slice(start, n);
-            let dst = out.as_mut().map(|o| {
-                (
-                    &mut o.fused[start * d..(start + n) * d],
-                    &mut o.weights[start * m..(start + n) * m],
-                )
-            });
-            self.run_chunk(&head, &sub, xt, tile, dst)?;
-            start += n;
-        }
-        Ok(())
-    }
-
-    fn run_chunk(
-        &mut self,
-        head: &FusionHead,
-        batch: &BatchRef<'_>,
-        xt: XType,
-        tile: Tile,
-        out: Option<(&mut [f32], &mut [f32])>,
-    ) -> Result<()> {
-        let layout = Layout::new(head, batch.rows, xt, tile);
-        self.pool
-            .prepare(&self.gpu, &layout.bytes, run::PARAMS_BYTES)?;
-        self.bind_groups()?;
-        let dh = self.head.as_ref().ok_or_else(no_head)?;
-        {
-            let upload = self.pool.upload.get()?;
-            let mut view = upload
-                .get_mapped_range_mut(0..layout.bytes.upload)
-                .map_err(|e| device_error(format!("staging inputs: {e}")))?;
-            run::pack(&mut view, &layout, head, &dh.w_off, batch, xt)?;
-        }
-        let upload = self.pool.upload.get()?;
-        upload.unmap();
-        self.pool.upload_state.set_unmapped();
-
-        let vpt = kernels::values_per_thread(head.dim);
-        let full = out.is_some();
-        let dev = &self.gpu.device;
-        let proj = self
-            .kernels
-            .proj(dev, tile, xt)
-            .map_err(device_error)?
-            .clone();
-        let epilogue = if full {
-            Some(
-                self.kernels
-                    .epilogue(dev, vpt)
-                    .map_err(device_error)?
-                    .clone(),
-            )
-        } else {
-            None
-        };
-        let binds = self
-            .binds
-            .as_ref()
-            .ok_or_else(|| device_error("bind groups missing"))?;
-        let p = &self.pool;
-        let b = &layout.bytes;
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("fusion chunk"),
-        });
-        enc.copy_buffer_to_buffer(upload, 0, p.params.get()?, 0, run::PARAMS_BYTES);
-        enc.copy_buffer_to_buffer(upload, run::PARAMS_BYTES, p.mods.get()?, 0, b.mods);
-        enc.copy_buffer_to_buffer(upload, layout.mask_at, p.mask.get()?, 0, b.mask);
-        enc.copy_buffer_to_buffer(upload, layout.x_at, p.x.get()?, 0, b.x);
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("fusion"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&proj);
-            pass.set_bind_group(0, &binds.proj, &[]);
-            pass.dispatch_workgroups(
-                layout.ntn,
-                batch.rows.div_ceil(tile.bm() as usize) as u32,
-                head.num_modalities() as u32,
-            );
-            if let Some(e) = &epilogue {
-                pass.set_pipeline(e);
-                pass.set_bind_group(0, &binds.epilogue, &[]);
-                pass.dispatch_workgroups(batch.rows as u32, 1, 1);
-            }
-        }
-        let readback = p.readback.get()?;
-        if full {
-            enc.copy_buffer_to_buffer(p.out.get()?, 0, readback, 0, b.out);
-        }
-        let upload_size = upload.size();
-        self.gpu.submit_and_wait(enc.finish(), || {
-            if full {
-                p.readback_state
-                    .request(readback, wgpu::MapMode::Read, 0..b.out);
-            }
-            // Re-map the staging buffer now so the next chunk can write into it at once.
-            p.upload_state
-                .request(upload, wgpu::MapMode::Write, 0..upload_size);
-        })?;
-        if let Some((fused, weights)) = out {
-            p.readback_state.wait(dev, "the readback buffer")?;
-            let res = (|| {
-                let view = readback
-                    .get_mapped_range(0..b.out)
-                    .map_err(|e| device_error(format!("reading results: {e}")))?;
-                let split = fused.len() * 4;
-                run::read_f32(&view[..split], fused);
-                run::read_f32(&view[split..split + weights.len() * 4], weights);
-                Ok(())
-            })();
-            readback.unmap();
-            res?;
-        }
-        Ok(())
-    }
-
-    /// (Re)builds the bind groups when a pool buffer or the head changed.
-    fn bind_groups(&mut self) -> Result<()> {
-        let dh = self.head.as_ref().ok_or_else(no_head)?;
-        let key = (self.pool.generation, dh.generation);
-        if self.binds.as_ref().is_some_and(|b| b.key == key) {
-            return Ok(());
-        }
-        let p = &self.pool;
-        fn e(i: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-            wgpu::BindGroupEntry {
-                binding: i,
-                resource: b.as_entire_binding(),
-            }
-        }
-        let dev = &self.gpu.device;
-        let proj = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("fusion_proj"),
-            layout: &self.kernels.proj_layout,
-            entries: &[
-                e(0, p.params.get()?),
-                e(1, p.mods.get()?),
-                e(2, p.x.get()?),
-                e(3, &dh.wt),
-                e(4, &dh.vecs),
-                e(5, p.h.get()?),
-                e(6, p.part.get()?),
-            ],
-        });
-        let epilogue = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("fusion_epilogue"),
-            layout: &self.kernels.epilogue_layout,
-            entries: &[
-                e(0, p.params.get()?),
-                e(1, p.mask.get()?),
-                e(2, p.h.get()?),
-                e(3, p.part.get()?),
-                e(4, &dh.vecs),
-                e(5, p.out.get()?),
-            ],
-        });
-        self.binds = Some(BindGroups {
-            key,
-            proj,
-            epilogue,
-        });
-        Ok(())
-    }
-}
-
-fn no_head() -> Error {
-    Error::Config("no head uploaded to the wgpu backend".into())
 }
 
 impl Backend for WgpuBackend {
     fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.0.info
     }
 
     fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
-        self.uploads += 1;
-        self.head = None;
-        self.binds = None;
-        let vpt = kernels::values_per_thread(head.dim);
-        let dh = DeviceHead::upload(&self.gpu, head, self.uploads)?;
-        // Compile what the first batch will need now rather than on its clock.
-        self.kernels
-            .epilogue(&self.gpu.device, vpt)
-            .map_err(device_error)?;
-        self.kernels
-            .proj(&self.gpu.device, Tile::Small, XType::F32)
-            .map_err(device_error)?;
-        self.gpu.take_error()?;
-        self.head = Some(dh);
-        Ok(())
+        self.0.upload(head)
     }
 
     fn head(&self) -> Option<&Arc<FusionHead>> {
-        self.head.as_ref().map(|h| &h.head)
+        self.0.head.as_ref().map(|h| &h.head)
     }
 
     fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
-        let head = self.head.as_ref().ok_or_else(no_head)?.head.clone();
-        batch.validate(&head)?;
-        out.check(&head, batch.rows)?;
-        self.run_chunks(batch, Some(out))
+        self.0.run(batch, out)
     }
 
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
-        let head = self.head.as_ref().ok_or_else(no_head)?.head.clone();
-        batch.validate_shapes(&head)?;
-        self.run_chunks(batch, None).map(|_| true)
+        self.0.run_projections_only(batch)
     }
 }
