@@ -28,6 +28,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the head over WebSocket (docs/PROTOCOL.md) until Ctrl-C / SIGTERM. With no flags:
+    /// the embedded head on the best GPU found, else the CPU, on 127.0.0.1:7878.
+    Serve {
+        /// Config file (TOML; every field optional, see --print-config for all defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Fusion head (.safetensors); the embedded default head when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// WebSocket listen address [default: 127.0.0.1:7878].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Prometheus /metrics and /healthz address, e.g. 127.0.0.1:9898.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// Require `Authorization: Bearer TOKEN` at the handshake.
+        #[arg(long)]
+        token: Option<String>,
+        /// Devices, e.g. `cpu`, `cuda:0,cpu` (default: every usable GPU, else the CPU).
+        #[arg(long)]
+        devices: Option<String>,
+        /// Print the effective configuration as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
     /// Fuse a features file (one [B, d_m] tensor per modality, optional "mask") into a results
     /// file ("fused" [B, D] and "weights" [B, M], F32).
     Fuse {
@@ -154,6 +179,24 @@ fn main() -> ExitCode {
             bench(backend, &batch, iters, warmup, &dtype, model, threads, json)
         }
         Cmd::Devices { json } => devices(json),
+        Cmd::Serve {
+            config,
+            model,
+            listen,
+            metrics,
+            token,
+            devices,
+            print_config,
+        } => fusion_engine::server::serve::run(fusion_engine::server::serve::ServeOptions {
+            config,
+            model,
+            listen,
+            metrics,
+            token,
+            devices,
+            print_config,
+        })
+        .map(|()| ExitCode::SUCCESS),
         Cmd::Selftest {
             backend,
             compile_only: true,

@@ -27,6 +27,7 @@ mod metrics;
 mod outbound;
 mod pipeline;
 mod registry;
+pub mod serve;
 mod writer;
 
 use std::collections::HashMap;

@@ -1,0 +1,103 @@
+//! `fusion-engine serve`: config file + command-line overrides, the Prometheus recorder, the
+//! engine, the server, and a graceful stop on Ctrl-C / SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use super::{shutdown_signal, start_with_head, ServerConfig};
+use crate::engine::DeviceSpec;
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+
+/// Command-line options of `serve`; each one, when given, overrides the config file.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// TOML config file (every field optional; defaults in [`ServerConfig`]).
+    pub config: Option<PathBuf>,
+    /// Fusion head file.
+    pub model: Option<PathBuf>,
+    /// WebSocket address.
+    pub listen: Option<SocketAddr>,
+    /// `/metrics` + `/healthz` address.
+    pub metrics: Option<SocketAddr>,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// Device list (`cpu`, `cuda:0,cpu`, ...).
+    pub devices: Option<String>,
+    /// Print the effective config as TOML and exit.
+    pub print_config: bool,
+}
+
+/// The effective config.
+pub fn effective_config(o: &ServeOptions) -> Result<ServerConfig> {
+    let mut cfg = match &o.config {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    if o.model.is_some() {
+        cfg.model = o.model.clone();
+    }
+    if let Some(a) = o.listen {
+        cfg.listen = a;
+    }
+    if o.metrics.is_some() {
+        cfg.metrics = o.metrics;
+    }
+    if o.token.is_some() {
+        cfg.token = o.token.clone();
+    }
+    if let Some(d) = &o.devices {
+        cfg.engine.devices = DeviceSpec::parse_list(d)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs the server until Ctrl-C / SIGTERM, then shuts it down gracefully.
+pub fn run(o: ServeOptions) -> Result<()> {
+    let cfg = effective_config(&o)?;
+    if o.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fusion-server")
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let prom = match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("metrics recorder not installed: {e}");
+                None
+            }
+        };
+        let head = Arc::new(FusionHead::load_or_embedded(cfg.model.as_deref())?);
+        let token = cfg.token.is_some();
+        let server = start_with_head(cfg, Arc::clone(&head), prom).await?;
+        let devices = server.engine().device_names().join(", ");
+        eprintln!(
+            "fusion-engine serving {} ({} modalities, D={}) on ws://{} with {devices}{}",
+            head.source,
+            head.num_modalities(),
+            head.dim,
+            server.local_addr(),
+            if token {
+                " (bearer token required)"
+            } else {
+                ""
+            }
+        );
+        if let Some(m) = server.metrics_addr() {
+            eprintln!("metrics: http://{m}/metrics, health: http://{m}/healthz");
+        }
+        shutdown_signal().await;
+        eprintln!("shutting down: draining in-flight samples");
+        server.shutdown().await;
+        Ok(())
+    })
+}
