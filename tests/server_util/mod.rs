@@ -1,0 +1,88 @@
+//! Shared set-up of the server tests: a server on 127.0.0.1:0 over one CPU device with a small
+//! random head, and helpers to read events with a deadline.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fusion_engine::batch::BatchRef;
+use fusion_engine::client::{Client, Event};
+use fusion_engine::engine::{DeviceSpec, EngineConfig};
+use fusion_engine::model::FusionHead;
+use fusion_engine::reference::{reference, rel_error};
+use fusion_engine::server::{start_with_head, Server, ServerConfig};
+use fusion_engine::tensor::MatRef;
+
+pub fn head(dims: &[(&str, usize)], d: usize, seed: u64) -> Arc<FusionHead> {
+    let dims: Vec<(String, usize)> = dims.iter().map(|(n, w)| (n.to_string(), *w)).collect();
+    Arc::new(FusionHead::random(&dims, d, 1e-5, seed))
+}
+
+pub fn small_head() -> Arc<FusionHead> {
+    head(&[("vision", 24), ("text", 16), ("audio", 8)], 32, 7)
+}
+
+pub fn config() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.engine = EngineConfig::with_devices(DeviceSpec::parse_list("cpu:threads=1").unwrap());
+    c.shutdown_grace = Duration::from_secs(2);
+    c.close_linger = Duration::from_secs(3);
+    c
+}
+
+pub async fn start(head: Arc<FusionHead>, cfg: ServerConfig) -> (Server, String) {
+    let s = start_with_head(cfg, head, None)
+        .await
+        .expect("server starts");
+    let url = format!("ws://{}/", s.local_addr());
+    (s, url)
+}
+
+/// Next event within `secs`, panicking on timeout.
+pub async fn next(c: &mut Client, secs: f64) -> Event {
+    tokio::time::timeout(Duration::from_secs_f64(secs), c.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the connection is open")
+}
+
+/// The next `error` (skipping acks, notices, heartbeats), as (code, raw).
+pub async fn next_error(c: &mut Client) -> (String, serde_json::Value) {
+    loop {
+        match next(c, 5.0).await {
+            Event::Error { code, raw, .. } => return (code, raw),
+            Event::Closed { code, reason } => panic!("closed {code:?} {reason}"),
+            _ => {}
+        }
+    }
+}
+
+/// Deterministic features.
+pub fn features(width: usize, seed: u64) -> Vec<f32> {
+    (0..width)
+        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+        .collect()
+}
+
+/// Relative errors of (fused, weights) against the f64 reference for one sample.
+pub fn check(
+    head: &FusionHead,
+    x: &[Vec<f32>],
+    mask: &[u8],
+    fused: &[f32],
+    weights: &[f32],
+) -> (f64, f64) {
+    let inputs: Vec<MatRef<'_>> = x
+        .iter()
+        .zip(&head.modalities)
+        .map(|(v, m)| MatRef::from_f32(1, m.width, v).unwrap())
+        .collect();
+    let b = BatchRef {
+        rows: 1,
+        inputs,
+        mask,
+    };
+    let r = reference(head, &b);
+    (rel_error(fused, &r.fused), rel_error(weights, &r.weights))
+}
