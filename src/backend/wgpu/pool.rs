@@ -135,6 +135,11 @@ impl Pool {
     /// buffer mapped for writing.
     pub(super) fn prepare(&mut self, gpu: &Gpu, b: &ChunkBytes, params_bytes: u64) -> Result<()> {
         let bind = gpu.max_binding;
+        if self.readback_state.is_mapped() {
+            // Left mapped by a chunk that failed after its map request.
+            self.readback.get()?.unmap();
+            self.readback_state.set_unmapped();
+        }
         let mut grown = false;
         grown |= self.params.ensure(gpu, params_bytes, bind, false)?;
         grown |= self.mods.ensure(gpu, b.mods, bind, false)?;

@@ -97,8 +97,17 @@ impl State {
         let head = dh.head.clone();
         let xt = self.xtype(batch);
         let (d, m) = (head.dim, head.num_modalities());
-        let tile0 = self.tile.unwrap_or_else(|| Tile::choose(batch.rows, d));
-        let chunk = run::chunk_rows(&self.gpu, &head, batch.rows, xt, tile0, self.max_chunk_rows)?;
+        // Size chunks for the small tile unless one is forced: it has more column tiles, so its
+        // partial-score buffer is the larger one and the plan holds whichever tile a chunk picks.
+        let plan_tile = self.tile.unwrap_or(Tile::Small);
+        let chunk = run::chunk_rows(
+            &self.gpu,
+            &head,
+            batch.rows,
+            xt,
+            plan_tile,
+            self.max_chunk_rows,
+        )?;
         let mut start = 0;
         while start < batch.rows {
             let n = chunk.min(batch.rows - start);
@@ -215,6 +224,7 @@ impl State {
                 Ok(())
             })();
             readback.unmap();
+            p.readback_state.set_unmapped();
             res?;
         }
         Ok(())

@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::model::FusionHead;
 
 use super::gpu::{device_error, Gpu};
+use super::kernels::Tile;
 
 /// A head's parameters in device memory.
 pub(super) struct DeviceHead {
@@ -37,7 +38,11 @@ impl DeviceHead {
                 gpu.max_binding
             )));
         }
-        if u32::try_from(total).is_err() || head.num_modalities() > gpu.max_groups as usize {
+        let col_tiles = d.div_ceil(Tile::Small.bn() as usize);
+        if u32::try_from(total).is_err()
+            || head.num_modalities() > gpu.max_groups as usize
+            || col_tiles > gpu.max_groups as usize
+        {
             return Err(device_error(
                 "the head is too large for this adapter's dispatch limits",
             ));
