@@ -416,7 +416,12 @@ impl Client {
         }
         self.wait_for("the fused result", |e| match e {
             Event::Result(r) if r.key == key && r.stream == stream => Some(Ok(r.clone())),
-            Event::Error { code, message, raw } if raw["key"] == key.as_str() => {
+            Event::Error { code, message, raw }
+                if raw["key"] == key.as_str()
+                    || raw["keys"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|k| k == key.as_str())) =>
+            {
                 Some(Err(ClientError::Server {
                     code: code.clone(),
                     message: message.clone(),

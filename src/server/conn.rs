@@ -66,8 +66,14 @@ pub(crate) async fn handle(
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
-                Some(Ok(Message::Text(t))) => c.text(t.as_str()).await,
-                Some(Ok(Message::Binary(b))) => c.binary(b).await,
+                Some(Ok(Message::Text(t))) => {
+                    out.reserve_room().await;
+                    c.text(t.as_str()).await
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    out.reserve_room().await;
+                    c.binary(b).await
+                }
                 Some(Ok(Message::Close(_))) | None => {
                     out.stop();
                     break;
@@ -180,23 +186,27 @@ impl Conn {
         };
         self.shared.m.produce.increment(1);
         let tx = &self.shared.ingest;
+        self.out.begin_request();
         let refused = match tx.try_send(ing) {
-            Ok(()) => false,
+            Ok(()) => return,
             Err(TrySendError::Closed(_)) => {
-                return self.error(Code::Shutdown, "the server is shutting down", &about)
+                self.out.end_request();
+                return self.error(Code::Shutdown, "the server is shutting down", &about);
             }
             Err(TrySendError::Full(_)) if p.priority == Priority::Bulk => true,
             Err(TrySendError::Full(ing)) => {
                 let wait = self.shared.cfg.ingest_wait;
                 match tokio::time::timeout(wait, tx.send(ing)).await {
-                    Ok(Ok(())) => false,
+                    Ok(Ok(())) => return,
                     Ok(Err(_)) => {
-                        return self.error(Code::Shutdown, "the server is shutting down", &about)
+                        self.out.end_request();
+                        return self.error(Code::Shutdown, "the server is shutting down", &about);
                     }
                     Err(_) => true,
                 }
             }
         };
+        self.out.end_request();
         if refused {
             let why = "the ingest queue is full (the server is saturated)";
             super::pipeline::refuse(&self.shared, &self.out, p.priority, &about, why);

@@ -129,3 +129,34 @@ pub(crate) fn welcome(base: &Value, binary: bool) -> Message {
     }
     Message::text(v.to_string())
 }
+
+/// One `error` (or, for shed BULK samples, one `shed` notice) about several samples of one
+/// stream: `keys` lists them all, `key` is set too when there is exactly one.
+pub(crate) fn about_samples(
+    code: Code,
+    message: &str,
+    stream: &str,
+    keys: &[String],
+    shed: bool,
+) -> Message {
+    let mut o = Map::new();
+    if shed {
+        o.insert("type".into(), "notice".into());
+        o.insert("kind".into(), "shed".into());
+        o.insert("reason".into(), message.into());
+    } else {
+        o.insert("type".into(), "error".into());
+        o.insert("code".into(), code.as_str().into());
+        o.insert("message".into(), message.into());
+        o.insert("retry".into(), (code == Code::Overloaded).into());
+    }
+    o.insert("stream".into(), stream.into());
+    if let [k] = keys {
+        o.insert("key".into(), k.as_str().into());
+    }
+    o.insert(
+        "keys".into(),
+        keys.iter().map(|k| Value::from(k.as_str())).collect(),
+    );
+    Message::text(Value::Object(o).to_string())
+}

@@ -5,7 +5,7 @@
 //! one writer task (`writer.rs`) drains the queues in strict priority order.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,10 @@ pub(crate) struct Outbound {
     wake: Notify,
     done: AtomicBool,
     done_notify: Notify,
+    /// Produce messages of this connection not yet through the aligner (each may cause one
+    /// CONTROL reply), and the wake-up of a reader waiting for CONTROL room.
+    inflight: AtomicUsize,
+    room: Notify,
     binary: AtomicBool,
     m: Arc<ServerMetrics>,
 }
@@ -108,6 +112,8 @@ impl Outbound {
             wake: Notify::new(),
             done: AtomicBool::new(false),
             done_notify: Notify::new(),
+            inflight: AtomicUsize::new(0),
+            room: Notify::new(),
             binary: AtomicBool::new(false),
             m,
         }
@@ -284,6 +290,9 @@ impl Outbound {
         for c in 0..4 {
             if let Some(item) = st.q[c].pop_front() {
                 self.m.queue_depth[c].decrement(1.0);
+                if c == CONTROL {
+                    self.room.notify_one();
+                }
                 if c != CONTROL && st.backpressure && Self::data_len(&st) * 2 <= self.data_cap {
                     st.backpressure = false;
                     let n = notice_backpressure(false, Self::data_len(&st), self.data_cap);
@@ -332,6 +341,37 @@ impl Outbound {
         self.wake.notified().await
     }
 
+    /// Reader-side flow control: waits until the CONTROL queue has room for the replies that
+    /// this connection's outstanding requests may still cause (so replies never overflow it),
+    /// or the connection is closing. A peer that does not read its replies stops being read.
+    pub async fn reserve_room(&self) {
+        loop {
+            let n = self.room.notified();
+            {
+                let st = self.state.lock();
+                let used = st.q[CONTROL].len() + self.inflight.load(Ordering::Acquire);
+                // 4 slots stay free for backpressure and drop notices.
+                if used + 4 < self.caps[CONTROL] || st.fatal.is_some() || st.stop {
+                    return;
+                }
+            }
+            n.await;
+        }
+    }
+
+    /// A produce message of this connection entered the pipeline.
+    pub fn begin_request(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The pipeline is done with a produce message of this connection.
+    pub fn end_request(&self) {
+        let _ = self
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        self.room.notify_one();
+    }
+
     /// Frees the queue depth gauges of what is still queued (the connection is gone).
     pub fn finish(&self) {
         let mut st = self.state.lock();
@@ -344,6 +384,7 @@ impl Outbound {
         drop(st);
         self.done.store(true, Ordering::Release);
         self.done_notify.notify_waiters();
+        self.room.notify_one();
     }
 
     /// Resolves once the writer finished.

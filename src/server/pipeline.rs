@@ -129,6 +129,7 @@ fn offer(
     oldest: &mut Option<Instant>,
 ) {
     let name = |i: usize| shared.head.modalities.get(i).map(|m| m.name.as_str());
+    let producer = Arc::clone(&ing.producer);
     let ack = ing.ack.then(|| {
         (
             ing.producer.clone(),
@@ -150,7 +151,6 @@ fn offer(
             let msg = "this modality already arrived for the open sample; ignored";
             ing.producer
                 .push_control(messages::error(Code::DuplicateModality, msg, &a));
-            return;
         }
         Offer::Full(ing) => {
             let a = About {
@@ -159,7 +159,6 @@ fn offer(
             };
             let why = format!("{} open samples (max_open_samples)", aligner.len());
             refuse(shared, &ing.producer, ing.priority, &a, &why);
-            return;
         }
     }
     if let Some((p, id, stream, key, m)) = ack {
@@ -171,6 +170,8 @@ fn offer(
         };
         p.push_control(messages::ack("produce", &a));
     }
+    // After the reply is queued: the reader reserved CONTROL room for it.
+    producer.end_request();
 }
 
 /// Saturation: BULK is shed with a notice, other classes get a retryable overload error.
@@ -200,27 +201,58 @@ fn timed_out(
     oldest: &mut Option<Instant>,
     now: Instant,
 ) {
+    let mut incomplete = Vec::new();
     for s in expired.drain(..) {
         shared.m.align_timeouts.increment(1);
         if s.present >= shared.cfg.min_modalities.max(1) {
             enqueue(s, now, pending, oldest);
             continue;
         }
-        shared.m.error(Code::IncompleteSample);
-        let msg = format!(
-            "{} of {} modalities arrived within align_timeout; min_modalities is {}",
-            s.present,
-            s.parts.len(),
-            shared.cfg.min_modalities
-        );
-        let a = About {
-            stream: Some(&s.stream),
-            key: Some(&s.key),
-            ..About::default()
-        };
-        for p in &s.producers {
-            p.push_control(messages::error(Code::IncompleteSample, &msg, &a));
+        incomplete.push(s);
+    }
+    if incomplete.is_empty() {
+        return;
+    }
+    let msg = format!(
+        "fewer than min_modalities ({}) modalities arrived within align_timeout",
+        shared.cfg.min_modalities
+    );
+    tell_producers(
+        shared,
+        incomplete
+            .iter()
+            .map(|s| (&s.stream, &s.key, s.priority, &s.producers[..])),
+        Code::IncompleteSample,
+        &msg,
+    );
+}
+
+/// One message per (producer, stream, shed or not) about many samples, so that a burst of
+/// failures costs a producer a few CONTROL slots, not one per sample.
+fn tell_producers<'a>(
+    shared: &Shared,
+    samples: impl Iterator<Item = (&'a Arc<str>, &'a String, Priority, &'a [Arc<Outbound>])>,
+    code: Code,
+    msg: &str,
+) {
+    let mut groups: Vec<(&Arc<Outbound>, &Arc<str>, bool, Vec<String>)> = Vec::new();
+    for (stream, key, prio, producers) in samples {
+        let shed = code == Code::Overloaded && prio == Priority::Bulk;
+        for p in producers {
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(g.0, p) && g.1 == stream && g.2 == shed)
+            {
+                Some(g) => g.3.push(key.clone()),
+                None => groups.push((p, stream, shed, vec![key.clone()])),
+            }
         }
+    }
+    for (p, stream, shed, keys) in groups {
+        if !shed {
+            shared.m.error(code);
+        }
+        p.push_control(messages::about_samples(code, msg, stream, &keys, shed));
     }
 }
 
@@ -327,22 +359,10 @@ fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
         Ok(res) => res,
         Err(e) => {
             let code = Code::of_engine_error(&e);
-            let msg = e.to_string();
-            for meta in &metas {
-                let a = About {
-                    stream: Some(&meta.stream),
-                    key: Some(&meta.key),
-                    ..About::default()
-                };
-                for p in &meta.producers {
-                    if code == Code::Overloaded {
-                        refuse(shared, p, meta.priority, &a, &msg);
-                    } else {
-                        shared.m.error(code);
-                        p.push_control(messages::error(code, &msg, &a));
-                    }
-                }
-            }
+            let it = metas
+                .iter()
+                .map(|m| (&m.stream, &m.key, m.priority, &m.producers[..]));
+            tell_producers(shared, it, code, &e.to_string());
             return;
         }
     };
