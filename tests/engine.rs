@@ -1,0 +1,379 @@
+//! The engine with real worker threads on CPU devices only: routing away from a slow device
+//! and back, retries without loss or duplicates, hang detection, bounded queues, overload,
+//! shutdown, bad input. Every test runs under a watchdog so a bug fails it instead of hanging.
+
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+
+use fusion_engine::backend::{self, Backend, BackendKind, OpenOptions};
+use fusion_engine::batch::{Batch, Outputs};
+use fusion_engine::engine::{
+    DeviceSpec, DeviceState, Engine, EngineConfig, FaultSpec, Priority, Ticket,
+};
+use fusion_engine::error::Error;
+use fusion_engine::model::FusionHead;
+use fusion_engine::selftest::{random_batch, MaskMode};
+use fusion_engine::tensor::DType;
+
+/// Runs `f` on its own thread and fails the test if it takes longer than `secs`.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(RecvTimeoutError::Disconnected) => panic!("the test body panicked (see above)"),
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("test did not finish within {secs} s (a caller waited forever?)")
+        }
+    }
+}
+
+fn small_head() -> Arc<FusionHead> {
+    Arc::new(FusionHead::random(
+        &[("a".into(), 48), ("b".into(), 24), ("c".into(), 8)],
+        32,
+        1e-5,
+        7,
+    ))
+}
+
+fn config(devices: &str) -> EngineConfig {
+    let mut c = EngineConfig::with_devices(DeviceSpec::parse_list(devices).unwrap());
+    c.restart_backoff = Duration::from_millis(10);
+    c.restart_backoff_max = Duration::from_millis(200);
+    c
+}
+
+fn batches(head: &FusionHead, n: usize, rows: usize, seed: u64) -> Vec<Arc<Batch>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            Arc::new(random_batch(
+                head,
+                rows,
+                DType::F32,
+                MaskMode::Random,
+                &mut rng,
+            ))
+        })
+        .collect()
+}
+
+/// Submits, retrying after `Overloaded`; calls `watch` between submissions.
+fn submit_all(engine: &Engine, bs: &[Arc<Batch>], mut watch: impl FnMut(&Engine)) -> Vec<Ticket> {
+    let mut out = Vec::with_capacity(bs.len());
+    for b in bs {
+        loop {
+            match engine.submit_shared(Arc::clone(b), Priority::Important) {
+                Ok(t) => break out.push(t),
+                Err(Error::Overloaded(_)) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("submit: {e}"),
+            }
+            watch(engine);
+        }
+        watch(engine);
+    }
+    out
+}
+
+/// The direct CPU backend's result for `b`.
+fn direct(head: &Arc<FusionHead>, b: &Batch) -> Outputs {
+    let mut be = backend::open(
+        BackendKind::Cpu,
+        9,
+        Arc::clone(head),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let mut out = Outputs::zeros(head, b.rows);
+    be.run(&b.view(), out.as_mut()).unwrap();
+    out
+}
+
+fn assert_close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(
+        (num / den.max(1e-30)).sqrt() <= 1e-5,
+        "engine result differs from the direct run"
+    );
+}
+
+#[test]
+fn slow_device_is_avoided_marked_slow_and_recovers() {
+    within(120, || {
+        let head = small_head();
+        let mut cfg = config("cpu:threads=1:delay=2ms,cpu:threads=1:delay=20ms");
+        cfg.probe_interval = Duration::from_millis(100);
+        let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 300, 32, 1);
+        let mut slow_at: Option<u64> = None;
+        let tickets = submit_all(&engine, &bs, |e| {
+            let d = &e.stats().devices[1];
+            if slow_at.is_none() && d.state == DeviceState::Slow {
+                slow_at = Some(d.batches);
+            }
+        });
+        let mut per_dev = [0usize; 2];
+        for t in tickets {
+            per_dev[t.wait().unwrap().device_index] += 1;
+        }
+        let st = engine.stats();
+        let d1 = &st.devices[1];
+        assert!(
+            d1.slow_events >= 1,
+            "the 10x slower device was never marked SLOW: {d1:?}"
+        );
+        let at = slow_at.expect("SLOW was never observed during the load");
+        assert!(at <= 20, "marked SLOW only after {at} batches");
+        let share = per_dev[1] as f64 / 300.0;
+        assert!(
+            share < 0.10,
+            "the slow device got {:.1}% of the samples",
+            share * 100.0
+        );
+
+        // Remove the delay: the next probe finds it fast and it gets traffic again.
+        engine
+            .set_faults(
+                1,
+                &FaultSpec {
+                    delay: Duration::from_millis(2),
+                    ..FaultSpec::default()
+                },
+            )
+            .unwrap();
+        let bs = batches(&head, 300, 32, 2);
+        let mut per_dev = [0usize; 2];
+        for t in submit_all(&engine, &bs, |_| {}) {
+            per_dev[t.wait().unwrap().device_index] += 1;
+        }
+        let d1 = &engine.stats().devices[1];
+        assert_eq!(d1.state, DeviceState::Healthy, "{d1:?}");
+        assert!(
+            per_dev[1] >= 60,
+            "recovered device got only {} of 300 batches",
+            per_dev[1]
+        );
+        assert_eq!(engine.shutdown(Duration::from_secs(5)), 0);
+    });
+}
+
+#[test]
+fn failing_device_loses_nothing_and_duplicates_nothing() {
+    within(120, || {
+        let head = small_head();
+        let engine = Engine::start(
+            config("cpu:threads=1,cpu:threads=1:fail=0.3"),
+            Arc::clone(&head),
+        )
+        .unwrap();
+        let bs = batches(&head, 200, 16, 3);
+        let tickets = submit_all(&engine, &bs, |_| {});
+        let mut retried = 0;
+        for (i, t) in tickets.into_iter().enumerate() {
+            let r = t.wait().unwrap_or_else(|e| panic!("batch {i} lost: {e}"));
+            retried += (r.retries > 0) as usize;
+            if i % 40 == 0 || r.retries > 0 {
+                let want = direct(&head, &bs[i]);
+                assert_close(&r.outputs.fused, &want.fused);
+                assert_close(&r.outputs.weights, &want.weights);
+            }
+        }
+        let st = engine.stats();
+        assert_eq!(st.duplicate_deliveries, 0);
+        assert!(
+            st.devices[1].failures > 0 && st.devices[1].retried > 0,
+            "{:?}",
+            st.devices[1]
+        );
+        assert!(retried > 0);
+        let t0 = Instant::now();
+        while engine.stats().devices[1].restarts == 0 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let restarts = engine.stats().devices[1].restarts;
+        assert!(restarts > 0, "the failed worker was not restarted");
+        assert_eq!(st.devices[0].failures, 0);
+        engine.shutdown(Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn hung_device_is_detected_by_device_timeout() {
+    within(120, || {
+        let head = small_head();
+        let mut cfg = config("cpu:threads=1,cpu:threads=1:hang=0.3:hang_for=1s");
+        cfg.device_timeout = Duration::from_millis(200);
+        let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 120, 16, 4);
+        let t0 = Instant::now();
+        let tickets = submit_all(&engine, &bs, |_| {});
+        for (i, t) in tickets.into_iter().enumerate() {
+            let r = t.wait().unwrap_or_else(|e| panic!("batch {i} lost: {e}"));
+            if r.retries > 0 {
+                assert_close(&r.outputs.fused, &direct(&head, &bs[i]).fused);
+            }
+        }
+        let st = engine.stats();
+        let d1 = &st.devices[1];
+        assert!(d1.failures > 0, "{d1:?}");
+        let why = d1.last_error.as_deref().unwrap_or("");
+        assert!(why.contains("device_timeout"), "{why}");
+        assert_eq!(st.duplicate_deliveries, 0);
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        engine.shutdown(Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn overload_is_a_typed_error_and_queues_stay_bounded() {
+    within(60, || {
+        let head = small_head();
+        let mut cfg = config("cpu:threads=1:delay=200ms,cpu:threads=1:delay=200ms");
+        cfg.max_pending = Some(8);
+        cfg.max_in_flight = 2;
+        let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 50, 8, 5);
+        let mut tickets = Vec::new();
+        let mut refused = 0;
+        for b in &bs {
+            match engine.submit_shared(Arc::clone(b), Priority::Bulk) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    assert_eq!(e.code(), "overloaded", "{e}");
+                    refused += 1;
+                }
+            }
+            let st = engine.stats();
+            assert!(st.admitted <= 8, "admitted {} > max_pending", st.admitted);
+            for d in &st.devices {
+                assert!(d.in_flight <= 2 && d.queued <= 2, "{d:?}");
+            }
+        }
+        assert_eq!(tickets.len(), 8);
+        assert_eq!(refused, 42);
+        for t in tickets {
+            t.wait().unwrap();
+        }
+        let st = engine.stats();
+        assert!(st.max_admitted_seen <= 8);
+        assert!(st.devices.iter().all(|d| d.max_in_flight_seen <= 2));
+        assert_eq!(st.overloaded, 42);
+        // Room again once delivered.
+        engine
+            .submit_shared(Arc::clone(&bs[0]), Priority::Bulk)
+            .unwrap()
+            .wait()
+            .unwrap();
+        engine.shutdown(Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn shutdown_fails_every_pending_batch_and_drains_with_grace() {
+    within(60, || {
+        let head = small_head();
+        let engine = Engine::start(config("cpu:threads=1:delay=50ms"), Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 10, 8, 6);
+        let tickets = submit_all(&engine, &bs, |_| {});
+        let failed = engine.shutdown(Duration::ZERO);
+        assert!(failed >= 8, "only {failed} failed at shutdown");
+        let mut shut = 0;
+        for t in tickets {
+            match t.wait() {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.code(), "shutdown", "{e}");
+                    shut += 1;
+                }
+            }
+        }
+        assert_eq!(shut, failed);
+
+        let engine = Engine::start(config("cpu:threads=1:delay=5ms"), Arc::clone(&head)).unwrap();
+        let tickets = submit_all(&engine, &bs, |_| {});
+        assert_eq!(engine.shutdown(Duration::from_secs(10)), 0);
+        for t in tickets {
+            t.wait().unwrap();
+        }
+    });
+}
+
+#[test]
+fn bad_input_fails_to_the_caller_without_failing_the_device() {
+    within(60, || {
+        let head = small_head();
+        let engine =
+            Engine::start(config("cpu:threads=1,cpu:threads=1"), Arc::clone(&head)).unwrap();
+        let mut b = (*batches(&head, 1, 4, 7)[0]).clone();
+        b.mask.fill(1);
+        b.inputs[0] = fusion_engine::tensor::HostMat::from_f32(4, 48, &[f32::NAN; 4 * 48]);
+        let e = engine
+            .submit(b, Priority::Critical)
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        assert!(e.is_input_error(), "{e}");
+        let mut wrong = (*batches(&head, 1, 4, 8)[0]).clone();
+        wrong.mask.pop();
+        assert!(engine
+            .submit(wrong, Priority::Critical)
+            .unwrap_err()
+            .is_input_error());
+        let st = engine.stats();
+        assert!(st
+            .devices
+            .iter()
+            .all(|d| d.state == DeviceState::Healthy && d.failures == 0));
+        let good = batches(&head, 1, 4, 9)[0].clone();
+        engine
+            .submit_shared(good, Priority::Critical)
+            .unwrap()
+            .wait()
+            .unwrap();
+        engine.shutdown(Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn tickets_are_futures_and_results_are_correct() {
+    within(60, || {
+        let head = small_head();
+        let engine = Engine::start(config("cpu,cpu:threads=1"), Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 6, 33, 10);
+        let tickets = submit_all(&engine, &bs, |_| {});
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for (b, t) in bs.iter().zip(tickets) {
+            let r = rt.block_on(t).unwrap();
+            let want = direct(&head, b);
+            assert_close(&r.outputs.fused, &want.fused);
+            assert_close(&r.outputs.weights, &want.weights);
+        }
+        engine.shutdown(Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn no_usable_device_is_a_clear_start_error() {
+    let head = small_head();
+    let mut cfg = EngineConfig::with_devices(vec![DeviceSpec::new(BackendKind::Cuda, Some(99))]);
+    cfg.open_timeout = Duration::from_secs(20);
+    match Engine::start(cfg, head) {
+        Err(e) => assert_eq!(e.code(), "backend_unavailable", "{e}"),
+        Ok(_) => panic!("cuda:99 opened"),
+    }
+    let dup = EngineConfig::with_devices(DeviceSpec::parse_list("cpu:0,cpu:0").unwrap());
+    match Engine::start(dup, small_head()) {
+        Err(e) => assert_eq!(e.code(), "config", "{e}"),
+        Ok(_) => panic!("a device listed twice was accepted"),
+    }
+}
