@@ -299,7 +299,7 @@ impl Core {
             .map(|&(pos, ci)| (flat[pos].0, flat[pos].1, cands[ci].dev))
             .collect();
         // Remove from the back first so the earlier indices stay valid.
-        picks.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        picks.sort_by_key(|p| std::cmp::Reverse((p.0, p.1)));
         let mut jobs = Vec::with_capacity(picks.len());
         for (c, k, dev) in picks {
             if let Some(job) = st.pending[c].remove(k) {

@@ -142,10 +142,10 @@ impl Engine {
         let mcore = Arc::clone(&core);
         let monitor = std::thread::Builder::new()
             .name("fusion-engine-monitor".into())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(tick) {
-                    Err(RecvTimeoutError::Timeout) => mcore.tick(),
-                    _ => break,
+            .spawn(move || {
+                // Disconnected (the engine stopped) or a message ends the loop.
+                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(tick) {
+                    mcore.tick();
                 }
             })
             .map_err(|e| {
