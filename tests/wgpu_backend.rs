@@ -283,3 +283,62 @@ fn without_a_vulkan_driver_devices_says_why_and_auto_falls_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `fuse --backend wgpu` on a model file and inputs it has never seen, f32 and f16.
+#[test]
+fn fuse_cli_on_wgpu_matches_reference() {
+    if open_raw().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = common::seed();
+    let cases = [
+        (DType::F32, DType::F32, 1e-4),
+        (DType::F16, DType::F16, 1e-2),
+        (DType::BF16, DType::F32, 1e-2),
+    ];
+    for (i, (wdt, xdt, tol)) in cases.into_iter().enumerate() {
+        let dims = [("rgb".to_string(), 77), ("txt".to_string(), 130)];
+        let head = FusionHead::random(&dims, 72, 1e-5, seed.wrapping_add(i as u64));
+        let model = dir.path().join(format!("model{i}.safetensors"));
+        std::fs::write(&model, head.to_safetensors(wdt).expect("model bytes")).expect("write");
+        // The head exactly as the binary will load it (weights rounded to their stored dtype).
+        let head = FusionHead::load(&model).expect("load model");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ i as u64);
+        let batch =
+            fusion_engine::selftest::random_batch(&head, 45, xdt, MaskMode::Random, &mut rng);
+        let input = dir.path().join(format!("in{i}.safetensors"));
+        let output = dir.path().join(format!("out{i}.safetensors"));
+        std::fs::write(
+            &input,
+            fusion_engine::io::write_input_bytes(&head, &batch, true).expect("input bytes"),
+        )
+        .expect("write");
+        let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_fusion-engine"))
+            .args(["fuse", "--backend", "wgpu", "--model", &path(&model)])
+            .args(["--input", &path(&input), "--output", &path(&output)])
+            .output()
+            .expect("the binary runs");
+        assert!(
+            o.status.success(),
+            "fuse failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let bytes = std::fs::read(&output).expect("output written");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid output");
+        let get = |name: &str| {
+            let t = st.tensor(name).expect("tensor present");
+            let mut v = vec![0f32; t.data().len() / 4];
+            fusion_engine::tensor::bytes_to_f32(DType::F32, t.data(), &mut v);
+            v
+        };
+        let r = reference(&head, &batch.view());
+        let fe = rel_error(&get("fused"), &r.fused);
+        let we = rel_error(&get("weights"), &r.weights);
+        assert!(
+            fe <= tol && we <= tol,
+            "weights {wdt}, inputs {xdt}: fused {fe:e} weights {we:e}"
+        );
+    }
+}

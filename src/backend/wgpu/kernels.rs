@@ -267,7 +267,12 @@ fn compile(
         layout: Some(layout),
         module: &module,
         entry_point: Some(entry),
-        compilation_options: wgpu::PipelineCompilationOptions::default(),
+        // Both kernels write every workgroup-memory word before reading it (the x tile's padding
+        // column is never read), so the zero-fill wgpu would add to each workgroup is skipped.
+        compilation_options: wgpu::PipelineCompilationOptions {
+            zero_initialize_workgroup_memory: false,
+            ..Default::default()
+        },
         cache: None,
     });
     match pollster::block_on(scope.pop()) {
