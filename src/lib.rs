@@ -12,6 +12,8 @@
 //!   discovery, and the CPU, wgpu and CUDA backends.
 //! - [`engine`]: device workers on bounded queues, latency-aware routing, slow-device detection,
 //!   retries and restarts (SPEC section 6).
+//! - [`server`]: the WebSocket streaming server (aligner, batcher, prioritised backpressured
+//!   fan-out); the protocol is docs/PROTOCOL.md. [`client`]: its Rust client.
 //! - [`reference`]: the float64 reference every backend is checked against.
 //! - [`io`]: offline-mode files (`fuse`): reading features, writing results atomically.
 //! - [`selftest`]: agreement of every available backend with the reference on random inputs.
@@ -20,12 +22,14 @@
 pub mod backend;
 pub mod batch;
 pub mod bench;
+pub mod client;
 pub mod engine;
 pub mod error;
 pub mod io;
 pub mod model;
 pub mod reference;
 pub mod selftest;
+pub mod server;
 pub mod tensor;
 
 pub use backend::{AnyBackend, Backend, BackendChoice, BackendKind, DeviceInfo};
