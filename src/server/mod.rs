@@ -245,6 +245,8 @@ async fn accept_loop(
 }
 
 /// Handshake (limit, auth, frame size) then the connection handler.
+// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
+#[allow(clippy::result_large_err)]
 async fn connection(
     shared: Arc<Shared>,
     tcp: TcpStream,

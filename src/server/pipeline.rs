@@ -235,7 +235,8 @@ fn tell_producers<'a>(
     code: Code,
     msg: &str,
 ) {
-    let mut groups: Vec<(&Arc<Outbound>, &Arc<str>, bool, Vec<String>)> = Vec::new();
+    type Group<'g> = (&'g Arc<Outbound>, &'g Arc<str>, bool, Vec<String>);
+    let mut groups: Vec<Group<'_>> = Vec::new();
     for (stream, key, prio, producers) in samples {
         let shed = code == Code::Overloaded && prio == Priority::Bulk;
         for p in producers {

@@ -23,12 +23,13 @@ pub fn small_head() -> Arc<FusionHead> {
 }
 
 pub fn config() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.engine = EngineConfig::with_devices(DeviceSpec::parse_list("cpu:threads=1").unwrap());
-    c.shutdown_grace = Duration::from_secs(2);
-    c.close_linger = Duration::from_secs(3);
-    c
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        engine: EngineConfig::with_devices(DeviceSpec::parse_list("cpu:threads=1").unwrap()),
+        shutdown_grace: Duration::from_secs(2),
+        close_linger: Duration::from_secs(3),
+        ..ServerConfig::default()
+    }
 }
 
 pub async fn start(head: Arc<FusionHead>, cfg: ServerConfig) -> (Server, String) {
