@@ -1,5 +1,5 @@
-//! The engine under synthetic load (`fusion-engine bench --devices SPEC --samples N`): random
-//! batches are submitted until N samples went in, resubmitting after `Overloaded` with a short
+//! The engine under synthetic load (`fusion-engine bench --devices SPEC --samples N`): after one
+//! untimed warm-up batch per device, random batches are submitted until N samples went in, resubmitting after `Overloaded` with a short
 //! backoff, and every ticket is awaited. The report counts what was submitted, delivered,
 //! delivered twice (must be 0) and failed, and per device its share, state and latencies.
 
@@ -30,6 +30,13 @@ pub struct EngineBenchOptions {
     pub dtype: DType,
     /// Sleep after an `Overloaded` answer before trying again.
     pub overload_backoff: Duration,
+    /// Distinct random batches cycled through. 1 (the default) resubmits the same batch, as
+    /// the kernel bench does, so `--devices cpu` against `--backend cpu` isolates the engine's
+    /// own cost.
+    pub distinct_batches: usize,
+    /// Untimed, uncounted batches submitted and awaited first (one per device by default), so
+    /// every device has opened its pools and been measured once.
+    pub warmup_batches: Option<usize>,
 }
 
 impl Default for EngineBenchOptions {
@@ -39,6 +46,8 @@ impl Default for EngineBenchOptions {
             batch: 256,
             dtype: DType::F32,
             overload_backoff: Duration::from_micros(500),
+            distinct_batches: 1,
+            warmup_batches: None,
         }
     }
 }
@@ -135,7 +144,7 @@ pub fn run_engine_bench(
         .join(",");
     let engine = Engine::start(cfg, Arc::clone(&head))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xE1C0);
-    let pool: Vec<Arc<_>> = (0..4)
+    let pool: Vec<Arc<_>> = (0..opts.distinct_batches.max(1))
         .map(|_| {
             Arc::new(random_batch(
                 &head,
@@ -146,6 +155,14 @@ pub fn run_engine_bench(
             ))
         })
         .collect();
+    let warm = opts.warmup_batches.unwrap_or(engine.device_names().len());
+    let warm_tickets = (0..warm)
+        .map(|_| engine.submit_shared(Arc::clone(&pool[0]), Priority::Bulk))
+        .collect::<Result<Vec<_>>>()?;
+    for t in warm_tickets {
+        // A warm-up failure shows in the device stats; the timed load decides the verdict.
+        let _ = t.wait();
+    }
     let nbatches = opts.samples.div_ceil(opts.batch);
     let mut tickets: Vec<Ticket> = Vec::with_capacity(nbatches);
     let mut overloaded = 0u64;
