@@ -43,8 +43,33 @@ pub(super) fn no_adapter_reason() -> String {
     )
 }
 
-/// The device description of adapter `index`.
-pub(super) fn device_info(index: usize, adapter: &wgpu::Adapter) -> DeviceInfo {
+/// Device descriptions of all `adapters`, by index.
+///
+/// The GL backend often reaches the same GPU as Vulkan/Metal/DX12 a second time; when a native
+/// hardware adapter exists, GL adapters are listed but not marked as accelerators, so `auto` and
+/// the benches do not drive one GPU through two APIs.
+pub(super) fn device_infos(adapters: &[wgpu::Adapter]) -> Vec<DeviceInfo> {
+    let native_gpu = adapters.iter().any(|a| {
+        let i = a.get_info();
+        i.backend != wgpu::Backend::Gl && i.device_type != wgpu::DeviceType::Cpu
+    });
+    adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut info = device_info(i, a);
+            if native_gpu && a.get_info().backend == wgpu::Backend::Gl && info.accelerator {
+                info.accelerator = false;
+                info.detail
+                    .push_str(", GL twin of a native adapter (not used by auto)");
+            }
+            info
+        })
+        .collect()
+}
+
+/// The device description of adapter `index` on its own.
+fn device_info(index: usize, adapter: &wgpu::Adapter) -> DeviceInfo {
     let info = adapter.get_info();
     let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
     let kind = match info.device_type {
@@ -130,24 +155,22 @@ pub fn discover() -> Vec<DeviceEntry> {
     }
     adapters
         .iter()
+        .zip(device_infos(&adapters))
         .enumerate()
-        .map(|(i, a)| {
-            let info = device_info(i, a);
-            match check(a) {
-                Ok(()) => DeviceEntry {
-                    kind: BackendKind::Wgpu,
-                    device: Some(info),
-                    unavailable: None,
-                },
-                Err(reason) => DeviceEntry {
-                    kind: BackendKind::Wgpu,
-                    device: None,
-                    unavailable: Some(format!(
-                        "wgpu:{i} {} ({}): {reason}",
-                        info.name, info.detail
-                    )),
-                },
-            }
+        .map(|(i, (a, info))| match check(a) {
+            Ok(()) => DeviceEntry {
+                kind: BackendKind::Wgpu,
+                device: Some(info),
+                unavailable: None,
+            },
+            Err(reason) => DeviceEntry {
+                kind: BackendKind::Wgpu,
+                device: None,
+                unavailable: Some(format!(
+                    "wgpu:{i} {} ({}): {reason}",
+                    info.name, info.detail
+                )),
+            },
         })
         .collect()
 }

@@ -55,11 +55,12 @@ impl State {
             return Err(unavailable(adapter::no_adapter_reason()));
         }
         let count = adapters.len();
-        let a = adapters
+        let missing = || unavailable(format!("no adapter {index} (found {count})"));
+        let info = adapter::device_infos(&adapters)
             .into_iter()
             .nth(index)
-            .ok_or_else(|| unavailable(format!("no adapter {index} (found {count})")))?;
-        let info = adapter::device_info(index, &a);
+            .ok_or_else(missing)?;
+        let a = adapters.into_iter().nth(index).ok_or_else(missing)?;
         adapter::check(&a).map_err(|r| unavailable(format!("{}: {r}", info.name)))?;
         let gpu = Gpu::open(&a)
             .map_err(|e| unavailable(format!("requesting a device on {}: {e}", info.name)))?;
