@@ -363,6 +363,14 @@ fn tickets_are_futures_and_results_are_correct() {
 }
 
 #[test]
+fn engine_and_tickets_can_be_shared_across_threads_and_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Engine>();
+    send::<Ticket>();
+}
+
+#[test]
 fn no_usable_device_is_a_clear_start_error() {
     let head = small_head();
     let mut cfg = EngineConfig::with_devices(vec![DeviceSpec::new(BackendKind::Cuda, Some(99))]);

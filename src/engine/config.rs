@@ -268,7 +268,7 @@ pub struct EngineConfig {
     #[serde(with = "dur")]
     pub open_timeout: Duration,
     /// When GPUs are configured, also route to CPU devices by expected completion time
-    /// (overflow). When false, CPU devices only run batches while no GPU is usable. Default
+    /// (overflow). When false, CPU devices only run batches while no GPU is HEALTHY. Default
     /// false. Without GPUs the CPU devices are always used.
     pub cpu_overflow: bool,
     /// Allow TF32 on CUDA devices. Default false.

@@ -222,11 +222,12 @@ impl Core {
         if st.stopped || st.pending_len() == 0 {
             return;
         }
-        let gpu_up = self
-            .devices
-            .iter()
-            .zip(&st.devs)
-            .any(|(d, s)| d.spec.kind != BackendKind::Cpu && s.routable());
+        // CPU devices are the fallback while no GPU is HEALTHY (and overflow when configured).
+        let gpu_up = self.devices.iter().zip(&st.devs).any(|(d, s)| {
+            d.spec.kind != BackendKind::Cpu
+                && s.routable()
+                && s.health.state == DeviceState::Healthy
+        });
         let usable: Vec<usize> = (0..self.devices.len())
             .filter(|&i| st.devs[i].routable())
             .filter(|&i| {
