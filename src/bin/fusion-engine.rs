@@ -163,7 +163,15 @@ fn main() -> ExitCode {
             samples,
             engine_config,
             ..
-        } => engine_bench(&devices, samples, &batch, &dtype, model, engine_config, json),
+        } => engine_bench(
+            &devices,
+            samples,
+            &batch,
+            &dtype,
+            model,
+            engine_config,
+            json,
+        ),
         Cmd::Bench {
             backend,
             batch,
@@ -362,11 +370,13 @@ fn engine_bench(
             );
         }
     }
-    Ok(if r.delivered + r.failed_permanently == r.submitted && r.duplicates == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if r.delivered + r.failed_permanently == r.submitted && r.duplicates == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn devices(json: bool) -> Result<ExitCode> {
