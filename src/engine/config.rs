@@ -267,9 +267,10 @@ pub struct EngineConfig {
     /// How long `Engine::start` waits for the devices to open. Default 60 s.
     #[serde(with = "dur")]
     pub open_timeout: Duration,
-    /// When GPUs are configured, also route to CPU devices by expected completion time
-    /// (overflow). When false, CPU devices only run batches while no GPU is HEALTHY. Default
-    /// false. Without GPUs the CPU devices are always used.
+    /// When hardware GPUs are configured, also route to the CPU (and to software adapters such
+    /// as lavapipe) by expected completion time (overflow). When false, those only run batches
+    /// while no hardware GPU is HEALTHY. Default false. Without a hardware GPU every device is
+    /// routed to by expected completion time.
     pub cpu_overflow: bool,
     /// Allow TF32 on CUDA devices. Default false.
     pub allow_tf32: bool,

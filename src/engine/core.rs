@@ -26,7 +26,6 @@ use super::health::{DeviceState, Health};
 use super::job::{BatchResult, Job, JobInner, Priority, Ticket};
 use super::metrics::{DeviceMetrics, EngineMetrics};
 use super::router::{self, Candidate, SCAN_LIMIT};
-use crate::backend::BackendKind;
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -74,6 +73,8 @@ pub(crate) struct DevState {
     pub gen: u64,
     /// The current generation's worker has opened its backend.
     pub ready: bool,
+    /// The opened device is a hardware accelerator (not the CPU, not a software adapter).
+    pub accelerator: bool,
     pub tx: Option<Sender<Work>>,
     /// The core's handle on the worker queue, to take back batches not started yet.
     pub rx: Option<Receiver<Work>>,
@@ -154,6 +155,7 @@ impl Core {
                 health: Health::new(),
                 gen: 0,
                 ready: false,
+                accelerator: false,
                 tx: None,
                 rx: None,
                 out: HashMap::new(),
@@ -222,17 +224,15 @@ impl Core {
         if st.stopped || st.pending_len() == 0 {
             return;
         }
-        // CPU devices are the fallback while no GPU is HEALTHY (and overflow when configured).
-        let gpu_up = self.devices.iter().zip(&st.devs).any(|(d, s)| {
-            d.spec.kind != BackendKind::Cpu
-                && s.routable()
-                && s.health.state == DeviceState::Healthy
-        });
+        // The CPU (and software adapters such as lavapipe) are the fallback while no hardware
+        // accelerator is HEALTHY, and overflow beside one when configured.
+        let gpu_up = st
+            .devs
+            .iter()
+            .any(|s| s.accelerator && s.routable() && s.health.state == DeviceState::Healthy);
         let usable: Vec<usize> = (0..self.devices.len())
             .filter(|&i| st.devs[i].routable())
-            .filter(|&i| {
-                self.devices[i].spec.kind != BackendKind::Cpu || !gpu_up || self.cfg.cpu_overflow
-            })
+            .filter(|&i| st.devs[i].accelerator || !gpu_up || self.cfg.cpu_overflow)
             .collect();
         let any_healthy = usable
             .iter()

@@ -227,17 +227,19 @@ impl Core {
         }
     }
 
-    /// A worker opened its device (or could not). Returns false when it must exit.
-    pub fn worker_opened(&self, d: usize, gen: u64, res: Result<(), Error>) -> bool {
+    /// A worker opened its device (`Ok(is a hardware accelerator)`) or could not. Returns
+    /// false when it must exit.
+    pub fn worker_opened(&self, d: usize, gen: u64, res: Result<bool, Error>) -> bool {
         let mut st = self.state.lock();
         let mut dl = Deliveries::new();
         if st.devs[d].gen != gen || st.stopped {
             return false;
         }
         let ok = match res {
-            Ok(()) => {
+            Ok(accelerator) => {
                 let s = &mut st.devs[d];
                 s.ready = true;
+                s.accelerator = accelerator;
                 s.opened.get_or_insert(Ok(()));
                 tracing::info!(device = %self.devices[d].name, restarts = s.c.restarts, "device worker ready");
                 self.set_state(&mut st, d, DeviceState::Healthy, "worker (re)started");

@@ -38,7 +38,7 @@ pub(crate) fn run(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work>) {
     });
     let mut be = match opened {
         Ok(be) => {
-            if !core.worker_opened(d, gen, Ok(())) {
+            if !core.worker_opened(d, gen, Ok(be.info().accelerator)) {
                 return;
             }
             be
