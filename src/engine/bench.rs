@@ -79,6 +79,11 @@ pub struct DeviceReport {
     pub p50_ms: f64,
     /// 99th percentile of that, ms.
     pub p99_ms: f64,
+    /// Mean of that, ms.
+    pub mean_ms: f64,
+    /// Sum of its time on the device over the timed load, seconds (compare with `wall_s`:
+    /// equal for one device means it never waited for work).
+    pub busy_s: f64,
 }
 
 /// The report (`bench --devices ... --json` prints it as one JSON object).
@@ -233,6 +238,8 @@ pub fn run_engine_bench(
                     median(&mut lat.clone())
                 },
                 p99_ms: percentile(&mut lat, 0.99),
+                mean_ms: lat.iter().sum::<f64>() / lat.len().max(1) as f64,
+                busy_s: lat.iter().sum::<f64>() / 1e3,
             }
         })
         .collect();
