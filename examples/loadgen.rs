@@ -29,6 +29,7 @@ struct Args {
     window: usize,
     devices: String,
     priority: Priority,
+    stalled: usize,
 }
 
 fn args() -> Args {
@@ -39,6 +40,7 @@ fn args() -> Args {
         window: 384,
         devices: "cpu".into(),
         priority: Priority::Important,
+        stalled: 0,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -50,6 +52,7 @@ fn args() -> Args {
             "--producers" => a.producers = x.parse().expect("--producers N"),
             "--window" => a.window = x.parse().expect("--window N"),
             "--devices" => a.devices = x,
+            "--stalled" => a.stalled = x.parse().expect("--stalled N"),
             "--priority" => {
                 a.priority = fusion_engine::server::codec::priority_named(&x)
                     .expect("critical|important|bulk")
@@ -75,6 +78,9 @@ fn peak_rss_mib() -> f64 {
 #[tokio::main]
 async fn main() {
     let a = args();
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .ok();
     let head = Arc::new(FusionHead::embedded());
     let mut server = None;
     let url = match &a.url {
@@ -85,7 +91,7 @@ async fn main() {
                 ..ServerConfig::default()
             };
             cfg.engine.devices = DeviceSpec::parse_list(&a.devices).unwrap();
-            let s = start_with_head(cfg, head.clone(), None)
+            let s = start_with_head(cfg, head.clone(), prom.clone())
                 .await
                 .expect("server");
             let u = format!("ws://{}/", s.local_addr());
@@ -106,6 +112,27 @@ async fn main() {
         .collect();
     let mods = Arc::new(mods);
     let per = a.samples / a.producers;
+    // Stalled subscribers: subscribe to every producer stream, then never read.
+    let mut stalled = Vec::new();
+    for _ in 0..a.stalled {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("connect");
+        ws.send(Message::text(
+            r#"{"type":"hello","version":1,"results":"binary"}"#,
+        ))
+        .await
+        .unwrap();
+        for p in 0..a.producers {
+            ws.send(Message::text(format!(
+                r#"{{"type":"subscribe","stream":"lg-{p}"}}"#
+            )))
+            .await
+            .unwrap();
+        }
+        stalled.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..a.producers {
@@ -125,16 +152,29 @@ async fn main() {
             .map_or(f64::NAN, |v| *v as f64 / 1e6)
     };
     println!(
-        "loadgen: {} samples in {secs:.2} s = {:.0} samples/s over {} connections (window {}, {:?}); latency p50 {:.2} ms p99 {:.2} ms; peak RSS {:.0} MiB",
+        "loadgen: {} samples in {secs:.2} s = {:.0} samples/s over {} connections (window {}, {:?}, {} stalled subscribers); latency p50 {:.2} ms p99 {:.2} ms; peak RSS {:.0} MiB",
         lat.len(),
         lat.len() as f64 / secs,
         a.producers,
         a.window,
         a.priority,
+        a.stalled,
         q(0.5),
         q(0.99),
         peak_rss_mib()
     );
+    if let Some(p) = &prom {
+        let text = p.render();
+        for l in text.lines().filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with("fusion_server_slow_consumer_total")
+                    || l.starts_with("fusion_server_dropped_total")
+                    || l.starts_with("fusion_server_backpressure_events_total"))
+        }) {
+            println!("  {l}");
+        }
+    }
+    drop(stalled);
     if let Some(s) = server {
         s.shutdown().await;
     }
