@@ -351,3 +351,34 @@ async fn metrics_health_and_graceful_shutdown_drain() {
     }
     assert!(got && notice);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_state_changes_are_announced_on_the_devices_stream() {
+    let h = small_head();
+    let mut cfg = config();
+    cfg.engine.devices =
+        fusion_engine::engine::DeviceSpec::parse_list("cpu:threads=1,cpu:threads=1").unwrap();
+    cfg.engine.restart_backoff = Duration::from_secs(5);
+    let (s, url) = start(h.clone(), cfg).await;
+    let mut c = Client::connect(&url, None).await.unwrap();
+    c.subscribe("$devices").await.unwrap();
+    let faults = fusion_engine::engine::FaultSpec {
+        fail: 1.0,
+        ..Default::default()
+    };
+    s.engine().set_faults(0, &faults).unwrap();
+    s.engine().set_faults(1, &faults).unwrap();
+    let x = features(16, 1);
+    // The batches fail (both devices), and the producer hears about it.
+    let r = c.fuse("d", &[("text", &x[..])], Priority::Critical).await;
+    assert_eq!(r.unwrap_err().code(), "device_error");
+    let mut failed = false;
+    let t0 = std::time::Instant::now();
+    while !failed && t0.elapsed() < Duration::from_secs(5) {
+        if let Event::Control(v) = next(&mut c, 5.0).await {
+            failed = v["kind"] == "device" && v["state"] == "failed";
+        }
+    }
+    assert!(failed, "no device notice");
+    s.shutdown().await;
+}
