@@ -4,6 +4,7 @@
 //!
 //! Without an adapter the device tests are skipped with a printed reason, unless
 //! `FUSION_REQUIRE_WGPU=1` (CI) makes that a failure.
+#![cfg(feature = "wgpu")]
 
 mod common;
 

@@ -10,18 +10,40 @@ use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;
 
-/// An instance over the backends named by `WGPU_BACKEND` (all when unset).
-pub(super) fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// An instance over `backends` (plus the rest of the environment's instance settings).
+fn instance_for(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
 }
 
-/// Every adapter of `instance`, in a stable order (the order `devices` lists them in).
-pub(super) fn adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
-    let backends = wgpu::Backends::from_env().unwrap_or_else(wgpu::Backends::all);
+/// Every adapter of `instance` over `backends` (the no-op backend excluded).
+fn enumerate(instance: &wgpu::Instance, backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
     pollster::block_on(instance.enumerate_adapters(backends))
         .into_iter()
         .filter(|a| a.get_info().backend != wgpu::Backend::Noop)
         .collect()
+}
+
+/// The instance and its adapters, in a stable order (the order `devices` lists them in).
+///
+/// `WGPU_BACKEND` decides the backends when set. Unset, the native APIs (Vulkan, Metal, DX12)
+/// are tried first and GL only when they find nothing: GL usually reaches the same GPU a second
+/// time, and merely initialising it (EGL) makes Mesa print warnings on headless machines.
+pub(super) fn instance_and_adapters() -> (wgpu::Instance, Vec<wgpu::Adapter>) {
+    if let Some(backends) = wgpu::Backends::from_env() {
+        let instance = instance_for(backends);
+        let adapters = enumerate(&instance, backends);
+        return (instance, adapters);
+    }
+    let instance = instance_for(wgpu::Backends::PRIMARY);
+    let adapters = enumerate(&instance, wgpu::Backends::PRIMARY);
+    if !adapters.is_empty() {
+        return (instance, adapters);
+    }
+    let instance = instance_for(wgpu::Backends::SECONDARY);
+    let adapters = enumerate(&instance, wgpu::Backends::SECONDARY);
+    (instance, adapters)
 }
 
 /// Why no adapter was found, naming the environment that decides it.
@@ -144,8 +166,7 @@ pub(super) fn check(adapter: &wgpu::Adapter) -> Result<(), String> {
 
 /// Lists every adapter; one entry with the reason when there is none.
 pub fn discover() -> Vec<DeviceEntry> {
-    let instance = instance();
-    let adapters = adapters(&instance);
+    let (_instance, adapters) = instance_and_adapters();
     if adapters.is_empty() {
         return vec![DeviceEntry {
             kind: BackendKind::Wgpu,
