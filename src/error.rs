@@ -125,6 +125,12 @@ pub enum Error {
         /// Column.
         col: usize,
     },
+    /// Finite inputs whose projection overflows f32 (values far outside any embedding's range).
+    #[error("input: row {row} overflows f32 in the projection (inputs far too large)")]
+    InputOverflow {
+        /// Sample row.
+        row: usize,
+    },
     /// A sample has no modality present.
     #[error(
         "input: tensor \"mask\" row {row} marks no modality present (expected at least one 1)"
@@ -204,6 +210,7 @@ impl Error {
             Error::InputDtype { .. } => "input_dtype",
             Error::InputUnknownTensor { .. } => "input_unknown_tensor",
             Error::InputNonFinite { .. } => "non_finite",
+            Error::InputOverflow { .. } => "overflow",
             Error::NoModality { .. } => "no_modality",
             Error::BadMask { .. } => "bad_mask",
             Error::EmptyBatch => "empty_batch",
@@ -226,6 +233,7 @@ impl Error {
                 | Error::InputDtype { .. }
                 | Error::InputUnknownTensor { .. }
                 | Error::InputNonFinite { .. }
+                | Error::InputOverflow { .. }
                 | Error::NoModality { .. }
                 | Error::BadMask { .. }
                 | Error::EmptyBatch

@@ -181,6 +181,16 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::F16 => {
+            // Aligned little-endian data converts through `half`'s runtime-detected F16C path
+            // (8 values per instruction); the scalar software conversion is ~10x slower.
+            #[cfg(target_endian = "little")]
+            if let Ok(h) = bytemuck::try_cast_slice::<u8, f16>(bytes) {
+                if h.len() == out.len() {
+                    use half::slice::HalfFloatSliceExt;
+                    h.convert_to_f32_slice(out);
+                    return;
+                }
+            }
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
             }

@@ -52,3 +52,20 @@ proptest! {
         common::agree(&mut b, &widths, dim, rows, dtype, mask, seed);
     }
 }
+
+/// Finite inputs whose projection overflows f32 are refused, never returned as Inf/NaN.
+#[test]
+fn projection_overflow_is_an_error_not_a_non_finite_result() {
+    let mut b = open_cpu(None);
+    let (head, mut batch) = common::setup(&[16, 8], 12, 6, DType::F32, MaskMode::All, 3);
+    fusion_engine::Backend::upload(&mut b, head.clone()).expect("upload");
+    let mut v = vec![0f32; 6 * 16];
+    fusion_engine::tensor::bytes_to_f32(DType::F32, &batch.inputs[0].bytes, &mut v);
+    v[4 * 16..5 * 16].fill(3e38);
+    batch.inputs[0] = fusion_engine::tensor::HostMat::from_f32(6, 16, &v);
+    let mut out = fusion_engine::Outputs::zeros(&head, 6);
+    match fusion_engine::Backend::run(&mut b, &batch.view(), out.as_mut()) {
+        Err(fusion_engine::Error::InputOverflow { row: 4 }) => {}
+        other => panic!("expected InputOverflow at row 4, got {other:?}"),
+    }
+}

@@ -221,7 +221,8 @@ fn project_block(
     }
 }
 
-/// Checks mask values, that each row has a modality, and NaN/Inf in present rows of a block.
+/// Checks mask values and that each row of a block has a modality. NaN/Inf in the inputs is
+/// caught after the epilogue (see `epilogue::block`) and explained by [`non_finite_error`].
 fn check_block(head: &FusionHead, batch: &BatchRef<'_>, r0: usize, n: usize) -> Result<()> {
     let m = head.num_modalities();
     for r in r0..r0 + n {
@@ -229,17 +230,7 @@ fn check_block(head: &FusionHead, batch: &BatchRef<'_>, r0: usize, n: usize) -> 
         for (c, v) in batch.mask[r * m..(r + 1) * m].iter().enumerate() {
             match *v {
                 0 => {}
-                1 => {
-                    any = true;
-                    let x = &batch.inputs[c];
-                    if let Some(col) = find_non_finite_bytes(x.dtype, x.row_bytes(r)) {
-                        return Err(Error::InputNonFinite {
-                            name: head.modalities[c].name.clone(),
-                            row: r,
-                            col,
-                        });
-                    }
-                }
+                1 => any = true,
                 value => {
                     return Err(Error::BadMask {
                         row: r,
@@ -254,6 +245,23 @@ fn check_block(head: &FusionHead, batch: &BatchRef<'_>, r0: usize, n: usize) -> 
         }
     }
     Ok(())
+}
+
+/// The error for a row whose output came out non-finite: the first NaN/Inf among its present
+/// inputs, or, when they are all finite, an f32 overflow of the projection.
+fn non_finite_error(head: &FusionHead, batch: &BatchRef<'_>, row: usize) -> Error {
+    for (i, x) in batch.inputs.iter().enumerate() {
+        if batch.present(row, i) {
+            if let Some(col) = find_non_finite_bytes(x.dtype, x.row_bytes(row)) {
+                return Error::InputNonFinite {
+                    name: head.modalities[i].name.clone(),
+                    row,
+                    col,
+                };
+            }
+        }
+    }
+    Error::InputOverflow { row }
 }
 
 impl Backend for CpuBackend {
@@ -310,13 +318,16 @@ impl Backend for CpuBackend {
                         let r0 = bi * block;
                         let n = fused.len() / d;
                         check_block(head, batch, r0, n)?;
-                        SCRATCH.with(|s| {
+                        let bad = SCRATCH.with(|s| {
                             let (h, xs) = &mut *s.borrow_mut();
                             project_block(p, batch, r0, n, h, xs, par);
                             let present = &batch.mask[r0 * m..(r0 + n) * m];
-                            kernel.run(head, &mut h[..m * n * d], n, present, fused, weights);
+                            kernel.run(head, &mut h[..m * n * d], n, present, fused, weights)
                         });
-                        Ok(())
+                        match bad {
+                            Some(r) => Err(non_finite_error(head, batch, r0 + r)),
+                            None => Ok(()),
+                        }
                     })
             })
             .map(|_: ()| ())?;

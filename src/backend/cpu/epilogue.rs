@@ -226,7 +226,7 @@ fn block(
     fused: &mut [f32],
     weights: &mut [f32],
     score: impl Fn(&mut [f32], &[f32], &[f32]) -> f32,
-) {
+) -> Option<usize> {
     let d = head.dim;
     let m = head.num_modalities();
     let eps = head.eps as f32;
@@ -271,7 +271,22 @@ fn block(
             }
         }
         layer_norm(z, &head.norm_weight, &head.norm_bias, eps);
+        // A NaN/Inf in a present input makes its whole projected row non-finite, and every
+        // present row reaches z through `axpy` (even at weight 0: 0 * NaN = NaN), so checking
+        // the finished row catches bad inputs (and f32 overflow) without another input sweep.
+        if !all_finite(z) || !all_finite(wrow) {
+            return Some(r);
+        }
     }
+    None
+}
+
+/// True when no element is NaN or Inf (branch-free, vectorised).
+#[inline(always)]
+fn all_finite(v: &[f32]) -> bool {
+    v.iter().fold(0u32, |acc, x| {
+        acc | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    }) == 0
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -283,7 +298,7 @@ fn block_avx2(
     present: &[u8],
     fused: &mut [f32],
     weights: &mut [f32],
-) {
+) -> Option<usize> {
     // Calling an AVX2 function from an AVX2 context needs no `unsafe`.
     block(head, h, n, present, fused, weights, |h, b, q| {
         bias_score_avx2(h, b, q)
@@ -299,7 +314,7 @@ fn block_avx512(
     present: &[u8],
     fused: &mut [f32],
     weights: &mut [f32],
-) {
+) -> Option<usize> {
     block(head, h, n, present, fused, weights, |h, b, q| {
         bias_score_avx512(h, b, q)
     })
@@ -331,6 +346,7 @@ impl Kernel {
         Kernel::Generic
     }
 
+    /// Runs the epilogue over a block; returns the first row whose output is not finite.
     pub(crate) fn run(
         self,
         head: &FusionHead,
@@ -339,7 +355,7 @@ impl Kernel {
         present: &[u8],
         fused: &mut [f32],
         weights: &mut [f32],
-    ) {
+    ) -> Option<usize> {
         match self {
             Kernel::Generic => block(head, h, n, present, fused, weights, bias_score),
             #[cfg(target_arch = "x86_64")]
