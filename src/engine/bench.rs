@@ -3,7 +3,7 @@
 //! backoff, and every ticket is awaited. The report counts what was submitted, delivered,
 //! delivered twice (must be 0) and failed, and per device its share, state and latencies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -169,45 +169,59 @@ pub fn run_engine_bench(
         let _ = t.wait();
     }
     let nbatches = opts.samples.div_ceil(opts.batch);
-    let mut tickets: Vec<Ticket> = Vec::with_capacity(nbatches);
+    // Results are consumed while the load runs (a window of tickets per device), as a real
+    // caller does: holding every output until the end would make each batch's outputs fresh
+    // memory (page faults on a hot path the kernel bench does not have).
+    let window = engine.device_names().len().max(1) * (engine.config().max_in_flight + 4);
+    let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(window + 1);
     let mut overloaded = 0u64;
+    let mut delivered = 0u64;
+    let mut failed = 0u64;
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    let mut e2e = Vec::with_capacity(nbatches);
+    let mut per_dev: HashMap<String, (u64, u64, Vec<f64>)> = HashMap::new();
+    let mut record = |t: Ticket| match t.wait() {
+        Ok(r) => {
+            delivered += r.outputs.weights.len() as u64 / head.num_modalities() as u64;
+            e2e.push(r.total_time.as_secs_f64() * 1e3);
+            let e = per_dev.entry(r.device).or_default();
+            e.0 += 1;
+            e.1 += (r.outputs.fused.len() / head.dim) as u64;
+            e.2.push(r.device_time.as_secs_f64() * 1e3);
+        }
+        Err(e) => {
+            failed += opts.batch as u64;
+            *errors.entry(e.code().to_string()).or_default() += 1;
+        }
+    };
     let t0 = Instant::now();
     for i in 0..nbatches {
         let b = Arc::clone(&pool[i % pool.len()]);
         loop {
             match engine.submit_shared(Arc::clone(&b), Priority::Bulk) {
                 Ok(t) => {
-                    tickets.push(t);
+                    inflight.push_back(t);
                     break;
                 }
                 Err(Error::Overloaded(_)) => {
                     overloaded += 1;
-                    std::thread::sleep(opts.overload_backoff);
+                    // Make room by finishing the oldest batch; back off when none is ours.
+                    match inflight.pop_front() {
+                        Some(t) => record(t),
+                        None => std::thread::sleep(opts.overload_backoff),
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
-    }
-    let mut delivered = 0u64;
-    let mut failed = 0u64;
-    let mut errors: HashMap<String, u64> = HashMap::new();
-    let mut e2e = Vec::with_capacity(nbatches);
-    let mut per_dev: HashMap<String, (u64, u64, Vec<f64>)> = HashMap::new();
-    for t in tickets {
-        match t.wait() {
-            Ok(r) => {
-                delivered += r.outputs.weights.len() as u64 / head.num_modalities() as u64;
-                e2e.push(r.total_time.as_secs_f64() * 1e3);
-                let e = per_dev.entry(r.device).or_default();
-                e.0 += 1;
-                e.1 += (r.outputs.fused.len() / head.dim) as u64;
-                e.2.push(r.device_time.as_secs_f64() * 1e3);
-            }
-            Err(e) => {
-                failed += opts.batch as u64;
-                *errors.entry(e.code().to_string()).or_default() += 1;
+        while inflight.len() > window {
+            if let Some(t) = inflight.pop_front() {
+                record(t);
             }
         }
+    }
+    while let Some(t) = inflight.pop_front() {
+        record(t);
     }
     let wall = t0.elapsed().as_secs_f64();
     let stats = engine.stats();
