@@ -44,10 +44,16 @@ fn bench_head(c: &mut Criterion) {
             let mut out = Outputs::zeros(&head, rows);
             g.throughput(Throughput::Elements(rows as u64));
             g.bench_with_input(BenchmarkId::new("whole", rows), &rows, |b, _| {
-                b.iter(|| be.run(&batch.view(), out.as_mut()).map_err(|e| e.to_string()))
+                b.iter(|| {
+                    be.run(&batch.view(), out.as_mut())
+                        .map_err(|e| e.to_string())
+                })
             });
             g.bench_with_input(BenchmarkId::new("projections", rows), &rows, |b, _| {
-                b.iter(|| be.run_projections_only(&batch.view()).map_err(|e| e.to_string()))
+                b.iter(|| {
+                    be.run_projections_only(&batch.view())
+                        .map_err(|e| e.to_string())
+                })
             });
         }
         g.finish();
