@@ -29,10 +29,26 @@ impl<'a> BatchRef<'a> {
     pub fn validate(&self, head: &FusionHead) -> Result<()> {
         self.validate_shapes(head)?;
         let m = head.num_modalities();
-        for r in 0..self.rows {
-            let row = &self.mask[r * m..(r + 1) * m];
+        self.validate_mask(0..self.rows)?;
+        for (i, x) in self.inputs.iter().enumerate() {
+            let rows = (0..self.rows).filter(|r| self.mask[r * m + i] != 0);
+            if let Some((row, col)) = x.find_non_finite(rows) {
+                return Err(Error::InputNonFinite {
+                    name: head.modalities[i].name.clone(),
+                    row,
+                    col,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the mask rows in `rows` hold only 0/1 and mark at least one modality each.
+    pub fn validate_mask(&self, rows: std::ops::Range<usize>) -> Result<()> {
+        let m = self.inputs.len();
+        for r in rows {
             let mut any = false;
-            for (c, v) in row.iter().enumerate() {
+            for (c, v) in self.mask[r * m..(r + 1) * m].iter().enumerate() {
                 match *v {
                     0 => {}
                     1 => any = true,
@@ -47,16 +63,6 @@ impl<'a> BatchRef<'a> {
             }
             if !any {
                 return Err(Error::NoModality { row: r });
-            }
-        }
-        for (i, x) in self.inputs.iter().enumerate() {
-            let rows = (0..self.rows).filter(|r| self.mask[r * m + i] != 0);
-            if let Some((row, col)) = x.find_non_finite(rows) {
-                return Err(Error::InputNonFinite {
-                    name: head.modalities[i].name.clone(),
-                    row,
-                    col,
-                });
             }
         }
         Ok(())
