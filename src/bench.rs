@@ -29,6 +29,9 @@ pub struct BenchResult {
     pub ms_per_batch: f64,
     /// Samples per second at that median.
     pub samples_per_s: f64,
+    /// Mean milliseconds per batch (includes the slow outliers the median ignores; compare
+    /// with wall-clock throughputs such as `bench --devices`).
+    pub mean_ms_per_batch: f64,
     /// GFLOP/s of the projections' work at the whole head's time.
     pub gflops: f64,
     /// Median milliseconds of the projections alone (same GEMM path), if the backend offers it.
@@ -87,6 +90,7 @@ pub fn bench_backend(
             proj_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let mean_ms = head_ms.iter().sum::<f64>() / head_ms.len() as f64;
     let ms = median(&mut head_ms);
     let flops = head.proj_flops(rows);
     let proj = has_proj.then(|| median(&mut proj_ms));
@@ -98,6 +102,7 @@ pub fn bench_backend(
         iters,
         ms_per_batch: ms,
         samples_per_s: rows as f64 / (ms / 1e3),
+        mean_ms_per_batch: mean_ms,
         gflops: flops / (ms / 1e3) / 1e9,
         proj_ms_per_batch: proj,
         proj_gflops: proj.map(|p| flops / (p / 1e3) / 1e9),
