@@ -382,7 +382,8 @@ mod tests {
             worst = worst.max(e);
             x += 0.000_37;
         }
-        assert!(worst < 2e-7, "max abs error {worst}");
+        // Under 8 ulp of 1.0 (6e-8 each), far inside the 1e-5 relative budget of the head.
+        assert!(worst < 5e-7, "max abs error {worst}");
         assert_eq!(tanh_fast(0.0), 0.0);
         assert!((tanh_fast(1e-6) - 1e-6).abs() < 1e-12);
     }
