@@ -297,10 +297,7 @@ fn bench(
         for &dt in dtypes {
             let r = bench_backend(&mut be, b, dt, iters, warmup)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 let proj = match (r.proj_ms_per_batch, r.head_over_proj) {
                     (Some(p), Some(x)) => format!("  proj-only {p:.3} ms (head/proj {x:.2}x)"),
@@ -352,10 +349,7 @@ fn engine_bench(
     let head = load_head(model)?;
     let r = fusion_engine::engine::bench::run_engine_bench(cfg, head, &opts)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
-        );
+        print_json(&r)?;
     } else {
         println!(
             "engine [{}] batch {}: submitted {} delivered {} failed {} duplicates {}  {:.3} s  {:.0} samples/s  e2e p50 {:.2} ms p99 {:.2} ms",
@@ -440,10 +434,7 @@ fn selftest(choice: BackendChoice, seed: Option<u64>, json: bool) -> Result<Exit
                     failed += 1;
                 }
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&r).map_err(|e| Error::Config(e.to_string()))?
-                    );
+                    print_json(&r)?;
                 } else {
                     println!(
                         "{:8} {:20} fused {:9.2e}  weights {:9.2e}  tol {:.0e}  {}{}",
@@ -493,4 +484,11 @@ fn compile_check(choice: BackendChoice, include: Option<PathBuf>) -> Result<Exit
             reason: "not compiled in (build with the `cuda` cargo feature)".into(),
         })
     }
+}
+
+/// Prints one value as a JSON line on stdout.
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let line = serde_json::to_string(v).map_err(|e| Error::Config(e.to_string()))?;
+    println!("{line}");
+    Ok(())
 }
