@@ -386,3 +386,59 @@ fn no_usable_device_is_a_clear_start_error() {
         Ok(_) => panic!("a device listed twice was accepted"),
     }
 }
+
+/// Under sustained CRITICAL overload a BULK batch still runs: once it has waited
+/// `priority_aging` it goes ahead of newer batches. Without aging it waits for the CRITICAL
+/// flood to end (so the test can tell the two apart).
+#[test]
+fn bulk_is_not_starved_by_sustained_critical_load() {
+    fn bulk_finished_during_flood(aging: Duration) -> (bool, Duration) {
+        let head = small_head();
+        let mut cfg = config("cpu:threads=1:delay=5ms");
+        cfg.max_in_flight = 1;
+        cfg.max_pending = Some(64);
+        cfg.priority_aging = aging;
+        let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 1, 4, 11);
+        // Fill the device and its pending queue with CRITICAL work first.
+        let mut crit: std::collections::VecDeque<Ticket> = (0..8)
+            .map(|_| engine.submit_shared(Arc::clone(&bs[0]), Priority::Critical).unwrap())
+            .collect();
+        let t0 = Instant::now();
+        let mut bulk = Some(engine.submit_shared(Arc::clone(&bs[0]), Priority::Bulk).unwrap());
+        let mut done_at = None;
+        // Keep 8 CRITICAL batches pending for 1.5 s (the device does ~150 batches meanwhile).
+        while t0.elapsed() < Duration::from_millis(1500) {
+            if let Some(t) = crit.pop_front() {
+                t.wait().unwrap();
+            }
+            crit.push_back(engine.submit_shared(Arc::clone(&bs[0]), Priority::Critical).unwrap());
+            if let Some(b) = bulk.take() {
+                match b.try_take() {
+                    Ok(r) => {
+                        r.unwrap();
+                        done_at = Some(t0.elapsed());
+                    }
+                    Err(b) => bulk = Some(b),
+                }
+            }
+        }
+        let flood = t0.elapsed();
+        if let Some(b) = bulk {
+            b.wait().unwrap();
+        }
+        for t in crit {
+            t.wait().unwrap();
+        }
+        engine.shutdown(Duration::from_secs(1));
+        (done_at.is_some(), done_at.unwrap_or(flood))
+    }
+    within(60, || {
+        let (ran, after) = bulk_finished_during_flood(Duration::from_millis(100));
+        assert!(ran, "BULK batch did not run during the CRITICAL flood");
+        // 100 ms of aging plus at most the batch running ahead of it (5 ms delay + kernel).
+        assert!(after < Duration::from_millis(600), "BULK ran only after {after:?}");
+        let (ran, after) = bulk_finished_during_flood(Duration::from_secs(3600));
+        assert!(!ran, "without aging BULK should wait for the flood (ran after {after:?})");
+    });
+}

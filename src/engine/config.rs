@@ -264,6 +264,12 @@ pub struct EngineConfig {
     /// 30 s.
     #[serde(with = "dur")]
     pub queue_timeout: Duration,
+    /// Anti-starvation: a batch that has waited this long for a device is dispatched ahead of
+    /// every newer batch, whatever its class (aged batches go oldest first). Strict priority
+    /// order holds among batches younger than this, so BULK is delayed by sustained CRITICAL
+    /// load at most this long plus the work already queued at the devices. Default 250 ms.
+    #[serde(with = "dur")]
+    pub priority_aging: Duration,
     /// How long `Engine::start` waits for the devices to open. Default 60 s.
     #[serde(with = "dur")]
     pub open_timeout: Duration,
@@ -293,6 +299,7 @@ impl Default for EngineConfig {
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
             queue_timeout: Duration::from_secs(30),
+            priority_aging: Duration::from_millis(250),
             open_timeout: Duration::from_secs(60),
             cpu_overflow: false,
             allow_tf32: false,

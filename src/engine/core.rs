@@ -281,10 +281,7 @@ impl Core {
         if cands.iter().all(|c| c.free == 0) {
             return;
         }
-        let flat: Vec<(usize, usize)> = (0..3)
-            .flat_map(|c| (0..st.pending[c].len()).map(move |k| (c, k)))
-            .take(SCAN_LIMIT)
-            .collect();
+        let flat = scan_order(&st.pending, now, self.cfg.priority_aging);
         let plan = {
             let view: Vec<(usize, &[usize])> = flat
                 .iter()
@@ -406,4 +403,29 @@ fn take_probe(st: &mut State, d: usize) -> Option<Job> {
         }
     }
     None
+}
+
+/// The order the router looks at pending batches in (`(class, position)` pairs, at most
+/// `SCAN_LIMIT`): first every batch that has waited at least `aging`, oldest first whatever its
+/// class (anti-starvation), then the rest in strict priority order. Each class queue is in
+/// submission order (a retried batch goes back to the front), so its aged batches are a prefix.
+pub(crate) fn scan_order(
+    pending: &[VecDeque<Job>; 3],
+    now: Instant,
+    aging: Duration,
+) -> Vec<(usize, usize)> {
+    let aged = |j: &Job| now.saturating_duration_since(j.inner.submitted) >= aging;
+    let prefix: Vec<usize> = pending
+        .iter()
+        .map(|q| q.iter().take_while(|j| aged(j)).count())
+        .collect();
+    let mut old: Vec<(usize, usize)> = (0..3)
+        .flat_map(|c| (0..prefix[c]).map(move |k| (c, k)))
+        .collect();
+    old.sort_by_key(|&(c, k)| pending[c][k].inner.submitted);
+    old.truncate(SCAN_LIMIT);
+    let rest = (0..3).flat_map(|c| (prefix[c]..pending[c].len()).map(move |k| (c, k)));
+    let room = SCAN_LIMIT - old.len();
+    old.extend(rest.take(room));
+    old
 }
