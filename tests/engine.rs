@@ -402,17 +402,29 @@ fn bulk_is_not_starved_by_sustained_critical_load() {
         let bs = batches(&head, 1, 4, 11);
         // Fill the device and its pending queue with CRITICAL work first.
         let mut crit: std::collections::VecDeque<Ticket> = (0..8)
-            .map(|_| engine.submit_shared(Arc::clone(&bs[0]), Priority::Critical).unwrap())
+            .map(|_| {
+                engine
+                    .submit_shared(Arc::clone(&bs[0]), Priority::Critical)
+                    .unwrap()
+            })
             .collect();
         let t0 = Instant::now();
-        let mut bulk = Some(engine.submit_shared(Arc::clone(&bs[0]), Priority::Bulk).unwrap());
+        let mut bulk = Some(
+            engine
+                .submit_shared(Arc::clone(&bs[0]), Priority::Bulk)
+                .unwrap(),
+        );
         let mut done_at = None;
         // Keep 8 CRITICAL batches pending for 1.5 s (the device does ~150 batches meanwhile).
         while t0.elapsed() < Duration::from_millis(1500) {
             if let Some(t) = crit.pop_front() {
                 t.wait().unwrap();
             }
-            crit.push_back(engine.submit_shared(Arc::clone(&bs[0]), Priority::Critical).unwrap());
+            crit.push_back(
+                engine
+                    .submit_shared(Arc::clone(&bs[0]), Priority::Critical)
+                    .unwrap(),
+            );
             if let Some(b) = bulk.take() {
                 match b.try_take() {
                     Ok(r) => {
@@ -437,8 +449,14 @@ fn bulk_is_not_starved_by_sustained_critical_load() {
         let (ran, after) = bulk_finished_during_flood(Duration::from_millis(100));
         assert!(ran, "BULK batch did not run during the CRITICAL flood");
         // 100 ms of aging plus at most the batch running ahead of it (5 ms delay + kernel).
-        assert!(after < Duration::from_millis(600), "BULK ran only after {after:?}");
+        assert!(
+            after < Duration::from_millis(600),
+            "BULK ran only after {after:?}"
+        );
         let (ran, after) = bulk_finished_during_flood(Duration::from_secs(3600));
-        assert!(!ran, "without aging BULK should wait for the flood (ran after {after:?})");
+        assert!(
+            !ran,
+            "without aging BULK should wait for the flood (ran after {after:?})"
+        );
     });
 }
