@@ -171,6 +171,13 @@ impl Engine {
         self.core.submit(batch, priority)
     }
 
+    /// How full the engine is: admitted, undelivered batches over `max_pending` (0..=1; 1 means
+    /// the next `submit` is refused with `Overloaded`).
+    pub fn saturation(&self) -> f64 {
+        let admitted = self.core.state.lock().admitted;
+        admitted as f64 / self.core.max_pending.max(1) as f64
+    }
+
     /// The head the devices run.
     pub fn head(&self) -> &Arc<FusionHead> {
         &self.core.head

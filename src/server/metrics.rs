@@ -20,6 +20,8 @@
 //! | `fusion_server_aligner_timeouts_total` | counter | samples fused (or rejected) at align_timeout |
 //! | `fusion_server_samples_total` | counter | samples sent to the engine |
 //! | `fusion_server_batch_size` | histogram | samples per batch |
+//! | `fusion_server_ingest_backpressure` | gauge | 1 while producer flow control is on (`pressure.rs`) |
+//! | `fusion_server_ingest_backpressure_notices_total` | counter | `ingest_backpressure` notices sent |
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 

@@ -26,6 +26,7 @@ mod messages;
 mod metrics;
 mod outbound;
 mod pipeline;
+mod pressure;
 mod registry;
 pub mod serve;
 mod writer;
@@ -63,6 +64,8 @@ pub(crate) struct Shared {
     pub ingest: mpsc::Sender<Ingest>,
     pub m: Arc<ServerMetrics>,
     pub welcome: serde_json::Value,
+    /// Producer flow control (ingest backpressure notices).
+    pub pressure: pressure::IngestPressure,
     conns: Mutex<HashMap<u64, Arc<Outbound>>>,
     next_id: AtomicU64,
 }
@@ -129,6 +132,7 @@ impl Server {
             registry: Arc::new(Registry::default()),
             ingest: tx,
             m: Arc::new(ServerMetrics::new()),
+            pressure: pressure::IngestPressure::new(),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             cfg,

@@ -54,17 +54,18 @@ pub(crate) async fn run(
         .into_iter()
         .flatten()
         .min();
+        let fill = ingest_fill(&shared);
         tokio::select! {
             biased;
             _ = stop.changed() => break,
             msg = rx.recv() => {
                 let Some(first) = msg else { break };
                 let now = Instant::now();
-                offer(&shared, &mut aligner, first, now, &mut pending, &mut oldest);
+                offer(&shared, &mut aligner, first, fill, now, &mut pending, &mut oldest);
                 // Take what else is queued without going back to the scheduler.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(m) => offer(&shared, &mut aligner, m, now, &mut pending, &mut oldest),
+                        Ok(m) => offer(&shared, &mut aligner, m, fill, now, &mut pending, &mut oldest),
                         Err(_) => break,
                     }
                 }
@@ -84,12 +85,22 @@ pub(crate) async fn run(
             now,
             false,
         );
+        let open = aligner.len() as f64 / cfg.max_open_samples.max(1) as f64;
+        shared.pressure.observe(open.max(ingest_fill(&shared)));
     }
     // Shutdown: what is queued and open is fused with what it has, then in-flight finishes.
     rx.close();
     let now = Instant::now();
     while let Ok(m) = rx.try_recv() {
-        offer(&shared, &mut aligner, m, now, &mut pending, &mut oldest);
+        offer(
+            &shared,
+            &mut aligner,
+            m,
+            0.0,
+            now,
+            &mut pending,
+            &mut oldest,
+        );
     }
     aligner.drain(&mut expired);
     timed_out(&shared, &mut expired, &mut pending, &mut oldest, now);
@@ -102,6 +113,15 @@ pub(crate) async fn run(
     if drained.is_err() {
         tracing::warn!("shutdown: in-flight batches did not finish within the grace period");
     }
+}
+
+/// Fill of the bounded stages after the aligner: the ingest queue (connections to this task)
+/// and the engine's admitted batches.
+fn ingest_fill(shared: &Shared) -> f64 {
+    let q = &shared.ingest;
+    let queued = q.max_capacity().saturating_sub(q.capacity());
+    let queue = queued as f64 / q.max_capacity().max(1) as f64;
+    queue.max(shared.engine.saturation())
 }
 
 async fn sleep_opt(at: Option<Instant>) {
@@ -120,16 +140,21 @@ fn about(ing: &Ingest) -> About<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn offer(
     shared: &Shared,
     aligner: &mut Aligner,
     ing: Ingest,
+    engine_fill: f64,
     now: Instant,
     pending: &mut [VecDeque<Sample>; 3],
     oldest: &mut Option<Instant>,
 ) {
     let name = |i: usize| shared.head.modalities.get(i).map(|m| m.name.as_str());
     let producer = Arc::clone(&ing.producer);
+    let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
+    shared.pressure.observe(open.max(engine_fill));
+    shared.pressure.producing(&producer);
     let ack = ing.ack.then(|| {
         (
             ing.producer.clone(),
@@ -174,8 +199,10 @@ fn offer(
     producer.end_request();
 }
 
-/// Saturation: BULK is shed with a notice, other classes get a retryable overload error.
-pub(crate) fn refuse(shared: &Shared, to: &Outbound, p: Priority, a: &About<'_>, why: &str) {
+/// Saturation: BULK is shed with a notice, other classes get a retryable overload error; the
+/// producer has been told `ingest_backpressure` `on` before either.
+pub(crate) fn refuse(shared: &Shared, to: &Arc<Outbound>, p: Priority, a: &About<'_>, why: &str) {
+    shared.pressure.refusing(to);
     if p == Priority::Bulk {
         to.push_control(messages::shed(a, why));
     } else {
@@ -250,6 +277,9 @@ fn tell_producers<'a>(
         }
     }
     for (p, stream, shed, keys) in groups {
+        if code == Code::Overloaded {
+            shared.pressure.refusing(p);
+        }
         if !shed {
             shared.m.error(code);
         }
