@@ -285,7 +285,8 @@ async fn connection(
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
-        .write_buffer_size(0);
+        // Bursts of the writer (writer.rs) fit the buffer: one flush writes them out.
+        .write_buffer_size(writer::BURST_BYTES + (32 << 10));
     let hs = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_cfg));
     let ws = match tokio::time::timeout(Duration::from_secs(10), hs).await {
         Ok(Ok(ws)) => ws,

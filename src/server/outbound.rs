@@ -316,11 +316,6 @@ impl Outbound {
         Next::Idle(due)
     }
 
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.state.lock().q.iter().all(|q| q.is_empty())
-    }
-
     /// Closes with `code` once everything queued has been sent.
     pub fn close_after_drain(&self, code: u16, why: &'static str) {
         self.state

@@ -1,6 +1,7 @@
 //! The one sender task of a connection: drains its [`Outbound`] queues in strict priority
-//! order, each send under `send_timeout`, detects slow consumers (5 sends over 500 ms in a
-//! row), sends heartbeats, and closes with a reason naming the last delivered seq.
+//! order in bursts (one flush per burst), each burst under `send_timeout`, detects slow
+//! consumers (5 bursts over 500 ms in a row), sends heartbeats, and closes with a reason naming
+//! the last delivered seq.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +51,19 @@ pub(crate) async fn run<S>(
     out.finish();
 }
 
+/// A burst ends after this many messages ...
+const BURST_MESSAGES: usize = 64;
+/// ... or this many bytes (under the WebSocket write buffer, so a burst's frames are written by
+/// its flush, one or a few syscalls, not one per message).
+pub(crate) const BURST_BYTES: usize = 96 << 10;
+
 /// Sends until a close is due; returns the close to send, if any.
+///
+/// Messages go out in bursts: up to [`BURST_MESSAGES`] messages or [`BURST_BYTES`], taken in
+/// strict priority order, fed into the WebSocket's write buffer and flushed together. A burst is
+/// one *send* of PROTOCOL section 7.3: it runs under `send_timeout`, and `slow_sends` bursts in a
+/// row slower than `slow_send` close the connection (slow consumer). `last_seq` advances only
+/// when a burst's flush succeeded, so a close reason never names a result still in our buffer.
 async fn drain<S>(
     out: &Outbound,
     sink: &mut S,
@@ -62,16 +75,37 @@ where
 {
     let mut last_seq: u64 = 0;
     let mut slow_run: u32 = 0;
-    let mut unflushed = 0usize;
     let mut next_heartbeat = Instant::now() + cfg.heartbeat;
     let close = |code: u16, why: &str, last: u64| Some((code, format!("{why} last_seq={last}")));
     loop {
         match out.next() {
-            Next::Send(item) => {
+            Next::Send(first) => {
                 let t0 = Instant::now();
-                // `feed` writes the frame out (the server's write buffer is 0 bytes), so its
-                // time is the time the peer takes to accept it.
-                match timeout(cfg.send_timeout, sink.feed(item.msg)).await {
+                let mut burst_seq = 0u64;
+                let mut sent = [0u64; 4];
+                let mut bytes = 0usize;
+                let mut n = 0usize;
+                let mut item = Some(first);
+                let mut then = None;
+                let fed = timeout(cfg.send_timeout, async {
+                    while let Some(it) = item.take() {
+                        bytes += it.msg.len();
+                        n += 1;
+                        sent[it.class] += 1;
+                        burst_seq = burst_seq.max(it.seq);
+                        sink.feed(it.msg).await?;
+                        if n >= BURST_MESSAGES || bytes >= BURST_BYTES {
+                            break;
+                        }
+                        match out.next() {
+                            Next::Send(it) => item = Some(it),
+                            other => then = Some(other),
+                        }
+                    }
+                    sink.flush().await
+                })
+                .await;
+                match fed {
                     Err(_) => {
                         m.slow_consumer("send_timeout");
                         tracing::warn!(conn = out.id, "send timed out: closing with 1013");
@@ -83,12 +117,15 @@ where
                     }
                     Ok(Ok(())) => {}
                 }
-                unflushed += 1;
                 let dt = t0.elapsed();
                 m.send_seconds.record(dt.as_secs_f64());
-                m.sent[item.class].increment(1);
-                if item.seq > 0 {
-                    last_seq = item.seq;
+                for (c, k) in sent.iter().enumerate() {
+                    if *k > 0 {
+                        m.sent[c].increment(*k);
+                    }
+                }
+                if burst_seq > 0 {
+                    last_seq = burst_seq;
                 }
                 if dt > cfg.slow_send {
                     slow_run += 1;
@@ -100,22 +137,16 @@ where
                 } else {
                     slow_run = 0;
                 }
-                if unflushed >= 64 || out.is_empty() {
-                    if let Some(c) = flush(sink, cfg, m, last_seq).await {
-                        return c;
-                    }
-                    unflushed = 0;
+                match then {
+                    Some(Next::Close(code, why)) => return close(code, why, last_seq),
+                    Some(Next::Stop) => return None,
+                    // Idle, or the burst was full: look at the queues again.
+                    _ => {}
                 }
             }
             Next::Close(code, why) => return close(code, why, last_seq),
             Next::Stop => return None,
             Next::Idle(due) => {
-                if unflushed > 0 {
-                    if let Some(c) = flush(sink, cfg, m, last_seq).await {
-                        return c;
-                    }
-                    unflushed = 0;
-                }
                 let now = Instant::now();
                 if now >= next_heartbeat {
                     next_heartbeat = now + cfg.heartbeat;
@@ -135,25 +166,5 @@ where
                 }
             }
         }
-    }
-}
-
-/// Flushes; `Some(close)` when the connection must end.
-async fn flush<S>(
-    sink: &mut S,
-    cfg: &WriterConfig,
-    m: &ServerMetrics,
-    last_seq: u64,
-) -> Option<Option<(u16, String)>>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    match timeout(cfg.send_timeout, sink.flush()).await {
-        Err(_) => {
-            m.slow_consumer("send_timeout");
-            Some(Some((1013, format!("send_timeout last_seq={last_seq}"))))
-        }
-        Ok(Err(_)) => Some(None),
-        Ok(Ok(())) => None,
     }
 }
