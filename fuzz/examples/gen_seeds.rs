@@ -19,7 +19,9 @@ fn write(dir: &Path, name: &str, selector: u8, body: &[u8]) {
 }
 
 fn values(n: usize, k: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.25 - 1.0).collect()
+    (0..n)
+        .map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.25 - 1.0)
+        .collect()
 }
 
 fn batch(head: &FusionHead, rows: usize, dtypes: &[DType], mask: Vec<u8>) -> Batch {
@@ -40,9 +42,39 @@ fn main() {
     let f32s: Vec<u8> = values(4, 0).iter().flat_map(|v| v.to_le_bytes()).collect();
     let f16s = HostMat::from_f32_as(DType::F16, 1, 3, &values(3, 1)).bytes;
     let frames = [
-        ("produce-f32", "cam", "k1", "vision", DType::F32, Priority::Important, 0, 0, &f32s[..]),
-        ("produce-f16-ack", "s", "42", "text", DType::F16, Priority::Critical, FLAG_ACK, 7, &f16s[..]),
-        ("produce-bf16-last", "s", "k", "audio", DType::BF16, Priority::Bulk, FLAG_LAST, 1, &f16s[..4]),
+        (
+            "produce-f32",
+            "cam",
+            "k1",
+            "vision",
+            DType::F32,
+            Priority::Important,
+            0,
+            0,
+            &f32s[..],
+        ),
+        (
+            "produce-f16-ack",
+            "s",
+            "42",
+            "text",
+            DType::F16,
+            Priority::Critical,
+            FLAG_ACK,
+            7,
+            &f16s[..],
+        ),
+        (
+            "produce-bf16-last",
+            "s",
+            "k",
+            "audio",
+            DType::BF16,
+            Priority::Bulk,
+            FLAG_LAST,
+            1,
+            &f16s[..4],
+        ),
     ];
     for (name, s, k, m, dt, p, flags, id, payload) in frames {
         let f = encode_produce(s, k, m, dt, p, flags, id, payload).expect("frame");
@@ -56,10 +88,18 @@ fn main() {
         fused: &[0.5, -1.0, 2.0, 0.25],
         weights: &[0.75, 0.0, 0.25],
     };
-    write(&dir, "result", PROTOCOL_RESULT, &with_seq(&encode_result(&r), 9));
+    write(
+        &dir,
+        "result",
+        PROTOCOL_RESULT,
+        &with_seq(&encode_result(&r), 9),
+    );
     let texts = [
         ("hello", r#"{"type":"hello","version":1}"#),
-        ("hello-binary", r#"{"type":"hello","version":1,"results":"binary","id":1}"#),
+        (
+            "hello-binary",
+            r#"{"type":"hello","version":1,"results":"binary","id":1}"#,
+        ),
         ("ping", r#"{"type":"ping","id":"p"}"#),
         ("subscribe", r#"{"type":"subscribe","stream":"cam","id":2}"#),
         ("unsubscribe", r#"{"type":"unsubscribe","stream":"cam"}"#),
@@ -80,13 +120,38 @@ fn main() {
     let tiny = tiny_head();
     let f32s = [DType::F32; 3];
     let b = batch(&tiny, 2, &f32s, vec![1, 1, 0, 0, 1, 1]);
-    write(&dir, "tiny-f32-mask", INPUT_TINY, &write_input_bytes(&tiny, &b, true).expect("st"));
-    let b = batch(&tiny, 1, &[DType::F16, DType::BF16, DType::F32], vec![1, 1, 1]);
-    write(&dir, "tiny-mixed", INPUT_TINY, &write_input_bytes(&tiny, &b, false).expect("st"));
+    write(
+        &dir,
+        "tiny-f32-mask",
+        INPUT_TINY,
+        &write_input_bytes(&tiny, &b, true).expect("st"),
+    );
+    let b = batch(
+        &tiny,
+        1,
+        &[DType::F16, DType::BF16, DType::F32],
+        vec![1, 1, 1],
+    );
+    write(
+        &dir,
+        "tiny-mixed",
+        INPUT_TINY,
+        &write_input_bytes(&tiny, &b, false).expect("st"),
+    );
     // The layout of examples/features.safetensors (F32, F16, F32 and a U8 mask), one row.
     let emb = FusionHead::embedded();
-    let b = batch(&emb, 1, &[DType::F32, DType::F16, DType::F32], vec![1, 0, 1]);
-    write(&dir, "embedded-mask", INPUT_EMBEDDED, &write_input_bytes(&emb, &b, true).expect("st"));
+    let b = batch(
+        &emb,
+        1,
+        &[DType::F32, DType::F16, DType::F32],
+        vec![1, 0, 1],
+    );
+    write(
+        &dir,
+        "embedded-mask",
+        INPUT_EMBEDDED,
+        &write_input_bytes(&emb, &b, true).expect("st"),
+    );
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let st = tiny.to_safetensors(dt).expect("st");
         write(&dir, &format!("model-{}", dt.name()), INPUT_MODEL, &st);

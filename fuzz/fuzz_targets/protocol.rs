@@ -41,7 +41,10 @@ fn produce(b: &[u8]) {
             .expect("a parsed frame re-encodes");
             assert_eq!(again, b, "encode(parse(frame)) == frame");
             let m = p.to_produce();
-            assert_eq!((m.n, m.dtype, m.payload.len()), (p.n, p.dtype, p.payload.len()));
+            assert_eq!(
+                (m.n, m.dtype, m.payload.len()),
+                (p.n, p.dtype, p.payload.len())
+            );
             assert_eq!(m.id.is_some(), p.id != 0);
         }
         Err(e) => {

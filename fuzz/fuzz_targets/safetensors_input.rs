@@ -84,25 +84,27 @@ fn model(b: &[u8]) {
     for v in [&h.gate, &h.norm_weight, &h.norm_bias] {
         assert_eq!(v.len(), d);
     }
-    let all = h
-        .proj_weight
-        .iter()
-        .chain(&h.proj_bias)
-        .chain([&h.gate, &h.norm_weight, &h.norm_bias]);
+    let all =
+        h.proj_weight
+            .iter()
+            .chain(&h.proj_bias)
+            .chain([&h.gate, &h.norm_weight, &h.norm_bias]);
     for v in all.clone() {
         assert!(v.iter().all(|x| x.is_finite()), "parameters are finite");
     }
     // Saving as F32 is exact whatever the stored dtypes were: the head loads back the same.
-    let bytes = h.to_safetensors(DType::F32).expect("a loaded head serialises");
+    let bytes = h
+        .to_safetensors(DType::F32)
+        .expect("a loaded head serialises");
     let g = FusionHead::from_bytes(&bytes, "saved").expect("a saved head loads back");
     assert_eq!(g.modalities, h.modalities);
     assert_eq!((g.dim, g.eps), (h.dim, h.eps));
     let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let g_all = g
-        .proj_weight
-        .iter()
-        .chain(&g.proj_bias)
-        .chain([&g.gate, &g.norm_weight, &g.norm_bias]);
+    let g_all =
+        g.proj_weight
+            .iter()
+            .chain(&g.proj_bias)
+            .chain([&g.gate, &g.norm_weight, &g.norm_bias]);
     for (a, b) in all.zip(g_all) {
         assert_eq!(bits(a), bits(b), "save(load(file)) loads back bit for bit");
     }
