@@ -1,8 +1,12 @@
-//! The wire format of docs/PROTOCOL.md: binary produce frames (parse), binary and JSON result
-//! frames (encode), and the stable error codes. Pure functions, no I/O: the client uses the
-//! same code for the other direction.
+//! The wire format of docs/PROTOCOL.md: binary produce frames (parse), client JSON control
+//! messages (decode), binary and JSON result frames (encode), and the stable error codes. Pure
+//! functions, no I/O: the client uses the same code for the other direction, and the fuzz
+//! targets (fuzz/) drive the decoders directly.
+
+use std::borrow::Cow;
 
 use bytes::Bytes;
+use serde_json::Value;
 
 use crate::engine::Priority;
 use crate::tensor::DType;
@@ -298,6 +302,186 @@ pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
     })
 }
 
+/// A produce message from either encoding, before validation against the head and the
+/// server's limits (names, widths, finiteness are the connection's checks).
+#[derive(Debug, Clone)]
+pub struct Produce<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// Sample key (a JSON integer key is turned into its decimal text).
+    pub key: Cow<'a, str>,
+    /// Modality name.
+    pub modality: &'a str,
+    /// Payload dtype (always F32 for JSON).
+    pub dtype: DType,
+    /// Class.
+    pub priority: Priority,
+    /// Element count; `payload.len() == n * dtype.size()`.
+    pub n: usize,
+    /// Little-endian elements.
+    pub payload: Bytes,
+    /// Last modality of the sample.
+    pub last: bool,
+    /// Ack requested.
+    pub ack: bool,
+    /// Request id echoed in replies (binary: the non-zero u32; JSON: any value).
+    pub id: Option<Value>,
+}
+
+impl<'a> ProduceFrame<'a> {
+    /// The frame as a [`Produce`] message (the payload shares the frame's buffer).
+    pub fn to_produce(&self) -> Produce<'a> {
+        Produce {
+            stream: self.stream,
+            key: Cow::Borrowed(self.key),
+            modality: self.modality,
+            dtype: self.dtype,
+            priority: self.priority,
+            n: self.n,
+            payload: self.payload.clone(),
+            last: self.last,
+            ack: self.ack,
+            id: (self.id != 0).then(|| Value::from(self.id)),
+        }
+    }
+}
+
+/// A client text (JSON) message, decoded; it borrows from the parsed JSON value.
+#[derive(Debug, Clone)]
+pub enum ClientMessage<'a> {
+    /// `hello` with protocol version 1; `binary` when results are to be sent as binary frames.
+    Hello {
+        /// `"results": "binary"`.
+        binary: bool,
+    },
+    /// `ping`.
+    Ping,
+    /// `subscribe` to a stream.
+    Subscribe {
+        /// Stream name (not yet checked against `max_name_bytes`).
+        stream: &'a str,
+    },
+    /// `unsubscribe` from a stream.
+    Unsubscribe {
+        /// Stream name.
+        stream: &'a str,
+    },
+    /// `produce` in its JSON form.
+    Produce(Produce<'a>),
+}
+
+/// Parses a client text frame as JSON (the first step of [`decode_client_message`]).
+pub fn parse_client_json(text: &str) -> Result<Value, ProtoError> {
+    serde_json::from_str(text)
+        .map_err(|e| ProtoError::new(Code::Malformed, format!("not JSON: {e}")))
+}
+
+/// Decodes a parsed client text message: its `type` and that type's fields.
+pub fn decode_client_message(v: &Value) -> Result<ClientMessage<'_>, ProtoError> {
+    let Some(ty) = v.get("type").and_then(Value::as_str) else {
+        return Err(ProtoError::new(
+            Code::Malformed,
+            "a text message must be a JSON object with a string \"type\"",
+        ));
+    };
+    match ty {
+        "hello" => {
+            if v.get("version").and_then(Value::as_u64) != Some(u64::from(VERSION)) {
+                let version = v.get("version").unwrap_or(&Value::Null);
+                return Err(ProtoError::new(
+                    Code::UnsupportedVersion,
+                    format!("protocol version {version} is not supported (this server speaks 1)"),
+                ));
+            }
+            let binary = match v.get("results").map(|r| r.as_str()) {
+                None | Some(Some("json")) => false,
+                Some(Some("binary")) => true,
+                _ => {
+                    return Err(ProtoError::new(
+                        Code::Malformed,
+                        "\"results\" must be \"json\" or \"binary\"",
+                    ))
+                }
+            };
+            Ok(ClientMessage::Hello { binary })
+        }
+        "ping" => Ok(ClientMessage::Ping),
+        "subscribe" | "unsubscribe" => {
+            let Some(stream) = v.get("stream").and_then(Value::as_str) else {
+                return Err(ProtoError::new(
+                    Code::Malformed,
+                    "\"stream\" (a string) is required",
+                ));
+            };
+            Ok(if ty == "subscribe" {
+                ClientMessage::Subscribe { stream }
+            } else {
+                ClientMessage::Unsubscribe { stream }
+            })
+        }
+        "produce" => json_produce(v).map(ClientMessage::Produce),
+        other => Err(ProtoError::new(
+            Code::UnknownType,
+            format!(
+                "unknown message type \"{other}\" (hello, subscribe, unsubscribe, produce, ping)"
+            ),
+        )),
+    }
+}
+
+/// Parses the JSON form of produce.
+fn json_produce(v: &Value) -> Result<Produce<'_>, ProtoError> {
+    let bad = |m: &str| ProtoError::new(Code::Malformed, m.to_string());
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(&format!("\"{k}\" (a string) is required")))
+    };
+    let stream = field("stream")?;
+    let modality = field("modality")?;
+    let key = match v.get("key") {
+        Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
+        Some(Value::Number(n)) if n.is_u64() => Cow::Owned(n.to_string()),
+        _ => {
+            return Err(bad(
+                "\"key\" (a string or a non-negative integer) is required",
+            ))
+        }
+    };
+    let priority = match v.get("priority") {
+        None => Priority::Important,
+        Some(p) => p.as_str().and_then(priority_named).ok_or_else(|| {
+            ProtoError::new(
+                Code::BadPriority,
+                "\"priority\" must be \"critical\", \"important\" or \"bulk\"",
+            )
+        })?,
+    };
+    let Some(values) = v.get("values").and_then(Value::as_array) else {
+        return Err(bad("\"values\" (an array of numbers) is required"));
+    };
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for x in values {
+        let f = x
+            .as_f64()
+            .ok_or_else(|| bad("\"values\" must hold numbers only"))?;
+        bytes.extend_from_slice(&(f as f32).to_le_bytes());
+    }
+    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+    Ok(Produce {
+        stream,
+        key,
+        modality,
+        dtype: DType::F32,
+        priority,
+        n: values.len(),
+        payload: Bytes::from(bytes),
+        last: flag("last"),
+        ack: flag("ack"),
+        id: v.get("id").cloned(),
+    })
+}
+
 /// Encodes a binary produce frame (the client side). Strings longer than 65535 bytes are
 /// refused.
 #[allow(clippy::too_many_arguments)]
@@ -535,5 +719,45 @@ mod tests {
         assert_eq!(j["seq"], 9);
         assert_eq!(j["key"], "k");
         assert_eq!(j["weights"][0], 1.0);
+    }
+
+    #[test]
+    fn client_messages_decode() {
+        let msg = |t: &str| {
+            parse_client_json(t).and_then(|v| decode_client_message(&v).map(|m| format!("{m:?}")))
+        };
+        let code = |t: &str| msg(t).unwrap_err().code;
+        assert!(msg(r#"{"type":"hello","version":1,"results":"binary"}"#)
+            .unwrap()
+            .contains("binary: true"));
+        assert_eq!(
+            code(r#"{"type":"hello","version":2}"#),
+            Code::UnsupportedVersion
+        );
+        assert_eq!(
+            code(r#"{"type":"hello","version":1,"results":3}"#),
+            Code::Malformed
+        );
+        assert_eq!(code("[1]"), Code::Malformed);
+        assert_eq!(code("{"), Code::Malformed);
+        assert_eq!(code(r#"{"type":"nope"}"#), Code::UnknownType);
+        assert_eq!(code(r#"{"type":"subscribe"}"#), Code::Malformed);
+        assert_eq!(
+            code(
+                r#"{"type":"produce","stream":"s","key":1,"modality":"m","values":[],"priority":"x"}"#
+            ),
+            Code::BadPriority
+        );
+        let v = parse_client_json(
+            r#"{"type":"produce","stream":"s","key":12,"modality":"m","values":[1,2.5],"id":"r"}"#,
+        )
+        .unwrap();
+        let Ok(ClientMessage::Produce(p)) = decode_client_message(&v) else {
+            panic!("not a produce message");
+        };
+        assert_eq!((p.stream, &*p.key, p.modality, p.n), ("s", "12", "m", 2));
+        assert_eq!(p.priority, Priority::Important);
+        assert_eq!(&p.payload[4..], &2.5f32.to_le_bytes());
+        assert_eq!(p.id, Some(Value::from("r")));
     }
 }

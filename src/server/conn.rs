@@ -3,7 +3,6 @@
 //! produce messages to the pipeline. Its one writer task (`writer.rs`) owns the socket's
 //! sending half; everything this side says goes through the connection's CONTROL queue.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -16,26 +15,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::aligner::Ingest;
-use super::codec::{self, Code, ProtoError};
+use super::codec::{self, ClientMessage, Code, Produce, ProtoError};
 use super::messages::{self, About};
 use super::outbound::Outbound;
 use super::{writer, Shared};
 use crate::engine::Priority;
-use crate::tensor::{find_non_finite_bytes, DType};
-
-/// A produce message, from either encoding, before validation.
-struct Produce<'a> {
-    stream: &'a str,
-    key: Cow<'a, str>,
-    modality: &'a str,
-    dtype: DType,
-    priority: Priority,
-    n: usize,
-    payload: Bytes,
-    last: bool,
-    ack: bool,
-    id: Option<Value>,
-}
+use crate::tensor::find_non_finite_bytes;
 
 struct Conn {
     shared: Arc<Shared>,
@@ -157,19 +142,7 @@ impl Conn {
                 );
             }
         };
-        let id = (p.id != 0).then(|| Value::from(p.id));
-        let pr = Produce {
-            stream: p.stream,
-            key: Cow::Borrowed(p.key),
-            modality: p.modality,
-            dtype: p.dtype,
-            priority: p.priority,
-            n: p.n,
-            payload: p.payload.clone(),
-            last: p.last,
-            ack: p.ack,
-            id,
-        };
+        let pr = p.to_produce();
         self.produce(pr).await
     }
 
@@ -265,80 +238,52 @@ impl Conn {
     }
 
     async fn text(&mut self, t: &str) {
-        let v: Value = match serde_json::from_str(t) {
+        let v = match codec::parse_client_json(t) {
             Ok(v) => v,
-            Err(e) => {
-                return self.error(
-                    Code::Malformed,
-                    &format!("not JSON: {e}"),
-                    &About::default(),
-                )
-            }
+            Err(e) => return self.error(e.code, &e.message, &About::default()),
         };
         let id = v.get("id");
         let about = About {
             id,
             ..About::default()
         };
-        let Some(ty) = v.get("type").and_then(Value::as_str) else {
-            let msg = "a text message must be a JSON object with a string \"type\"";
-            return self.error(Code::Malformed, msg, &about);
-        };
-        match ty {
-            "hello" => self.hello(&v, &about),
-            "ping" => self.out.push_control(messages::pong(id)),
-            "subscribe" | "unsubscribe" => {
-                if let Err(e) = self.subscription(ty == "subscribe", &v) {
+        match codec::decode_client_message(&v) {
+            Ok(ClientMessage::Hello { binary }) => {
+                self.out.set_binary(binary);
+                self.out
+                    .push_control(messages::welcome(&self.shared.welcome, binary));
+            }
+            Ok(ClientMessage::Ping) => self.out.push_control(messages::pong(id)),
+            Ok(ClientMessage::Subscribe { stream }) => {
+                if let Err(e) = self.subscription(true, stream, id) {
                     self.error(e.code, &e.message, &about);
                 }
             }
-            "produce" => match json_produce(&v) {
-                Ok(p) => self.produce(p).await,
-                Err(e) => self.error(e.code, &e.message, &about),
-            },
-            other => {
-                let msg = format!("unknown message type \"{other}\" (hello, subscribe, unsubscribe, produce, ping)");
-                self.error(Code::UnknownType, &msg, &about)
+            Ok(ClientMessage::Unsubscribe { stream }) => {
+                if let Err(e) = self.subscription(false, stream, id) {
+                    self.error(e.code, &e.message, &about);
+                }
+            }
+            Ok(ClientMessage::Produce(p)) => self.produce(p).await,
+            Err(e) => {
+                self.error(e.code, &e.message, &about);
+                // Only `hello` is refused for its version: the connection cannot go on.
+                if e.code == Code::UnsupportedVersion {
+                    self.out.close_after_drain(1002, "unsupported_version");
+                }
             }
         }
     }
 
-    fn hello(&mut self, v: &Value, about: &About<'_>) {
-        if v.get("version").and_then(Value::as_u64) != Some(u64::from(codec::VERSION)) {
-            let msg = format!(
-                "protocol version {} is not supported (this server speaks 1)",
-                v["version"]
-            );
-            self.error(Code::UnsupportedVersion, &msg, about);
-            self.out.close_after_drain(1002, "unsupported_version");
-            return;
-        }
-        let binary = match v.get("results").map(|r| r.as_str()) {
-            None | Some(Some("json")) => false,
-            Some(Some("binary")) => true,
-            _ => {
-                return self.error(
-                    Code::Malformed,
-                    "\"results\" must be \"json\" or \"binary\"",
-                    about,
-                )
-            }
-        };
-        self.out.set_binary(binary);
-        self.out
-            .push_control(messages::welcome(&self.shared.welcome, binary));
-    }
-
-    fn subscription(&mut self, sub: bool, v: &Value) -> Result<(), ProtoError> {
-        let Some(stream) = v.get("stream").and_then(Value::as_str) else {
-            return Err(ProtoError::new(
-                Code::Malformed,
-                "\"stream\" (a string) is required",
-            ));
-        };
+    fn subscription(
+        &mut self,
+        sub: bool,
+        stream: &str,
+        id: Option<&Value>,
+    ) -> Result<(), ProtoError> {
         self.check_name("stream", stream)?;
         let about = About {
-            id: v.get("id"),
+            id,
             stream: Some(stream),
             ..About::default()
         };
@@ -359,57 +304,4 @@ impl Conn {
         }
         Ok(())
     }
-}
-
-/// Parses the JSON form of produce.
-fn json_produce(v: &Value) -> Result<Produce<'_>, ProtoError> {
-    let bad = |m: &str| ProtoError::new(Code::Malformed, m.to_string());
-    let field = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(&format!("\"{k}\" (a string) is required")))
-    };
-    let stream = field("stream")?;
-    let modality = field("modality")?;
-    let key = match v.get("key") {
-        Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
-        Some(Value::Number(n)) if n.is_u64() => Cow::Owned(n.to_string()),
-        _ => {
-            return Err(bad(
-                "\"key\" (a string or a non-negative integer) is required",
-            ))
-        }
-    };
-    let priority = match v.get("priority") {
-        None => Priority::Important,
-        Some(p) => p.as_str().and_then(codec::priority_named).ok_or_else(|| {
-            ProtoError::new(
-                Code::BadPriority,
-                "\"priority\" must be \"critical\", \"important\" or \"bulk\"",
-            )
-        })?,
-    };
-    let Some(values) = v.get("values").and_then(Value::as_array) else {
-        return Err(bad("\"values\" (an array of numbers) is required"));
-    };
-    let mut bytes = Vec::with_capacity(values.len() * 4);
-    for x in values {
-        let f = x
-            .as_f64()
-            .ok_or_else(|| bad("\"values\" must hold numbers only"))?;
-        bytes.extend_from_slice(&(f as f32).to_le_bytes());
-    }
-    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-    Ok(Produce {
-        stream,
-        key,
-        modality,
-        dtype: DType::F32,
-        priority,
-        n: values.len(),
-        payload: Bytes::from(bytes),
-        last: flag("last"),
-        ack: flag("ack"),
-        id: v.get("id").cloned(),
-    })
 }
