@@ -83,3 +83,121 @@ fn strict_priority_and_drop_rules() {
     assert!(!push(&o, Priority::Critical, data));
     assert!(matches!(o.next(), Next::Close(1013, "critical_queue_full")));
 }
+
+#[test]
+fn a_single_class_flow_gets_backpressure_before_any_drop() {
+    // 2 + 10 + 10 = 22 data slots: 11 IMPORTANT alone never pass 70% of them.
+    let o = ob(2, 10, 10);
+    for _ in 0..11 {
+        push(&o, Priority::Important, data);
+    }
+    assert_eq!(o.fill().0, 10);
+    let (order, notices) = drain(&o);
+    assert_eq!(order.len(), 10);
+    let bp = notices.iter().position(|n| n.contains("\"backpressure\""));
+    let dropped = notices.iter().position(|n| n.contains("\"dropped\""));
+    assert!(bp.unwrap() < dropped.unwrap(), "{notices:?}");
+    let v: serde_json::Value = serde_json::from_str(&notices[bp.unwrap()]).unwrap();
+    assert_eq!(
+        (
+            &v["state"],
+            &v["class"],
+            &v["class_queued"],
+            &v["class_capacity"]
+        ),
+        (&"on".into(), &"important".into(), &8.into(), &10.into())
+    );
+    assert!(notices[dropped.unwrap()].contains("[[11,11]]"));
+    // Drained: the off notice came once every queue was at most half full.
+    assert!(notices.iter().any(|n| n.contains("\"off\"")));
+}
+
+/// The seqs named in `dropped` notices with `reason`.
+fn dropped_seqs(notices: &[String], reason: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for n in notices {
+        let v: serde_json::Value = serde_json::from_str(n).unwrap();
+        if v["kind"] == "dropped" && v["reason"] == reason {
+            for r in v["ranges"].as_array().unwrap() {
+                out.extend(r[0].as_u64().unwrap()..=r[1].as_u64().unwrap());
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn conflation_keeps_the_newest_per_key_or_stream_and_reports_the_rest() {
+    let o = ob(2, 3, 10);
+    o.set_conflate(&Arc::from("s"), Some(Conflate::Key));
+    for k in ["a", "b", "a", "a", "b", "c"] {
+        assert!(push_kv(&o, Priority::Bulk, "s", k, data));
+    }
+    // Another stream is not conflated.
+    push_kv(&o, Priority::Bulk, "t", "a", data);
+    push_kv(&o, Priority::Bulk, "t", "a", data);
+    let (order, notices) = drain(&o);
+    let seqs: Vec<u64> = order.iter().map(|x| x.1).collect();
+    assert_eq!(seqs, vec![4, 5, 6, 7, 8]);
+    assert_eq!(dropped_seqs(&notices, "conflated"), vec![1, 2, 3]);
+    assert!(notices.iter().any(|n| n.contains("\"class\":\"bulk\"")));
+
+    let o = ob(2, 3, 10);
+    o.set_conflate(&Arc::from("s"), Some(Conflate::Stream));
+    for k in ["a", "b", "c"] {
+        push_kv(&o, Priority::Bulk, "s", k, data);
+    }
+    // CRITICAL and IMPORTANT are never conflated.
+    push_kv(&o, Priority::Important, "s", "a", data);
+    push_kv(&o, Priority::Important, "s", "a", data);
+    let (order, notices) = drain(&o);
+    assert_eq!(order, vec![(2, 4), (2, 5), (3, 3)]);
+    assert_eq!(dropped_seqs(&notices, "conflated"), vec![1, 2]);
+}
+
+#[test]
+fn replayed_results_go_first_and_live_ones_wait_behind_them() {
+    let o = ob(2, 3, 10);
+    let s: Arc<str> = Arc::from("s");
+    let entry = |q: u64| {
+        Arc::new(Entry {
+            stream: Arc::clone(&s),
+            key: format!("k{q}"),
+            stream_seq: q,
+            priority: Priority::Important,
+            mask: vec![1],
+            fused: vec![q as f32],
+            weights: vec![1.0],
+        })
+    };
+    // 6 to replay, 3 IMPORTANT slots: the rest wait for room.
+    o.queue_replay(&s, (1..=6).map(entry).collect());
+    assert_eq!(o.fill().0, 3);
+    let live = entry(7);
+    let r = Live {
+        priority: Priority::Important,
+        stream: &s,
+        key: "k7",
+        entry: Some(&live),
+    };
+    assert!(o.push_result(&r, |_| unreachable!("waits behind the replay")));
+    let mut got = Vec::new();
+    loop {
+        match o.next() {
+            Next::Send(it) if it.class == CONTROL => {}
+            Next::Send(it) => {
+                let v: serde_json::Value = serde_json::from_str(&it.msg.to_string()).unwrap();
+                let replayed = v["replayed"].as_bool().unwrap_or(false);
+                got.push((it.seq, v["stream_seq"].as_u64().unwrap(), replayed));
+            }
+            _ => break,
+        }
+    }
+    let want: Vec<(u64, u64, bool)> = (1..=7).map(|q| (q, q, q < 7)).collect();
+    assert_eq!(got, want);
+    // Done replaying: a live result goes straight to its queue again.
+    let r = Live { entry: None, ..r };
+    assert!(o.push_result(&r, data));
+    assert_eq!(o.fill().0, 1);
+}
