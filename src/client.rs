@@ -16,21 +16,18 @@
 //! ```
 
 mod resume;
+mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::engine::Priority;
 pub use crate::server::codec::DecodedResult as FuseResult;
-use crate::server::codec::{self, decode_result, encode_produce, FLAG_ACK, FLAG_LAST};
+use crate::server::codec::{self, encode_produce, FLAG_ACK, FLAG_LAST};
 use crate::tensor::DType;
 pub use resume::{Conflate, ResumePoint, SubscribeOptions};
 
@@ -149,7 +146,7 @@ impl Client {
         token: Option<&str>,
         binary: bool,
     ) -> ClientResult<Client> {
-        let (tx, events) = open(url, token).await?;
+        let (tx, events) = wire::open(url, token).await?;
         let prefix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -215,7 +212,7 @@ impl Client {
     /// or an `unrecoverable` notice (section 7.4). Events received on the old connection and
     /// not yet read stay readable first; a `Closed` event of the old connection is dropped.
     pub async fn reconnect(&mut self) -> ClientResult<()> {
-        let (tx, events) = open(&self.url, self.token.as_deref()).await?;
+        let (tx, events) = wire::open(&self.url, self.token.as_deref()).await?;
         let _ = self.tx.try_send(Message::Close(None));
         self.tx = tx;
         let mut old = std::mem::replace(&mut self.events, events);
@@ -484,111 +481,5 @@ impl Client {
     /// Closes the connection (normal close).
     pub async fn close(self) {
         let _ = self.tx.send(Message::Close(None)).await;
-    }
-}
-
-/// Opens the WebSocket and starts its writer and reader tasks.
-async fn open(
-    url: &str,
-    token: Option<&str>,
-) -> ClientResult<(mpsc::Sender<Message>, mpsc::Receiver<Event>)> {
-    let cerr = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
-    let mut req = url.into_client_request().map_err(|e| cerr(&e))?;
-    if let Some(t) = token {
-        let v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| cerr(&e))?;
-        req.headers_mut().insert("authorization", v);
-    }
-    let cfg = WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
-        .await
-        .map_err(|e| cerr(&e))?;
-    let (mut sink, mut stream) = ws.split();
-    let (tx, mut out_rx) = mpsc::channel::<Message>(1024);
-    let (ev_tx, events) = mpsc::channel::<Event>(4096);
-    tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let close = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || close {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let mut closed = (None, "connection ended without a close frame".to_string());
-        while let Some(m) = stream.next().await {
-            let ev = match m {
-                Ok(Message::Binary(b)) => match decode_result(&b) {
-                    Some(r) => Event::Result(r),
-                    None => Event::Control(json!({"type": "undecodable_binary"})),
-                },
-                Ok(Message::Text(t)) => text_event(t.as_str()),
-                Ok(Message::Close(f)) => {
-                    if let Some(f) = f {
-                        closed = (Some(u16::from(f.code)), f.reason.to_string());
-                    }
-                    break;
-                }
-                Ok(_) => continue,
-                Err(e) => {
-                    closed.1 = e.to_string();
-                    break;
-                }
-            };
-            if ev_tx.send(ev).await.is_err() {
-                return;
-            }
-        }
-        let _ = ev_tx
-            .send(Event::Closed {
-                code: closed.0,
-                reason: closed.1,
-            })
-            .await;
-    });
-    Ok((tx, events))
-}
-
-fn text_event(t: &str) -> Event {
-    let v: Value = match serde_json::from_str(t) {
-        Ok(v) => v,
-        Err(_) => return Event::Control(json!({"type": "undecodable_text", "text": t})),
-    };
-    match v["type"].as_str() {
-        Some("error") => Event::Error {
-            code: v["code"].as_str().unwrap_or("").to_string(),
-            message: v["message"].as_str().unwrap_or("").to_string(),
-            raw: v,
-        },
-        Some("result") => {
-            let f32s = |k: &str| -> Vec<f32> {
-                v[k].as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            Event::Result(FuseResult {
-                seq: v["seq"].as_u64().unwrap_or(0),
-                stream_seq: v["stream_seq"].as_u64().unwrap_or(0),
-                replayed: v["replayed"].as_bool().unwrap_or(false),
-                stream: v["stream"].as_str().unwrap_or("").to_string(),
-                key: v["key"].as_str().unwrap_or("").to_string(),
-                priority: v["priority"]
-                    .as_str()
-                    .and_then(codec::priority_named)
-                    .unwrap_or_default(),
-                mask: v["mask"]
-                    .as_array()
-                    .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0) as u8).collect())
-                    .unwrap_or_default(),
-                fused: f32s("fused"),
-                weights: f32s("weights"),
-            })
-        }
-        _ => Event::Control(v),
     }
 }

@@ -14,11 +14,13 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::codec::{self, VERSION, VERSION_2};
 use super::config::QueueConfig;
 use super::metrics::ServerMetrics;
 use super::replay::Entry;
 use crate::engine::Priority;
+
+mod drops;
+mod resume;
 
 /// Queue index of CONTROL messages; data classes follow as `1 + Priority as usize`.
 pub(crate) const CONTROL: usize = 0;
@@ -193,110 +195,6 @@ impl Outbound {
         }
     }
 
-    /// How results go out.
-    pub fn encoding(&self) -> Encoding {
-        match self.encoding.load(Ordering::Relaxed) {
-            0 => Encoding::Json,
-            v => Encoding::Binary(v),
-        }
-    }
-
-    /// Chooses the result encoding (`version`: the session's protocol version).
-    pub fn set_encoding(&self, binary: bool, version: u8) {
-        let v = if !binary {
-            0
-        } else if version >= VERSION_2 {
-            VERSION_2
-        } else {
-            VERSION
-        };
-        self.encoding.store(v, Ordering::Relaxed)
-    }
-
-    /// Sets (or, with `None`, clears) the conflation of `stream`'s BULK results.
-    pub fn set_conflate(&self, stream: &Arc<str>, mode: Option<Conflate>) {
-        let mut st = self.state.lock();
-        match mode {
-            Some(m) => st.conflate.insert(Arc::clone(stream), m),
-            None => st.conflate.remove(stream),
-        };
-    }
-
-    /// How many more results a resume may set aside for this connection.
-    pub fn replay_room(&self) -> usize {
-        self.pending_cap
-            .saturating_sub(self.state.lock().pending.len())
-    }
-
-    /// Sets `entries` (in stream seq order) aside for replay: they enter their class queues
-    /// as those have room, before any later live result of `stream`.
-    pub fn queue_replay(&self, stream: &Arc<str>, entries: Vec<Arc<Entry>>) {
-        if entries.is_empty() {
-            return;
-        }
-        let mut st = self.state.lock();
-        if st.fatal.is_some() || st.stop {
-            return;
-        }
-        *st.replaying.entry(Arc::clone(stream)).or_default() += entries.len();
-        st.pending.extend(entries.into_iter().map(|e| (e, true)));
-        self.refill(&mut st);
-        drop(st);
-        self.wake.notify_one();
-    }
-
-    /// Forgets the replay and conflation of a stream no longer subscribed.
-    pub fn forget_stream(&self, stream: &str) {
-        let mut st = self.state.lock();
-        if st.replaying.remove(stream).is_some() {
-            st.pending.retain(|(e, _)| &*e.stream != stream);
-        }
-        st.conflate.remove(stream);
-    }
-
-    /// Moves set-aside results into their class queues while those have room.
-    fn refill(&self, st: &mut State) {
-        while let Some((e, _)) = st.pending.front() {
-            let c = class_of(e.priority);
-            if st.q[c].len() >= self.caps[c] {
-                break;
-            }
-            let Some((e, replayed)) = st.pending.pop_front() else {
-                break;
-            };
-            if let Some(n) = st.replaying.get_mut(&*e.stream) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    st.replaying.remove(&*e.stream);
-                }
-            }
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let view = e.view(replayed);
-            let msg = match self.encoding() {
-                Encoding::Json => {
-                    Message::text(codec::json_result(&codec::json_result_tail(&view), seq))
-                }
-                Encoding::Binary(v) => {
-                    Message::Binary(codec::with_seq(&codec::encode_result(&view, v), seq))
-                }
-            };
-            if replayed {
-                self.m.replayed.increment(1);
-            }
-            self.push_item(
-                st,
-                Item {
-                    msg,
-                    seq,
-                    class: c,
-                    tag: None,
-                },
-            );
-            self.check_backpressure(st, c);
-        }
-    }
-
     fn data_len(st: &State) -> usize {
         st.q[1].len() + st.q[2].len() + st.q[3].len()
     }
@@ -439,50 +337,6 @@ impl Outbound {
         st.backpressure
             && Self::data_len(st) * 2 <= self.data_cap
             && (1..4).all(|c| st.q[c].len() * 2 <= self.caps[c])
-    }
-
-    /// Records a dropped seq: class `c` when its queue had no room, None when conflated.
-    fn record_drop(&self, st: &mut State, c: Option<usize>, seq: u64) {
-        st.total_dropped += 1;
-        let log = match c {
-            Some(c) => {
-                self.m.dropped[c].increment(1);
-                &mut st.drops[c]
-            }
-            None => &mut st.conflated,
-        };
-        log.count += 1;
-        match log.ranges.last_mut() {
-            Some(r) if r.1 + 1 == seq => r.1 = seq,
-            _ => log.ranges.push((seq, seq)),
-        }
-        if log.ranges.len() >= MAX_DROP_RANGES {
-            // Too many gaps to keep: report them now rather than grow without bound.
-            for n in self.take_drop_notices(st) {
-                self.push_control_locked(st, n);
-            }
-        }
-    }
-
-    fn take_drop_notices(&self, st: &mut State) -> Vec<Message> {
-        let total = st.total_dropped;
-        let mut out = Vec::new();
-        for c in 1..5 {
-            let (log, class, reason) = match c {
-                4 => (std::mem::take(&mut st.conflated), BULK, "conflated"),
-                c => (std::mem::take(&mut st.drops[c]), c, "queue_full"),
-            };
-            if log.count > 0 {
-                let v = serde_json::json!({
-                    "type": "notice", "kind": "dropped",
-                    "class": super::metrics::CLASS_NAMES[class], "reason": reason,
-                    "count": log.count, "ranges": log.ranges, "total": total,
-                });
-                out.push(Message::text(v.to_string()));
-            }
-        }
-        st.last_drop_notice = Some(Instant::now());
-        out
     }
 
     /// The writer's next step, in strict priority order.
@@ -653,5 +507,4 @@ fn notice_backpressure(
 }
 
 #[cfg(test)]
-#[path = "outbound_tests.rs"]
 mod tests;
