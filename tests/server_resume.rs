@@ -323,6 +323,9 @@ async fn disconnect_and_resume_while_results_keep_flowing_loses_and_repeats_noth
         .into_iter()
         .collect();
     assert_eq!(ci, want.keys().copied().collect::<Vec<u64>>());
-    assert!(got.iter().any(|r| r.replayed), "nothing was missed: the test did not test");
+    assert!(
+        got.iter().any(|r| r.replayed),
+        "nothing was missed: the test did not test"
+    );
     s.shutdown().await;
 }

@@ -387,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn stream_seqs_count_cap_and_floor() {
+    fn stream_seqs_and_the_count_cap() {
         let m = Arc::new(ServerMetrics::new());
         let r = Replay::new(&cfg(2), m);
         let reg = Registry::default();
@@ -407,5 +407,34 @@ mod tests {
         let kept: Vec<u64> = log.buf.iter().map(|e| e.stream_seq).collect();
         assert_eq!(kept, vec![4, 6]);
         assert_eq!(log.lost, [1, 3]);
+    }
+
+    #[test]
+    fn age_eviction_forgets_idle_streams_and_seqs_never_repeat() {
+        let m = Arc::new(ServerMetrics::new());
+        let r = Replay::new(&cfg(100), m);
+        let reg = Registry::default();
+        let s: Arc<str> = Arc::from("s");
+        let v = [0.5f32];
+        for i in 0..3 {
+            r.deliver(&reg, &s, &result(Priority::Critical, &format!("k{i}"), &v));
+        }
+        let later = Instant::now() + Duration::from_secs(60);
+        {
+            let mut g = r.inner.lock();
+            r.evict(&mut g, later);
+            assert!(g.logs[&s].buf.is_empty());
+            assert_eq!(g.logs[&s].lost, [3, 0]);
+            assert_eq!(g.bytes, 0);
+            r.sweep(&mut g, &reg, later);
+            assert!(g.logs.is_empty());
+            assert_eq!(g.floor, 3);
+        }
+        // The stream comes back: its seqs continue above the watermark.
+        r.deliver(&reg, &s, &result(Priority::Important, "k3", &v));
+        let g = r.inner.lock();
+        let log = &g.logs[&s];
+        assert_eq!((log.next, log.lost), (5, [3, 3]));
+        assert_eq!(log.buf.front().map(|e| e.stream_seq), Some(4));
     }
 }
