@@ -30,7 +30,8 @@ pub(crate) fn class_of(p: Priority) -> usize {
     1 + p as usize
 }
 
-/// Ranges of dropped seqs kept before a notice is forced out.
+/// Ranges of dropped seqs (per log) kept before a notice is forced out while the CONTROL queue
+/// has room; 16 times that forces it out anyway (drops.rs).
 const MAX_DROP_RANGES: usize = 256;
 
 /// Queue index of BULK results.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Outbound, State, BULK, MAX_DROP_RANGES};
+use super::{Outbound, State, BULK, CONTROL, MAX_DROP_RANGES};
 
 impl Outbound {
     /// Records a dropped seq: class `c` when its queue had no room, None when conflated.
@@ -23,8 +23,13 @@ impl Outbound {
             Some(r) if r.1 + 1 == seq => r.1 = seq,
             _ => log.ranges.push((seq, seq)),
         }
-        if log.ranges.len() >= MAX_DROP_RANGES {
-            // Too many gaps to keep: report them now rather than grow without bound.
+        let ranges = log.ranges.len();
+        // Too many gaps to keep: report them now rather than grow without bound, while the
+        // CONTROL queue has room (conflation of many keys to a slow peer makes a range per
+        // replaced result; a stalled peer must not be closed for notices about it), and in any
+        // case at the hard cap.
+        let room = st.q[CONTROL].len() + 8 < self.caps[CONTROL];
+        if ranges >= MAX_DROP_RANGES && (room || ranges >= MAX_DROP_RANGES * 16) {
             for n in self.take_drop_notices(st) {
                 self.push_control_locked(st, n);
             }

@@ -201,3 +201,22 @@ fn replayed_results_go_first_and_live_ones_wait_behind_them() {
     assert!(o.push_result(&r, data));
     assert_eq!(o.fill().0, 1);
 }
+
+#[test]
+fn many_conflation_gaps_do_not_overflow_a_stalled_peers_control_queue() {
+    // CONTROL holds 10; the writer never runs. 2 keys alternating: every replaced result is a
+    // gap of its own, 256 gaps per forced notice.
+    let o = ob(2, 3, 10);
+    o.set_conflate(&Arc::from("s"), Some(Conflate::Key));
+    for i in 0..(256 * 12) {
+        let k = if i % 2 == 0 { "a" } else { "b" };
+        assert!(push_kv(&o, Priority::Bulk, "s", k, data), "closed at {i}");
+    }
+    let (order, notices) = drain(&o);
+    assert_eq!(order.len(), 2);
+    let n = 256 * 12;
+    let mut all = dropped_seqs(&notices, "conflated");
+    all.extend(order.iter().map(|x| x.1));
+    all.sort_unstable();
+    assert_eq!(all, (1..=n as u64).collect::<Vec<u64>>());
+}
