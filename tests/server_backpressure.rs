@@ -9,53 +9,13 @@ mod server_util;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use fusion_engine::client::{Client, Event};
 use fusion_engine::engine::Priority;
 use fusion_engine::server::codec::decode_result;
 use server_util::*;
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// A big-D head (32 KiB results) so a few hundred results fill the socket buffers.
-fn wide_head() -> std::sync::Arc<fusion_engine::model::FusionHead> {
-    head(&[("a", 4)], 8192, 11)
-}
-
-async fn raw_subscriber(url: &str, stream: &str) -> Ws {
-    let sub = format!(r#"{{"type":"subscribe","stream":"{stream}"}}"#);
-    raw_subscriber_with(url, 1, &sub).await
-}
-
-/// A raw binary subscriber speaking `version` that sends `subscribe` (JSON text).
-async fn raw_subscriber_with(url: &str, version: u8, subscribe: &str) -> Ws {
-    // A small, fixed receive buffer (no autotuning, which may grow to tens of MiB): a peer that
-    // stops reading stalls the server's writer after a known, small amount of data.
-    let addr: std::net::SocketAddr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(1 << 16).unwrap();
-    let tcp = sock.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
-    ws.send(Message::text(format!(
-        r#"{{"type":"hello","version":{version},"results":"binary"}}"#
-    )))
-    .await
-    .unwrap();
-    ws.send(Message::text(subscribe.to_string())).await.unwrap();
-    loop {
-        if let Some(Ok(Message::Text(t))) = ws.next().await {
-            if t.contains("\"ack\"") {
-                return ws;
-            }
-        }
-    }
-}
 
 #[derive(Default, Debug)]
 struct Seen {

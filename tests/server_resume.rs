@@ -329,3 +329,80 @@ async fn disconnect_and_resume_while_results_keep_flowing_loses_and_repeats_noth
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_closed_1013_resumes_from_its_last_stream_seq() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut cfg = config();
+    // Room for all 1500 in the reference's CRITICAL queue (a debug build decodes slowly); the
+    // stalled peer is closed by the send timeout once its socket is full.
+    cfg.send_queue.critical = 2000;
+    cfg.send_timeout = Duration::from_millis(300);
+    cfg.close_linger = Duration::from_secs(10);
+    let (s, url) = start(wide_head(), cfg).await;
+    let sub = r#"{"type":"subscribe","stream":"c"}"#;
+    let mut stalled = raw_subscriber_with(&url, 2, sub).await;
+    let mut reference = Client::connect(&url, None).await.unwrap();
+    reference.subscribe("c").await.unwrap();
+    let epoch = reference.welcome().epoch;
+    let p = Client::connect(&url, None).await.unwrap();
+    let n = 1500u64;
+    let x = [0.5f32, -0.25, 1.0, 0.125];
+    for i in 0..n {
+        p.produce("c", &format!("k{i}"), "a", &x, Priority::Critical, true)
+            .await
+            .unwrap();
+    }
+    let (all, _) = results(&mut reference, n as usize).await;
+    assert_eq!(all.last().map(|r| r.stream_seq), Some(n));
+    // The stalled one reads now: results up to its 1013 close.
+    let mut point = 0;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                let r = fusion_engine::server::codec::decode_result(&b).unwrap();
+                assert_eq!(r.stream_seq, point + 1, "in order, no gap");
+                point = r.stream_seq;
+            }
+            Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1013));
+    assert!(point > 0 && point < n, "{point}");
+    // Resume: the buffer holds the last 1024 (477..=1500); older ones are announced.
+    let mut c = Client::connect(&url, None).await.unwrap();
+    let resume = ResumePoint {
+        epoch,
+        critical: point,
+        important: 0,
+    };
+    let opts = SubscribeOptions {
+        resume: Some(resume),
+        conflate: None,
+    };
+    c.subscribe_with("c", opts).await.unwrap();
+    let first_kept = n - 1024 + 1;
+    let from = point.max(first_kept - 1) + 1;
+    let (got, ctl) = results(&mut c, (n - from + 1) as usize).await;
+    let seqs: Vec<u64> = got.iter().map(|r| r.stream_seq).collect();
+    assert_eq!(seqs, (from..=n).collect::<Vec<u64>>());
+    assert!(got
+        .iter()
+        .all(|r| r.replayed && r.priority == Priority::Critical));
+    let unrec: Vec<(u64, u64)> = ctl
+        .iter()
+        .filter(|v| v["kind"] == "unrecoverable")
+        .map(|v| (v["first"].as_u64().unwrap(), v["last"].as_u64().unwrap()))
+        .collect();
+    if point + 1 < first_kept {
+        assert_eq!(unrec, vec![(point + 1, first_kept - 1)]);
+    } else {
+        assert!(unrec.is_empty(), "{unrec:?}");
+    }
+    assert_eq!(c.resume_point("c").unwrap().critical, n);
+    s.shutdown().await;
+}
