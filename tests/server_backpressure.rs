@@ -1,6 +1,7 @@
 //! Delivery under pressure, over real sockets: strict priority order, drop accounting that
 //! matches the gaps a client sees, a stalled subscriber closed with 1013 (naming the last
-//! delivered seq) while a fast one keeps full speed, and bounded memory under a produce flood.
+//! delivered seq) while a fast one keeps full speed, bounded memory under a produce flood, a
+//! single-class flow that gets BACKPRESSURE before any drop, and BULK conflation.
 //! A "stalled" peer is a raw WebSocket that stops polling its socket.
 
 mod server_util;
@@ -8,7 +9,7 @@ mod server_util;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use fusion_engine::client::{Client, Event};
@@ -16,39 +17,14 @@ use fusion_engine::engine::Priority;
 use fusion_engine::server::codec::decode_result;
 use server_util::*;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A big-D head (32 KiB results) so a few hundred results fill the socket buffers.
-fn wide_head() -> std::sync::Arc<fusion_engine::model::FusionHead> {
-    head(&[("a", 4)], 8192, 11)
-}
-
-async fn raw_subscriber(url: &str, stream: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::text(
-        r#"{"type":"hello","version":1,"results":"binary"}"#,
-    ))
-    .await
-    .unwrap();
-    ws.send(Message::text(format!(
-        r#"{{"type":"subscribe","stream":"{stream}"}}"#
-    )))
-    .await
-    .unwrap();
-    loop {
-        if let Some(Ok(Message::Text(t))) = ws.next().await {
-            if t.contains("\"ack\"") {
-                return ws;
-            }
-        }
-    }
-}
-
 #[derive(Default, Debug)]
 struct Seen {
     results: Vec<(u64, Priority)>,
+    /// (key, stream seq) of each result, in delivery order.
+    keys: Vec<(String, u64)>,
     dropped: Vec<(u64, u64)>,
+    /// `backpressure` and `dropped` notices, in order.
+    notices: Vec<serde_json::Value>,
     close: Option<(u16, String)>,
 }
 
@@ -65,9 +41,13 @@ async fn read_all(ws: &mut Ws, secs: u64, done: impl Fn(&Seen) -> bool) -> Seen 
             Some(Ok(Message::Binary(b))) => {
                 let r = decode_result(&b).unwrap();
                 s.results.push((r.seq, r.priority));
+                s.keys.push((r.key, r.stream_seq));
             }
             Some(Ok(Message::Text(t))) => {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["kind"] == "dropped" || v["kind"] == "backpressure" {
+                    s.notices.push(v.clone());
+                }
                 if v["kind"] == "dropped" {
                     for r in v["ranges"].as_array().unwrap() {
                         s.dropped
@@ -101,6 +81,16 @@ async fn produce_n(
     }
 }
 
+/// Waits until `reference` (a subscriber that keeps up) got `n` more results.
+async fn fanned_out(reference: &mut Client, n: usize) {
+    for _ in 0..n {
+        match next(reference, 20.0).await {
+            Event::Result(_) => {}
+            e => panic!("{e:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_priority_order_when_a_queue_builds_up() {
     let mut cfg = config();
@@ -111,11 +101,15 @@ async fn strict_priority_order_when_a_queue_builds_up() {
     cfg.slow_send = Duration::from_secs(10);
     let (s, url) = start(wide_head(), cfg).await;
     let mut sub = raw_subscriber(&url, "p").await;
+    // A subscriber that reads everything tells when all results are queued (a slow debug
+    // engine under a loaded machine must not make criticals and bulks arrive interleaved).
+    let mut reference = Client::connect(&url, None).await.unwrap();
+    reference.subscribe("p").await.unwrap();
     let p = Client::connect(&url, None).await.unwrap();
     produce_n(&p, "p", 600, |_| Priority::Bulk, 0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fanned_out(&mut reference, 600).await;
     produce_n(&p, "p", 600, |_| Priority::Critical, 600).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fanned_out(&mut reference, 600).await;
     let seen = read_all(&mut sub, 30, |s| s.results.len() >= 1200).await;
     assert!(seen.dropped.is_empty());
     // Every critical result overtook the bulk ones still queued when it arrived: some critical
@@ -177,15 +171,7 @@ async fn drop_accounting_matches_the_gaps_a_client_sees() {
         s.results.len() as u64 + s.dropped.iter().map(|r| r.1 - r.0 + 1).sum::<u64>() >= n
     };
     let seen = read_all(&mut sub, 30, accounted).await;
-    let got: BTreeSet<u64> = seen.results.iter().map(|r| r.0).collect();
-    assert_eq!(got.len(), seen.results.len(), "a seq was delivered twice");
-    let mut all = got.clone();
-    for (a, b) in &seen.dropped {
-        for q in *a..=*b {
-            assert!(all.insert(q), "seq {q} both delivered and reported dropped");
-        }
-    }
-    assert_eq!(all, (1..=n).collect::<BTreeSet<u64>>());
+    assert_accounted(&seen, n);
     assert!(!seen.dropped.is_empty(), "the queues never overflowed");
     s.shutdown().await;
 }
@@ -260,5 +246,113 @@ async fn produce_flood_is_refused_not_buffered() {
             .await
             .is_err()
     );
+    s.shutdown().await;
+}
+
+/// Every seq 1..=n delivered or named in a `dropped` notice, and not both.
+fn assert_accounted(seen: &Seen, n: u64) {
+    let got: BTreeSet<u64> = seen.results.iter().map(|r| r.0).collect();
+    assert_eq!(got.len(), seen.results.len(), "a seq was delivered twice");
+    let mut all = got;
+    for (a, b) in &seen.dropped {
+        for q in *a..=*b {
+            assert!(all.insert(q), "seq {q} both delivered and reported dropped");
+        }
+    }
+    assert_eq!(all, (1..=n).collect::<BTreeSet<u64>>());
+}
+
+fn patient(mut cfg: fusion_engine::server::ServerConfig) -> fusion_engine::server::ServerConfig {
+    cfg.send_timeout = Duration::from_secs(20);
+    cfg.slow_send = Duration::from_secs(10);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_class_flow_gets_backpressure_before_any_drop() {
+    // Default queues: IMPORTANT 400 of 1000 data slots, so IMPORTANT alone never passes 70% of
+    // the total; the IMPORTANT queue's own fill must raise BACKPRESSURE.
+    let (s, url) = start(wide_head(), patient(config())).await;
+    let mut sub = raw_subscriber(&url, "b").await;
+    let mut reference = Client::connect(&url, None).await.unwrap();
+    reference.subscribe("b").await.unwrap();
+    let p = Client::connect(&url, None).await.unwrap();
+    let n = 1500u64;
+    produce_n(&p, "b", n as usize, |_| Priority::Important, 0).await;
+    // Every result is fanned out (the reference got them all) before the stalled one reads.
+    fanned_out(&mut reference, n as usize).await;
+    let accounted = |s: &Seen| {
+        s.results.len() as u64 + s.dropped.iter().map(|r| r.1 - r.0 + 1).sum::<u64>() >= n
+    };
+    let seen = read_all(&mut sub, 60, accounted).await;
+    assert_accounted(&seen, n);
+    assert!(
+        !seen.dropped.is_empty(),
+        "the IMPORTANT queue never overflowed"
+    );
+    let first = &seen.notices[0];
+    assert_eq!(
+        (&first["kind"], &first["state"], &first["class"]),
+        (&"backpressure".into(), &"on".into(), &"important".into()),
+        "{:?}",
+        seen.notices
+    );
+    assert_eq!(first["class_capacity"], 400);
+    assert!(first["class_queued"].as_u64().unwrap() > 280);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflation_keeps_the_newest_per_key_and_announces_the_rest() {
+    let (s, url) = start(wide_head(), patient(config())).await;
+    let sub = r#"{"type":"subscribe","stream":"v","conflate":"key"}"#;
+    let mut live_view = raw_subscriber_with(&url, 2, sub).await;
+    let mut reference = Client::connect(&url, None).await.unwrap();
+    reference.subscribe("v").await.unwrap();
+    let p = Client::connect(&url, None).await.unwrap();
+    let (keys, rounds) = (5usize, 300usize);
+    for r in 0..rounds {
+        for k in 0..keys {
+            let x = [r as f32, k as f32, 0.5, -1.0];
+            p.produce("v", &format!("key{k}"), "a", &x, Priority::Bulk, true)
+                .await
+                .unwrap();
+        }
+    }
+    let n = (keys * rounds) as u64;
+    // The newest stream seq of each key, from a subscriber that reads everything.
+    let mut newest = std::collections::HashMap::new();
+    for _ in 0..n {
+        match next(&mut reference, 20.0).await {
+            Event::Result(r) => {
+                let e = newest.entry(r.key.clone()).or_insert(0);
+                *e = r.stream_seq.max(*e);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let accounted = |s: &Seen| {
+        s.results.len() as u64 + s.dropped.iter().map(|r| r.1 - r.0 + 1).sum::<u64>() >= n
+    };
+    let seen = read_all(&mut live_view, 60, accounted).await;
+    assert_accounted(&seen, n);
+    let conflated: u64 = seen
+        .notices
+        .iter()
+        .filter(|v| v["kind"] == "dropped" && v["reason"] == "conflated")
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert!(conflated > 0, "nothing was conflated: {:?}", seen.notices);
+    assert!(seen
+        .notices
+        .iter()
+        .all(|v| v["kind"] != "dropped" || v["class"] == "bulk"));
+    // The last result delivered for each key is its newest.
+    let mut last = std::collections::HashMap::new();
+    for (k, q) in &seen.keys {
+        last.insert(k.clone(), *q);
+    }
+    assert_eq!(last, newest);
     s.shutdown().await;
 }

@@ -1,8 +1,8 @@
-"""fusion_client: a small Python client for fusion-engine's streaming protocol v1.
+"""fusion_client: a small Python client for fusion-engine's streaming protocol v2.
 
 One file, to copy into a coordinator. Needs `websockets` (>= 13) and `numpy`.
-The protocol is docs/PROTOCOL.md; this client implements hello/welcome, subscribe,
-binary produce, binary results, errors and notices.
+The protocol is docs/PROTOCOL.md; this client implements hello/welcome, subscribe (with resume
+and conflation), binary produce, binary results (v1 and v2 frames), errors and notices.
 
 Request/response in one call:
 
@@ -16,8 +16,19 @@ Streaming:
         results = await c.subscribe("cam-1")
         await c.produce("cam-1", "frame-1", "vision", v0, priority="critical")
         await c.produce("cam-1", "frame-1", "text", t0, last=True)
-        async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights)
-            ...
+        async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights,
+            ...                          #        stream_seq, replayed)
+
+Resuming (PROTOCOL.md 7.4): the client keeps the server epoch and, per subscribed stream, the
+last CRITICAL and IMPORTANT stream seq it received. After the connection was lost (a subscription
+raises ConnectionClosed), `await c.reconnect()` opens a new connection and resubscribes every
+stream from there: the results missed meanwhile arrive (marked `replayed`) on the same
+subscription objects, or an `unrecoverable` notice in `c.notices` names what was lost.
+
+    try:
+        async for r in results: ...
+    except ConnectionClosed:
+        await c.reconnect()              # then keep reading `results`
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ try:  # websockets >= 13
 except ImportError:  # pragma: no cover - old websockets
     from websockets import connect as _ws_connect  # type: ignore
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+PRODUCE_VERSION = 1  # produce frames keep version byte 1 in protocol version 2
 MAGIC = b"FE"
 KIND_PRODUCE = 1
 KIND_RESULT = 2
@@ -47,7 +59,9 @@ PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 FLAG_ACK = 1
 FLAG_LAST = 2
 _PRODUCE_HEADER = struct.Struct("<2sBBBBBBHHHHII")  # 24 bytes
-_RESULT_HEADER = struct.Struct("<2sBBBBHHHIQ")  # 24 bytes
+_RESULT_HEADER = struct.Struct("<2sBBBBHHHIQ")  # 24 bytes (version 1)
+_RESULT_HEADER_V2 = struct.Struct("<2sBBBBHHHIQQ")  # 32 bytes (version 2: + stream_seq)
+RESULT_FLAG_REPLAYED = 1
 
 
 class FusionError(Exception):
@@ -81,6 +95,8 @@ class Result:
     mask: np.ndarray  # [M] uint8, head order
     fused: np.ndarray  # [D] float32
     weights: np.ndarray  # [M] float32, head order
+    stream_seq: int = 0  # per-stream seq (PROTOCOL.md 7.4); 0 in a version 1 binary result
+    replayed: bool = False  # a replay of a result missed while away
 
 
 def encode_produce(stream: str, key: str, modality: str, values: Any, priority: str = "important",
@@ -102,22 +118,27 @@ def encode_produce(stream: str, key: str, modality: str, values: Any, priority: 
         dtype, payload = 0, x.astype("<f4").tobytes()
     s, k, m = stream.encode(), key.encode(), modality.encode()
     flags = (FLAG_ACK if ack else 0) | (FLAG_LAST if last else 0)
-    head = _PRODUCE_HEADER.pack(MAGIC, PROTOCOL_VERSION, KIND_PRODUCE, dtype, PRIORITIES[priority], flags, 0,
+    head = _PRODUCE_HEADER.pack(MAGIC, PRODUCE_VERSION, KIND_PRODUCE, dtype, PRIORITIES[priority], flags, 0,
                                 len(s), len(k), len(m), 0, request_id, x.shape[0])
     return head + s + k + m + payload
 
 
 def decode_result(buf: bytes) -> Result:
-    """Binary result frame (PROTOCOL.md 4.2)."""
+    """Binary result frame (PROTOCOL.md 4.2), version 1 (24-byte header) or 2 (32 bytes)."""
     if len(buf) < _RESULT_HEADER.size:
         raise FusionError("malformed", f"result frame of {len(buf)} bytes is shorter than its header")
-    magic, version, kind, prio, _r, slen, klen, m, d, seq = _RESULT_HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or version != PROTOCOL_VERSION or kind != KIND_RESULT:
-        raise FusionError("malformed", f"not a v1 result frame (magic {magic!r}, version {version}, kind {kind})")
-    expected = _RESULT_HEADER.size + slen + klen + m + 4 * (d + m)
+    magic, version, kind, prio, flags, slen, klen, m, d, seq = _RESULT_HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version not in (1, 2) or kind != KIND_RESULT:
+        raise FusionError("malformed", f"not a result frame (magic {magic!r}, version {version}, kind {kind})")
+    header, stream_seq = _RESULT_HEADER.size, 0
+    if version == 2:
+        if len(buf) < _RESULT_HEADER_V2.size:
+            raise FusionError("malformed", f"v2 result frame of {len(buf)} bytes is shorter than its header")
+        header, stream_seq = _RESULT_HEADER_V2.size, _RESULT_HEADER_V2.unpack_from(buf, 0)[10]
+    expected = header + slen + klen + m + 4 * (d + m)
     if len(buf) != expected:
         raise FusionError("malformed", f"result frame has {len(buf)} bytes, expected {expected}")
-    o = _RESULT_HEADER.size
+    o = header
     stream = buf[o:o + slen].decode()
     o += slen
     key = buf[o:o + klen].decode()
@@ -127,13 +148,29 @@ def decode_result(buf: bytes) -> Result:
     fused = np.frombuffer(buf, "<f4", d, o).astype(np.float32)
     o += 4 * d
     weights = np.frombuffer(buf, "<f4", m, o).astype(np.float32)
-    return Result(stream, key, seq, PRIORITY_NAMES.get(prio, str(prio)), mask, fused, weights)
+    replayed = version == 2 and bool(flags & RESULT_FLAG_REPLAYED)
+    return Result(stream, key, seq, PRIORITY_NAMES.get(prio, str(prio)), mask, fused, weights,
+                  stream_seq, replayed)
 
 
 def _result_from_json(msg: dict) -> Result:
     return Result(msg["stream"], str(msg["key"]), int(msg["seq"]), msg.get("priority", "important"),
                   np.asarray(msg.get("mask", []), np.uint8), np.asarray(msg["fused"], np.float32),
-                  np.asarray(msg["weights"], np.float32))
+                  np.asarray(msg["weights"], np.float32), int(msg.get("stream_seq", 0)),
+                  bool(msg.get("replayed", False)))
+
+
+@dataclass
+class ResumePoint:
+    """Where a subscription resumes (PROTOCOL.md 7.4): the server epoch and the last stream seq
+    received of each replayed class."""
+
+    epoch: int
+    critical: int = 0
+    important: int = 0
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "critical": self.critical, "important": self.important}
 
 
 class _Subscription:
@@ -170,15 +207,16 @@ class FusionClient:
     reading once its queue is full).
     """
 
-    def __init__(self, ws: Any, welcome: dict, max_buffered: int):
+    def __init__(self, ws: Any, welcome: dict, max_buffered: int, url: str = "", token: Optional[str] = None,
+                 open_timeout: float = 10.0):
         self._ws = ws
-        self.welcome = welcome
-        self.head = welcome.get("head", {})
-        self.modalities = [m["name"] for m in self.head.get("modalities", [])]
-        self.widths = {m["name"]: m["width"] for m in self.head.get("modalities", [])}
-        self.dim = self.head.get("dim")
+        self._url, self._token, self._open_timeout = url, token, open_timeout
+        self._set_welcome(welcome)
         self._max_buffered = max_buffered
         self._subs: dict[str, asyncio.Queue] = {}
+        self._conflate: dict[str, Optional[str]] = {}
+        self._points: dict[str, ResumePoint] = {}
+        self._leaving = False  # set while disconnect()/reconnect() replace the socket
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self.errors: asyncio.Queue = asyncio.Queue(maxsize=10000)
@@ -186,10 +224,16 @@ class FusionClient:
         self.closed: Optional[ConnectionClosed] = None
         self._reader = asyncio.create_task(self._read_loop())
 
-    @classmethod
-    async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
-                      open_timeout: float = 10.0) -> "FusionClient":
-        """Connects, says hello (binary results), waits for `welcome`."""
+    def _set_welcome(self, welcome: dict) -> None:
+        self.welcome = welcome
+        self.epoch = int(welcome.get("epoch", 0))
+        self.head = welcome.get("head", {})
+        self.modalities = [m["name"] for m in self.head.get("modalities", [])]
+        self.widths = {m["name"]: m["width"] for m in self.head.get("modalities", [])}
+        self.dim = self.head.get("dim")
+
+    @staticmethod
+    async def _open(url: str, token: Optional[str], open_timeout: float) -> tuple[Any, dict]:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         kwargs: dict[str, Any] = {"max_size": 64 * 1024 * 1024, "open_timeout": open_timeout}
         if headers:
@@ -202,10 +246,49 @@ class FusionClient:
             if isinstance(raw, str):
                 msg = json.loads(raw)
                 if msg.get("type") == "welcome":
-                    return cls(ws, msg, max_buffered)
+                    return ws, msg
                 if msg.get("type") == "error":
                     await ws.close()
                     raise FusionError(msg.get("code", "?"), msg.get("message", ""), bool(msg.get("retry")), msg)
+
+    @classmethod
+    async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
+                      open_timeout: float = 10.0) -> "FusionClient":
+        """Connects, says hello (protocol 2, binary results), waits for `welcome`."""
+        ws, welcome = await cls._open(url, token, open_timeout)
+        return cls(ws, welcome, max_buffered, url, token, open_timeout)
+
+    def resume_point(self, stream: str) -> Optional[ResumePoint]:
+        """Where `stream` would resume now (None when not subscribed)."""
+        p = self._points.get(stream)
+        return None if p is None else ResumePoint(p.epoch, p.critical, p.important)
+
+    async def disconnect(self) -> None:
+        """Closes the connection but keeps subscriptions, their queues and resume points for
+        `reconnect()`."""
+        self._leaving = True
+        try:
+            await self._ws.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 5)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                self._reader.cancel()
+        finally:
+            self._leaving = False
+
+    async def reconnect(self) -> None:
+        """Opens a new connection to the same server and resubscribes every stream from its
+        resume point: what was missed is replayed into the same subscription queues, or named
+        in an `unrecoverable` notice (in `notices`)."""
+        if not self._reader.done():
+            await self.disconnect()
+        ws, welcome = await self._open(self._url, self._token, self._open_timeout)
+        self._ws = ws
+        self._set_welcome(welcome)
+        self.closed = None
+        self._reader = asyncio.create_task(self._read_loop())
+        for stream in list(self._subs):
+            await self.subscribe(stream, conflate=self._conflate.get(stream), resume=self._points.get(stream))
 
     async def __aenter__(self) -> "FusionClient":
         return self
@@ -224,18 +307,56 @@ class FusionClient:
         finally:
             self._pending.pop(rid, None)
 
-    async def subscribe(self, stream: str) -> _Subscription:
-        """Subscribes to a stream; returns an async iterator of its Results."""
+    async def subscribe(self, stream: str, conflate: Optional[str] = None,
+                        resume: Optional[ResumePoint] = None) -> _Subscription:
+        """Subscribes to a stream; returns an async iterator of its Results. `conflate`
+        ("key" or "stream") keeps only the newest queued BULK result per key or stream
+        (PROTOCOL.md 7.5); `resume` replays what was missed since that point (7.4)."""
         q = self._subs.get(stream)
         if q is None:
             q = asyncio.Queue(maxsize=self._max_buffered)
             self._subs[stream] = q
-        await self._request({"type": "subscribe", "stream": stream})
+        msg: dict[str, Any] = {"type": "subscribe", "stream": stream}
+        if conflate is not None:
+            msg["conflate"] = conflate
+        if resume is not None:
+            msg["resume"] = resume.to_json()
+            self._points[stream] = ResumePoint(resume.epoch, resume.critical, resume.important)
+        else:
+            self._points.pop(stream, None)
+        self._conflate[stream] = conflate
+        await self._request(msg)
         return _Subscription(self, stream, q)
 
     async def unsubscribe(self, stream: str) -> None:
         await self._request({"type": "unsubscribe", "stream": stream})
         self._subs.pop(stream, None)
+        self._points.pop(stream, None)
+        self._conflate.pop(stream, None)
+
+    def _track(self, msg: Any) -> None:
+        """Resume bookkeeping from one received message (a Result or a JSON dict)."""
+        if isinstance(msg, Result):
+            p = self._points.get(msg.stream)
+            if p is not None and msg.stream_seq:
+                if msg.priority == "critical":
+                    p.critical = max(p.critical, msg.stream_seq)
+                elif msg.priority == "important":
+                    p.important = max(p.important, msg.stream_seq)
+            return
+        t = msg.get("type")
+        if t == "ack" and msg.get("op") == "subscribe" and "epoch" in msg:
+            s, epoch, last = msg.get("stream"), int(msg["epoch"]), int(msg.get("last", 0))
+            p = self._points.get(s)
+            if p is None:
+                self._points[s] = ResumePoint(epoch, last, last)
+            elif p.epoch != epoch:  # a resume across a restart: replayed from the new start
+                self._points[s] = ResumePoint(epoch, 0, 0)
+        elif t == "notice" and msg.get("kind") == "unrecoverable" and msg.get("last") is not None:
+            p = self._points.get(msg.get("stream"))
+            if p is not None and msg.get("class") in ("critical", "important"):
+                cls_ = msg["class"]
+                setattr(p, cls_, max(getattr(p, cls_), int(msg["last"])))
 
     async def produce(self, stream: str, key: str, modality: str, values: Any, priority: str = "important",
                       last: bool = False, ack: bool = False, timeout: float = 10.0) -> None:
@@ -272,6 +393,8 @@ class FusionClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+        if self._leaving:  # disconnect()/reconnect(): the subscriptions go on
+            return
         for q in self._subs.values():
             try:
                 q.put_nowait(exc)
@@ -283,6 +406,7 @@ class FusionClient:
             async for raw in self._ws:
                 if isinstance(raw, bytes):
                     r = decode_result(raw)
+                    self._track(r)
                     q = self._subs.get(r.stream)
                     if q is not None:
                         await q.put(r)  # blocks (stops reading) when the consumer is behind
@@ -291,10 +415,12 @@ class FusionClient:
                 t = msg.get("type")
                 if t == "result":
                     r = _result_from_json(msg)
+                    self._track(r)
                     q = self._subs.get(r.stream)
                     if q is not None:
                         await q.put(r)
                 elif t in ("ack", "pong"):
+                    self._track(msg)
                     fut = self._pending.get(msg.get("id"))
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
@@ -306,6 +432,7 @@ class FusionClient:
                     else:
                         _put_nowait_drop_oldest(self.errors, err)
                 elif t == "notice":
+                    self._track(msg)
                     _put_nowait_drop_oldest(self.notices, msg)
             code = getattr(self._ws, "close_code", None)
             reason = getattr(self._ws, "close_reason", "") or ""

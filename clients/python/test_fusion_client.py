@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,3 +250,133 @@ def test_result_frame_codec_round_trip():
     assert np.array_equal(r.fused, fused) and np.array_equal(r.weights, w)
     with pytest.raises(fc.FusionError):
         fc.decode_result(buf[:-1])
+
+
+def test_result_frame_codec_v2_carries_the_stream_seq():
+    d, m = 2, 1
+    s, k = b"st", b"k"
+    body = s + k + bytes([1]) + np.array([1.5, -2], "<f4").tobytes() + np.array([1], "<f4").tobytes()
+    buf = struct.pack("<2sBBBBHHHIQQ", b"FE", 2, 2, 1, fc.RESULT_FLAG_REPLAYED, len(s), len(k), m, d, 7, 1234) + body
+    r = fc.decode_result(buf)
+    assert (r.seq, r.stream_seq, r.replayed, r.priority, r.key) == (7, 1234, True, "important", "k")
+    assert r.fused.tolist() == [1.5, -2.0]
+    with pytest.raises(fc.FusionError):
+        fc.decode_result(buf[:30])
+
+
+def _x(i: int) -> np.ndarray:
+    return np.linspace(-1, 1, 768, dtype=np.float32) * (1 + i % 7)
+
+
+PRIOS = ["critical", "important", "bulk"]
+
+
+async def _produce(c: fc.FusionClient, stream: str, keys: range) -> None:
+    for i in keys:
+        await c.produce(stream, f"k{i}", "text", _x(i), priority=PRIOS[i % 3], last=True)
+
+
+async def _take(sub: Any, n: int) -> list:
+    return [await sub.get(timeout=20) for _ in range(n)]
+
+
+def test_resume_replays_missed_results_once_then_live(server):
+    async def go() -> None:
+        stream = "py-resume"
+        ref = await fc.FusionClient.connect(server.url)
+        ref_sub = await ref.subscribe(stream)
+        a = await fc.FusionClient.connect(server.url)
+        a_sub = await a.subscribe(stream)
+        p = await fc.FusionClient.connect(server.url)
+        try:
+            await _produce(p, stream, range(0, 9))
+            before = await _take(a_sub, 9)
+            await _take(ref_sub, 9)
+            point = a.resume_point(stream)
+            assert point.epoch == a.epoch > 0
+            assert point.critical == max(r.stream_seq for r in before if r.priority == "critical")
+            assert point.important == max(r.stream_seq for r in before if r.priority == "important")
+            await a.disconnect()
+            await _produce(p, stream, range(9, 21))
+            away = await _take(ref_sub, 12)  # all fanned out while `a` is away
+            await a.reconnect()
+            await _produce(p, stream, range(21, 24))
+            live = await _take(ref_sub, 3)
+            missed = [r for r in away if r.priority != "bulk"]
+            got = await _take(a_sub, len(missed) + len(live))
+            with pytest.raises(asyncio.TimeoutError):
+                await a_sub.get(timeout=0.3)
+            replayed = [r for r in got if r.replayed]
+            assert sorted(r.stream_seq for r in replayed) == sorted(r.stream_seq for r in missed)
+            by_seq = {r.stream_seq: r for r in missed}
+            for r in replayed:
+                w = by_seq[r.stream_seq]
+                assert (r.key, r.priority) == (w.key, w.priority)
+                assert np.array_equal(r.fused, w.fused) and np.array_equal(r.weights, w.weights)
+            assert sorted(r.stream_seq for r in got if not r.replayed) == [r.stream_seq for r in live]
+            for cls_ in ("critical", "important"):
+                order = [r.stream_seq for r in got if r.priority == cls_]
+                assert order == sorted(order) and len(set(order)) == len(order)
+            assert all(n.get("kind") != "unrecoverable" for n in _drain(a.notices))
+        finally:
+            for c in (ref, a, p):
+                await c.close()
+
+    asyncio.run(go())
+
+
+def _drain(q: asyncio.Queue) -> list:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+def test_resume_with_a_wrong_epoch_is_announced_unrecoverable(server):
+    async def go() -> None:
+        stream = "py-epoch"
+        c = await fc.FusionClient.connect(server.url)
+        p = await fc.FusionClient.connect(server.url)
+        try:
+            w = await c.subscribe(stream)
+            await _produce(p, stream, range(0, 3))
+            await _take(w, 3)
+            stale = fc.ResumePoint(c.epoch ^ 1, 10, 20)
+            c2 = await fc.FusionClient.connect(server.url)
+            sub = await c2.subscribe(stream, resume=stale)
+            got = await _take(sub, 2)  # the CRITICAL and IMPORTANT of the 3, from the new start
+            assert all(r.replayed for r in got)
+            assert sorted(r.priority for r in got) == ["critical", "important"]
+            await asyncio.sleep(0.1)
+            un = [n for n in _drain(c2.notices) if n.get("kind") == "unrecoverable"]
+            assert sorted((n["class"], n["first"], n["last"], n["reason"]) for n in un) == [
+                ("critical", 11, None, "epoch"), ("important", 21, None, "epoch")]
+            assert c2.resume_point(stream).epoch == c.epoch
+            await c2.close()
+        finally:
+            await c.close()
+            await p.close()
+
+    asyncio.run(go())
+
+
+def test_version_1_sessions_get_version_1_frames(server):
+    async def go() -> None:
+        from websockets.asyncio.client import connect
+
+        async with connect(server.url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "hello", "version": 1, "results": "binary"}))
+            await ws.send(json.dumps({"type": "subscribe", "stream": "py-v1", "id": 1}))
+            await ws.send(fc.encode_produce("py-v1", "k", "text", _x(1), last=True))
+            while True:
+                m = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(m, bytes):
+                    break
+                j = json.loads(m)
+                if j["type"] == "welcome":
+                    assert j["version"] == 1 and j["epoch"] > 0
+            assert m[2] == 1 and len(m) == 24 + len("py-v1") + 1 + 3 + 4 * (512 + 3)
+            r = fc.decode_result(m)
+            assert (r.key, r.stream_seq, r.replayed) == ("k", 0, False)
+
+    asyncio.run(go())

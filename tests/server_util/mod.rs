@@ -1,9 +1,12 @@
 //! Shared set-up of the server tests: a server on 127.0.0.1:0 over one CPU device with a small
-//! random head, and helpers to read events with a deadline.
+//! random head, helpers to read events with a deadline, and raw subscribers that can stall.
 #![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use fusion_engine::batch::BatchRef;
 use fusion_engine::client::{Client, Event};
@@ -86,4 +89,46 @@ pub fn check(
     };
     let r = reference(head, &b);
     (rel_error(fused, &r.fused), rel_error(weights, &r.weights))
+}
+
+/// A raw WebSocket client (tests that stall a peer by not polling it).
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A big-D head (32 KiB results) so a few hundred results fill the socket buffers.
+pub fn wide_head() -> std::sync::Arc<fusion_engine::model::FusionHead> {
+    head(&[("a", 4)], 8192, 11)
+}
+
+/// A raw version 1 binary subscriber of `stream`.
+pub async fn raw_subscriber(url: &str, stream: &str) -> Ws {
+    let sub = format!(r#"{{"type":"subscribe","stream":"{stream}"}}"#);
+    raw_subscriber_with(url, 1, &sub).await
+}
+
+/// A raw binary subscriber speaking `version` that sends `subscribe` (JSON text).
+pub async fn raw_subscriber_with(url: &str, version: u8, subscribe: &str) -> Ws {
+    // A small, fixed receive buffer (no autotuning, which may grow to tens of MiB): a peer that
+    // stops reading stalls the server's writer after a known, small amount of data.
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(1 << 16).unwrap();
+    let tcp = sock.connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    ws.send(Message::text(format!(
+        r#"{{"type":"hello","version":{version},"results":"binary"}}"#
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::text(subscribe.to_string())).await.unwrap();
+    loop {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            if t.contains("\"ack\"") {
+                return ws;
+            }
+        }
+    }
 }

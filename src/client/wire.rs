@@ -1,0 +1,143 @@
+//! The wire side of the Rust client: opening the WebSocket (bearer token), its writer and
+//! reader tasks, and turning frames into [`Event`]s.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{ClientError, ClientResult, Event, FuseResult};
+use crate::server::codec::{self, decode_result};
+
+/// Opens the WebSocket and starts its writer and reader tasks.
+pub(super) async fn open(
+    url: &str,
+    token: Option<&str>,
+) -> ClientResult<(mpsc::Sender<Message>, mpsc::Receiver<Event>)> {
+    let cerr = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+    let mut req = url.into_client_request().map_err(|e| cerr(&e))?;
+    if let Some(t) = token {
+        let v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| cerr(&e))?;
+        req.headers_mut().insert("authorization", v);
+    }
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
+        .await
+        .map_err(|e| cerr(&e))?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut out_rx) = mpsc::channel::<Message>(1024);
+    let (ev_tx, events) = mpsc::channel::<Event>(4096);
+    tokio::spawn(async move {
+        // Feed what is queued into the write buffer and flush once it runs empty (or every 64
+        // messages): a burst of produce frames costs a few syscalls, not one each.
+        'run: while let Some(mut m) = out_rx.recv().await {
+            let mut n = 0;
+            loop {
+                let close = matches!(m, Message::Close(_));
+                if sink.feed(m).await.is_err() {
+                    break 'run;
+                }
+                n += 1;
+                if close {
+                    let _ = sink.flush().await;
+                    break 'run;
+                }
+                match out_rx.try_recv() {
+                    Ok(next) if n < 64 => m = next,
+                    Ok(next) => {
+                        if sink.flush().await.is_err() {
+                            break 'run;
+                        }
+                        n = 0;
+                        m = next;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut closed = (None, "connection ended without a close frame".to_string());
+        while let Some(m) = stream.next().await {
+            let ev = match m {
+                Ok(Message::Binary(b)) => match decode_result(&b) {
+                    Some(r) => Event::Result(r),
+                    None => Event::Control(json!({"type": "undecodable_binary"})),
+                },
+                Ok(Message::Text(t)) => text_event(t.as_str()),
+                Ok(Message::Close(f)) => {
+                    if let Some(f) = f {
+                        closed = (Some(u16::from(f.code)), f.reason.to_string());
+                    }
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    closed.1 = e.to_string();
+                    break;
+                }
+            };
+            if ev_tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        let _ = ev_tx
+            .send(Event::Closed {
+                code: closed.0,
+                reason: closed.1,
+            })
+            .await;
+    });
+    Ok((tx, events))
+}
+
+fn text_event(t: &str) -> Event {
+    let v: Value = match serde_json::from_str(t) {
+        Ok(v) => v,
+        Err(_) => return Event::Control(json!({"type": "undecodable_text", "text": t})),
+    };
+    match v["type"].as_str() {
+        Some("error") => Event::Error {
+            code: v["code"].as_str().unwrap_or("").to_string(),
+            message: v["message"].as_str().unwrap_or("").to_string(),
+            raw: v,
+        },
+        Some("result") => {
+            let f32s = |k: &str| -> Vec<f32> {
+                v[k].as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Event::Result(FuseResult {
+                seq: v["seq"].as_u64().unwrap_or(0),
+                stream_seq: v["stream_seq"].as_u64().unwrap_or(0),
+                replayed: v["replayed"].as_bool().unwrap_or(false),
+                stream: v["stream"].as_str().unwrap_or("").to_string(),
+                key: v["key"].as_str().unwrap_or("").to_string(),
+                priority: v["priority"]
+                    .as_str()
+                    .and_then(codec::priority_named)
+                    .unwrap_or_default(),
+                mask: v["mask"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0) as u8).collect())
+                    .unwrap_or_default(),
+                fused: f32s("fused"),
+                weights: f32s("weights"),
+            })
+        }
+        _ => Event::Control(v),
+    }
+}
