@@ -357,6 +357,9 @@ async fn a_subscriber_closed_1013_resumes_from_its_last_stream_seq() {
     }
     let (all, _) = results(&mut reference, n as usize).await;
     assert_eq!(all.last().map(|r| r.stream_seq), Some(n));
+    // Stay stalled well past send_timeout: on a quiet machine the reference can be done before
+    // the stalled peer's writer has been blocked that long.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // The stalled one reads now: results up to its 1013 close.
     let mut point = 0;
     let close = loop {

@@ -791,8 +791,11 @@ mod tests {
         assert!(msg(r#"{"type":"hello","version":1,"results":"binary"}"#)
             .unwrap()
             .contains("binary: true"));
+        assert!(msg(r#"{"type":"hello","version":2}"#)
+            .unwrap()
+            .contains("version: 2"));
         assert_eq!(
-            code(r#"{"type":"hello","version":2}"#),
+            code(r#"{"type":"hello","version":3}"#),
             Code::UnsupportedVersion
         );
         assert_eq!(
