@@ -1,0 +1,414 @@
+//! The [`Report`] of a run (one JSON object with `--json`) and how it is built from what the
+//! connections and the scraper recorded.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::producer::ProducerRecord;
+use super::scenario::Plan;
+use super::scrape::Scrape;
+use super::stats::{gaps, ConnRecord, GapStats, Latency, Role};
+use super::Options;
+
+/// One value per data class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct PerClass<T> {
+    /// CRITICAL.
+    pub critical: T,
+    /// IMPORTANT.
+    pub important: T,
+    /// BULK.
+    pub bulk: T,
+}
+
+impl<T: Copy> PerClass<T> {
+    fn from(a: [T; 3]) -> PerClass<T> {
+        PerClass {
+            critical: a[0],
+            important: a[1],
+            bulk: a[2],
+        }
+    }
+}
+
+/// One device as last scraped.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceReport {
+    /// `healthy`, `slow` or `failed`.
+    pub state: &'static str,
+    /// Batches completed.
+    pub batches: u64,
+}
+
+/// Everything a run measured. Latencies are produce-to-result: from just before the first
+/// modality of a sample is sent to when a subscriber reads its result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Scenario (plan) name.
+    pub scenario: String,
+    /// Seconds of production.
+    pub duration_s: f64,
+    /// Producer connections.
+    pub producers: usize,
+    /// Subscriber connections by role.
+    pub subscribers: BTreeMap<String, usize>,
+    /// Samples sent per class.
+    pub samples_sent: PerClass<u64>,
+    /// Results per second per fast subscriber (results read / time to its last result).
+    pub samples_per_s: f64,
+    /// Latency per class over the fast subscribers.
+    pub latency_ms: PerClass<Latency>,
+    /// p99 over every class, fast subscribers.
+    pub fast_p99_ms: Option<f64>,
+    /// Latency per class over the slow (10 msg/s) subscribers, when there are any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_latency_ms: Option<PerClass<Latency>>,
+    /// Seqs announced in `dropped` notices, per class, all subscribers.
+    pub drops_announced: PerClass<u64>,
+    /// Seqs that never arrived and were covered by a `dropped` notice of that class.
+    pub gaps_seen: PerClass<u64>,
+    /// Seqs that never arrived, unannounced, on connections the server did not close: silent
+    /// losses.
+    pub gaps_unannounced: u64,
+    /// Seqs announced as dropped that arrived anyway.
+    pub announced_but_received: u64,
+    /// Seqs that never arrived, unannounced, on connections the server closed with 1013.
+    pub lost_with_close: u64,
+    /// Closes of every connection (producers and subscribers) by code (`none` = no close
+    /// frame); the load generator's own normal closes are 1000.
+    pub closes: BTreeMap<String, u64>,
+    /// Reasons of the 1013 closes.
+    pub overload_close_reasons: Vec<String>,
+    /// CRITICAL samples accepted by the server but missing at a subscriber that was not
+    /// closed by the server (must be 0).
+    pub critical_lost_without_close: u64,
+    /// Producer `error` messages by code.
+    pub producer_errors: BTreeMap<String, u64>,
+    /// Producer `shed` notices.
+    pub producer_shed: u64,
+    /// Highest process peak RSS scraped from the server's `/metrics`, MiB.
+    pub server_peak_rss_mb: Option<f64>,
+    /// The RSS bound checked, MiB.
+    pub max_rss_mb: f64,
+    /// `server_peak_rss_mb <= max_rss_mb` (none without metrics).
+    pub rss_within_bound: Option<bool>,
+    /// Highest total queued messages per class across connections seen in a scrape.
+    pub peak_queue_depth: PerClass<f64>,
+    /// Devices as last scraped.
+    pub devices: BTreeMap<String, DeviceReport>,
+    /// slow-consumer: close code of the stalled subscriber.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_close_code: Option<u16>,
+    /// slow-consumer: its close reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_close_reason: Option<String>,
+    /// slow-consumer: seq of the last result it read before the close (the close reason's
+    /// `last_seq` should name it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_last_seq_read: Option<u64>,
+    /// slow-consumer: seconds from when it last stopped reading to the scrape that first
+    /// showed the server's 1013 close (an upper bound, by one scrape interval).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_close_after_s: Option<f64>,
+    /// reconnect: CRITICAL/IMPORTANT results the reference fast subscriber got that a
+    /// reconnecting subscriber never got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing_after_resume: Option<u64>,
+    /// reconnect: `unrecoverable` notices received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unrecoverable_announced: Option<u64>,
+    /// The acceptance checks that apply to this run, by name.
+    pub checks: BTreeMap<String, bool>,
+    /// Scrapes of `/metrics`.
+    pub scrapes: usize,
+    /// Failed scrapes.
+    pub scrape_failures: u64,
+    /// The server's `send_timeout` (from its welcome), seconds.
+    pub send_timeout_s: Option<f64>,
+    /// The timeline behind the plot.
+    #[serde(skip)]
+    pub timeline: Timeline,
+}
+
+/// Data for the plot.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// Per class: (ms since the start, latency µs) at the fast subscribers.
+    pub latency: [Vec<(u32, u32)>; 3],
+    /// Fast subscribers.
+    pub fast: usize,
+    /// Scrapes.
+    pub scrapes: Vec<Scrape>,
+}
+
+pub(crate) struct Inputs<'a> {
+    pub plan: &'a Plan,
+    pub options: &'a Options,
+    pub produced_s: f64,
+    pub producers: Vec<ProducerRecord>,
+    pub records: Vec<ConnRecord>,
+    pub scrapes: Vec<Scrape>,
+    pub scrape_failures: u64,
+    pub send_timeout_s: Option<f64>,
+}
+
+fn role_name(r: &Role) -> &'static str {
+    match r {
+        Role::Fast => "fast",
+        Role::Slow { .. } => "slow",
+        Role::Stalled { .. } => "stalled",
+        Role::Reconnect { .. } => "reconnect",
+    }
+}
+
+fn close_key(code: Option<u16>) -> String {
+    code.map_or_else(|| "none".to_string(), |c| c.to_string())
+}
+
+pub(crate) fn build(i: Inputs<'_>) -> Report {
+    let roles = &i.plan.subscribers;
+    let mut subscribers = BTreeMap::new();
+    for r in roles {
+        *subscribers.entry(role_name(r).to_string()).or_default() += 1;
+    }
+    let mut sent = [0u64; 3];
+    let mut producer_errors = BTreeMap::new();
+    let mut producer_shed = 0;
+    let mut closes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut expected_critical = HashSet::new();
+    for p in &i.producers {
+        for c in 0..3 {
+            sent[c] += p.sent[c];
+        }
+        for (code, n) in &p.errors {
+            *producer_errors.entry(code.clone()).or_default() += n;
+        }
+        producer_shed += p.shed;
+        *closes.entry(close_key(p.close.as_ref().map_or(Some(1000), |c| c.0))).or_default() += 1;
+        for k in p.critical_sent.iter().filter(|k| !p.critical_refused.contains(*k)) {
+            expected_critical.insert(format!("{}/{k}", p.stream));
+        }
+    }
+    let mut fast_lat: [Vec<u32>; 3] = Default::default();
+    let mut slow_lat: [Vec<u32>; 3] = Default::default();
+    let mut timeline = Timeline::default();
+    let mut g = GapStats::default();
+    let mut reasons = Vec::new();
+    let mut critical_lost = 0u64;
+    let mut rates = Vec::new();
+    let mut report_stalled = None;
+    let reference = i.records.iter().position(|r| roles.get(r.id) == Some(&Role::Fast));
+    let mut missing_after_resume = None;
+    let mut unrecoverable = None;
+    for r in &i.records {
+        let role = roles.get(r.id).copied().unwrap_or(Role::Fast);
+        for s in &r.segments {
+            g.add(s);
+        }
+        g.add(&gaps(r));
+        *closes.entry(close_key(r.close.as_ref().map_or(Some(1000), |c| c.code))).or_default() += 1;
+        let server_closed = r.close.as_ref().is_some_and(|c| c.is_overload());
+        if let Some(c) = r.close.as_ref().filter(|c| c.is_overload()) {
+            reasons.push(c.reason.clone());
+        }
+        match role {
+            Role::Fast => {
+                let n: usize = r.lat.iter().map(Vec::len).sum();
+                let last_ms = r.lat.iter().flatten().map(|x| x.0).max().unwrap_or(0);
+                if last_ms > 0 {
+                    rates.push(n as f64 / (f64::from(last_ms) / 1000.0));
+                }
+                timeline.fast += 1;
+                for c in 0..3 {
+                    fast_lat[c].extend(r.lat[c].iter().map(|x| x.1));
+                    timeline.latency[c].extend_from_slice(&r.lat[c]);
+                }
+            }
+            Role::Slow { .. } => {
+                for c in 0..3 {
+                    slow_lat[c].extend(r.lat[c].iter().map(|x| x.1));
+                }
+            }
+            Role::Stalled { .. } => report_stalled = Some(r),
+            Role::Reconnect { .. } => {
+                let reference = reference.and_then(|x| i.records.get(x));
+                if let Some(f) = reference {
+                    let m = f.kept_keys.difference(&r.kept_keys).count() as u64;
+                    *missing_after_resume.get_or_insert(0) += m;
+                }
+                *unrecoverable.get_or_insert(0) += r.unrecoverable;
+            }
+        }
+        if !server_closed && !matches!(role, Role::Reconnect { .. }) {
+            critical_lost += expected_critical
+                .iter()
+                .filter(|k| !r.kept_keys.contains(*k))
+                .count() as u64;
+        }
+    }
+    let peak_rss = i
+        .scrapes
+        .iter()
+        .filter_map(|s| s.peak_rss_mb.or(s.rss_mb))
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let mut peak_q = [0f64; 3];
+    for s in &i.scrapes {
+        for c in 0..3 {
+            peak_q[c] = peak_q[c].max(s.queue[c + 1]);
+        }
+    }
+    let devices = i
+        .scrapes
+        .last()
+        .map(|s| {
+            s.devices
+                .iter()
+                .map(|(n, d)| {
+                    let state = ["healthy", "slow", "failed"][(d.0 as usize).min(2)];
+                    let batches = d.2 as u64;
+                    (n.clone(), DeviceReport { state, batches })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let all_fast: Vec<u32> = fast_lat.iter().flatten().copied().collect();
+    let has_slow = roles.iter().any(|r| matches!(r, Role::Slow { .. }));
+    let stalled_close = report_stalled.and_then(|r| r.close.as_ref());
+    let mut r = Report {
+        scenario: i.plan.name.clone(),
+        duration_s: i.produced_s,
+        producers: i.producers.len(),
+        subscribers,
+        samples_sent: PerClass::from(sent),
+        samples_per_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        latency_ms: PerClass::from(fast_lat.map(Latency::of)),
+        fast_p99_ms: Latency::of(all_fast).p99,
+        slow_latency_ms: has_slow.then(|| PerClass::from(slow_lat.map(Latency::of))),
+        drops_announced: PerClass::from(g.announced),
+        gaps_seen: PerClass::from(g.gaps),
+        gaps_unannounced: g.unannounced,
+        announced_but_received: g.announced_but_received,
+        lost_with_close: g.lost_with_close,
+        closes,
+        overload_close_reasons: reasons,
+        critical_lost_without_close: critical_lost,
+        producer_errors,
+        producer_shed,
+        server_peak_rss_mb: peak_rss,
+        max_rss_mb: i.options.max_rss_mb,
+        rss_within_bound: peak_rss.map(|p| p <= i.options.max_rss_mb),
+        peak_queue_depth: PerClass::from(peak_q),
+        devices,
+        stalled_close_code: stalled_close.and_then(|c| c.code),
+        stalled_close_reason: stalled_close.map(|c| c.reason.clone()),
+        stalled_last_seq_read: report_stalled.and_then(|r| r.seqs.last().copied()),
+        stalled_close_after_s: report_stalled.and_then(|r| {
+            let at = r.close.as_ref()?.detected_us?;
+            Some(at.saturating_sub(r.stopped_us?) as f64 / 1e6)
+        }),
+        missing_after_resume,
+        unrecoverable_announced: unrecoverable,
+        scrapes: i.scrapes.len(),
+        scrape_failures: i.scrape_failures,
+        checks: BTreeMap::new(),
+        send_timeout_s: i.send_timeout_s,
+        timeline: Timeline {
+            scrapes: i.scrapes,
+            ..timeline
+        },
+    };
+    r.checks = checks(&r, i.plan);
+    r
+}
+
+/// The acceptance checks of issue 7 that apply to `r`.
+fn checks(r: &Report, plan: &Plan) -> BTreeMap<String, bool> {
+    let mut c = BTreeMap::new();
+    let mut put = |k: &str, v: bool| {
+        c.insert(k.to_string(), v);
+    };
+    put(
+        "nothing_lost_silently",
+        r.gaps_unannounced == 0 && r.announced_but_received == 0 && r.gaps_seen == r.drops_announced,
+    );
+    put("critical_lost_without_close_is_0", r.critical_lost_without_close == 0);
+    if let Some(ok) = r.rss_within_bound {
+        put("server_rss_within_bound", ok);
+    }
+    if plan.subscribers.iter().any(|x| matches!(x, Role::Stalled { .. })) {
+        let named = r
+            .stalled_close_reason
+            .as_deref()
+            .and_then(|x| x.rsplit_once("last_seq=")?.1.trim().parse::<u64>().ok());
+        put(
+            "stalled_closed_1013_naming_its_last_seq",
+            r.stalled_close_code == Some(1013) && named == Some(r.stalled_last_seq_read.unwrap_or(0)),
+        );
+        if let (Some(after), Some(st)) = (r.stalled_close_after_s, r.send_timeout_s) {
+            put("stalled_closed_within_send_timeout_plus_1s", after <= st + 1.0);
+        }
+    }
+    if plan.producers.iter().any(Option::is_none) {
+        let overloaded = r.producer_errors.get("overloaded").copied().unwrap_or(0);
+        put("producers_got_overload_errors_and_notices", overloaded > 0 && r.producer_shed > 0);
+        put("no_crash_no_internal_close", !r.closes.contains_key("1011"));
+    }
+    if let (Some(m), Some(u)) = (r.missing_after_resume, r.unrecoverable_announced) {
+        put("reconnect_nothing_missing_unannounced", m == 0 || u > 0);
+    }
+    c
+}
+
+impl Report {
+    /// A human summary, one fact per line.
+    pub fn text(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            t,
+            "loadgen {}: {:.1} s, {} producers, subscribers {:?}; sent critical {} important {} bulk {}",
+            self.scenario, self.duration_s, self.producers, self.subscribers,
+            self.samples_sent.critical, self.samples_sent.important, self.samples_sent.bulk
+        );
+        let _ = writeln!(t, "  {:.0} results/s per fast subscriber", self.samples_per_s);
+        for (name, l) in [
+            ("critical", &self.latency_ms.critical),
+            ("important", &self.latency_ms.important),
+            ("bulk", &self.latency_ms.bulk),
+        ] {
+            let _ = writeln!(
+                t,
+                "  {name:9} n {:8}  p50 {:>8} ms  p99 {:>8} ms  p999 {:>8} ms",
+                l.n, ms(l.p50), ms(l.p99), ms(l.p999)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "  drops announced {:?}, gaps seen {:?}, unannounced gaps {}, lost with a close {}",
+            self.drops_announced, self.gaps_seen, self.gaps_unannounced, self.lost_with_close
+        );
+        let _ = writeln!(
+            t,
+            "  closes {:?} {:?}; critical lost without close {}",
+            self.closes, self.overload_close_reasons, self.critical_lost_without_close
+        );
+        let _ = writeln!(
+            t,
+            "  producer errors {:?}, shed {}; server peak RSS {} MiB (bound {})",
+            self.producer_errors, self.producer_shed, ms(self.server_peak_rss_mb), self.max_rss_mb
+        );
+        if let Some(code) = self.stalled_close_code {
+            let _ = writeln!(
+                t,
+                "  stalled subscriber: closed {code} {:?} after {} s (last seq read {:?})",
+                self.stalled_close_reason.as_deref().unwrap_or(""),
+                ms(self.stalled_close_after_s),
+                self.stalled_last_seq_read
+            );
+        }
+        for (k, ok) in &self.checks {
+            let _ = writeln!(t, "  check {k}: {}", if *ok { "pass" } else { "FAIL" });
+        }
+        t
+    }
+}
