@@ -1,6 +1,8 @@
 //! A Rust client for the streaming server (docs/PROTOCOL.md): connect (with a bearer token),
 //! produce, subscribe, a [`Client::fuse`] request/response helper, and a stream of
-//! [`Event`]s (results, errors, notices, the close).
+//! [`Event`]s (results, errors, notices, the close). It speaks protocol version 2, tracks the
+//! server epoch and the last stream seq received per subscribed stream, and
+//! [`Client::reconnect`] resumes every subscription where it stopped (replay, section 7.4).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), fusion_engine::client::ClientError> {
@@ -13,7 +15,9 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::VecDeque;
+mod resume;
+
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -28,6 +32,7 @@ use crate::engine::Priority;
 pub use crate::server::codec::DecodedResult as FuseResult;
 use crate::server::codec::{self, decode_result, encode_produce, FLAG_ACK, FLAG_LAST};
 use crate::tensor::DType;
+pub use resume::{Conflate, ResumePoint, SubscribeOptions};
 
 /// Client-side failures, each with a stable [`ClientError::code`].
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,8 @@ pub struct Welcome {
     pub modalities: Vec<(String, usize)>,
     /// Fused width D.
     pub dim: usize,
+    /// The server's epoch (0 from a server without replay).
+    pub epoch: u64,
     /// The whole message (limits included).
     pub raw: Value,
 }
@@ -119,7 +126,12 @@ pub struct Client {
     welcome: Welcome,
     prefix: u64,
     next: u64,
-    subscribed: std::collections::HashSet<String>,
+    /// Subscribed streams and their conflation (restored by a reconnect).
+    subscribed: HashMap<String, Option<Conflate>>,
+    tracker: resume::Tracker,
+    url: String,
+    token: Option<String>,
+    binary: bool,
     /// How long [`Client::fuse`] and the acknowledged calls wait. Default 30 s.
     pub timeout: Duration,
 }
@@ -137,61 +149,7 @@ impl Client {
         token: Option<&str>,
         binary: bool,
     ) -> ClientResult<Client> {
-        let cerr = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
-        let mut req = url.into_client_request().map_err(|e| cerr(&e))?;
-        if let Some(t) = token {
-            let v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| cerr(&e))?;
-            req.headers_mut().insert("authorization", v);
-        }
-        let cfg = WebSocketConfig::default()
-            .max_message_size(Some(64 << 20))
-            .max_frame_size(Some(64 << 20));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
-            .await
-            .map_err(|e| cerr(&e))?;
-        let (mut sink, mut stream) = ws.split();
-        let (tx, mut out_rx) = mpsc::channel::<Message>(1024);
-        let (ev_tx, events) = mpsc::channel::<Event>(4096);
-        tokio::spawn(async move {
-            while let Some(m) = out_rx.recv().await {
-                let close = matches!(m, Message::Close(_));
-                if sink.send(m).await.is_err() || close {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            let mut closed = (None, "connection ended without a close frame".to_string());
-            while let Some(m) = stream.next().await {
-                let ev = match m {
-                    Ok(Message::Binary(b)) => match decode_result(&b) {
-                        Some(r) => Event::Result(r),
-                        None => Event::Control(json!({"type": "undecodable_binary"})),
-                    },
-                    Ok(Message::Text(t)) => text_event(t.as_str()),
-                    Ok(Message::Close(f)) => {
-                        if let Some(f) = f {
-                            closed = (Some(u16::from(f.code)), f.reason.to_string());
-                        }
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        closed.1 = e.to_string();
-                        break;
-                    }
-                };
-                if ev_tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            let _ = ev_tx
-                .send(Event::Closed {
-                    code: closed.0,
-                    reason: closed.1,
-                })
-                .await;
-        });
+        let (tx, events) = open(url, token).await?;
         let prefix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -204,17 +162,27 @@ impl Client {
             welcome: Welcome {
                 modalities: Vec::new(),
                 dim: 0,
+                epoch: 0,
                 raw: Value::Null,
             },
             prefix,
             next: 0,
-            subscribed: Default::default(),
+            subscribed: HashMap::new(),
+            tracker: resume::Tracker::default(),
+            url: url.to_string(),
+            token: token.map(str::to_string),
+            binary,
             timeout: Duration::from_secs(30),
         };
-        let results = if binary { "binary" } else { "json" };
-        c.send_text(json!({"type": "hello", "version": 1, "results": results}).to_string())
-            .await?;
-        let w = c
+        c.hello().await?;
+        Ok(c)
+    }
+
+    async fn hello(&mut self) -> ClientResult<()> {
+        let results = if self.binary { "binary" } else { "json" };
+        let hello = json!({"type": "hello", "version": codec::VERSION_2, "results": results});
+        self.send_text(hello.to_string()).await?;
+        let w = self
             .wait_for("welcome", |e| match e {
                 Event::Control(v) if v["type"] == "welcome" => Some(v.clone()),
                 _ => None,
@@ -233,13 +201,58 @@ impl Client {
                     .collect()
             })
             .unwrap_or_default();
-        let dim = w["head"]["dim"].as_u64().unwrap_or(0) as usize;
-        c.welcome = Welcome {
+        self.welcome = Welcome {
             modalities,
-            dim,
+            dim: w["head"]["dim"].as_u64().unwrap_or(0) as usize,
+            epoch: w["epoch"].as_u64().unwrap_or(0),
             raw: w,
         };
-        Ok(c)
+        Ok(())
+    }
+
+    /// Opens a new connection to the same server (after a close, or to replace a live one)
+    /// and resubscribes every stream from where it stopped: each gets what it missed replayed,
+    /// or an `unrecoverable` notice (section 7.4). Events received on the old connection and
+    /// not yet read stay readable first; a `Closed` event of the old connection is dropped.
+    pub async fn reconnect(&mut self) -> ClientResult<()> {
+        let (tx, events) = open(&self.url, self.token.as_deref()).await?;
+        let _ = self.tx.try_send(Message::Close(None));
+        self.tx = tx;
+        let mut old = std::mem::replace(&mut self.events, events);
+        old.close();
+        while let Ok(ev) = old.try_recv() {
+            if !matches!(ev, Event::Closed { .. }) {
+                self.tracker.see(&ev);
+                self.backlog.push_back(ev);
+            }
+        }
+        self.backlog.retain(|e| !matches!(e, Event::Closed { .. }));
+        self.hello().await?;
+        let streams: Vec<(String, Option<Conflate>)> = self
+            .subscribed
+            .iter()
+            .map(|(s, c)| (s.clone(), *c))
+            .collect();
+        for (stream, conflate) in streams {
+            let resume = self.tracker.get(&stream);
+            let opts = SubscribeOptions { resume, conflate };
+            self.subscribe_with(&stream, opts).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection but keeps the client (subscriptions, resume points and the
+    /// events not yet read) for a later [`Client::reconnect`].
+    pub async fn disconnect(&mut self) {
+        let _ = self.tx.send(Message::Close(None)).await;
+        let closed = |e: &Event| matches!(e, Event::Closed { .. }).then_some(());
+        let _ = self.wait_for("the close", closed).await;
+    }
+
+    /// Where `stream` would resume now: the epoch and the last stream seq received of each
+    /// replayed class (None when not subscribed).
+    pub fn resume_point(&self, stream: &str) -> Option<ResumePoint> {
+        self.tracker.get(stream)
     }
 
     /// The server's welcome (head modalities, D, limits).
@@ -264,24 +277,55 @@ impl Client {
         })
     }
 
-    /// Subscribes to `stream` and waits for the server's ack.
+    /// Subscribes to `stream` (new results only) and waits for the server's ack.
     pub async fn subscribe(&mut self, stream: &str) -> ClientResult<()> {
-        self.control_acked("subscribe", stream).await?;
-        self.subscribed.insert(stream.to_string());
+        self.subscribe_with(stream, SubscribeOptions::default())
+            .await
+    }
+
+    /// Subscribes with a resume point (what was missed since is replayed, section 7.4) and/or
+    /// BULK conflation (section 7.5), and waits for the ack. Already subscribed: the resume
+    /// point is ignored by the server.
+    pub async fn subscribe_with(
+        &mut self,
+        stream: &str,
+        opts: SubscribeOptions,
+    ) -> ClientResult<()> {
+        let mut extra = serde_json::Map::new();
+        if let Some(r) = opts.resume {
+            extra.insert("resume".into(), r.to_json());
+        }
+        if let Some(c) = opts.conflate {
+            extra.insert("conflate".into(), c.as_str().into());
+        }
+        if !self.subscribed.contains_key(stream) {
+            self.tracker.start(stream, opts.resume);
+        }
+        self.control_acked("subscribe", stream, extra).await?;
+        self.subscribed.insert(stream.to_string(), opts.conflate);
         Ok(())
     }
 
     /// Unsubscribes and waits for the ack.
     pub async fn unsubscribe(&mut self, stream: &str) -> ClientResult<()> {
         self.subscribed.remove(stream);
-        self.control_acked("unsubscribe", stream).await
+        self.tracker.forget(stream);
+        self.control_acked("unsubscribe", stream, serde_json::Map::new())
+            .await
     }
 
-    async fn control_acked(&mut self, op: &str, stream: &str) -> ClientResult<()> {
+    async fn control_acked(
+        &mut self,
+        op: &str,
+        stream: &str,
+        mut msg: serde_json::Map<String, Value>,
+    ) -> ClientResult<()> {
         self.next += 1;
         let id = format!("{op}-{}", self.next);
-        self.send_text(json!({"type": op, "stream": stream, "id": id}).to_string())
-            .await?;
+        msg.insert("type".into(), op.into());
+        msg.insert("stream".into(), stream.into());
+        msg.insert("id".into(), id.as_str().into());
+        self.send_text(Value::Object(msg).to_string()).await?;
         self.wait_for(op, |e| match e {
             Event::Control(v) if v["type"] == "ack" && v["id"] == id.as_str() => Some(Ok(())),
             Event::Error { code, message, raw } if raw["id"] == id.as_str() => {
@@ -351,7 +395,11 @@ impl Client {
     pub async fn next_event(&mut self) -> Option<Event> {
         match self.backlog.pop_front() {
             Some(e) => Some(e),
-            None => self.events.recv().await,
+            None => {
+                let e = self.events.recv().await?;
+                self.tracker.see(&e);
+                Some(e)
+            }
         }
     }
 
@@ -373,6 +421,7 @@ impl Client {
                 }
                 Ok(Some(e)) => e,
             };
+            self.tracker.see(&ev);
             if let Some(t) = pick(&ev) {
                 return Ok(t);
             }
@@ -405,7 +454,7 @@ impl Client {
                 "fuse needs at least one modality".into(),
             ));
         }
-        if !self.subscribed.contains(stream) {
+        if !self.subscribed.contains_key(stream) {
             self.subscribe(stream).await?;
         }
         self.next += 1;
@@ -438,6 +487,69 @@ impl Client {
     }
 }
 
+/// Opens the WebSocket and starts its writer and reader tasks.
+async fn open(
+    url: &str,
+    token: Option<&str>,
+) -> ClientResult<(mpsc::Sender<Message>, mpsc::Receiver<Event>)> {
+    let cerr = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+    let mut req = url.into_client_request().map_err(|e| cerr(&e))?;
+    if let Some(t) = token {
+        let v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| cerr(&e))?;
+        req.headers_mut().insert("authorization", v);
+    }
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
+        .await
+        .map_err(|e| cerr(&e))?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut out_rx) = mpsc::channel::<Message>(1024);
+    let (ev_tx, events) = mpsc::channel::<Event>(4096);
+    tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let close = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || close {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut closed = (None, "connection ended without a close frame".to_string());
+        while let Some(m) = stream.next().await {
+            let ev = match m {
+                Ok(Message::Binary(b)) => match decode_result(&b) {
+                    Some(r) => Event::Result(r),
+                    None => Event::Control(json!({"type": "undecodable_binary"})),
+                },
+                Ok(Message::Text(t)) => text_event(t.as_str()),
+                Ok(Message::Close(f)) => {
+                    if let Some(f) = f {
+                        closed = (Some(u16::from(f.code)), f.reason.to_string());
+                    }
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    closed.1 = e.to_string();
+                    break;
+                }
+            };
+            if ev_tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        let _ = ev_tx
+            .send(Event::Closed {
+                code: closed.0,
+                reason: closed.1,
+            })
+            .await;
+    });
+    Ok((tx, events))
+}
+
 fn text_event(t: &str) -> Event {
     let v: Value = match serde_json::from_str(t) {
         Ok(v) => v,
@@ -461,6 +573,8 @@ fn text_event(t: &str) -> Event {
             };
             Event::Result(FuseResult {
                 seq: v["seq"].as_u64().unwrap_or(0),
+                stream_seq: v["stream_seq"].as_u64().unwrap_or(0),
+                replayed: v["replayed"].as_bool().unwrap_or(false),
                 stream: v["stream"].as_str().unwrap_or("").to_string(),
                 key: v["key"].as_str().unwrap_or("").to_string(),
                 priority: v["priority"]

@@ -7,8 +7,12 @@ use bytes::Bytes;
 use crate::engine::Priority;
 use crate::tensor::DType;
 
-/// Protocol version.
+/// Protocol version of produce frames (their layout is the same in both protocol versions).
 pub const VERSION: u8 = 1;
+/// The newest protocol version: results carry the stream seq (32-byte binary header).
+pub const VERSION_2: u8 = 2;
+/// Binary result flag (version 2): the result is a replay (docs/PROTOCOL.md section 7.4).
+pub const RESULT_FLAG_REPLAYED: u8 = 1;
 /// First two bytes of every binary frame.
 pub const MAGIC: [u8; 2] = *b"FE";
 /// Binary `kind`: produce (client to server).
@@ -21,8 +25,10 @@ pub const FLAG_ACK: u8 = 1;
 pub const FLAG_LAST: u8 = 2;
 /// Produce header length.
 pub const PRODUCE_HEADER: usize = 24;
-/// Result header length.
+/// Result header length (protocol version 1).
 pub const RESULT_HEADER: usize = 24;
+/// Result header length (protocol version 2: the stream seq follows the seq).
+pub const RESULT_HEADER_V2: usize = 32;
 
 /// Stable error codes of the protocol (section 6 of docs/PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -353,25 +359,41 @@ pub struct ResultView<'a> {
     pub fused: &'a [f32],
     /// a, `[M]`.
     pub weights: &'a [f32],
+    /// Stream seq (docs/PROTOCOL.md section 7.4).
+    pub stream_seq: u64,
+    /// A replay of a result produced earlier.
+    pub replayed: bool,
 }
 
 /// Offset of the seq field in a binary result.
 pub const SEQ_OFFSET: usize = 16;
 
-/// Encodes a binary result with seq 0 (patch it with [`with_seq`]). Names over 65535 bytes
-/// never reach here (the server limits them to `max_name_bytes`); they would be truncated.
-pub fn encode_result(r: &ResultView<'_>) -> Vec<u8> {
+/// Encodes a binary result in protocol `version` (1 or 2) with seq 0 (patch it with
+/// [`with_seq`]). Names over 65535 bytes never reach here (the server limits them to
+/// `max_name_bytes`); they would be truncated.
+pub fn encode_result(r: &ResultView<'_>, version: u8) -> Vec<u8> {
+    let v2 = version >= VERSION_2;
     let sl = r.stream.len().min(u16::MAX as usize);
     let kl = r.key.len().min(u16::MAX as usize);
     let (d, m) = (r.fused.len(), r.weights.len());
-    let mut v = Vec::with_capacity(RESULT_HEADER + sl + kl + m + 4 * (d + m));
+    let header = if v2 { RESULT_HEADER_V2 } else { RESULT_HEADER };
+    let mut v = Vec::with_capacity(header + sl + kl + m + 4 * (d + m));
     v.extend_from_slice(&MAGIC);
-    v.extend_from_slice(&[VERSION, KIND_RESULT, priority_code(r.priority), 0]);
+    let (ver, flags) = if v2 {
+        let f = if r.replayed { RESULT_FLAG_REPLAYED } else { 0 };
+        (VERSION_2, f)
+    } else {
+        (VERSION, 0)
+    };
+    v.extend_from_slice(&[ver, KIND_RESULT, priority_code(r.priority), flags]);
     v.extend_from_slice(&(sl as u16).to_le_bytes());
     v.extend_from_slice(&(kl as u16).to_le_bytes());
     v.extend_from_slice(&(m.min(u16::MAX as usize) as u16).to_le_bytes());
     v.extend_from_slice(&(d as u32).to_le_bytes());
     v.extend_from_slice(&0u64.to_le_bytes());
+    if v2 {
+        v.extend_from_slice(&r.stream_seq.to_le_bytes());
+    }
     v.extend_from_slice(&r.stream.as_bytes()[..sl]);
     v.extend_from_slice(&r.key.as_bytes()[..kl]);
     v.extend_from_slice(r.mask);
@@ -391,14 +413,20 @@ pub fn with_seq(encoded: &[u8], seq: u64) -> Bytes {
 
 /// The JSON result without its `seq`: everything after `{"type":"result","seq":N,`.
 pub fn json_result_tail(r: &ResultView<'_>) -> String {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "stream": r.stream,
+        "stream_seq": r.stream_seq,
         "key": r.key,
         "priority": priority_name(r.priority),
         "mask": r.mask,
         "fused": r.fused,
         "weights": r.weights,
     });
+    if r.replayed {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("replayed".into(), true.into());
+        }
+    }
     let s = v.to_string();
     // `s` is a JSON object "{...}"; drop its opening brace so a seq can be put in front.
     s.get(1..).unwrap_or("}").to_string()
@@ -412,8 +440,12 @@ pub fn json_result(tail: &str, seq: u64) -> String {
 /// A decoded binary result (the client side).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedResult {
-    /// Sequence number.
+    /// Sequence number (per connection).
     pub seq: u64,
+    /// Stream seq (protocol version 2 and JSON results; 0 in a version 1 binary result).
+    pub stream_seq: u64,
+    /// A replay of a result produced while this client was away.
+    pub replayed: bool,
     /// Stream.
     pub stream: String,
     /// Key.
@@ -428,16 +460,24 @@ pub struct DecodedResult {
     pub weights: Vec<f32>,
 }
 
-/// Decodes a binary result frame.
+/// Decodes a binary result frame (version 1 or 2).
 pub fn decode_result(b: &[u8]) -> Option<DecodedResult> {
-    if b.len() < RESULT_HEADER || b[0..2] != MAGIC || b[2] != VERSION || b[3] != KIND_RESULT {
+    if b.len() < RESULT_HEADER || b[0..2] != MAGIC || b[3] != KIND_RESULT {
         return None;
     }
+    let (s0, stream_seq, replayed) = match b[2] {
+        VERSION => (RESULT_HEADER, 0, false),
+        VERSION_2 if b.len() >= RESULT_HEADER_V2 => (
+            RESULT_HEADER_V2,
+            u64::from_le_bytes(b[24..32].try_into().ok()?),
+            b[5] & RESULT_FLAG_REPLAYED != 0,
+        ),
+        _ => return None,
+    };
     let priority = priority_of(b[4])?;
     let (sl, kl, m) = (u16_at(b, 6), u16_at(b, 8), u16_at(b, 10));
     let d = u32_at(b, 12) as usize;
     let seq = u64::from_le_bytes(b[16..24].try_into().ok()?);
-    let s0 = RESULT_HEADER;
     let m0 = s0 + sl + kl;
     let f0 = m0 + m;
     let w0 = f0 + 4 * d;
@@ -452,6 +492,8 @@ pub fn decode_result(b: &[u8]) -> Option<DecodedResult> {
     };
     Some(DecodedResult {
         seq,
+        stream_seq,
+        replayed,
         stream: String::from_utf8(b[s0..s0 + sl].to_vec()).ok()?,
         key: String::from_utf8(b[s0 + sl..m0].to_vec()).ok()?,
         priority,
@@ -524,15 +566,25 @@ mod tests {
             mask: &[1, 0],
             fused: &[0.5, -1.0, 2.0],
             weights: &[1.0, 0.0],
+            stream_seq: 7,
+            replayed: true,
         };
-        let e = with_seq(&encode_result(&r), 42);
+        let e = with_seq(&encode_result(&r, VERSION), 42);
         let d = decode_result(&e).unwrap();
+        assert_eq!((d.seq, d.stream_seq, d.replayed), (42, 0, false));
+        let e2 = with_seq(&encode_result(&r, VERSION_2), 43);
+        assert_eq!(e2.len(), e.len() + 8);
+        let d2 = decode_result(&e2).unwrap();
+        assert_eq!((d2.seq, d2.stream_seq, d2.replayed), (43, 7, true));
+        assert_eq!(d2.fused, d.fused);
         assert_eq!(d.seq, 42);
         assert_eq!(d.fused, vec![0.5, -1.0, 2.0]);
         assert_eq!(d.mask, vec![1, 0]);
         let j: serde_json::Value =
             serde_json::from_str(&json_result(&json_result_tail(&r), 9)).unwrap();
         assert_eq!(j["seq"], 9);
+        assert_eq!(j["stream_seq"], 7);
+        assert_eq!(j["replayed"], true);
         assert_eq!(j["key"], "k");
         assert_eq!(j["weights"][0], 1.0);
     }

@@ -123,6 +123,15 @@ pub struct ServerConfig {
     /// Shutdown: how long in-flight samples and send queues may drain. Default 5 s.
     #[serde(with = "dur")]
     pub shutdown_grace: Duration,
+    /// Replay buffer: CRITICAL and IMPORTANT results kept per stream for resuming
+    /// subscribers (0 = no replay). Default 1024.
+    pub replay_messages: usize,
+    /// Replay buffer: a result older than this is no longer replayed. Default 30 s.
+    #[serde(with = "dur")]
+    pub replay_age: Duration,
+    /// Replay buffer: bytes of results kept, all streams together (the oldest go first).
+    /// Default 64 MiB.
+    pub replay_max_bytes: usize,
     /// The engine (devices, routing, health).
     pub engine: EngineConfig,
 }
@@ -153,6 +162,9 @@ impl Default for ServerConfig {
             heartbeat_interval: Duration::from_secs(15),
             drop_notice_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(5),
+            replay_messages: 1024,
+            replay_age: Duration::from_secs(30),
+            replay_max_bytes: 64 << 20,
             engine: EngineConfig::default(),
         }
     }
@@ -200,6 +212,9 @@ impl ServerConfig {
         if self.heartbeat_interval.is_zero() || self.drop_notice_interval.is_zero() {
             return bad("heartbeat_interval and drop_notice_interval must be positive");
         }
+        if self.replay_messages > 0 && (self.replay_age.is_zero() || self.replay_max_bytes == 0) {
+            return bad("replay_age and replay_max_bytes must be positive (or replay_messages 0)");
+        }
         if self.token.as_deref() == Some("") {
             return bad("token must not be empty");
         }
@@ -223,6 +238,10 @@ mod tests {
         assert_eq!(p.align_timeout, Duration::from_millis(20));
         assert_eq!(p.send_queue.bulk, 10);
         assert_eq!(p.send_queue.critical, 200);
+        assert_eq!(
+            (p.replay_messages, p.replay_age),
+            (1024, Duration::from_secs(30))
+        );
         assert_eq!(p.engine.devices.len(), 1);
         assert!(ServerConfig::from_toml("nope = 1").is_err());
         c.validate().unwrap();

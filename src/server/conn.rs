@@ -18,7 +18,8 @@ use tokio_tungstenite::WebSocketStream;
 use super::aligner::Ingest;
 use super::codec::{self, Code, ProtoError};
 use super::messages::{self, About};
-use super::outbound::Outbound;
+use super::outbound::{Conflate, Outbound};
+use super::replay::Resume;
 use super::{writer, Shared};
 use crate::engine::Priority;
 use crate::tensor::{find_non_finite_bytes, DType};
@@ -304,15 +305,19 @@ impl Conn {
     }
 
     fn hello(&mut self, v: &Value, about: &About<'_>) {
-        if v.get("version").and_then(Value::as_u64) != Some(u64::from(codec::VERSION)) {
-            let msg = format!(
-                "protocol version {} is not supported (this server speaks 1)",
-                v["version"]
-            );
-            self.error(Code::UnsupportedVersion, &msg, about);
-            self.out.close_after_drain(1002, "unsupported_version");
-            return;
-        }
+        let version = match v.get("version").and_then(Value::as_u64) {
+            Some(1) => codec::VERSION,
+            Some(2) => codec::VERSION_2,
+            _ => {
+                let msg = format!(
+                    "protocol version {} is not supported (this server speaks 1 and 2)",
+                    v["version"]
+                );
+                self.error(Code::UnsupportedVersion, &msg, about);
+                self.out.close_after_drain(1002, "unsupported_version");
+                return;
+            }
+        };
         let binary = match v.get("results").map(|r| r.as_str()) {
             None | Some(Some("json")) => false,
             Some(Some("binary")) => true,
@@ -324,9 +329,9 @@ impl Conn {
                 )
             }
         };
-        self.out.set_binary(binary);
+        self.out.set_encoding(binary, version);
         self.out
-            .push_control(messages::welcome(&self.shared.welcome, binary));
+            .push_control(messages::welcome(&self.shared.welcome, binary, version));
     }
 
     fn subscription(&mut self, sub: bool, v: &Value) -> Result<(), ProtoError> {
@@ -343,10 +348,16 @@ impl Conn {
             ..About::default()
         };
         if sub {
+            let resume = resume_point(v)?;
+            let conflate = conflate_mode(v)?;
             let s = self.use_stream(stream)?;
-            self.shared.registry.subscribe(&s, &self.out);
+            self.out.set_conflate(&s, conflate);
+            let sh = &self.shared;
+            sh.replay
+                .subscribe(&sh.registry, &s, &self.out, resume, |a| {
+                    messages::ack_subscribe(&about, a.epoch, a.last, a.replay)
+                });
             self.subscribed.insert(s);
-            self.out.push_control(messages::ack("subscribe", &about));
         } else {
             if !self.subscribed.remove(stream) {
                 return Err(ProtoError::new(
@@ -355,9 +366,50 @@ impl Conn {
                 ));
             }
             self.shared.registry.unsubscribe(stream, &self.out);
+            self.out.forget_stream(stream);
             self.out.push_control(messages::ack("unsubscribe", &about));
         }
         Ok(())
+    }
+}
+
+/// The optional `resume` of a subscribe: `{"epoch": E, "after": N}`, with optional per-class
+/// `critical` / `important` overriding `after` (default 0).
+fn resume_point(v: &Value) -> Result<Option<Resume>, ProtoError> {
+    let Some(r) = v.get("resume").filter(|r| !r.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ProtoError::new(Code::Malformed, format!("\"resume\": {m}"));
+    let Some(epoch) = r.get("epoch").and_then(Value::as_u64) else {
+        return Err(bad("\"epoch\" (a non-negative integer) is required"));
+    };
+    let seq = |k: &str, default: u64| match r.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x
+            .as_u64()
+            .ok_or_else(|| bad(&format!("\"{k}\" must be a non-negative integer"))),
+    };
+    let after = seq("after", 0)?;
+    Ok(Some(Resume {
+        epoch,
+        critical: seq("critical", after)?,
+        important: seq("important", after)?,
+    }))
+}
+
+/// The optional `conflate` of a subscribe: `"key"`, `"stream"`, or `"none"` / absent.
+fn conflate_mode(v: &Value) -> Result<Option<Conflate>, ProtoError> {
+    match v.get("conflate") {
+        None | Some(Value::Null) => Ok(None),
+        Some(c) => match c.as_str() {
+            Some("none") => Ok(None),
+            Some("key") => Ok(Some(Conflate::Key)),
+            Some("stream") => Ok(Some(Conflate::Stream)),
+            _ => Err(ProtoError::new(
+                Code::Malformed,
+                "\"conflate\" must be \"key\", \"stream\" or \"none\"",
+            )),
+        },
     }
 }
 

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::codec::{Code, VERSION};
+use super::codec::{Code, VERSION_2};
 use super::config::ServerConfig;
 use crate::model::FusionHead;
 
@@ -52,6 +52,19 @@ pub(crate) fn ack(op: &str, about: &About<'_>) -> Message {
     Message::text(Value::Object(o).to_string())
 }
 
+/// The `ack` of a subscribe: the server's epoch, the stream's last stream seq (later results
+/// come live) and how many results were set aside for replay.
+pub(crate) fn ack_subscribe(about: &About<'_>, epoch: u64, last: u64, replay: usize) -> Message {
+    let mut o = Map::new();
+    o.insert("type".into(), "ack".into());
+    o.insert("op".into(), "subscribe".into());
+    put_about(&mut o, about);
+    o.insert("epoch".into(), epoch.into());
+    o.insert("last".into(), last.into());
+    o.insert("replay".into(), replay.into());
+    Message::text(Value::Object(o).to_string())
+}
+
 /// A `shed` notice (a BULK produce message refused under saturation).
 pub(crate) fn shed(about: &About<'_>, reason: &str) -> Message {
     let mut o = Map::new();
@@ -88,8 +101,8 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The `welcome` body without `results` (set per connection).
-pub(crate) fn welcome_base(cfg: &ServerConfig, head: &FusionHead) -> Value {
+/// The `welcome` body without `results` and `version` (set per connection).
+pub(crate) fn welcome_base(cfg: &ServerConfig, head: &FusionHead, epoch: u64) -> Value {
     let mods: Vec<Value> = head
         .modalities
         .iter()
@@ -98,8 +111,10 @@ pub(crate) fn welcome_base(cfg: &ServerConfig, head: &FusionHead) -> Value {
     let q = &cfg.send_queue;
     json!({
         "type": "welcome",
-        "version": VERSION,
+        "version": VERSION_2,
+        "versions": [1, VERSION_2],
         "server": concat!("fusion-engine/", env!("CARGO_PKG_VERSION")),
+        "epoch": epoch,
         "head": {"modalities": mods, "dim": head.dim},
         "limits": {
             "max_frame_bytes": cfg.max_frame_bytes,
@@ -114,14 +129,17 @@ pub(crate) fn welcome_base(cfg: &ServerConfig, head: &FusionHead) -> Value {
                            "bulk": q.bulk, "control": q.control},
             "send_timeout_ms": ms(cfg.send_timeout),
             "heartbeat_interval_ms": ms(cfg.heartbeat_interval),
+            "replay_messages": cfg.replay_messages,
+            "replay_age_ms": ms(cfg.replay_age),
         },
     })
 }
 
-/// The `welcome` for a connection.
-pub(crate) fn welcome(base: &Value, binary: bool) -> Message {
+/// The `welcome` for a connection speaking `version`.
+pub(crate) fn welcome(base: &Value, binary: bool, version: u8) -> Message {
     let mut v = base.clone();
     if let Some(o) = v.as_object_mut() {
+        o.insert("version".into(), version.into());
         o.insert(
             "results".into(),
             if binary { "binary" } else { "json" }.into(),

@@ -11,6 +11,11 @@
 //! | `fusion_server_queue_depth` | gauge | queued messages, by `class` |
 //! | `fusion_server_sent_total` | counter | messages written, by `class` |
 //! | `fusion_server_dropped_total` | counter | results dropped, by `class` |
+//! | `fusion_server_conflated_total` | counter | BULK results replaced by a newer one (conflation) |
+//! | `fusion_server_replayed_total` | counter | results replayed after a resume |
+//! | `fusion_server_unrecoverable_total` | counter | `unrecoverable` notices sent (per class and range) |
+//! | `fusion_server_replay_evicted_total` | counter | results evicted from the replay buffer |
+//! | `fusion_server_replay_bytes` | gauge | bytes held by the replay buffer |
 //! | `fusion_server_backpressure_events_total` | counter | BACKPRESSURE on transitions |
 //! | `fusion_server_slow_consumer_total` | counter | 1013 closes, by `reason` |
 //! | `fusion_server_send_seconds` | histogram | one WebSocket send |
@@ -39,6 +44,11 @@ pub(crate) struct ServerMetrics {
     pub sent: [Counter; 4],
     pub dropped: [Counter; 4],
     pub backpressure: Counter,
+    pub conflated: Counter,
+    pub replayed: Counter,
+    pub unrecoverable: Counter,
+    pub replay_evicted: Counter,
+    pub replay_bytes: Gauge,
     pub send_seconds: Histogram,
     pub produce: Counter,
     pub open_samples: Gauge,
@@ -56,6 +66,11 @@ impl ServerMetrics {
             sent: CLASS_NAMES.map(|c| counter!("fusion_server_sent_total", "class" => c)),
             dropped: CLASS_NAMES.map(|c| counter!("fusion_server_dropped_total", "class" => c)),
             backpressure: counter!("fusion_server_backpressure_events_total"),
+            conflated: counter!("fusion_server_conflated_total"),
+            replayed: counter!("fusion_server_replayed_total"),
+            unrecoverable: counter!("fusion_server_unrecoverable_total"),
+            replay_evicted: counter!("fusion_server_replay_evicted_total"),
+            replay_bytes: gauge!("fusion_server_replay_bytes"),
             send_seconds: histogram!("fusion_server_send_seconds"),
             produce: counter!("fusion_server_produce_total"),
             open_samples: gauge!("fusion_server_open_samples"),

@@ -27,6 +27,7 @@ mod metrics;
 mod outbound;
 mod pipeline;
 mod registry;
+mod replay;
 pub mod serve;
 mod writer;
 
@@ -60,6 +61,7 @@ pub(crate) struct Shared {
     pub head: Arc<FusionHead>,
     pub engine: Arc<Engine>,
     pub registry: Arc<Registry>,
+    pub replay: replay::Replay,
     pub ingest: mpsc::Sender<Ingest>,
     pub m: Arc<ServerMetrics>,
     pub welcome: serde_json::Value,
@@ -122,13 +124,16 @@ impl Server {
         let head = Arc::clone(engine.head());
         let (tx, rx) = mpsc::channel(cfg.ingest_capacity);
         let (stop, stop_rx) = watch::channel(false);
+        let m = Arc::new(ServerMetrics::new());
+        let replay = replay::Replay::new(&cfg, Arc::clone(&m));
         let shared = Arc::new(Shared {
-            welcome: messages::welcome_base(&cfg, &head),
+            welcome: messages::welcome_base(&cfg, &head, replay.epoch),
             head,
             engine: Arc::clone(&engine),
             registry: Arc::new(Registry::default()),
+            replay,
             ingest: tx,
-            m: Arc::new(ServerMetrics::new()),
+            m,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             cfg,
@@ -302,6 +307,7 @@ async fn connection(
         id,
         q,
         shared.cfg.drop_notice_interval,
+        shared.cfg.replay_messages,
         Arc::clone(&shared.m),
     ));
     shared.conns.lock().insert(id, Arc::clone(&out));

@@ -1,11 +1,12 @@
 //! One connection's outbound side (SPEC section 5): a bounded queue per class (CONTROL,
 //! CRITICAL, IMPORTANT, BULK), the drop / backpressure rules, per-connection sequence numbers,
-//! and drop accounting. Producers of messages (fan-out, the pipeline, the reader) only ever
+//! drop accounting, BULK conflation, and the results waiting to be replayed after a resume
+//! (they enter the class queues as those have room, live results of the stream behind them). Producers of messages (fan-out, the pipeline, the reader) only ever
 //! *try-push* here under a short lock, so a slow peer never delays anyone else; the connection's
 //! one writer task (`writer.rs`) drains the queues in strict priority order.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,10 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::codec::{self, VERSION, VERSION_2};
 use super::config::QueueConfig;
 use super::metrics::ServerMetrics;
+use super::replay::Entry;
 use crate::engine::Priority;
 
 /// Queue index of CONTROL messages; data classes follow as `1 + Priority as usize`.
@@ -28,12 +31,61 @@ pub(crate) fn class_of(p: Priority) -> usize {
 /// Ranges of dropped seqs kept before a notice is forced out.
 const MAX_DROP_RANGES: usize = 256;
 
+/// Queue index of BULK results.
+const BULK: usize = 3;
+
 /// A queued message; `seq` is 0 for CONTROL messages.
 #[derive(Debug)]
 pub(crate) struct Item {
     pub msg: Message,
     pub seq: u64,
     pub class: usize,
+    /// What a newer BULK result replaces this one by (conflated streams only).
+    tag: Option<Tag>,
+}
+
+impl Item {
+    fn control(msg: Message) -> Item {
+        Item {
+            msg,
+            seq: 0,
+            class: CONTROL,
+            tag: None,
+        }
+    }
+}
+
+/// Conflation of a stream's BULK results in one connection's queue (docs/PROTOCOL.md 7.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Conflate {
+    /// A newer result replaces a queued one of the same key.
+    Key,
+    /// A newer result replaces any queued one of the stream.
+    Stream,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Tag {
+    stream: Arc<str>,
+    /// None when the whole stream is conflated.
+    key: Option<Box<str>>,
+}
+
+/// A live result to queue: its class, stream and key, and (CRITICAL, IMPORTANT) its entry in
+/// the replay buffer.
+pub(crate) struct Live<'a> {
+    pub priority: Priority,
+    pub stream: &'a Arc<str>,
+    pub key: &'a str,
+    pub entry: Option<&'a Arc<Entry>>,
+}
+
+/// How results are encoded for this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Json,
+    /// Binary frames of this protocol version.
+    Binary(u8),
 }
 
 /// What the writer should do next.
@@ -61,7 +113,14 @@ struct State {
     next_seq: u64,
     backpressure: bool,
     drops: [DropLog; 4],
+    /// BULK results replaced by a newer one (conflation), reported like drops.
+    conflated: DropLog,
     total_dropped: u64,
+    /// Results waiting for room in their class queue after a resume (`true`: a replay; `false`:
+    /// a live result of a stream still replaying), and how many each stream has there.
+    pending: VecDeque<(Arc<Entry>, bool)>,
+    replaying: HashMap<Arc<str>, usize>,
+    conflate: HashMap<Arc<str>, Conflate>,
     last_drop_notice: Option<Instant>,
     /// 1013 (or 1009, 1002, 1011): close at once, whatever is queued.
     fatal: Option<(u16, &'static str)>,
@@ -78,6 +137,7 @@ pub(crate) struct Outbound {
     pub id: u64,
     caps: [usize; 4],
     data_cap: usize,
+    pending_cap: usize,
     drop_interval: Duration,
     state: Mutex<State>,
     wake: Notify,
@@ -87,23 +147,37 @@ pub(crate) struct Outbound {
     /// CONTROL reply), and the wake-up of a reader waiting for CONTROL room.
     inflight: AtomicUsize,
     room: Notify,
-    binary: AtomicBool,
+    /// 0 JSON, else the binary protocol version.
+    encoding: AtomicU8,
     m: Arc<ServerMetrics>,
 }
 
 impl Outbound {
-    pub fn new(id: u64, q: &QueueConfig, drop_interval: Duration, m: Arc<ServerMetrics>) -> Self {
+    /// `replay_messages`: results a resume may set aside for this connection (plus the live
+    /// results of the CRITICAL and IMPORTANT queues' size that may wait behind them).
+    pub fn new(
+        id: u64,
+        q: &QueueConfig,
+        drop_interval: Duration,
+        replay_messages: usize,
+        m: Arc<ServerMetrics>,
+    ) -> Self {
         Outbound {
             id,
             caps: [q.control, q.critical, q.important, q.bulk],
             data_cap: q.data(),
+            pending_cap: replay_messages + q.critical + q.important,
             drop_interval,
             state: Mutex::new(State {
                 q: Default::default(),
                 next_seq: 1,
                 backpressure: false,
                 drops: Default::default(),
+                conflated: DropLog::default(),
                 total_dropped: 0,
+                pending: VecDeque::new(),
+                replaying: HashMap::new(),
+                conflate: HashMap::new(),
                 last_drop_notice: None,
                 fatal: None,
                 close_after_drain: None,
@@ -114,19 +188,113 @@ impl Outbound {
             done_notify: Notify::new(),
             inflight: AtomicUsize::new(0),
             room: Notify::new(),
-            binary: AtomicBool::new(false),
+            encoding: AtomicU8::new(0),
             m,
         }
     }
 
-    /// Whether results go out as binary frames.
-    pub fn binary(&self) -> bool {
-        self.binary.load(Ordering::Relaxed)
+    /// How results go out.
+    pub fn encoding(&self) -> Encoding {
+        match self.encoding.load(Ordering::Relaxed) {
+            0 => Encoding::Json,
+            v => Encoding::Binary(v),
+        }
     }
 
-    /// Chooses the result encoding.
-    pub fn set_binary(&self, b: bool) {
-        self.binary.store(b, Ordering::Relaxed)
+    /// Chooses the result encoding (`version`: the session's protocol version).
+    pub fn set_encoding(&self, binary: bool, version: u8) {
+        let v = if !binary {
+            0
+        } else if version >= VERSION_2 {
+            VERSION_2
+        } else {
+            VERSION
+        };
+        self.encoding.store(v, Ordering::Relaxed)
+    }
+
+    /// Sets (or, with `None`, clears) the conflation of `stream`'s BULK results.
+    pub fn set_conflate(&self, stream: &Arc<str>, mode: Option<Conflate>) {
+        let mut st = self.state.lock();
+        match mode {
+            Some(m) => st.conflate.insert(Arc::clone(stream), m),
+            None => st.conflate.remove(stream),
+        };
+    }
+
+    /// How many more results a resume may set aside for this connection.
+    pub fn replay_room(&self) -> usize {
+        self.pending_cap
+            .saturating_sub(self.state.lock().pending.len())
+    }
+
+    /// Sets `entries` (in stream seq order) aside for replay: they enter their class queues
+    /// as those have room, before any later live result of `stream`.
+    pub fn queue_replay(&self, stream: &Arc<str>, entries: Vec<Arc<Entry>>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock();
+        if st.fatal.is_some() || st.stop {
+            return;
+        }
+        *st.replaying.entry(Arc::clone(stream)).or_default() += entries.len();
+        st.pending.extend(entries.into_iter().map(|e| (e, true)));
+        self.refill(&mut st);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Forgets the replay and conflation of a stream no longer subscribed.
+    pub fn forget_stream(&self, stream: &str) {
+        let mut st = self.state.lock();
+        if st.replaying.remove(stream).is_some() {
+            st.pending.retain(|(e, _)| &*e.stream != stream);
+        }
+        st.conflate.remove(stream);
+    }
+
+    /// Moves set-aside results into their class queues while those have room.
+    fn refill(&self, st: &mut State) {
+        while let Some((e, _)) = st.pending.front() {
+            let c = class_of(e.priority);
+            if st.q[c].len() >= self.caps[c] {
+                break;
+            }
+            let Some((e, replayed)) = st.pending.pop_front() else {
+                break;
+            };
+            if let Some(n) = st.replaying.get_mut(&*e.stream) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.replaying.remove(&*e.stream);
+                }
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let view = e.view(replayed);
+            let msg = match self.encoding() {
+                Encoding::Json => {
+                    Message::text(codec::json_result(&codec::json_result_tail(&view), seq))
+                }
+                Encoding::Binary(v) => {
+                    Message::Binary(codec::with_seq(&codec::encode_result(&view, v), seq))
+                }
+            };
+            if replayed {
+                self.m.replayed.increment(1);
+            }
+            self.push_item(
+                st,
+                Item {
+                    msg,
+                    seq,
+                    class: c,
+                    tag: None,
+                },
+            );
+            self.check_backpressure(st, c);
+        }
     }
 
     fn data_len(st: &State) -> usize {
@@ -155,32 +323,68 @@ impl Outbound {
             st.fatal = Some((1013, "control_queue_full"));
             return;
         }
-        self.push_item(
-            st,
-            Item {
-                msg,
-                seq: 0,
-                class: CONTROL,
-            },
-        );
+        self.push_item(st, Item::control(msg));
     }
 
-    /// Queues a result of class `p`, built by `build(seq)` once a seq is assigned. Applies the
-    /// SPEC section 5 rules: BULK dropped above 90% fill or when its queue is full, IMPORTANT
-    /// dropped when its queue is full, CRITICAL that does not fit closes with 1013. Returns
-    /// false when the result was dropped or the connection is closing.
-    pub fn push_result(&self, p: Priority, build: impl FnOnce(u64) -> Message) -> bool {
+    /// Queues a result, built by `build(seq)` once a seq is assigned. Applies the SPEC
+    /// section 5 rules (docs/PROTOCOL.md 7.2): fill = the larger of the data queues' fill and
+    /// the fill of the result's class queue; BULK dropped above 90% fill, IMPORTANT dropped when
+    /// its queue is full, CRITICAL that does not fit closes with 1013. A BULK result of a
+    /// conflated stream first replaces a queued one of the same key (or stream); a CRITICAL or
+    /// IMPORTANT one of a stream still replaying waits behind the replay. Returns false when
+    /// the result was dropped or the connection is closing.
+    pub fn push_result(&self, r: &Live<'_>, build: impl FnOnce(u64) -> Message) -> bool {
+        let p = r.priority;
         let c = class_of(p);
         let mut st = self.state.lock();
         if st.fatal.is_some() || st.stop {
             return false;
         }
+        let mut no_room = false;
+        let behind = st.replaying.contains_key(&**r.stream);
+        if let (Some(e), true) = (r.entry, behind) {
+            if st.pending.len() < self.pending_cap {
+                if let Some(n) = st.replaying.get_mut(&**r.stream) {
+                    *n += 1;
+                }
+                st.pending.push_back((Arc::clone(e), false));
+                self.refill(&mut st);
+                drop(st);
+                self.wake.notify_one();
+                return true;
+            }
+            // Behind a replay that does not fit: as if its queue were full.
+            no_room = true;
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
+        let mut tag = None;
+        if p == Priority::Bulk {
+            if let Some(mode) = st.conflate.get(&**r.stream).copied() {
+                let t = Tag {
+                    stream: Arc::clone(r.stream),
+                    key: (mode == Conflate::Key).then(|| r.key.into()),
+                };
+                if let Some(i) = st.q[BULK]
+                    .iter()
+                    .rposition(|it| it.tag.as_ref() == Some(&t))
+                {
+                    if let Some(old) = st.q[BULK].remove(i) {
+                        self.m.queue_depth[BULK].decrement(1.0);
+                        self.m.conflated.increment(1);
+                        self.record_drop(&mut st, None, old.seq);
+                    }
+                }
+                tag = Some(t);
+            }
+        }
         let total = Self::data_len(&st);
-        let own_full = st.q[c].len() >= self.caps[c];
+        let own = st.q[c].len();
+        let own_full = no_room || own >= self.caps[c];
         let dropped = match p {
-            Priority::Bulk => own_full || total * 10 > self.data_cap * 9,
+            Priority::Bulk => {
+                own_full || total * 10 > self.data_cap * 9 || own * 10 > self.caps[c] * 9
+            }
             Priority::Important => own_full,
             Priority::Critical => {
                 if own_full {
@@ -194,7 +398,7 @@ impl Outbound {
             }
         };
         if dropped {
-            self.record_drop(&mut st, c, seq);
+            self.record_drop(&mut st, Some(c), seq);
             drop(st);
             self.wake.notify_one();
             return false;
@@ -205,23 +409,48 @@ impl Outbound {
                 msg: build(seq),
                 seq,
                 class: c,
+                tag,
             },
         );
-        if !st.backpressure && (total + 1) * 10 > self.data_cap * 7 {
-            st.backpressure = true;
-            self.m.backpressure.increment(1);
-            let n = notice_backpressure(true, total + 1, self.data_cap);
-            self.push_control_locked(&mut st, n);
-        }
+        self.check_backpressure(&mut st, c);
         drop(st);
         self.wake.notify_one();
         true
     }
 
-    fn record_drop(&self, st: &mut State, c: usize, seq: u64) {
-        self.m.dropped[c].increment(1);
+    /// BACKPRESSURE on when the fill (the larger of the data queues' fill and class `c`'s
+    /// queue fill) went above 70%.
+    fn check_backpressure(&self, st: &mut State, c: usize) {
+        if st.backpressure {
+            return;
+        }
+        let total = Self::data_len(st);
+        let own = st.q[c].len();
+        if total * 10 > self.data_cap * 7 || own * 10 > self.caps[c] * 7 {
+            st.backpressure = true;
+            self.m.backpressure.increment(1);
+            let n = notice_backpressure(true, total, self.data_cap, c, own, self.caps[c]);
+            self.push_control_locked(st, n);
+        }
+    }
+
+    /// BACKPRESSURE off once the data queues and every class queue are at most half full.
+    fn backpressure_off(&self, st: &State) -> bool {
+        st.backpressure
+            && Self::data_len(st) * 2 <= self.data_cap
+            && (1..4).all(|c| st.q[c].len() * 2 <= self.caps[c])
+    }
+
+    /// Records a dropped seq: class `c` when its queue had no room, None when conflated.
+    fn record_drop(&self, st: &mut State, c: Option<usize>, seq: u64) {
         st.total_dropped += 1;
-        let log = &mut st.drops[c];
+        let log = match c {
+            Some(c) => {
+                self.m.dropped[c].increment(1);
+                &mut st.drops[c]
+            }
+            None => &mut st.conflated,
+        };
         log.count += 1;
         match log.ranges.last_mut() {
             Some(r) if r.1 + 1 == seq => r.1 = seq,
@@ -238,12 +467,15 @@ impl Outbound {
     fn take_drop_notices(&self, st: &mut State) -> Vec<Message> {
         let total = st.total_dropped;
         let mut out = Vec::new();
-        for c in 1..4 {
-            let log = std::mem::take(&mut st.drops[c]);
+        for c in 1..5 {
+            let (log, class, reason) = match c {
+                4 => (std::mem::take(&mut st.conflated), BULK, "conflated"),
+                c => (std::mem::take(&mut st.drops[c]), c, "queue_full"),
+            };
             if log.count > 0 {
                 let v = serde_json::json!({
                     "type": "notice", "kind": "dropped",
-                    "class": super::metrics::CLASS_NAMES[c],
+                    "class": super::metrics::CLASS_NAMES[class], "reason": reason,
                     "count": log.count, "ranges": log.ranges, "total": total,
                 });
                 out.push(Message::text(v.to_string()));
@@ -262,7 +494,8 @@ impl Outbound {
         if st.stop {
             return Next::Stop;
         }
-        let pending = st.drops.iter().any(|d| d.count > 0);
+        self.refill(&mut st);
+        let pending = st.drops.iter().any(|d| d.count > 0) || st.conflated.count > 0;
         let mut due = None;
         if pending {
             let now = Instant::now();
@@ -272,16 +505,9 @@ impl Outbound {
                 .unwrap_or(now);
             if at <= now {
                 for n in self.take_drop_notices(&mut st) {
-                    // Past the CONTROL cap only by the (at most 3) drop notices: they must not
+                    // Past the CONTROL cap only by the (at most 4) drop notices: they must not
                     // be lost, and they are bounded by the number of classes.
-                    self.push_item(
-                        &mut st,
-                        Item {
-                            msg: n,
-                            seq: 0,
-                            class: CONTROL,
-                        },
-                    );
+                    self.push_item(&mut st, Item::control(n));
                 }
             } else {
                 due = Some(at);
@@ -293,17 +519,17 @@ impl Outbound {
                 if c == CONTROL {
                     self.room.notify_one();
                 }
-                if c != CONTROL && st.backpressure && Self::data_len(&st) * 2 <= self.data_cap {
+                if c != CONTROL && self.backpressure_off(&st) {
                     st.backpressure = false;
-                    let n = notice_backpressure(false, Self::data_len(&st), self.data_cap);
-                    self.push_item(
-                        &mut st,
-                        Item {
-                            msg: n,
-                            seq: 0,
-                            class: CONTROL,
-                        },
+                    let n = notice_backpressure(
+                        false,
+                        Self::data_len(&st),
+                        self.data_cap,
+                        c,
+                        st.q[c].len(),
+                        self.caps[c],
                     );
+                    self.push_item(&mut st, Item::control(n));
                 }
                 return Next::Send(item);
             }
@@ -380,6 +606,8 @@ impl Outbound {
             self.m.queue_depth[c].decrement(n as f64);
             st.q[c].clear();
         }
+        st.pending.clear();
+        st.replaying.clear();
         st.stop = true;
         drop(st);
         self.done.store(true, Ordering::Release);
@@ -406,70 +634,24 @@ impl Outbound {
     }
 }
 
-fn notice_backpressure(on: bool, queued: usize, capacity: usize) -> Message {
+/// `queued`/`capacity`: all data queues; `class_*`: the class queue last pushed or popped.
+fn notice_backpressure(
+    on: bool,
+    queued: usize,
+    capacity: usize,
+    class: usize,
+    class_queued: usize,
+    class_capacity: usize,
+) -> Message {
     let v = serde_json::json!({
         "type": "notice", "kind": "backpressure",
         "state": if on { "on" } else { "off" }, "queued": queued, "capacity": capacity,
+        "class": super::metrics::CLASS_NAMES[class], "class_queued": class_queued,
+        "class_capacity": class_capacity,
     });
     Message::text(v.to_string())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ob(crit: usize, imp: usize, bulk: usize) -> Outbound {
-        let q = QueueConfig {
-            critical: crit,
-            important: imp,
-            bulk,
-            control: 10,
-        };
-        Outbound::new(1, &q, Duration::ZERO, Arc::new(ServerMetrics::new()))
-    }
-
-    fn data(n: u64) -> Message {
-        Message::binary(n.to_le_bytes().to_vec())
-    }
-
-    #[test]
-    fn strict_priority_and_drop_rules() {
-        let o = ob(2, 3, 5);
-        // 10 data slots: BULK dropped once fill > 90% or its own queue (5) is full.
-        for _ in 0..6 {
-            o.push_result(Priority::Bulk, data);
-        }
-        assert_eq!(o.fill().0, 5); // the 6th bulk was dropped (own queue full)
-        for _ in 0..4 {
-            o.push_result(Priority::Important, data);
-        }
-        assert_eq!(o.fill().0, 8); // the 4th important dropped (own queue full)
-        assert!(o.push_result(Priority::Critical, data));
-        assert!(o.push_result(Priority::Critical, data));
-        assert!(!o.push_result(Priority::Bulk, data)); // fill 100% > 90%
-        let mut order = Vec::new();
-        let mut notices = Vec::new();
-        loop {
-            match o.next() {
-                Next::Send(it) if it.class == CONTROL => notices.push(it.msg.to_string()),
-                Next::Send(it) => order.push((it.class, it.seq)),
-                _ => break,
-            }
-        }
-        let classes: Vec<usize> = order.iter().map(|x| x.0).collect();
-        assert_eq!(classes, vec![1, 1, 2, 2, 2, 3, 3, 3, 3, 3]);
-        assert!(notices
-            .iter()
-            .any(|n| n.contains("\"backpressure\"") && n.contains("\"on\"")));
-        let dropped: Vec<&String> = notices.iter().filter(|n| n.contains("dropped")).collect();
-        assert_eq!(dropped.len(), 2, "{notices:?}");
-        assert!(notices.iter().any(|n| n.contains("[[6,6],[13,13]]")));
-        assert!(notices.iter().any(|n| n.contains("[[10,10]]")));
-        // A third CRITICAL does not fit: close 1013.
-        let o = ob(2, 3, 5);
-        o.push_result(Priority::Critical, data);
-        o.push_result(Priority::Critical, data);
-        assert!(!o.push_result(Priority::Critical, data));
-        assert!(matches!(o.next(), Next::Close(1013, "critical_queue_full")));
-    }
-}
+#[path = "outbound_tests.rs"]
+mod tests;

@@ -9,10 +9,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::aligner::{Aligner, Ingest, Offer, Sample};
-use super::codec::{self, Code, ResultView};
+use super::codec::{Code, ResultView};
 use super::messages::{self, About};
 use super::outbound::Outbound;
 use super::Shared;
@@ -369,9 +368,6 @@ fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
     };
     let (d, m) = (shared.head.dim, shared.head.num_modalities());
     for (i, meta) in metas.iter().enumerate() {
-        let Some(subs) = shared.registry.subscribers(&meta.stream) else {
-            continue;
-        };
         let (Some(fused), Some(weights)) = (
             res.outputs.fused.get(i * d..(i + 1) * d),
             res.outputs.weights.get(i * m..(i + 1) * m),
@@ -385,21 +381,10 @@ fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
             mask: &meta.mask,
             fused,
             weights,
+            stream_seq: 0,
+            replayed: false,
         };
-        let mut bin: Option<Vec<u8>> = None;
-        let mut json: Option<String> = None;
-        for o in subs.iter() {
-            if o.binary() {
-                let enc = bin.get_or_insert_with(|| codec::encode_result(&view));
-                o.push_result(meta.priority, |seq| {
-                    Message::Binary(codec::with_seq(enc, seq))
-                });
-            } else {
-                let tail = json.get_or_insert_with(|| codec::json_result_tail(&view));
-                o.push_result(meta.priority, |seq| {
-                    Message::text(codec::json_result(tail, seq))
-                });
-            }
-        }
+        // Stream seq, replay buffer, then every subscriber (replay.rs).
+        shared.replay.deliver(&shared.registry, &meta.stream, &view);
     }
 }

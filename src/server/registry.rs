@@ -35,6 +35,14 @@ impl Registry {
         }
     }
 
+    /// Whether `out` is subscribed to `stream`.
+    pub fn is_subscribed(&self, stream: &str, out: &Arc<Outbound>) -> bool {
+        self.streams
+            .read()
+            .get(stream)
+            .is_some_and(|l| l.iter().any(|o| Arc::ptr_eq(o, out)))
+    }
+
     /// Unsubscribes; false when it was not subscribed.
     pub fn unsubscribe(&self, stream: &str, out: &Arc<Outbound>) -> bool {
         let mut s = self.streams.write();
