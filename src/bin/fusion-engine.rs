@@ -570,7 +570,9 @@ fn loadgen(
     json: bool,
 ) -> Result<ExitCode> {
     if !(rate.is_finite() && rate > 0.0) {
-        return Err(Error::Config(format!("--rate must be positive, got {rate}")));
+        return Err(Error::Config(format!(
+            "--rate must be positive, got {rate}"
+        )));
     }
     let plan = scenario.plan(rate);
     let r = runtime()?

@@ -50,31 +50,51 @@ pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, L
     Ok(ws)
 }
 
-/// Says hello asking for binary results.
-pub(crate) async fn hello<S>(tx: &mut S) -> Result<(), LoadgenError>
+/// Says hello in protocol `version` (1, or 2 for stream seqs and resume) asking for binary
+/// results.
+pub(crate) async fn hello<S>(tx: &mut S, version: u8) -> Result<(), LoadgenError>
 where
     S: Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    tx.send(Message::text(
-        r#"{"type":"hello","version":1,"results":"binary","client":"fusion-engine-loadgen"}"#,
-    ))
-    .await?;
+    let m = serde_json::json!({
+        "type": "hello", "version": version, "results": "binary",
+        "client": "fusion-engine-loadgen",
+    });
+    tx.send(Message::text(m.to_string())).await?;
     Ok(())
 }
 
-/// The header fields of a binary result frame (PROTOCOL 4.2) without decoding the vectors:
-/// (seq, class, stream, key).
-pub(crate) fn peek_result(b: &[u8]) -> Option<(u64, usize, &str, &str)> {
+/// The header fields of a binary result (PROTOCOL 4.2, version 1 or 2), vectors not decoded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Peek<'a> {
+    pub seq: u64,
+    pub class: usize,
+    pub stream: &'a str,
+    pub key: &'a str,
+    /// Version 2 only.
+    pub stream_seq: Option<u64>,
+    /// Version 2: flag bit 0.
+    pub replayed: bool,
+}
+
+/// Reads the header of a binary result frame.
+pub(crate) fn peek_result(b: &[u8]) -> Option<Peek<'_>> {
     if b.len() < 24 || b[0..2] != *b"FE" || b[3] != 2 {
         return None;
     }
-    let class = usize::from(b[4]).min(2);
+    let v2 = b[2] == 2;
+    let h = if v2 { 32 } else { 24 };
+    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
     let sl = usize::from(u16::from_le_bytes([b[6], b[7]]));
     let kl = usize::from(u16::from_le_bytes([b[8], b[9]]));
-    let seq = u64::from_le_bytes(b[16..24].try_into().ok()?);
-    let stream = std::str::from_utf8(b.get(24..24 + sl)?).ok()?;
-    let key = std::str::from_utf8(b.get(24 + sl..24 + sl + kl)?).ok()?;
-    Some((seq, class, stream, key))
+    Some(Peek {
+        seq: u64_at(16)?,
+        class: usize::from(b[4]).min(2),
+        stream: std::str::from_utf8(b.get(h..h + sl)?).ok()?,
+        key: std::str::from_utf8(b.get(h + sl..h + sl + kl)?).ok()?,
+        stream_seq: if v2 { u64_at(24) } else { None },
+        replayed: v2 && b[5] & 1 == 1,
+    })
 }
 
 #[cfg(test)]
@@ -91,9 +111,17 @@ mod tests {
             mask: &[1, 0],
             fused: &[0.5; 4],
             weights: &[1.0, 0.0],
+            stream_seq: 12,
+            replayed: true,
         };
-        let b = with_seq(&encode_result(&v), 77);
-        assert_eq!(peek_result(&b), Some((77, 0, "s1", "c3.99")));
+        let b = with_seq(&encode_result(&v, 1), 77);
+        let p = peek_result(&b).unwrap();
+        assert_eq!((p.seq, p.class, p.stream, p.key), (77, 0, "s1", "c3.99"));
+        assert_eq!((p.stream_seq, p.replayed), (None, false));
         assert_eq!(peek_result(&b[..10]), None);
+        let b = with_seq(&encode_result(&v, 2), 78);
+        let p = peek_result(&b).unwrap();
+        assert_eq!((p.seq, p.stream, p.key), (78, "s1", "c3.99"));
+        assert_eq!((p.stream_seq, p.replayed), (Some(12), true));
     }
 }

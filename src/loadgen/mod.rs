@@ -207,7 +207,11 @@ pub async fn drive(
     while ready < subs.len() {
         match tokio::time::timeout(Duration::from_secs(15), ready_rx.recv()).await {
             Ok(Some(())) => ready += 1,
-            _ => return Err(LoadgenError::Timeout("subscribers did not subscribe".into())),
+            _ => {
+                return Err(LoadgenError::Timeout(
+                    "subscribers did not subscribe".into(),
+                ))
+            }
         }
     }
     let start = Instant::now();
@@ -281,10 +285,9 @@ fn progress_bar(o: &Options, name: &str) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(o.duration.as_millis() as u64);
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:40}] {elapsed}/{duration} {msg}",
-    )
-    .map(|s| s.progress_chars("=> "));
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {elapsed}/{duration} {msg}")
+            .map(|s| s.progress_chars("=> "));
     if let Ok(s) = style {
         b.set_style(s);
     }

@@ -64,7 +64,7 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
     let ws = connect(&cfg.url, None).await?;
     let (mut tx, rx) = ws.split();
-    hello(&mut tx).await?;
+    hello(&mut tx, 1).await?;
     let reader = tokio::spawn(read_replies(rx));
     let mut rec = ProducerRecord::default();
     let start = Instant::now();
@@ -80,7 +80,11 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
         let class = class_of(i);
         let key = make_key(class, i, now_us());
         for (j, (name, bytes)) in cfg.mods.iter().enumerate() {
-            let flags = if j + 1 == cfg.mods.len() { FLAG_LAST } else { 0 };
+            let flags = if j + 1 == cfg.mods.len() {
+                FLAG_LAST
+            } else {
+                0
+            };
             let f = encode_produce(
                 &cfg.stream,
                 &key,

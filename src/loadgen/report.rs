@@ -109,13 +109,20 @@ pub struct Report {
     /// showed the server's 1013 close (an upper bound, by one scrape interval).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_close_after_s: Option<f64>,
-    /// reconnect: CRITICAL/IMPORTANT results the reference fast subscriber got that a
-    /// reconnecting subscriber never got.
+    /// reconnect: CRITICAL/IMPORTANT results (by stream seq) the reference fast subscriber got
+    /// that a reconnecting subscriber never got and no `unrecoverable` notice named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing_after_resume: Option<u64>,
     /// reconnect: `unrecoverable` notices received.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unrecoverable_announced: Option<u64>,
+    /// reconnect: results missing at a reconnecting subscriber that a notice named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing_named_unrecoverable: Option<u64>,
+    /// reconnect: results marked replayed.
+    pub replayed: u64,
+    /// reconnect: CRITICAL+IMPORTANT drops announced (`dropped`) to reconnecting subscribers.
+    pub reconnect_drops_announced: u64,
     /// The acceptance checks that apply to this run, by name.
     pub checks: BTreeMap<String, bool>,
     /// Scrapes of `/metrics`.
@@ -183,8 +190,14 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             *producer_errors.entry(code.clone()).or_default() += n;
         }
         producer_shed += p.shed;
-        *closes.entry(close_key(p.close.as_ref().map_or(Some(1000), |c| c.0))).or_default() += 1;
-        for k in p.critical_sent.iter().filter(|k| !p.critical_refused.contains(*k)) {
+        *closes
+            .entry(close_key(p.close.as_ref().map_or(Some(1000), |c| c.0)))
+            .or_default() += 1;
+        for k in p
+            .critical_sent
+            .iter()
+            .filter(|k| !p.critical_refused.contains(*k))
+        {
             expected_critical.insert(format!("{}/{k}", p.stream));
         }
     }
@@ -196,16 +209,23 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
     let mut critical_lost = 0u64;
     let mut rates = Vec::new();
     let mut report_stalled = None;
-    let reference = i.records.iter().position(|r| roles.get(r.id) == Some(&Role::Fast));
+    let reference = i
+        .records
+        .iter()
+        .position(|r| roles.get(r.id) == Some(&Role::Fast));
     let mut missing_after_resume = None;
     let mut unrecoverable = None;
+    let mut unrecoverable_covered = None;
+    let (mut replayed, mut reconnect_drops) = (0u64, 0u64);
     for r in &i.records {
         let role = roles.get(r.id).copied().unwrap_or(Role::Fast);
         for s in &r.segments {
             g.add(s);
         }
         g.add(&gaps(r));
-        *closes.entry(close_key(r.close.as_ref().map_or(Some(1000), |c| c.code))).or_default() += 1;
+        *closes
+            .entry(close_key(r.close.as_ref().map_or(Some(1000), |c| c.code)))
+            .or_default() += 1;
         let server_closed = r.close.as_ref().is_some_and(|c| c.is_overload());
         if let Some(c) = r.close.as_ref().filter(|c| c.is_overload()) {
             reasons.push(c.reason.clone());
@@ -232,10 +252,28 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             Role::Reconnect { .. } => {
                 let reference = reference.and_then(|x| i.records.get(x));
                 if let Some(f) = reference {
-                    let m = f.kept_keys.difference(&r.kept_keys).count() as u64;
-                    *missing_after_resume.get_or_insert(0) += m;
+                    let (mut missing, mut covered) = (0u64, 0u64);
+                    for k in f.stream_seqs.difference(&r.stream_seqs) {
+                        let named = r.unrecoverable.iter().any(|(s, c, a, b)| {
+                            *s == k.0 && *c == k.1 && k.2 >= *a && b.is_none_or(|b| k.2 <= b)
+                        });
+                        if named {
+                            covered += 1;
+                        } else {
+                            missing += 1;
+                        }
+                    }
+                    *missing_after_resume.get_or_insert(0) += missing;
+                    *unrecoverable_covered.get_or_insert(0) += covered;
                 }
-                *unrecoverable.get_or_insert(0) += r.unrecoverable;
+                *unrecoverable.get_or_insert(0) += r.unrecoverable.len() as u64;
+                replayed += r.replayed;
+                let mut own = r.segments.iter().fold(GapStats::default(), |mut a, s| {
+                    a.add(s);
+                    a
+                });
+                own.add(&gaps(r));
+                reconnect_drops += own.announced[0] + own.announced[1];
             }
         }
         if !server_closed && !matches!(role, Role::Reconnect { .. }) {
@@ -307,6 +345,9 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         }),
         missing_after_resume,
         unrecoverable_announced: unrecoverable,
+        missing_named_unrecoverable: unrecoverable_covered,
+        replayed,
+        reconnect_drops_announced: reconnect_drops,
         scrapes: i.scrapes.len(),
         scrape_failures: i.scrape_failures,
         checks: BTreeMap::new(),
@@ -328,32 +369,52 @@ fn checks(r: &Report, plan: &Plan) -> BTreeMap<String, bool> {
     };
     put(
         "nothing_lost_silently",
-        r.gaps_unannounced == 0 && r.announced_but_received == 0 && r.gaps_seen == r.drops_announced,
+        r.gaps_unannounced == 0
+            && r.announced_but_received == 0
+            && r.gaps_seen == r.drops_announced,
     );
-    put("critical_lost_without_close_is_0", r.critical_lost_without_close == 0);
+    put(
+        "critical_lost_without_close_is_0",
+        r.critical_lost_without_close == 0,
+    );
     if let Some(ok) = r.rss_within_bound {
         put("server_rss_within_bound", ok);
     }
-    if plan.subscribers.iter().any(|x| matches!(x, Role::Stalled { .. })) {
+    if plan
+        .subscribers
+        .iter()
+        .any(|x| matches!(x, Role::Stalled { .. }))
+    {
         let named = r
             .stalled_close_reason
             .as_deref()
             .and_then(|x| x.rsplit_once("last_seq=")?.1.trim().parse::<u64>().ok());
         put(
             "stalled_closed_1013_naming_its_last_seq",
-            r.stalled_close_code == Some(1013) && named == Some(r.stalled_last_seq_read.unwrap_or(0)),
+            r.stalled_close_code == Some(1013)
+                && named == Some(r.stalled_last_seq_read.unwrap_or(0)),
         );
         if let (Some(after), Some(st)) = (r.stalled_close_after_s, r.send_timeout_s) {
-            put("stalled_closed_within_send_timeout_plus_1s", after <= st + 1.0);
+            put(
+                "stalled_closed_within_send_timeout_plus_1s",
+                after <= st + 1.0,
+            );
         }
     }
     if plan.producers.iter().any(Option::is_none) {
         let overloaded = r.producer_errors.get("overloaded").copied().unwrap_or(0);
-        put("producers_got_overload_errors_and_notices", overloaded > 0 && r.producer_shed > 0);
+        put(
+            "producers_got_overload_errors_and_notices",
+            overloaded > 0 && r.producer_shed > 0,
+        );
         put("no_crash_no_internal_close", !r.closes.contains_key("1011"));
     }
-    if let (Some(m), Some(u)) = (r.missing_after_resume, r.unrecoverable_announced) {
-        put("reconnect_nothing_missing_unannounced", m == 0 || u > 0);
+    if let Some(m) = r.missing_after_resume {
+        // An IMPORTANT result dropped (and announced) on the new connection is not replayed.
+        put(
+            "reconnect_every_missed_result_replayed_or_unrecoverable",
+            m <= r.reconnect_drops_announced,
+        );
     }
     c
 }
@@ -370,7 +431,11 @@ impl Report {
             self.scenario, self.duration_s, self.producers, self.subscribers,
             self.samples_sent.critical, self.samples_sent.important, self.samples_sent.bulk
         );
-        let _ = writeln!(t, "  {:.0} results/s per fast subscriber", self.samples_per_s);
+        let _ = writeln!(
+            t,
+            "  {:.0} results/s per fast subscriber",
+            self.samples_per_s
+        );
         for (name, l) in [
             ("critical", &self.latency_ms.critical),
             ("important", &self.latency_ms.important),
@@ -379,7 +444,10 @@ impl Report {
             let _ = writeln!(
                 t,
                 "  {name:9} n {:8}  p50 {:>8} ms  p99 {:>8} ms  p999 {:>8} ms",
-                l.n, ms(l.p50), ms(l.p99), ms(l.p999)
+                l.n,
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.p999)
             );
         }
         let _ = writeln!(
@@ -395,7 +463,10 @@ impl Report {
         let _ = writeln!(
             t,
             "  producer errors {:?}, shed {}; server peak RSS {} MiB (bound {})",
-            self.producer_errors, self.producer_shed, ms(self.server_peak_rss_mb), self.max_rss_mb
+            self.producer_errors,
+            self.producer_shed,
+            ms(self.server_peak_rss_mb),
+            self.max_rss_mb
         );
         if let Some(code) = self.stalled_close_code {
             let _ = writeln!(

@@ -124,7 +124,9 @@ impl Plan {
 
     /// Stream names, one per producer.
     pub fn streams(&self) -> Vec<String> {
-        (0..self.producers.len()).map(|p| format!("lg-{p}")).collect()
+        (0..self.producers.len())
+            .map(|p| format!("lg-{p}"))
+            .collect()
     }
 }
 
@@ -144,6 +146,9 @@ mod tests {
         assert_eq!(p.producers.len(), 6);
         assert_eq!(p.subscribers.len(), 6);
         assert_eq!(p.streams()[5], "lg-5");
-        assert_eq!(Scenario::Steady.plan(1000.0).producers, vec![Some(500.0); 2]);
+        assert_eq!(
+            Scenario::Steady.plan(1000.0).producers,
+            vec![Some(500.0); 2]
+        );
     }
 }

@@ -78,9 +78,8 @@ pub fn parse(text: &str, t_ms: u64) -> Scrape {
             Some((n, l)) => (n, l),
             None => (series, ""),
         };
-        let class = || {
-            label(labels, "class").and_then(|c| CLASS_ORDER.iter().position(|x| *x == c))
-        };
+        let class =
+            || label(labels, "class").and_then(|c| CLASS_ORDER.iter().position(|x| *x == c));
         match name {
             "fusion_process_resident_bytes" => s.rss_mb = Some(v / 1048576.0),
             "fusion_process_peak_resident_bytes" => s.peak_rss_mb = Some(v / 1048576.0),

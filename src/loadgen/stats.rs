@@ -106,8 +106,10 @@ pub struct ConnRecord {
     pub stopped_us: Option<u64>,
     /// Earlier sockets of a reconnecting subscriber, analysed on their own.
     pub segments: Vec<GapStats>,
-    /// `unrecoverable` notices received (reconnecting subscribers).
-    pub unrecoverable: u64,
+    /// (stream, class, stream seq) of every CRITICAL and IMPORTANT result received.
+    pub stream_seqs: HashSet<(String, usize, u64)>,
+    /// `unrecoverable` notices: (stream, class, first, last; `None` = open-ended).
+    pub unrecoverable: Vec<(String, usize, u64, Option<u64>)>,
     /// Results the server replayed after a resume.
     pub replayed: u64,
 }

@@ -3,6 +3,7 @@
 //! whenever the server reports a 1013 close (the `probe` signal), so that the one that was closed
 //! reads its close frame within the server's close linger; a stalled one then stops again.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -44,6 +45,31 @@ struct Sub {
     rec: ConnRecord,
     tx: SplitSink<Ws, Message>,
     rx: SplitStream<Ws>,
+    /// The server epoch the points are from (0 = none yet).
+    epoch: u64,
+    /// Per stream: the last CRITICAL and IMPORTANT stream seq received (resume points).
+    points: HashMap<String, [u64; 2]>,
+    /// The current socket subscribed with `resume`.
+    resuming: bool,
+}
+
+/// Subscribe messages: plain, or resuming from `points` of `epoch` (PROTOCOL 7.4).
+fn subscribes(
+    streams: &[String],
+    resume: Option<(u64, &HashMap<String, [u64; 2]>)>,
+) -> Vec<String> {
+    streams
+        .iter()
+        .map(|s| {
+            let mut m = serde_json::json!({"type": "subscribe", "stream": s, "id": s});
+            if let Some((epoch, points)) = resume {
+                let p = points.get(s).copied().unwrap_or_default();
+                m["resume"] =
+                    serde_json::json!({"epoch": epoch, "critical": p[0], "important": p[1]});
+            }
+            m.to_string()
+        })
+        .collect()
 }
 
 /// Receive buffer of stalled subscribers: small, so the server's sends block soon after it
@@ -53,12 +79,22 @@ const STALLED_RCVBUF: u32 = 16 * 1024;
 /// Runs one subscriber until the drain completes or its connection closes.
 pub(crate) async fn run(cfg: SubscriberCfg) -> Result<ConnRecord, LoadgenError> {
     let rcvbuf = matches!(cfg.role, Role::Stalled { .. }).then_some(STALLED_RCVBUF);
-    let (tx, rx) = open(&cfg.url, &cfg.streams, rcvbuf).await?.split();
+    let (tx, rx) = open(&cfg.url, subscribes(&cfg.streams, None), rcvbuf)
+        .await?
+        .split();
     let rec = ConnRecord {
         id: cfg.id,
         ..ConnRecord::default()
     };
-    let mut s = Sub { cfg, rec, tx, rx };
+    let mut s = Sub {
+        cfg,
+        rec,
+        tx,
+        rx,
+        epoch: 0,
+        points: HashMap::new(),
+        resuming: false,
+    };
     s.wait_acks().await?;
     let _ = s.cfg.ready.send(()).await;
     let role = s.cfg.role;
@@ -78,12 +114,12 @@ pub(crate) async fn run(cfg: SubscriberCfg) -> Result<ConnRecord, LoadgenError> 
     Ok(s.rec)
 }
 
-async fn open(url: &str, streams: &[String], rcvbuf: Option<u32>) -> Result<Ws, LoadgenError> {
+/// Connects, says hello (version 2: stream seqs) and sends `subscribes`.
+async fn open(url: &str, subscribes: Vec<String>, rcvbuf: Option<u32>) -> Result<Ws, LoadgenError> {
     let mut ws = connect(url, rcvbuf).await?;
-    hello(&mut ws).await?;
-    for s in streams {
-        let m = serde_json::json!({"type": "subscribe", "stream": s, "id": s});
-        ws.send(Message::text(m.to_string())).await?;
+    hello(&mut ws, 2).await?;
+    for m in subscribes {
+        ws.send(Message::text(m)).await?;
     }
     Ok(ws)
 }
@@ -102,9 +138,20 @@ impl Sub {
                 .await
                 .map_err(|_| LoadgenError::Connect("no subscribe ack within 10 s".into()))?;
             match m {
-                Some(Ok(Message::Text(t))) if t.as_str().contains("\"ack\"") => acks += 1,
-                Some(Ok(Message::Text(t))) if t.as_str().contains("\"error\"") => {
-                    return Err(LoadgenError::Connect(format!("subscribe refused: {t}")))
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                    if v["type"] == "error" {
+                        return Err(LoadgenError::Connect(format!("subscribe refused: {t}")));
+                    }
+                    if v["type"] == "ack" && v["op"] == "subscribe" {
+                        acks += 1;
+                        self.acked(&v);
+                    } else {
+                        self.control(t.as_str());
+                    }
+                }
+                m @ Some(Ok(Message::Binary(_))) => {
+                    self.handle(m);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
@@ -112,6 +159,21 @@ impl Sub {
             }
         }
         Ok(())
+    }
+
+    /// A subscribe ack: the epoch and, without resume, the stream's current point.
+    fn acked(&mut self, v: &serde_json::Value) {
+        let epoch = v["epoch"].as_u64().unwrap_or(0);
+        let last = v["last"].as_u64().unwrap_or(0);
+        if let Some(stream) = v["stream"].as_str() {
+            let p = self.points.entry(stream.to_string()).or_default();
+            if !self.resuming {
+                *p = [last, last];
+            } else if epoch != self.epoch {
+                *p = [0, 0];
+            }
+        }
+        self.epoch = epoch;
     }
 
     async fn fast(&mut self) {
@@ -196,12 +258,14 @@ impl Sub {
             self.rec.announced.clear();
             self.rec.close = None;
             tokio::time::sleep(Duration::from_secs_f64(away_s)).await;
+            // Come back even when the run is draining, so that what was missed is resumed.
+            let msgs = subscribes(&self.cfg.streams, Some((self.epoch, &self.points)));
+            let (tx, rx) = open(&self.cfg.url, msgs, None).await?.split();
+            (self.tx, self.rx, self.resuming) = (tx, rx, true);
+            self.wait_acks().await?;
             if self.draining() {
                 return Ok(());
             }
-            let (tx, rx) = open(&self.cfg.url, &self.cfg.streams, None).await?.split();
-            (self.tx, self.rx) = (tx, rx);
-            self.wait_acks().await?;
         }
     }
 
@@ -244,10 +308,17 @@ impl Sub {
         };
         match m {
             Some(Ok(Message::Binary(b))) => {
-                let Some((seq, class, stream, key)) = peek_result(&b) else {
+                let Some(p) = peek_result(&b) else {
                     return Flow::Go;
                 };
+                let (seq, class, stream, key) = (p.seq, p.class, p.stream, p.key);
                 self.rec.seqs.push(seq);
+                self.rec.replayed += u64::from(p.replayed);
+                if let (Some(ss), true) = (p.stream_seq, class < 2) {
+                    self.rec.stream_seqs.insert((stream.to_string(), class, ss));
+                    let point = &mut self.points.entry(stream.to_string()).or_default()[class];
+                    *point = (*point).max(ss);
+                }
                 if let Some((_, t)) = parse_key(key) {
                     let lat = now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
                     let at = (now.saturating_sub(self.cfg.t0_us) / 1000) as u32;
@@ -299,7 +370,16 @@ impl Sub {
                     }
                 }
             }
-            Some("unrecoverable") => self.rec.unrecoverable += 1,
+            Some("unrecoverable") => {
+                let stream = v["stream"].as_str().unwrap_or("").to_string();
+                let class = usize::from(v["class"] != "critical");
+                let (first, last) = (v["first"].as_u64().unwrap_or(0), v["last"].as_u64());
+                if let Some(l) = last {
+                    let point = &mut self.points.entry(stream.clone()).or_default()[class];
+                    *point = (*point).max(l);
+                }
+                self.rec.unrecoverable.push((stream, class, first, last));
+            }
             _ => {}
         }
     }
