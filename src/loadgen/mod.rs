@@ -177,12 +177,15 @@ pub async fn drive(
     let t0 = stats::now_us();
     let (probe_tx, probe_rx) = watch::channel(0u64);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (latest_tx, latest) = watch::channel(None);
+    let has_metrics = metrics.is_some();
     let scraper = metrics.map(|m| {
         tokio::spawn(scrape::run(
             m,
             o.scrape_every,
             t0,
             probe_tx,
+            latest_tx,
             stop_rx.clone(),
         ))
     });
@@ -248,8 +251,19 @@ pub async fn drive(
         }
     }
     let produced_s = start.elapsed().as_secs_f64();
-    // In-flight batches finish within a few batch times; then every subscriber drains.
+    // Wait until the server's pipeline is empty (aligner, engine, devices: three scrapes in a
+    // row, 120 s at most), so every accepted sample has its result queued; without metrics,
+    // a fixed 300 ms. Then every subscriber reads what is left.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if has_metrics {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut calm = 0;
+        while calm < 3 && Instant::now() < deadline {
+            tokio::time::sleep(o.scrape_every).await;
+            let idle = latest.borrow().as_ref().is_some_and(scrape::Scrape::pipeline_idle);
+            calm = if idle { calm + 1 } else { 0 };
+        }
+    }
     let _ = drain_tx.send(true);
     let mut records = Vec::new();
     for (i, h) in subs.into_iter().enumerate() {

@@ -28,8 +28,19 @@ pub struct Scrape {
     pub overload_closes: f64,
     /// Samples in the aligner.
     pub open_samples: f64,
+    /// Batches admitted by the engine and not yet at a device.
+    pub pending_batches: f64,
+    /// Batches at the devices (queued or running), all devices.
+    pub device_in_flight: f64,
     /// Per device: (state 0 healthy / 1 slow / 2 failed, queued batches, batches completed).
     pub devices: BTreeMap<String, (f64, f64, f64)>,
+}
+
+impl Scrape {
+    /// Nothing in the aligner, the engine queue or at a device.
+    pub fn pipeline_idle(&self) -> bool {
+        self.open_samples == 0.0 && self.pending_batches == 0.0 && self.device_in_flight == 0.0
+    }
 }
 
 /// Fetches `http://addr/metrics` (plain HTTP/1.1, one request).
@@ -95,6 +106,8 @@ pub fn parse(text: &str, t_ms: u64) -> Scrape {
             }
             "fusion_server_slow_consumer_total" => s.overload_closes += v,
             "fusion_server_open_samples" => s.open_samples = v,
+            "fusion_engine_pending_batches" => s.pending_batches = v,
+            "fusion_device_in_flight" => s.device_in_flight += v,
             "fusion_device_state" | "fusion_device_queue_depth" | "fusion_device_batches_total" => {
                 if let Some(d) = label(labels, "device") {
                     let e = s.devices.entry(d.to_string()).or_default();
@@ -118,6 +131,7 @@ pub(crate) async fn run(
     every: Duration,
     t0_us: u64,
     probe: watch::Sender<u64>,
+    latest: watch::Sender<Option<Scrape>>,
     mut stop: watch::Receiver<bool>,
 ) -> (Vec<Scrape>, u64) {
     let mut out: Vec<Scrape> = Vec::new();
@@ -137,6 +151,7 @@ pub(crate) async fn run(
                 if s.overload_closes > before {
                     let _ = probe.send(now);
                 }
+                let _ = latest.send(Some(s.clone()));
                 out.push(s);
             }
             Err(_) => failures += 1,
