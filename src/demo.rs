@@ -67,6 +67,7 @@ pub async fn run(duration: Duration) -> Result<(), LoadgenError> {
             }
         }
     };
+    drop(engine);
     server.shutdown().await;
     let r = report?;
     println!("\nsummary:\n{}", r.text());

@@ -25,14 +25,28 @@ async fn flood_and_slow_consumers_lose_nothing_silently() {
     let summary = r.text();
     eprintln!("{summary}(took {:.1} s)", t.elapsed().as_secs_f64());
     let sent = r.samples_sent.critical + r.samples_sent.important + r.samples_sent.bulk;
-    assert!(sent > 1000, "the producers sent only {sent} samples\n{summary}");
-    assert!(r.latency_ms.critical.n > 0, "no CRITICAL result arrived\n{summary}");
+    assert!(
+        sent > 1000,
+        "the producers sent only {sent} samples\n{summary}"
+    );
+    assert!(
+        r.latency_ms.critical.n > 0,
+        "no CRITICAL result arrived\n{summary}"
+    );
     assert_eq!(r.gaps_seen, r.drops_announced, "{summary}");
     assert_eq!(r.gaps_unannounced, 0, "silent losses\n{summary}");
     assert_eq!(r.announced_but_received, 0, "{summary}");
     assert_eq!(r.critical_lost_without_close, 0, "{summary}");
-    let rss = r.server_peak_rss_mb.expect("the server's /metrics reports its peak RSS");
-    assert!(rss > 1.0 && rss < MAX_RSS_MB, "peak RSS {rss} MiB\n{summary}");
-    assert!(!r.closes.contains_key("1011"), "internal error close\n{summary}");
+    let rss = r
+        .server_peak_rss_mb
+        .expect("the server's /metrics reports its peak RSS");
+    assert!(
+        rss > 1.0 && rss < MAX_RSS_MB,
+        "peak RSS {rss} MiB\n{summary}"
+    );
+    assert!(
+        !r.closes.contains_key("1011"),
+        "internal error close\n{summary}"
+    );
     assert!(r.scrapes > 0 && r.scrape_failures == 0, "{summary}");
 }

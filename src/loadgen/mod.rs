@@ -260,7 +260,10 @@ pub async fn drive(
         let mut calm = 0;
         while calm < 3 && Instant::now() < deadline {
             tokio::time::sleep(o.scrape_every).await;
-            let idle = latest.borrow().as_ref().is_some_and(scrape::Scrape::pipeline_idle);
+            let idle = latest
+                .borrow()
+                .as_ref()
+                .is_some_and(scrape::Scrape::pipeline_idle);
             calm = if idle { calm + 1 } else { 0 };
         }
     }

@@ -15,6 +15,9 @@ const COLORS: [RGBColor; 3] = [RED, BLUE, RGBColor(0, 150, 0)];
 
 type Series = Vec<(f64, f64)>;
 
+/// One panel: title, y unit, named series.
+type Panel<'a> = (&'a str, &'a str, Vec<(&'a str, &'a Series)>);
+
 /// Per class: (bucket start s, p99 ms); and (bucket start s, results/s per fast subscriber).
 fn latency_and_rate(r: &Report) -> ([Series; 3], Series) {
     let t = &r.timeline;
@@ -22,9 +25,9 @@ fn latency_and_rate(r: &Report) -> ([Series; 3], Series) {
     let buckets = (end / BUCKET_MS + 1) as usize;
     let mut rate = vec![0u64; buckets];
     let mut p99: [Series; 3] = Default::default();
-    for c in 0..3 {
+    for (series, lats) in p99.iter_mut().zip(&t.latency) {
         let mut per: Vec<Vec<u32>> = vec![Vec::new(); buckets];
-        for &(at, lat) in &t.latency[c] {
+        for &(at, lat) in lats {
             let b = (at / BUCKET_MS) as usize;
             if let (Some(v), Some(n)) = (per.get_mut(b), rate.get_mut(b)) {
                 v.push(lat);
@@ -34,7 +37,7 @@ fn latency_and_rate(r: &Report) -> ([Series; 3], Series) {
         for (b, mut v) in per.into_iter().enumerate() {
             v.sort_unstable();
             if let Some(p) = percentile_ms(&v, 0.99) {
-                p99[c].push((b as f64 * f64::from(BUCKET_MS) / 1000.0, p));
+                series.push((b as f64 * f64::from(BUCKET_MS) / 1000.0, p));
             }
         }
     }
@@ -65,7 +68,7 @@ pub(crate) fn write(r: &Report, path: &Path) -> Result<(), LoadgenError> {
     let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| perr(&e))?;
     let areas = root.split_evenly((3, 1));
-    let panels: [(&str, &str, Vec<(&str, &Series)>); 3] = [
+    let panels: [Panel<'_>; 3] = [
         (
             "p99 latency per class (fast subscribers)",
             "ms",

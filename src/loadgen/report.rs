@@ -91,6 +91,10 @@ pub struct Report {
     pub max_rss_mb: f64,
     /// `server_peak_rss_mb <= max_rss_mb` (none without metrics).
     pub rss_within_bound: Option<bool>,
+    /// Results the server dropped per class (its `fusion_server_dropped_total`, all
+    /// connections, last scrape): drops announced into a socket that was then closed before
+    /// the client read the notice count here but not in `drops_announced`.
+    pub server_dropped: PerClass<f64>,
     /// Highest total queued messages per class across connections seen in a scrape.
     pub peak_queue_depth: PerClass<f64>,
     /// Devices as last scraped.
@@ -183,8 +187,8 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
     let mut closes: BTreeMap<String, u64> = BTreeMap::new();
     let mut expected_critical = HashSet::new();
     for p in &i.producers {
-        for c in 0..3 {
-            sent[c] += p.sent[c];
+        for (total, n) in sent.iter_mut().zip(p.sent) {
+            *total += n;
         }
         for (code, n) in &p.errors {
             *producer_errors.entry(code.clone()).or_default() += n;
@@ -238,14 +242,14 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
                     rates.push(n as f64 / (f64::from(last_ms) / 1000.0));
                 }
                 timeline.fast += 1;
-                for c in 0..3 {
-                    fast_lat[c].extend(r.lat[c].iter().map(|x| x.1));
-                    timeline.latency[c].extend_from_slice(&r.lat[c]);
+                for ((all, tl), lat) in fast_lat.iter_mut().zip(&mut timeline.latency).zip(&r.lat) {
+                    all.extend(lat.iter().map(|x| x.1));
+                    tl.extend_from_slice(lat);
                 }
             }
             Role::Slow { .. } => {
-                for c in 0..3 {
-                    slow_lat[c].extend(r.lat[c].iter().map(|x| x.1));
+                for (all, lat) in slow_lat.iter_mut().zip(&r.lat) {
+                    all.extend(lat.iter().map(|x| x.1));
                 }
             }
             Role::Stalled { .. } => report_stalled = Some(r),
@@ -290,8 +294,8 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let mut peak_q = [0f64; 3];
     for s in &i.scrapes {
-        for c in 0..3 {
-            peak_q[c] = peak_q[c].max(s.queue[c + 1]);
+        for (peak, q) in peak_q.iter_mut().zip(&s.queue[1..]) {
+            *peak = peak.max(*q);
         }
     }
     let devices = i
@@ -335,6 +339,11 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         max_rss_mb: i.options.max_rss_mb,
         rss_within_bound: peak_rss.map(|p| p <= i.options.max_rss_mb),
         peak_queue_depth: PerClass::from(peak_q),
+        server_dropped: PerClass::from(
+            i.scrapes
+                .last()
+                .map_or([0.0; 3], |s| [s.dropped[1], s.dropped[2], s.dropped[3]]),
+        ),
         devices,
         stalled_close_code: stalled_close.and_then(|c| c.code),
         stalled_close_reason: stalled_close.map(|c| c.reason.clone()),
