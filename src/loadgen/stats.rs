@@ -96,7 +96,7 @@ pub struct ConnRecord {
     pub seqs: Vec<u64>,
     /// Per class: (ms since the run start, latency µs) of each result.
     pub lat: [Vec<(u32, u32)>; 3],
-    /// `stream/key` of every CRITICAL and IMPORTANT result received.
+    /// `stream/key` of every CRITICAL result received.
     pub kept_keys: HashSet<String>,
     /// Announced drops: (class, first seq, last seq).
     pub announced: Vec<(usize, u64, u64)>,
@@ -106,10 +106,10 @@ pub struct ConnRecord {
     pub stopped_us: Option<u64>,
     /// Earlier sockets of a reconnecting subscriber, analysed on their own.
     pub segments: Vec<GapStats>,
-    /// (stream, class, stream seq) of every CRITICAL and IMPORTANT result received.
-    pub stream_seqs: HashSet<(String, usize, u64)>,
-    /// `unrecoverable` notices: (stream, class, first, last; `None` = open-ended).
-    pub unrecoverable: Vec<(String, usize, u64, Option<u64>)>,
+    /// (stream index in the plan, class, stream seq) of every CRITICAL and IMPORTANT result.
+    pub stream_seqs: HashSet<(usize, usize, u64)>,
+    /// `unrecoverable` notices: (stream index, class, first, last; `None` = open-ended).
+    pub unrecoverable: Vec<(usize, usize, u64, Option<u64>)>,
     /// Results the server replayed after a resume.
     pub replayed: u64,
 }

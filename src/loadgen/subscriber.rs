@@ -315,9 +315,18 @@ impl Sub {
                 self.rec.seqs.push(seq);
                 self.rec.replayed += u64::from(p.replayed);
                 if let (Some(ss), true) = (p.stream_seq, class < 2) {
-                    self.rec.stream_seqs.insert((stream.to_string(), class, ss));
-                    let point = &mut self.points.entry(stream.to_string()).or_default()[class];
-                    *point = (*point).max(ss);
+                    let si = self.cfg.streams.iter().position(|s| s == stream);
+                    self.rec
+                        .stream_seqs
+                        .insert((si.unwrap_or(usize::MAX), class, ss));
+                    match self.points.get_mut(stream) {
+                        Some(p) => p[class] = p[class].max(ss),
+                        None => {
+                            let mut p = [0; 2];
+                            p[class] = ss;
+                            self.points.insert(stream.to_string(), p);
+                        }
+                    }
                 }
                 if let Some((_, t)) = parse_key(key) {
                     let lat = now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
@@ -327,7 +336,7 @@ impl Sub {
                         l.lock().push(class, lat, stream);
                     }
                 }
-                if class < 2 {
+                if class == 0 {
                     self.rec.kept_keys.insert(format!("{stream}/{key}"));
                 }
             }
@@ -378,7 +387,10 @@ impl Sub {
                     let point = &mut self.points.entry(stream.clone()).or_default()[class];
                     *point = (*point).max(l);
                 }
-                self.rec.unrecoverable.push((stream, class, first, last));
+                let si = self.cfg.streams.iter().position(|s| *s == stream);
+                self.rec
+                    .unrecoverable
+                    .push((si.unwrap_or(usize::MAX), class, first, last));
             }
             _ => {}
         }
