@@ -55,6 +55,11 @@ pub struct Report {
     pub samples_sent: PerClass<u64>,
     /// Results per second per fast subscriber (results read / time to its last result).
     pub samples_per_s: f64,
+    /// Samples sent per second, all producers.
+    pub offered_samples_per_s: f64,
+    /// Samples the server's devices completed per second between the first and the last
+    /// scrape (from `fusion_device_samples_total`).
+    pub engine_samples_per_s: Option<f64>,
     /// Latency per class over the fast subscribers.
     pub latency_ms: PerClass<Latency>,
     /// p99 over every class, fast subscribers.
@@ -322,6 +327,13 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         subscribers,
         samples_sent: PerClass::from(sent),
         samples_per_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        offered_samples_per_s: sent.iter().sum::<u64>() as f64 / i.produced_s.max(1e-9),
+        engine_samples_per_s: match (i.scrapes.first(), i.scrapes.last()) {
+            (Some(a), Some(b)) if b.t_ms > a.t_ms => {
+                Some((b.device_samples - a.device_samples) / ((b.t_ms - a.t_ms) as f64 / 1000.0))
+            }
+            _ => None,
+        },
         latency_ms: PerClass::from(fast_lat.map(Latency::of)),
         fast_p99_ms: Latency::of(all_fast).p99,
         slow_latency_ms: has_slow.then(|| PerClass::from(slow_lat.map(Latency::of))),

@@ -32,6 +32,8 @@ pub struct Scrape {
     pub pending_batches: f64,
     /// Batches at the devices (queued or running), all devices.
     pub device_in_flight: f64,
+    /// Samples the devices completed so far, all devices.
+    pub device_samples: f64,
     /// Per device: (state 0 healthy / 1 slow / 2 failed, queued batches, batches completed).
     pub devices: BTreeMap<String, (f64, f64, f64)>,
 }
@@ -108,6 +110,7 @@ pub fn parse(text: &str, t_ms: u64) -> Scrape {
             "fusion_server_open_samples" => s.open_samples = v,
             "fusion_engine_pending_batches" => s.pending_batches = v,
             "fusion_device_in_flight" => s.device_in_flight += v,
+            "fusion_device_samples_total" => s.device_samples += v,
             "fusion_device_state" | "fusion_device_queue_depth" | "fusion_device_batches_total" => {
                 if let Some(d) = label(labels, "device") {
                     let e = s.devices.entry(d.to_string()).or_default();
