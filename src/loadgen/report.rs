@@ -57,8 +57,8 @@ pub struct Report {
     pub samples_per_s: f64,
     /// Samples sent per second, all producers.
     pub offered_samples_per_s: f64,
-    /// Samples the server's devices completed per second between the first and the last
-    /// scrape (from `fusion_device_samples_total`).
+    /// Samples the server's devices completed per second, from the first scrape to the one
+    /// that saw the final count (`fusion_device_samples_total`).
     pub engine_samples_per_s: Option<f64>,
     /// Latency per class over the fast subscribers.
     pub latency_ms: PerClass<Latency>,
@@ -328,12 +328,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         samples_sent: PerClass::from(sent),
         samples_per_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
         offered_samples_per_s: sent.iter().sum::<u64>() as f64 / i.produced_s.max(1e-9),
-        engine_samples_per_s: match (i.scrapes.first(), i.scrapes.last()) {
-            (Some(a), Some(b)) if b.t_ms > a.t_ms => {
-                Some((b.device_samples - a.device_samples) / ((b.t_ms - a.t_ms) as f64 / 1000.0))
-            }
-            _ => None,
-        },
+        engine_samples_per_s: engine_rate(&i.scrapes),
         latency_ms: PerClass::from(fast_lat.map(Latency::of)),
         fast_p99_ms: Latency::of(all_fast).p99,
         slow_latency_ms: has_slow.then(|| PerClass::from(slow_lat.map(Latency::of))),
@@ -380,6 +375,17 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
     };
     r.checks = checks(&r, i.plan);
     r
+}
+
+/// Device samples per second from the first scrape to the first one that saw the final count
+/// (so the idle drain at the end does not dilute it).
+fn engine_rate(scrapes: &[Scrape]) -> Option<f64> {
+    let (a, last) = (scrapes.first()?, scrapes.last()?);
+    let b = scrapes
+        .iter()
+        .find(|s| s.device_samples >= last.device_samples)?;
+    (b.t_ms > a.t_ms)
+        .then(|| (b.device_samples - a.device_samples) / ((b.t_ms - a.t_ms) as f64 / 1000.0))
 }
 
 /// The acceptance checks of issue 7 that apply to `r`.
