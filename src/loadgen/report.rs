@@ -45,7 +45,8 @@ pub struct DeviceReport {
 pub struct Report {
     /// Scenario (plan) name.
     pub scenario: String,
-    /// Seconds of production.
+    /// Seconds from the start of production until every producer had closed (the configured
+    /// duration, then 0.3 s for late errors, then the close).
     pub duration_s: f64,
     /// Producer connections.
     pub producers: usize,
@@ -55,7 +56,7 @@ pub struct Report {
     pub samples_sent: PerClass<u64>,
     /// Results per second per fast subscriber (results read / time to its last result).
     pub samples_per_s: f64,
-    /// Samples sent per second, all producers.
+    /// Samples sent per second, all producers (over `duration_s`).
     pub offered_samples_per_s: f64,
     /// Samples the server's devices completed per second, from the first scrape to the one
     /// that saw the final count (`fusion_device_samples_total`).
@@ -460,8 +461,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:.0} results/s per fast subscriber",
-            self.samples_per_s
+            "  {:.0} results/s per fast subscriber; offered {:.0} samples/s; devices {} samples/s",
+            self.samples_per_s,
+            self.offered_samples_per_s,
+            self.engine_samples_per_s
+                .map_or("-".into(), |x| format!("{x:.0}"))
         );
         for (name, l) in [
             ("critical", &self.latency_ms.critical),
