@@ -1,5 +1,5 @@
 //! Soak: the `flood` and `slow-consumer` scenarios together against one in-process server on
-//! loopback (bounded time: 8 s of production in release, 4 s in debug, plus draining). Nothing
+//! loopback (bounded time: 8 s of production in release, 2 s in debug, plus draining). Nothing
 //! may be lost that was not announced, no CRITICAL result may be lost without a close, and the
 //! process RSS (server and load generator together) stays under a fixed bound.
 
@@ -12,7 +12,7 @@ const MAX_RSS_MB: f64 = 1024.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_and_slow_consumers_lose_nothing_silently() {
-    let secs = if cfg!(debug_assertions) { 4 } else { 8 };
+    let secs = if cfg!(debug_assertions) { 2 } else { 8 };
     let mut plan = Scenario::Flood.plan(DEFAULT_RATE);
     plan.absorb(Scenario::SlowConsumer.plan(DEFAULT_RATE));
     let opts = Options {
