@@ -5,7 +5,7 @@
 //!
 //! - [`scenario`]: the scenarios and their [`Plan`]s; `producer`, `subscriber`, `conn`: the
 //!   connections; [`scrape`]: the `/metrics` timeline; [`stats`]: gap and latency arithmetic;
-//!   [`report`]: the [`Report`]; `plot`: the SVG.
+//!   [`report`]: the [`Report`]; `summary`: its acceptance checks and text; `plot`: the SVG.
 
 mod conn;
 mod plot;
@@ -15,6 +15,7 @@ pub mod scenario;
 pub mod scrape;
 pub mod stats;
 mod subscriber;
+mod summary;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
