@@ -14,6 +14,8 @@
 //!   retries and restarts (SPEC section 6).
 //! - [`server`]: the WebSocket streaming server (aligner, batcher, prioritised backpressured
 //!   fan-out); the protocol is docs/PROTOCOL.md. [`client`]: its Rust client.
+//! - [`loadgen`]: end-to-end load scenarios over loopback WebSocket with a report and a plot;
+//!   [`demo`]: a ten-second live view of the server under load.
 //! - [`reference`]: the float64 reference every backend is checked against.
 //! - [`io`]: offline-mode files (`fuse`): reading features, writing results atomically.
 //! - [`selftest`]: agreement of every available backend with the reference on random inputs.
@@ -23,9 +25,11 @@ pub mod backend;
 pub mod batch;
 pub mod bench;
 pub mod client;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod io;
+pub mod loadgen;
 pub mod model;
 pub mod reference;
 pub mod selftest;

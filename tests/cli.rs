@@ -1,6 +1,7 @@
 //! The `fusion-engine` binary end to end on temp files: `fuse` results against the float64
 //! reference on heads and inputs it has never seen, every input error (named tensor, row,
-//! expectation, no output written), and `devices`, `selftest`, `bench`.
+//! expectation, no output written), and `devices`, `selftest`, `bench`, and a short `loadgen`
+//! run (JSON report + SVG).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -373,4 +374,49 @@ fn devices_selftest_and_bench() {
     }
     assert_eq!(lines[3]["batch"], 8);
     assert_eq!(lines[3]["dtype"], "bf16");
+}
+
+#[test]
+fn loadgen_steady_reports_json_and_writes_the_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("steady.svg");
+    let o = run(&[
+        "loadgen",
+        "--scenario",
+        "steady",
+        "--duration",
+        "1",
+        "--rate",
+        "100",
+        "--json",
+        "--plot",
+        p(&svg),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(r["scenario"], "steady");
+    let sent = &r["samples_sent"];
+    // 10% CRITICAL, 30% IMPORTANT, 60% BULK of about 100 samples.
+    let total: u64 = ["critical", "important", "bulk"]
+        .iter()
+        .map(|c| sent[c].as_u64().unwrap())
+        .sum();
+    assert!((50..=110).contains(&total), "{sent}");
+    assert!(
+        r["latency_ms"]["critical"]["p50"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert_eq!(r["gaps_seen"], r["drops_announced"]);
+    assert_eq!(r["gaps_unannounced"], 0);
+    assert_eq!(r["critical_lost_without_close"], 0);
+    assert!(r["server_peak_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("p99 latency per class"));
+    let bad = run(&["loadgen", "--scenario", "nope"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown scenario"),
+        "{}",
+        stderr(&bad)
+    );
 }

@@ -1,4 +1,5 @@
-//! The `fusion-engine` command line: `fuse`, `bench`, `devices`, `selftest`.
+//! The `fusion-engine` command line: `serve`, `fuse`, `bench`, `devices`, `selftest`,
+//! `loadgen`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,6 +118,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// End-to-end load over WebSocket: a named scenario against a server (in-process when
+    /// --url is omitted); reports samples/s, latency per class, drops vs gaps, closes, peak RSS.
+    Loadgen {
+        /// steady, flood, slow-consumer, slow-device or reconnect.
+        #[arg(long, default_value = "steady")]
+        scenario: fusion_engine::loadgen::Scenario,
+        /// Server URL, e.g. ws://127.0.0.1:7878/ (default: start one in-process).
+        #[arg(long)]
+        url: Option<String>,
+        /// With --url: the server's metrics address (host:port) for RSS and queue depth.
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Seconds of production.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Target samples/s in all (every scenario but flood).
+        #[arg(long, default_value_t = fusion_engine::loadgen::DEFAULT_RATE)]
+        rate: f64,
+        /// Server RSS bound checked in the report, MiB.
+        #[arg(long, default_value_t = 1024.0)]
+        max_rss_mb: f64,
+        /// SVG plot path [default: loadgen-<scenario>.svg].
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// One JSON object on stdout instead of text (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ten seconds of the server under synthetic load, with a live view of streams, devices,
+    /// queues, drops and latency (periodic lines when stdout is not a terminal).
+    Demo {
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
     /// Check every available backend against the float64 reference on fresh random inputs.
     Selftest {
         /// auto (every available backend), cpu, wgpu or cuda.
@@ -187,6 +223,33 @@ fn main() -> ExitCode {
             bench(backend, &batch, iters, warmup, &dtype, model, threads, json)
         }
         Cmd::Devices { json } => devices(json),
+        Cmd::Loadgen {
+            scenario,
+            url,
+            metrics,
+            duration,
+            rate,
+            max_rss_mb,
+            plot,
+            json,
+        } => seconds(duration).and_then(|duration| {
+            let opts = fusion_engine::loadgen::Options {
+                url,
+                metrics,
+                duration,
+                max_rss_mb,
+                progress: !json,
+                plot: Some(plot.unwrap_or_else(|| format!("loadgen-{scenario}.svg").into())),
+                ..Default::default()
+            };
+            loadgen(scenario, opts, rate, json)
+        }),
+        Cmd::Demo { duration } => seconds(duration).and_then(|d| {
+            runtime()?
+                .block_on(fusion_engine::demo::run(d))
+                .map_err(|e| Error::Config(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }),
         Cmd::Serve {
             config,
             model,
@@ -484,6 +547,50 @@ fn compile_check(choice: BackendChoice, include: Option<PathBuf>) -> Result<Exit
             reason: "not compiled in (build with the `cuda` cargo feature)".into(),
         })
     }
+}
+
+fn seconds(s: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| Error::Config(format!("a positive number of seconds, got {s}")))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))
+}
+
+fn loadgen(
+    scenario: fusion_engine::loadgen::Scenario,
+    opts: fusion_engine::loadgen::Options,
+    rate: f64,
+    json: bool,
+) -> Result<ExitCode> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::Config(format!(
+            "--rate must be positive, got {rate}"
+        )));
+    }
+    let plan = scenario.plan(rate);
+    let r = runtime()?
+        .block_on(fusion_engine::loadgen::run_plan(plan, &opts))
+        .map_err(|e| Error::Config(format!("loadgen: {e}")))?;
+    if json {
+        print_json(&r)?;
+    } else {
+        print!("{}", r.text());
+        if let Some(p) = &opts.plot {
+            println!("plot: {}", p.display());
+        }
+    }
+    Ok(if r.checks.values().all(|ok| *ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints one value as a JSON line on stdout.

@@ -63,6 +63,7 @@ async fn one(
         "/metrics" => {
             let body = match &prometheus {
                 Some(p) => {
+                    super::metrics::record_process_memory();
                     p.run_upkeep();
                     p.render()
                 }

@@ -27,6 +27,8 @@
 //! | `fusion_server_batch_size` | histogram | samples per batch |
 //! | `fusion_server_ingest_backpressure` | gauge | 1 while producer flow control is on (`pressure.rs`) |
 //! | `fusion_server_ingest_backpressure_notices_total` | counter | `ingest_backpressure` notices sent |
+//! | `fusion_process_resident_bytes` | gauge | process RSS (VmRSS), set at each `/metrics` scrape |
+//! | `fusion_process_peak_resident_bytes` | gauge | process peak RSS (VmHWM), same |
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
@@ -93,5 +95,35 @@ impl ServerMetrics {
     /// Counts an error message.
     pub fn error(&self, code: Code) {
         counter!("fusion_server_errors_total", "code" => code.as_str()).increment(1);
+    }
+}
+
+/// The process's resident set size and its peak (VmRSS and VmHWM of `/proc/self/status`), in
+/// bytes; `None` where that file does not exist (not Linux).
+pub fn process_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    Some((kib("VmRSS:")? * 1024, kib("VmHWM:")? * 1024))
+}
+
+/// Sets the process memory gauges (called before each `/metrics` render).
+pub(crate) fn record_process_memory() {
+    if let Some((rss, peak)) = process_memory() {
+        gauge!("fusion_process_resident_bytes").set(rss as f64);
+        gauge!("fusion_process_peak_resident_bytes").set(peak as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn process_memory_reads_proc() {
+        let (rss, peak) = super::process_memory().unwrap();
+        assert!(rss > 1 << 20, "rss {rss}");
+        assert!(peak >= rss, "peak {peak} < rss {rss}");
     }
 }

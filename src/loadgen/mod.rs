@@ -1,0 +1,314 @@
+//! End-to-end load generator over loopback WebSocket (`fusion-engine loadgen`, SPEC section 9):
+//! named [`Scenario`]s of producers and subscribers against a server (in-process, or one at
+//! `--url`), reporting samples/s, produce-to-result latency per class, announced drops against
+//! the gaps actually seen, closes, and the server's peak RSS scraped from its `/metrics`.
+//!
+//! - [`scenario`]: the scenarios and their [`Plan`]s; `producer`, `subscriber`, `conn`: the
+//!   connections; [`scrape`]: the `/metrics` timeline; [`stats`]: gap and latency arithmetic;
+//!   [`report`]: the [`Report`]; `summary`: its acceptance checks and text; `plot`: the SVG.
+
+mod conn;
+mod plot;
+mod producer;
+pub mod report;
+pub mod scenario;
+pub mod scrape;
+pub mod stats;
+mod subscriber;
+mod summary;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub use report::Report;
+pub use scenario::{Plan, Scenario};
+
+use crate::client::Client;
+use crate::engine::DeviceSpec;
+use crate::model::FusionHead;
+use crate::server::{start_with_head, Server, ServerConfig};
+
+/// Load generator failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    /// Bad options.
+    #[error("config: {0}")]
+    Config(String),
+    /// A connection could not be opened or broke while setting up.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The WebSocket failed.
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The in-process server failed to start.
+    #[error("server: {0}")]
+    Server(#[from] crate::error::Error),
+    /// `/metrics` could not be read.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// The plot could not be written.
+    #[error("plot: {0}")]
+    Plot(String),
+    /// A task did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Server URL; `None` = start one in-process on 127.0.0.1:0 with the plan's devices.
+    pub url: Option<String>,
+    /// `host:port` of the server's `/metrics` (in-process: its own).
+    pub metrics: Option<String>,
+    /// How long producers produce.
+    pub duration: Duration,
+    /// Server RSS bound checked by the report, MiB.
+    pub max_rss_mb: f64,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+    /// Write the SVG plot here.
+    pub plot: Option<std::path::PathBuf>,
+    /// Scrape interval.
+    pub scrape_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            url: None,
+            metrics: None,
+            duration: Duration::from_secs(10),
+            max_rss_mb: 1024.0,
+            progress: false,
+            plot: None,
+            scrape_every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Default target rate, samples/s in all.
+pub const DEFAULT_RATE: f64 = 2000.0;
+
+/// The process-wide Prometheus recorder (installed once; `None` when another recorder was
+/// installed first).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static H: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    H.get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Starts a server in-process on 127.0.0.1:0 (metrics too) with the embedded head on `devices`;
+/// returns it with its WebSocket URL and metrics address.
+pub async fn start_server(devices: &str) -> Result<(Server, String, Option<String>), LoadgenError> {
+    let mut cfg = ServerConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        metrics: Some(([127, 0, 0, 1], 0).into()),
+        ..ServerConfig::default()
+    };
+    cfg.engine.devices = DeviceSpec::parse_list(devices)?;
+    let s = start_with_head(cfg, Arc::new(FusionHead::embedded()), prometheus()).await?;
+    let m = s.metrics_addr().map(|a| a.to_string());
+    let u = format!("ws://{}/", s.local_addr());
+    Ok((s, u, m))
+}
+
+/// Runs `plan` and reports.
+pub async fn run_plan(plan: Plan, o: &Options) -> Result<Report, LoadgenError> {
+    let mut server = None;
+    let (url, metrics) = match &o.url {
+        Some(u) => (u.clone(), o.metrics.clone()),
+        None => {
+            let (s, u, m) = start_server(&plan.devices).await?;
+            server = Some(s);
+            (u, m)
+        }
+    };
+    let r = drive(&plan, o, &url, metrics, None).await;
+    if let Some(s) = server {
+        s.shutdown().await;
+    }
+    let r = r?;
+    if let Some(p) = &o.plot {
+        plot::write(&r, p)?;
+    }
+    Ok(r)
+}
+
+/// Synthetic features for every modality the server's head has.
+/// Also returns the server's `send_timeout` in seconds.
+async fn payloads(url: &str) -> Result<(Arc<Vec<(String, Vec<u8>)>>, Option<f64>), LoadgenError> {
+    let c = Client::connect(url, None)
+        .await
+        .map_err(|e| LoadgenError::Connect(e.to_string()))?;
+    let mods = c
+        .welcome()
+        .modalities
+        .iter()
+        .enumerate()
+        .map(|(m, (name, width))| {
+            let x: Vec<f32> = (0..*width)
+                .map(|i| ((i * 7 + m * 13) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            (name.clone(), bytemuck::cast_slice(&x).to_vec())
+        })
+        .collect();
+    let send_timeout = c.welcome().raw["limits"]["send_timeout_ms"]
+        .as_f64()
+        .map(|ms| ms / 1000.0);
+    c.close().await;
+    Ok((Arc::new(mods), send_timeout))
+}
+
+/// Runs `plan` against the server at `url` (`metrics`: its `/metrics` address); the first
+/// subscriber feeds `live` when given.
+pub async fn drive(
+    plan: &Plan,
+    o: &Options,
+    url: &str,
+    metrics: Option<String>,
+    live: Option<stats::SharedLive>,
+) -> Result<Report, LoadgenError> {
+    let (mods, send_timeout_s) = payloads(url).await?;
+    let streams = plan.streams();
+    let t0 = stats::now_us();
+    let (probe_tx, probe_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (latest_tx, latest) = watch::channel(None);
+    let has_metrics = metrics.is_some();
+    let scraper = metrics.map(|m| {
+        tokio::spawn(scrape::run(
+            m,
+            o.scrape_every,
+            t0,
+            probe_tx,
+            latest_tx,
+            stop_rx.clone(),
+        ))
+    });
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (ready_tx, mut ready_rx) = mpsc::channel(plan.subscribers.len().max(1));
+    let mut subs = Vec::new();
+    for (id, role) in plan.subscribers.iter().enumerate() {
+        subs.push(tokio::spawn(subscriber::run(subscriber::SubscriberCfg {
+            id,
+            role: *role,
+            url: url.to_string(),
+            streams: streams.clone(),
+            t0_us: t0,
+            ready: ready_tx.clone(),
+            drain: drain_rx.clone(),
+            probe: probe_rx.clone(),
+            live: if id == 0 { live.clone() } else { None },
+        })));
+    }
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < subs.len() {
+        match tokio::time::timeout(Duration::from_secs(15), ready_rx.recv()).await {
+            Ok(Some(())) => ready += 1,
+            _ => {
+                return Err(LoadgenError::Timeout(
+                    "subscribers did not subscribe".into(),
+                ))
+            }
+        }
+    }
+    let start = Instant::now();
+    let until = start + o.duration;
+    let mut prods = Vec::new();
+    for (p, rate) in plan.producers.iter().enumerate() {
+        prods.push(tokio::spawn(producer::run(producer::ProducerCfg {
+            url: url.to_string(),
+            stream: streams[p].clone(),
+            rate: *rate,
+            until,
+            mods: Arc::clone(&mods),
+        })));
+    }
+    let bar = progress_bar(o, &plan.name);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(b) = &bar {
+            b.set_position(start.elapsed().as_millis() as u64);
+        }
+    }
+    if let Some(b) = &bar {
+        b.set_message("draining");
+    }
+    let mut producers = Vec::new();
+    for (p, h) in prods.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(60), h).await {
+            Ok(Ok(Ok(mut r))) => {
+                r.stream = streams[p].clone();
+                producers.push(r);
+            }
+            Ok(Ok(Err(e))) => return Err(e),
+            _ => return Err(LoadgenError::Timeout(format!("producer {p}"))),
+        }
+    }
+    let produced_s = start.elapsed().as_secs_f64();
+    // Wait until the server's pipeline is empty (aligner, engine, devices: three scrapes in a
+    // row, 120 s at most), so every accepted sample has its result queued; without metrics,
+    // a fixed 300 ms. Then every subscriber reads what is left.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if has_metrics {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut calm = 0;
+        while calm < 3 && Instant::now() < deadline {
+            tokio::time::sleep(o.scrape_every).await;
+            let idle = latest
+                .borrow()
+                .as_ref()
+                .is_some_and(scrape::Scrape::pipeline_idle);
+            calm = if idle { calm + 1 } else { 0 };
+        }
+    }
+    let _ = drain_tx.send(true);
+    let mut records = Vec::new();
+    for (i, h) in subs.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(90), h).await {
+            Ok(Ok(Ok(r))) => records.push(r),
+            Ok(Ok(Err(e))) => return Err(e),
+            _ => return Err(LoadgenError::Timeout(format!("subscriber {i}"))),
+        }
+    }
+    let _ = stop_tx.send(true);
+    let (scrapes, scrape_failures) = match scraper {
+        Some(h) => h.await.unwrap_or_default(),
+        None => (Vec::new(), 0),
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(report::build(report::Inputs {
+        plan,
+        options: o,
+        produced_s,
+        producers,
+        records,
+        scrapes,
+        scrape_failures,
+        send_timeout_s,
+    }))
+}
+
+fn progress_bar(o: &Options, name: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !o.progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(o.duration.as_millis() as u64);
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {elapsed}/{duration} {msg}")
+            .map(|s| s.progress_chars("=> "));
+    if let Ok(s) = style {
+        b.set_style(s);
+    }
+    b.set_prefix(format!("loadgen {name}"));
+    Some(b)
+}

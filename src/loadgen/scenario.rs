@@ -1,0 +1,154 @@
+//! The named scenarios: who produces at what rate, who subscribes how, and on which devices an
+//! in-process server runs them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::stats::Role;
+
+/// A named load scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Producers at the target rate, fast subscribers.
+    Steady,
+    /// Producers as fast as the server reads them: they outrun the devices.
+    Flood,
+    /// `steady` plus two subscribers reading 10 messages/s and one that stops reading.
+    SlowConsumer,
+    /// `steady` on two CPU devices, one with 50 ms of injected latency per batch.
+    SlowDevice,
+    /// `steady` plus subscribers that disconnect and come back.
+    Reconnect,
+}
+
+impl Scenario {
+    /// Every scenario, in documentation order.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Steady,
+        Scenario::Flood,
+        Scenario::SlowConsumer,
+        Scenario::SlowDevice,
+        Scenario::Reconnect,
+    ];
+
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Steady => "steady",
+            Scenario::Flood => "flood",
+            Scenario::SlowConsumer => "slow-consumer",
+            Scenario::SlowDevice => "slow-device",
+            Scenario::Reconnect => "reconnect",
+        }
+    }
+
+    /// The plan at `rate` samples/s in all (ignored by `flood`).
+    pub fn plan(self, rate: f64) -> Plan {
+        let half = Some(rate / 2.0);
+        let mut p = Plan {
+            name: self.name().to_string(),
+            producers: vec![half, half],
+            subscribers: vec![Role::Fast, Role::Fast],
+            devices: "cpu".into(),
+        };
+        match self {
+            Scenario::Steady => {}
+            Scenario::Flood => {
+                p.producers = vec![None; 4];
+                p.subscribers = vec![Role::Fast];
+            }
+            Scenario::SlowConsumer => p.subscribers.extend([
+                Role::Slow { per_s: 10.0 },
+                Role::Slow { per_s: 10.0 },
+                Role::Stalled { after_s: 2.0 },
+            ]),
+            Scenario::SlowDevice => {
+                p.devices = "cpu:threads=1,cpu:threads=1:delay=50ms".into();
+            }
+            Scenario::Reconnect => p.subscribers.extend([
+                Role::Reconnect {
+                    every_s: 3.0,
+                    away_s: 1.0,
+                },
+                Role::Reconnect {
+                    every_s: 2.0,
+                    away_s: 0.5,
+                },
+            ]),
+        }
+        p
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scenario, String> {
+        Scenario::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|x| x.name()).collect();
+                format!("unknown scenario {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// Who does what in one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Name in the report.
+    pub name: String,
+    /// One entry per producer connection: its rate in samples/s, `None` = flood. Producer `p`
+    /// produces into stream `lg-<p>`.
+    pub producers: Vec<Option<f64>>,
+    /// One entry per subscriber connection (each subscribes to every producer's stream).
+    pub subscribers: Vec<Role>,
+    /// Devices of an in-process server (`cpu`, `cpu,cpu:delay=50ms`, ...).
+    pub devices: String,
+}
+
+impl Plan {
+    /// Runs `other`'s producers and subscribers beside these (devices stay these).
+    pub fn absorb(&mut self, other: Plan) {
+        self.name = format!("{}+{}", self.name, other.name);
+        self.producers.extend(other.producers);
+        self.subscribers.extend(other.subscribers);
+    }
+
+    /// Stream names, one per producer.
+    pub fn streams(&self) -> Vec<String> {
+        (0..self.producers.len())
+            .map(|p| format!("lg-{p}"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_roundtrip_and_plans_differ() {
+        for s in Scenario::ALL {
+            assert_eq!(s.name().parse::<Scenario>(), Ok(s));
+        }
+        assert!("nope".parse::<Scenario>().is_err());
+        let mut p = Scenario::Flood.plan(1000.0);
+        assert_eq!(p.producers, vec![None; 4]);
+        p.absorb(Scenario::SlowConsumer.plan(1000.0));
+        assert_eq!(p.producers.len(), 6);
+        assert_eq!(p.subscribers.len(), 6);
+        assert_eq!(p.streams()[5], "lg-5");
+        assert_eq!(
+            Scenario::Steady.plan(1000.0).producers,
+            vec![Some(500.0); 2]
+        );
+    }
+}
