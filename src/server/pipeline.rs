@@ -152,8 +152,7 @@ fn offer(
     let name = |i: usize| shared.head.modalities.get(i).map(|m| m.name.as_str());
     let producer = Arc::clone(&ing.producer);
     let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
-    shared.pressure.observe(open.max(engine_fill));
-    shared.pressure.producing(&producer);
+    shared.pressure.producing(open.max(engine_fill), &producer);
     let ack = ing.ack.then(|| {
         (
             ing.producer.clone(),

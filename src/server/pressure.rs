@@ -55,7 +55,20 @@ impl IngestPressure {
 
     /// Records the current fill (0..=1); switching off tells every producer that was told on.
     pub fn observe(&self, fill: f64) {
+        self.update(&mut self.inner.lock(), fill);
+    }
+
+    /// A producer produced at `fill`: records it and, while backpressure is on, tells this
+    /// producer `on` if it has not been told yet (one lock per produce message).
+    pub fn producing(&self, fill: f64, producer: &Arc<Outbound>) {
         let mut g = self.inner.lock();
+        self.update(&mut g, fill);
+        if g.on {
+            self.tell(&mut g, producer);
+        }
+    }
+
+    fn update(&self, g: &mut Inner, fill: f64) {
         g.fill = fill;
         if !g.on && fill > ON {
             g.on = true;
@@ -71,14 +84,6 @@ impl IngestPressure {
                     o.push_control(notice("off", fill));
                 }
             }
-        }
-    }
-
-    /// A producer produced: tell it `on` if backpressure is on and it has not been told yet.
-    pub fn producing(&self, producer: &Arc<Outbound>) {
-        let mut g = self.inner.lock();
-        if g.on {
-            self.tell(&mut g, producer);
         }
     }
 
