@@ -169,7 +169,10 @@ fn slow_device_is_avoided_marked_slow_and_recovers() {
 fn failing_device_loses_nothing_and_duplicates_nothing() {
     within(120, || {
         let head = small_head();
-        let mut cfg = config("cpu:threads=1,cpu:threads=1:fail=0.3");
+        // Device 0 is given 1 ms per batch so that the failing device gets most of the traffic
+        // even when it opened late on a busy machine (it once got 2 of 200 batches, neither
+        // failed, and the test saw nothing to retry).
+        let mut cfg = config("cpu:threads=1:delay=1ms,cpu:threads=1:fail=0.3");
         // This test is about failures: keep timing noise on a busy machine from marking the
         // failing device SLOW (which would leave it only probes).
         cfg.slow_ratio = 1e6;

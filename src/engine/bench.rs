@@ -188,6 +188,7 @@ pub fn run_engine_bench(
             e.0 += 1;
             e.1 += (r.outputs.fused.len() / head.dim) as u64;
             e.2.push(r.device_time.as_secs_f64() * 1e3);
+            engine.recycle(r.outputs);
         }
         Err(e) => {
             failed += opts.batch as u64;

@@ -26,7 +26,7 @@ use super::health::{DeviceState, Health};
 use super::job::{BatchResult, Job, JobInner, Priority, Ticket};
 use super::metrics::{DeviceMetrics, EngineMetrics};
 use super::router::{self, Candidate, SCAN_LIMIT};
-use crate::batch::Batch;
+use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
@@ -142,7 +142,13 @@ pub(crate) struct Core {
     pub duplicates: AtomicU64,
     pub late: AtomicU64,
     pub overloaded: AtomicU64,
+    /// Output buffers handed back by callers ([`super::Engine::recycle`]), reused by workers so
+    /// that a batch does not allocate and zero fresh outputs.
+    pub spare: (Sender<Outputs>, Receiver<Outputs>),
 }
+
+/// Spare output buffers kept for reuse (per engine).
+const SPARE_OUTPUTS: usize = 16;
 
 impl Core {
     pub fn new(cfg: EngineConfig, head: Arc<FusionHead>, devices: Vec<Device>) -> Core {
@@ -186,6 +192,7 @@ impl Core {
             duplicates: AtomicU64::new(0),
             late: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
+            spare: crossbeam_channel::bounded(SPARE_OUTPUTS),
             cfg,
             head,
             devices,
@@ -428,4 +435,26 @@ pub(crate) fn scan_order(
     let room = SCAN_LIMIT - old.len();
     old.extend(rest.take(room));
     old
+}
+
+impl Core {
+    /// Output buffers for a batch of `rows`: a recycled pair when one is spare (resized; every
+    /// element is overwritten by the backend's `run`, which writes the whole `[rows, D]` and
+    /// `[rows, M]`), fresh zeroed ones otherwise.
+    pub fn outputs_for(&self, rows: usize) -> Outputs {
+        let (d, m) = (self.head.dim, self.head.num_modalities());
+        match self.spare.1.try_recv() {
+            Ok(mut o) => {
+                o.fused.resize(rows * d, 0.0);
+                o.weights.resize(rows * m, 0.0);
+                o
+            }
+            Err(_) => Outputs::zeros(&self.head, rows),
+        }
+    }
+
+    /// Keeps `o` for a later batch (dropped when enough are spare already).
+    pub fn recycle(&self, o: Outputs) {
+        let _ = self.spare.0.try_send(o);
+    }
 }

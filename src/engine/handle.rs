@@ -13,7 +13,7 @@ use super::health::DeviceState;
 use super::job::{Priority, Ticket};
 use super::metrics::DeviceMetrics;
 use crate::backend::{self, BackendKind};
-use crate::batch::Batch;
+use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
@@ -169,6 +169,12 @@ impl Engine {
     /// batch is done).
     pub fn submit_shared(&self, batch: Arc<Batch>, priority: Priority) -> Result<Ticket> {
         self.core.submit(batch, priority)
+    }
+
+    /// Hands a delivered batch's outputs back for reuse once the caller is done with them, so
+    /// that the next batch's outputs need no fresh allocation (optional: dropping them is fine).
+    pub fn recycle(&self, outputs: Outputs) {
+        self.core.recycle(outputs);
     }
 
     /// How full the engine is: admitted, undelivered batches over `max_pending` (0..=1; 1 means

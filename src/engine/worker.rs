@@ -17,7 +17,7 @@ use super::core::{Core, Work};
 use super::fault::Injected;
 use super::lifecycle::RunResult;
 use crate::backend::{self, AnyBackend, Backend, OpenOptions};
-use crate::batch::{Batch, Outputs};
+use crate::batch::Batch;
 use crate::error::Error;
 
 /// The worker thread's body.
@@ -84,7 +84,7 @@ fn run_one(be: &mut AnyBackend, core: &Core, d: usize, batch: &Batch) -> RunResu
             }
         }
     }
-    let mut out = Outputs::zeros(&core.head, batch.rows);
+    let mut out = core.outputs_for(batch.rows);
     match catch_unwind(AssertUnwindSafe(|| be.run(&batch.view(), out.as_mut()))) {
         Ok(Ok(())) => Ok(out),
         Ok(Err(e)) => Err(("device", e)),

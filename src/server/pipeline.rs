@@ -337,17 +337,26 @@ fn submit(shared: &Arc<Shared>, samples: Vec<Sample>, inflight: &mut JoinSet<()>
             dt.unwrap_or(DType::F32)
         };
         let row_bytes = md.width * dtype.size();
-        let mut bytes = vec![0u8; rows * row_bytes];
-        for (r, s) in samples.iter().enumerate() {
-            let Some(p) = &s.parts[i] else { continue };
-            let dst = &mut bytes[r * row_bytes..(r + 1) * row_bytes];
-            if p.dtype == dtype {
-                dst.copy_from_slice(&p.payload);
-            } else {
-                let mut tmp = vec![0f32; md.width];
-                bytes_to_f32(p.dtype, &p.payload, &mut tmp);
-                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+        // Appended row by row (no zero-fill of the whole matrix first): absent rows are zeros,
+        // a row in another dtype is widened to f32. Payload lengths were checked at ingest; a
+        // row of any other length would be zeros, never a shifted matrix.
+        let mut bytes = Vec::with_capacity(rows * row_bytes);
+        let mut tmp = Vec::new();
+        for s in &samples {
+            let end = bytes.len() + row_bytes;
+            match &s.parts[i] {
+                Some(p) if p.dtype == dtype && p.payload.len() == row_bytes => {
+                    bytes.extend_from_slice(&p.payload);
+                }
+                Some(p) if p.dtype != dtype && p.payload.len() == md.width * p.dtype.size() => {
+                    tmp.clear();
+                    tmp.resize(md.width, 0f32);
+                    bytes_to_f32(p.dtype, &p.payload, &mut tmp);
+                    bytes.extend_from_slice(bytemuck::cast_slice(&tmp));
+                }
+                _ => {}
             }
+            bytes.resize(end, 0);
         }
         inputs.push(HostMat {
             dtype,
@@ -416,4 +425,6 @@ fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
         // Stream seq, replay buffer, then every subscriber (replay.rs).
         shared.replay.deliver(&shared.registry, &meta.stream, &view);
     }
+    // Every result was encoded into its own message: the buffers go back to the engine.
+    shared.engine.recycle(res.outputs);
 }
