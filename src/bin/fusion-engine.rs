@@ -139,6 +139,12 @@ enum Cmd {
         /// Server RSS bound checked in the report, MiB.
         #[arg(long, default_value_t = 1024.0)]
         max_rss_mb: f64,
+        /// Fast subscribers (each subscribes to every stream) [default: the scenario's].
+        #[arg(long)]
+        subscribers: Option<usize>,
+        /// Producers' payload dtype on the wire (f32, f16, bf16).
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
         /// SVG plot path [default: loadgen-<scenario>.svg].
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -230,6 +236,8 @@ fn main() -> ExitCode {
             duration,
             rate,
             max_rss_mb,
+            subscribers,
+            dtype,
             plot,
             json,
         } => seconds(duration).and_then(|duration| {
@@ -240,9 +248,10 @@ fn main() -> ExitCode {
                 max_rss_mb,
                 progress: !json,
                 plot: Some(plot.unwrap_or_else(|| format!("loadgen-{scenario}.svg").into())),
+                dtype,
                 ..Default::default()
             };
-            loadgen(scenario, opts, rate, json)
+            loadgen(scenario, opts, rate, subscribers, json)
         }),
         Cmd::Demo { duration } => seconds(duration).and_then(|d| {
             runtime()?
@@ -567,6 +576,7 @@ fn loadgen(
     scenario: fusion_engine::loadgen::Scenario,
     opts: fusion_engine::loadgen::Options,
     rate: f64,
+    subscribers: Option<usize>,
     json: bool,
 ) -> Result<ExitCode> {
     if !(rate.is_finite() && rate > 0.0) {
@@ -574,7 +584,13 @@ fn loadgen(
             "--rate must be positive, got {rate}"
         )));
     }
-    let plan = scenario.plan(rate);
+    let mut plan = scenario.plan(rate);
+    if let Some(n) = subscribers {
+        if n == 0 {
+            return Err(Error::Config("--subscribers must be at least 1".into()));
+        }
+        plan.set_fast_subscribers(n);
+    }
     let r = runtime()?
         .block_on(fusion_engine::loadgen::run_plan(plan, &opts))
         .map_err(|e| Error::Config(format!("loadgen: {e}")))?;

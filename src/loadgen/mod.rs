@@ -31,6 +31,7 @@ use crate::client::Client;
 use crate::engine::DeviceSpec;
 use crate::model::FusionHead;
 use crate::server::{start_with_head, Server, ServerConfig};
+use crate::tensor::DType;
 
 /// Load generator failures.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,8 @@ pub struct Options {
     pub plot: Option<std::path::PathBuf>,
     /// Scrape interval.
     pub scrape_every: Duration,
+    /// Wire dtype of the producers' payloads.
+    pub dtype: DType,
 }
 
 impl Default for Options {
@@ -87,6 +90,7 @@ impl Default for Options {
             progress: false,
             plot: None,
             scrape_every: Duration::from_millis(100),
+            dtype: DType::F32,
         }
     }
 }
@@ -139,9 +143,12 @@ pub async fn run_plan(plan: Plan, o: &Options) -> Result<Report, LoadgenError> {
     Ok(r)
 }
 
-/// Synthetic features for every modality the server's head has.
+/// Synthetic features for every modality the server's head has, little-endian `dtype`.
 /// Also returns the server's `send_timeout` in seconds.
-async fn payloads(url: &str) -> Result<(Arc<Vec<(String, Vec<u8>)>>, Option<f64>), LoadgenError> {
+async fn payloads(
+    url: &str,
+    dtype: DType,
+) -> Result<(Arc<Vec<(String, Vec<u8>)>>, Option<f64>), LoadgenError> {
     let c = Client::connect(url, None)
         .await
         .map_err(|e| LoadgenError::Connect(e.to_string()))?;
@@ -154,7 +161,18 @@ async fn payloads(url: &str) -> Result<(Arc<Vec<(String, Vec<u8>)>>, Option<f64>
             let x: Vec<f32> = (0..*width)
                 .map(|i| ((i * 7 + m * 13) % 101) as f32 / 50.0 - 1.0)
                 .collect();
-            (name.clone(), bytemuck::cast_slice(&x).to_vec())
+            let bytes = match dtype {
+                DType::F32 => bytemuck::cast_slice(&x).to_vec(),
+                DType::F16 => x
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                DType::BF16 => x
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+            (name.clone(), bytes)
         })
         .collect();
     let send_timeout = c.welcome().raw["limits"]["send_timeout_ms"]
@@ -173,7 +191,7 @@ pub async fn drive(
     metrics: Option<String>,
     live: Option<stats::SharedLive>,
 ) -> Result<Report, LoadgenError> {
-    let (mods, send_timeout_s) = payloads(url).await?;
+    let (mods, send_timeout_s) = payloads(url, o.dtype).await?;
     let streams = plan.streams();
     let t0 = stats::now_us();
     let (probe_tx, probe_rx) = watch::channel(0u64);
@@ -227,6 +245,7 @@ pub async fn drive(
             stream: streams[p].clone(),
             rate: *rate,
             until,
+            dtype: o.dtype,
             mods: Arc::clone(&mods),
         })));
     }

@@ -1,4 +1,4 @@
-//! A producer connection: sends every modality of its samples (binary F32, `last` on the final
+//! A producer connection: sends every modality of its samples (binary F32, F16 or BF16, `last` on the final
 //! one) into its own stream, at a target rate or as fast as the server reads (flood), with a
 //! fixed class mix; reads its socket for errors and `shed` notices.
 
@@ -26,7 +26,9 @@ pub(crate) struct ProducerCfg {
     pub rate: Option<f64>,
     /// Stop producing at this instant.
     pub until: Instant,
-    /// (modality name, little-endian F32 payload), head order.
+    /// Payload dtype.
+    pub dtype: DType,
+    /// (modality name, little-endian `dtype` payload), head order.
     pub mods: Arc<Vec<(String, Vec<u8>)>>,
 }
 
@@ -89,7 +91,7 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
                 &cfg.stream,
                 &key,
                 name,
-                DType::F32,
+                cfg.dtype,
                 PRIORITIES[class],
                 flags,
                 0,

@@ -122,6 +122,13 @@ impl Plan {
         self.subscribers.extend(other.subscribers);
     }
 
+    /// Replaces the fast subscribers with `n` of them (the others stay).
+    pub fn set_fast_subscribers(&mut self, n: usize) {
+        self.subscribers.retain(|r| *r != Role::Fast);
+        self.subscribers
+            .splice(0..0, std::iter::repeat_n(Role::Fast, n));
+    }
+
     /// Stream names, one per producer.
     pub fn streams(&self) -> Vec<String> {
         (0..self.producers.len())
@@ -146,6 +153,11 @@ mod tests {
         assert_eq!(p.producers.len(), 6);
         assert_eq!(p.subscribers.len(), 6);
         assert_eq!(p.streams()[5], "lg-5");
+        let mut s = Scenario::SlowConsumer.plan(1000.0);
+        s.set_fast_subscribers(1);
+        assert_eq!(s.subscribers.len(), 4);
+        assert_eq!(s.subscribers[0], Role::Fast);
+        assert_eq!(s.subscribers.iter().filter(|r| **r == Role::Fast).count(), 1);
         assert_eq!(
             Scenario::Steady.plan(1000.0).producers,
             vec![Some(500.0); 2]
