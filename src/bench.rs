@@ -40,6 +40,10 @@ pub struct BenchResult {
     pub proj_gflops: Option<f64>,
     /// Whole head time / projections-alone time.
     pub head_over_proj: Option<f64>,
+    /// Percent of the machine's CPU time stolen by the hypervisor during the timed loop
+    /// (`/proc/stat`; absent elsewhere): a disturbed run, not a slow backend, when high.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_steal_pct: Option<f64>,
 }
 
 /// Median of a sample (sorts in place).
@@ -78,6 +82,7 @@ pub fn bench_backend(
         has_proj = backend.run_projections_only(&view)?;
     }
     let iters = iters.max(1);
+    let steal = crate::steal::StealMeter::start();
     let mut head_ms = Vec::with_capacity(iters);
     let mut proj_ms = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -90,6 +95,7 @@ pub fn bench_backend(
             proj_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let host_steal_pct = steal.percent();
     let mean_ms = head_ms.iter().sum::<f64>() / head_ms.len() as f64;
     let ms = median(&mut head_ms);
     let flops = head.proj_flops(rows);
@@ -107,5 +113,6 @@ pub fn bench_backend(
         proj_ms_per_batch: proj,
         proj_gflops: proj.map(|p| flops / (p / 1e3) / 1e9),
         head_over_proj: proj.map(|p| ms / p),
+        host_steal_pct,
     })
 }

@@ -34,6 +34,7 @@ pub mod model;
 pub mod reference;
 pub mod selftest;
 pub mod server;
+pub mod steal;
 pub mod tensor;
 
 pub use backend::{AnyBackend, Backend, BackendChoice, BackendKind, DeviceInfo};

@@ -375,8 +375,9 @@ fn bench(
                     (Some(p), Some(x)) => format!("  proj-only {p:.3} ms (head/proj {x:.2}x)"),
                     _ => String::new(),
                 };
+                let steal = steal_note(r.host_steal_pct);
                 println!(
-                    "{:5} {:>6} {:4}  {:9.3} ms/batch  {:12.0} samples/s  {:7.1} GFLOP/s{proj}  [{}]",
+                    "{:5} {:>6} {:4}  {:9.3} ms/batch  {:12.0} samples/s  {:7.1} GFLOP/s{proj}  [{}]{steal}",
                     r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.gflops, r.device
                 );
             }
@@ -424,9 +425,9 @@ fn engine_bench(
         print_json(&r)?;
     } else {
         println!(
-            "engine [{}] batch {}: submitted {} delivered {} failed {} duplicates {}  {:.3} s  {:.0} samples/s  e2e p50 {:.2} ms p99 {:.2} ms",
+            "engine [{}] batch {}: submitted {} delivered {} failed {} duplicates {}  {:.3} s  {:.0} samples/s  e2e p50 {:.2} ms p99 {:.2} ms{}",
             r.devices_spec, r.batch, r.submitted, r.delivered, r.failed_permanently, r.duplicates,
-            r.wall_s, r.samples_per_s, r.e2e_p50_ms, r.e2e_p99_ms
+            r.wall_s, r.samples_per_s, r.e2e_p50_ms, r.e2e_p99_ms, steal_note(r.host_steal_pct)
         );
         for d in &r.devices {
             println!(
@@ -607,6 +608,14 @@ fn loadgen(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `  (host steal 12.3%)` when the hypervisor took a visible share of the CPU.
+fn steal_note(pct: Option<f64>) -> String {
+    match pct {
+        Some(p) if p >= 0.5 => format!("  (host steal {p:.1}%)"),
+        _ => String::new(),
+    }
 }
 
 /// Prints one value as a JSON line on stdout.

@@ -115,6 +115,10 @@ pub struct EngineBenchReport {
     pub e2e_p99_ms: f64,
     /// Highest count of admitted, undelivered batches.
     pub max_admitted: usize,
+    /// Percent of the machine's CPU time stolen by the hypervisor during the timed load
+    /// (`/proc/stat`; absent elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_steal_pct: Option<f64>,
     /// Per device.
     pub devices: Vec<DeviceReport>,
     /// Error codes of permanently failed batches, with counts.
@@ -195,6 +199,7 @@ pub fn run_engine_bench(
             *errors.entry(e.code().to_string()).or_default() += 1;
         }
     };
+    let steal = crate::steal::StealMeter::start();
     let t0 = Instant::now();
     for i in 0..nbatches {
         let b = Arc::clone(&pool[i % pool.len()]);
@@ -225,6 +230,7 @@ pub fn run_engine_bench(
         record(t);
     }
     let wall = t0.elapsed().as_secs_f64();
+    let host_steal_pct = steal.percent();
     let stats = engine.stats();
     engine.shutdown(Duration::from_secs(1));
     let devices = stats
@@ -276,6 +282,7 @@ pub fn run_engine_bench(
         },
         e2e_p99_ms: percentile(&mut e2e, 0.99),
         max_admitted: stats.max_admitted_seen,
+        host_steal_pct,
         devices,
         errors,
     })

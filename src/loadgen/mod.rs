@@ -236,6 +236,7 @@ pub async fn drive(
             }
         }
     }
+    let steal = crate::steal::StealMeter::start();
     let start = Instant::now();
     let until = start + o.duration;
     let mut prods = Vec::new();
@@ -271,6 +272,7 @@ pub async fn drive(
         }
     }
     let produced_s = start.elapsed().as_secs_f64();
+    let host_steal_pct = steal.percent();
     // Wait until the server's pipeline is empty (aligner, engine, devices: three scrapes in a
     // row, 120 s at most), so every accepted sample has its result queued; without metrics,
     // a fixed 300 ms. Then every subscriber reads what is left.
@@ -308,6 +310,7 @@ pub async fn drive(
         plan,
         options: o,
         produced_s,
+        host_steal_pct,
         producers,
         records,
         scrapes,

@@ -93,6 +93,10 @@ pub struct Report {
     pub producer_shed: u64,
     /// Highest process peak RSS scraped from the server's `/metrics`, MiB.
     pub server_peak_rss_mb: Option<f64>,
+    /// Percent of this machine's CPU time stolen by the hypervisor while the producers ran
+    /// (`/proc/stat`; absent elsewhere). Latency tails and throughput of a run with high steal
+    /// say more about the host than about the server.
+    pub host_steal_pct: Option<f64>,
     /// The RSS bound checked, MiB.
     pub max_rss_mb: f64,
     /// `server_peak_rss_mb <= max_rss_mb` (none without metrics).
@@ -161,6 +165,7 @@ pub(crate) struct Inputs<'a> {
     pub plan: &'a Plan,
     pub options: &'a Options,
     pub produced_s: f64,
+    pub host_steal_pct: Option<f64>,
     pub producers: Vec<ProducerRecord>,
     pub records: Vec<ConnRecord>,
     pub scrapes: Vec<Scrape>,
@@ -344,6 +349,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         producer_errors,
         producer_shed,
         server_peak_rss_mb: peak_rss,
+        host_steal_pct: i.host_steal_pct,
         max_rss_mb: i.options.max_rss_mb,
         rss_within_bound: peak_rss.map(|p| p <= i.options.max_rss_mb),
         peak_queue_depth: PerClass::from(peak_q),

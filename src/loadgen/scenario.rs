@@ -157,7 +157,10 @@ mod tests {
         s.set_fast_subscribers(1);
         assert_eq!(s.subscribers.len(), 4);
         assert_eq!(s.subscribers[0], Role::Fast);
-        assert_eq!(s.subscribers.iter().filter(|r| **r == Role::Fast).count(), 1);
+        assert_eq!(
+            s.subscribers.iter().filter(|r| **r == Role::Fast).count(),
+            1
+        );
         assert_eq!(
             Scenario::Steady.plan(1000.0).producers,
             vec![Some(500.0); 2]

@@ -84,6 +84,9 @@ impl Report {
             self.engine_samples_per_s
                 .map_or("-".into(), |x| format!("{x:.0}"))
         );
+        if let Some(p) = self.host_steal_pct {
+            let _ = writeln!(t, "  host CPU steal while producing: {p:.1}%");
+        }
         for (name, l) in [
             ("critical", &self.latency_ms.critical),
             ("important", &self.latency_ms.important),
