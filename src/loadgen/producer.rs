@@ -77,7 +77,11 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
             if due >= cfg.until {
                 break;
             }
-            tokio::time::sleep_until(due).await;
+            if due > Instant::now() {
+                // About to wait: nothing we fed may sit in our buffer meanwhile.
+                tx.flush().await?;
+                tokio::time::sleep_until(due).await;
+            }
         }
         let class = class_of(i);
         let key = make_key(class, i, now_us());
@@ -100,13 +104,9 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
             .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
             tx.feed(Message::binary(f)).await?;
         }
-        // Flush before sleeping until the next sample is due (so a sample never waits in our
-        // buffer while we are idle), and every 16 samples while behind schedule or flooding
-        // (one write for many frames instead of one per sample).
-        let idle_next = cfg.rate.is_some_and(|rate| {
-            start + Duration::from_secs_f64((i + 1) as f64 / rate.max(0.001)) > Instant::now()
-        });
-        if idle_next || i % 16 == 15 {
+        // Flushed before sleeping (above) and every 16 samples while behind schedule or
+        // flooding: one write for many frames instead of one per sample.
+        if i % 16 == 15 {
             tx.flush().await?;
         }
         rec.sent[class] += 1;
