@@ -1,7 +1,10 @@
-//! CPU time stolen by the hypervisor while a measurement ran (Linux `/proc/stat`, the `steal`
-//! column), so that a benchmark run disturbed by its host can be told apart from a slow one.
-//! On a shared virtual machine this is often the largest source of noise: a run that lost 30%
-//! of its CPU to the host is not comparable with one that lost nothing.
+//! CPU accounting for measurements (Linux `/proc`; `None` elsewhere):
+//! - CPU time stolen by the hypervisor while a measurement ran (`/proc/stat`, the `steal`
+//!   column), so that a benchmark run disturbed by its host can be told apart from a slow one.
+//!   On a shared virtual machine this is often the largest source of noise: a run that lost 30%
+//!   of its CPU to the host is not comparable with one that lost nothing.
+//! - CPU time this process used ([`process_cpu_s`], `/proc/self/stat`): CPU seconds per sample
+//!   is a cost that host steal does not distort the way samples/s is.
 
 /// Aggregate CPU time counters at one instant (clock ticks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,24 @@ fn steal_percent(a: Ticks, b: Ticks) -> Option<f64> {
     (total > 0).then(|| 100.0 * steal as f64 / total as f64)
 }
 
+/// User + system CPU seconds used by this process so far (all threads), from
+/// `/proc/self/stat` (clock ticks of 1/100 s, the `USER_HZ` of every mainstream Linux ABI).
+pub fn process_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_self_stat(&s)
+}
+
+fn parse_self_stat(s: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may contain spaces: fields after it
+    // start at the last ')'. utime and stime are fields 14 and 15 (1-based), i.e. the 12th and
+    // 13th after the name.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut it = rest.split_whitespace().skip(11);
+    let utime: u64 = it.next()?.parse().ok()?;
+    let stime: u64 = it.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +104,27 @@ mod tests {
         assert!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8").is_none());
         assert!(parse_cpu_line("cpu  1 2 3").is_none());
         assert!(parse_cpu_line("cpu  1 2 x 4 5 6 7 8").is_none());
+    }
+
+    #[test]
+    fn parses_self_stat() {
+        let line = "1234 (fusion engine) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 9 0 100 1000 50";
+        assert_eq!(parse_self_stat(line), Some(3.25));
+        assert_eq!(parse_self_stat("1234 (x) S 1 2"), None);
+        assert_eq!(parse_self_stat("garbage"), None);
+        if std::path::Path::new("/proc/self/stat").exists() {
+            let a = process_cpu_s().expect("readable");
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while t.elapsed() < std::time::Duration::from_millis(60) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            let b = process_cpu_s().expect("readable");
+            // 60 ms of spinning shows as at least one 10 ms tick.
+            assert!(b - a >= 0.01, "{a} -> {b}");
+        } else {
+            println!("skipped the live part: no /proc/self/stat on this system");
+        }
     }
 
     #[test]

@@ -119,6 +119,10 @@ pub struct EngineBenchReport {
     /// (`/proc/stat`; absent elsewhere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_steal_pct: Option<f64>,
+    /// CPU time of this process (all threads) per delivered sample during the timed load, µs
+    /// (`/proc/self/stat`; absent elsewhere): the cost of a sample, undistorted by host steal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_sample: Option<f64>,
     /// Per device.
     pub devices: Vec<DeviceReport>,
     /// Error codes of permanently failed batches, with counts.
@@ -200,6 +204,7 @@ pub fn run_engine_bench(
         }
     };
     let steal = crate::steal::StealMeter::start();
+    let cpu0 = crate::steal::process_cpu_s();
     let t0 = Instant::now();
     for i in 0..nbatches {
         let b = Arc::clone(&pool[i % pool.len()]);
@@ -231,6 +236,10 @@ pub fn run_engine_bench(
     }
     let wall = t0.elapsed().as_secs_f64();
     let host_steal_pct = steal.percent();
+    let cpu_us_per_sample = match (cpu0, crate::steal::process_cpu_s()) {
+        (Some(a), Some(b)) if delivered > 0 => Some((b - a) * 1e6 / delivered as f64),
+        _ => None,
+    };
     let stats = engine.stats();
     engine.shutdown(Duration::from_secs(1));
     let devices = stats
@@ -283,6 +292,7 @@ pub fn run_engine_bench(
         e2e_p99_ms: percentile(&mut e2e, 0.99),
         max_admitted: stats.max_admitted_seen,
         host_steal_pct,
+        cpu_us_per_sample,
         devices,
         errors,
     })

@@ -97,6 +97,10 @@ pub struct Report {
     /// (`/proc/stat`; absent elsewhere). Latency tails and throughput of a run with high steal
     /// say more about the host than about the server.
     pub host_steal_pct: Option<f64>,
+    /// With an in-process server: CPU time of the whole process (server, devices and this load
+    /// generator's own connections) per result at a fast subscriber while producing, µs.
+    /// Compare with `bench --devices cpu`'s `cpu_us_per_sample` (the devices alone).
+    pub process_cpu_us_per_sample: Option<f64>,
     /// The RSS bound checked, MiB.
     pub max_rss_mb: f64,
     /// `server_peak_rss_mb <= max_rss_mb` (none without metrics).
@@ -166,6 +170,8 @@ pub(crate) struct Inputs<'a> {
     pub options: &'a Options,
     pub produced_s: f64,
     pub host_steal_pct: Option<f64>,
+    /// Process CPU seconds while producing (in-process server only).
+    pub process_cpu_s: Option<f64>,
     pub producers: Vec<ProducerRecord>,
     pub records: Vec<ConnRecord>,
     pub scrapes: Vec<Scrape>,
@@ -350,6 +356,10 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         producer_shed,
         server_peak_rss_mb: peak_rss,
         host_steal_pct: i.host_steal_pct,
+        process_cpu_us_per_sample: i.process_cpu_s.and_then(|c| {
+            let per_s = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+            (per_s > 0.0).then(|| c * 1e6 / (per_s * i.produced_s.max(1e-9)))
+        }),
         max_rss_mb: i.options.max_rss_mb,
         rss_within_bound: peak_rss.map(|p| p <= i.options.max_rss_mb),
         peak_queue_depth: PerClass::from(peak_q),

@@ -87,6 +87,9 @@ impl Report {
         if let Some(p) = self.host_steal_pct {
             let _ = writeln!(t, "  host CPU steal while producing: {p:.1}%");
         }
+        if let Some(c) = self.process_cpu_us_per_sample {
+            let _ = writeln!(t, "  process CPU per result: {c:.1} µs");
+        }
         for (name, l) in [
             ("critical", &self.latency_ms.critical),
             ("important", &self.latency_ms.important),
