@@ -3,6 +3,7 @@
 # (no cargo or network needed there; python3 with torch for the PyTorch comparison).
 #
 #   scripts/gpu-check.sh [BINARY]        (default: target/release/fusion-engine)
+#   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there)
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -16,6 +17,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
 ITERS=${ITERS:-30}
+# Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
+# that is only lavapipe (about 0.5 GFLOP/s: B=8192 takes minutes per batch there).
+BACKENDS=${BACKENDS:-cuda wgpu cpu}
 WORK=$(mktemp -d)
 status=0
 
@@ -42,7 +46,7 @@ for be in cuda wgpu cpu; do
 done
 
 echo "== bench (fusion-engine)"
-for be in cuda wgpu cpu; do
+for be in $BACKENDS; do
   "$BIN" bench --backend "$be" --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" --json \
     >"$WORK/bench-$be.jsonl" 2>"$WORK/bench-$be.err" || echo "bench --backend $be failed: $(tail -1 "$WORK/bench-$be.err")"
   cat "$WORK/bench-$be.jsonl"
