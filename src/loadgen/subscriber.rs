@@ -51,6 +51,8 @@ struct Sub {
     points: HashMap<String, [u64; 2]>,
     /// The current socket subscribed with `resume`.
     resuming: bool,
+    /// Send time (from its key) of the last result read.
+    last_sent_us: Option<u64>,
 }
 
 /// Subscribe messages: plain, or resuming from `points` of `epoch` (PROTOCOL 7.4).
@@ -94,6 +96,7 @@ pub(crate) async fn run(cfg: SubscriberCfg) -> Result<ConnRecord, LoadgenError> 
         epoch: 0,
         points: HashMap::new(),
         resuming: false,
+        last_sent_us: None,
     };
     s.wait_acks().await?;
     let _ = s.cfg.ready.send(()).await;
@@ -271,11 +274,28 @@ impl Sub {
 
     /// Reads whatever is buffered (until 300 ms without a message, 2 s at most); true when the
     /// connection closed.
+    /// Reads what is buffered on the socket to see whether the server closed this connection
+    /// (a stalled reader sees its close frame only behind the results in its buffers). Stops at
+    /// the close, at the first result produced after the probe (the buffers are read through:
+    /// the connection is alive, and this subscriber stalls again at once), or when idle.
     async fn quick_drain(&mut self) -> bool {
-        self.read_until_idle(Duration::from_millis(300), Duration::from_secs(2))
-            .await;
+        let probe_us = *self.cfg.probe.borrow();
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end {
+            match tokio::time::timeout(Duration::from_millis(300), self.rx.next()).await {
+                Ok(m) => {
+                    if let Flow::Closed = self.handle(m) {
+                        break;
+                    }
+                    if self.last_sent_us.is_some_and(|t| t > probe_us) {
+                        return false;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
         if let Some(c) = &mut self.rec.close {
-            c.detected_us = Some(*self.cfg.probe.borrow());
+            c.detected_us = Some(probe_us);
             return true;
         }
         false
@@ -329,6 +349,7 @@ impl Sub {
                     }
                 }
                 if let Some((_, t)) = parse_key(key) {
+                    self.last_sent_us = Some(t);
                     let lat = now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
                     let at = (now.saturating_sub(self.cfg.t0_us) / 1000) as u32;
                     self.rec.lat[class].push((at, lat));
