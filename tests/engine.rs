@@ -463,3 +463,80 @@ fn bulk_is_not_starved_by_sustained_critical_load() {
         );
     });
 }
+
+#[test]
+fn critical_keeps_priority_under_an_aged_bulk_backlog() {
+    // A BULK backlog older than `priority_aging` and a steady CRITICAL queue on one slow device:
+    // aged BULK gets its share (1 dispatch in AGED_SHARE = 4), CRITICAL the rest. With plain
+    // aging (everything older than the threshold served oldest first) the old BULK backlog
+    // would go first and CRITICAL would wait behind all of it.
+    within(60, || {
+        let head = small_head();
+        let mut cfg = config("cpu:threads=1:delay=5ms");
+        cfg.max_in_flight = 1;
+        cfg.max_pending = Some(256);
+        cfg.priority_aging = Duration::from_millis(50);
+        let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+        let bs = batches(&head, 1, 4, 12);
+        let bulk: Vec<Ticket> = (0..60)
+            .map(|_| {
+                engine
+                    .submit_shared(Arc::clone(&bs[0]), Priority::Bulk)
+                    .unwrap()
+            })
+            .collect();
+        // Let the backlog age, then keep 4 CRITICAL batches pending.
+        std::thread::sleep(Duration::from_millis(80));
+        let before = engine.stats().devices[0].batches as usize;
+        let t0 = Instant::now();
+        let mut crit: std::collections::VecDeque<Ticket> = (0..4)
+            .map(|_| {
+                engine
+                    .submit_shared(Arc::clone(&bs[0]), Priority::Critical)
+                    .unwrap()
+            })
+            .collect();
+        let mut crit_done = 0usize;
+        let mut crit_wait = Vec::new();
+        while t0.elapsed() < Duration::from_millis(400) {
+            if let Some(t) = crit.pop_front() {
+                let r = t.wait().unwrap();
+                crit_wait.push(r.total_time);
+                crit_done += 1;
+            }
+            crit.push_back(
+                engine
+                    .submit_shared(Arc::clone(&bs[0]), Priority::Critical)
+                    .unwrap(),
+            );
+        }
+        let window = t0.elapsed();
+        let st = engine.stats();
+        let total = st.devices[0].batches as usize;
+        for t in crit {
+            t.wait().unwrap();
+        }
+        for t in bulk {
+            t.wait().unwrap();
+        }
+        engine.shutdown(Duration::from_secs(1));
+        // Batches run during the window that were not CRITICAL.
+        let bulk_in_window = total.saturating_sub(before).saturating_sub(crit_done);
+        let share = crit_done as f64 / (crit_done + bulk_in_window).max(1) as f64;
+        assert!(
+            share >= 0.6,
+            "CRITICAL got {crit_done} of the dispatches in {window:?} ({share:.2}); BULK {bulk_in_window}"
+        );
+        assert!(
+            bulk_in_window >= 5,
+            "aged BULK got only {bulk_in_window} dispatches in {window:?}"
+        );
+        crit_wait.sort();
+        let p90 = crit_wait[crit_wait.len() * 9 / 10];
+        // 4 CRITICAL batches ahead at most, and one BULK in four: about 5 batches of ~5 ms.
+        assert!(
+            p90 < Duration::from_millis(120),
+            "CRITICAL p90 wait {p90:?} (behind the BULK backlog?)"
+        );
+    });
+}

@@ -264,10 +264,10 @@ pub struct EngineConfig {
     /// 30 s.
     #[serde(with = "dur")]
     pub queue_timeout: Duration,
-    /// Anti-starvation: a batch that has waited this long for a device is dispatched ahead of
-    /// every newer batch, whatever its class (aged batches go oldest first). Strict priority
-    /// order holds among batches younger than this, so BULK is delayed by sustained CRITICAL
-    /// load at most this long plus the work already queued at the devices. Default 250 ms.
+    /// Anti-starvation: an IMPORTANT or BULK batch that has waited this long for a device is
+    /// "aged"; at least one dispatch in four goes to the oldest aged batch (when there is one),
+    /// the others follow strict priority. So sustained CRITICAL load cannot starve BULK, and an
+    /// aged backlog cannot take more than a quarter of the devices from CRITICAL. Default 250 ms.
     #[serde(with = "dur")]
     pub priority_aging: Duration,
     /// How long `Engine::start` waits for the devices to open. Default 60 s.

@@ -113,6 +113,9 @@ pub(crate) struct State {
     pub stopped: bool,
     pub next_id: u64,
     pub max_pending_seen: usize,
+    /// Dispatches in strict priority order since the last one of an aged lower-class batch
+    /// (anti-starvation share, see [`scan_order`]).
+    pub strict_since_aged: u32,
     pub devs: Vec<DevState>,
 }
 
@@ -185,6 +188,7 @@ impl Core {
                 stopped: false,
                 next_id: 0,
                 max_pending_seen: 0,
+                strict_since_aged: 0,
                 devs,
             }),
             cond: Condvar::new(),
@@ -288,7 +292,8 @@ impl Core {
         if cands.iter().all(|c| c.free == 0) {
             return;
         }
-        let flat = scan_order(&st.pending, now, self.cfg.priority_aging);
+        let aged_first = st.strict_since_aged + 1 >= AGED_SHARE;
+        let flat = scan_order(&st.pending, now, self.cfg.priority_aging, aged_first);
         let plan = {
             let view: Vec<(usize, &[usize])> = flat
                 .iter()
@@ -310,6 +315,15 @@ impl Core {
             if let Some(job) = st.pending[c].remove(k) {
                 jobs.push((dev, job));
             }
+        }
+        for (_, job) in &jobs {
+            let aged = job.inner.priority != Priority::Critical
+                && now.saturating_duration_since(job.inner.submitted) >= self.cfg.priority_aging;
+            st.strict_since_aged = if aged {
+                0
+            } else {
+                (st.strict_since_aged + 1).min(AGED_SHARE)
+            };
         }
         for (dev, job) in jobs.into_iter().rev() {
             self.send(st, dev, job);
@@ -412,21 +426,38 @@ fn take_probe(st: &mut State, d: usize) -> Option<Job> {
     None
 }
 
+/// Anti-starvation share: at least one dispatch in `AGED_SHARE` goes to the oldest IMPORTANT or
+/// BULK batch that has waited `priority_aging`, when there is one; the others follow strict
+/// priority. Under sustained overload CRITICAL keeps at least 3/4 of the devices' dispatches
+/// (pure aging would turn every queue into one FIFO once all batches are older than the
+/// threshold, and CRITICAL would wait as long as BULK), and no batch waits forever.
+pub(crate) const AGED_SHARE: u32 = 4;
+
 /// The order the router looks at pending batches in (`(class, position)` pairs, at most
-/// `SCAN_LIMIT`): first every batch that has waited at least `aging`, oldest first whatever its
-/// class (anti-starvation), then the rest in strict priority order. Each class queue is in
-/// submission order (a retried batch goes back to the front), so its aged batches are a prefix.
+/// `SCAN_LIMIT`). Normally strict priority order (each class in submission order). With
+/// `aged_first` (its turn in the [`AGED_SHARE`]), the IMPORTANT and BULK batches that have
+/// waited at least `aging` come first, oldest first, then the rest in strict priority order.
+/// Each class queue is in submission order (a retried batch goes back to the front), so its aged
+/// batches are a prefix.
 pub(crate) fn scan_order(
     pending: &[VecDeque<Job>; 3],
     now: Instant,
     aging: Duration,
+    aged_first: bool,
 ) -> Vec<(usize, usize)> {
     let aged = |j: &Job| now.saturating_duration_since(j.inner.submitted) >= aging;
     let prefix: Vec<usize> = pending
         .iter()
-        .map(|q| q.iter().take_while(|j| aged(j)).count())
+        .enumerate()
+        .map(|(c, q)| {
+            if aged_first && c > 0 {
+                q.iter().take_while(|j| aged(j)).count()
+            } else {
+                0
+            }
+        })
         .collect();
-    let mut old: Vec<(usize, usize)> = (0..3)
+    let mut old: Vec<(usize, usize)> = (1..3)
         .flat_map(|c| (0..prefix[c]).map(move |k| (c, k)))
         .collect();
     old.sort_by_key(|&(c, k)| pending[c][k].inner.submitted);

@@ -11,7 +11,8 @@ use super::stats::Role;
 pub enum Scenario {
     /// Producers at the target rate, fast subscribers.
     Steady,
-    /// Producers as fast as the server reads them: they outrun the devices.
+    /// Producers as fast as the server reads them: they outrun the devices (given 20 ms of
+    /// injected latency per batch, so that they do on any machine).
     Flood,
     /// `steady` plus two subscribers reading 10 messages/s and one that stops reading.
     SlowConsumer,
@@ -56,6 +57,11 @@ impl Scenario {
             Scenario::Flood => {
                 p.producers = vec![None; 4];
                 p.subscribers = vec![Role::Fast];
+                // The devices must be the bottleneck whatever the machine: with the head at
+                // full speed, a fast CPU fuses what four producers can push through the
+                // WebSockets and nothing overflows (seen on an idle 2-core VM). 20 ms per batch
+                // caps them at about 12,000 samples/s.
+                p.devices = "cpu:delay=20ms".into();
             }
             Scenario::SlowConsumer => p.subscribers.extend([
                 Role::Slow { per_s: 10.0 },
