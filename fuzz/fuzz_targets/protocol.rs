@@ -9,7 +9,7 @@ use bytes::Bytes;
 use fusion_engine::server::codec::{
     decode_client_message, decode_result, encode_produce, encode_result, json_result,
     json_result_tail, parse_client_json, parse_produce, produce_id, with_seq, ClientMessage, Code,
-    ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER, VERSION,
+    ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER, RESULT_FLAG_REPLAYED, VERSION, VERSION_2,
 };
 use fusion_engine::DType;
 use fuzz_common::{PROTOCOL_MODES, PROTOCOL_PRODUCE, PROTOCOL_RESULT};
@@ -68,15 +68,26 @@ fn result(b: &[u8]) {
         mask: &d.mask,
         fused: &d.fused,
         weights: &d.weights,
+        stream_seq: d.stream_seq,
+        replayed: d.replayed,
     };
-    let again = with_seq(&encode_result(&view), d.seq);
-    // The client-side decoder does not insist on the reserved byte 5 being zero.
+    // Byte 2 is the session's version (1 or 2); the decoder accepted it.
+    let version = b[2];
+    let again = with_seq(&encode_result(&view, version), d.seq);
+    // The client-side decoder ignores the flag bits it does not know (byte 5): version 1 has
+    // none, version 2 only `replayed`.
     let mut expected = b.to_vec();
-    expected[5] = 0;
+    expected[5] = if version == VERSION_2 {
+        b[5] & RESULT_FLAG_REPLAYED
+    } else {
+        0
+    };
     assert_eq!(&again[..], &expected[..], "encode(decode(frame)) == frame");
     let j: Value = serde_json::from_str(&json_result(&json_result_tail(&view), d.seq))
         .expect("the JSON result is JSON");
     assert_eq!(j["seq"].as_u64(), Some(d.seq));
+    assert_eq!(j["stream_seq"].as_u64(), Some(d.stream_seq));
+    assert_eq!(j["replayed"].as_bool().unwrap_or(false), d.replayed);
     assert_eq!(j["key"].as_str(), Some(d.key.as_str()));
     assert_eq!(j["fused"].as_array().map(Vec::len), Some(d.fused.len()));
     assert_eq!(j["weights"].as_array().map(Vec::len), Some(d.weights.len()));
@@ -92,9 +103,13 @@ fn text(b: &[u8]) {
         }
     };
     match decode_client_message(&v) {
-        Ok(ClientMessage::Hello { binary }) => {
+        Ok(ClientMessage::Hello { binary, version }) => {
             assert_eq!(v["type"], "hello");
-            assert_eq!(v["version"].as_u64(), Some(u64::from(VERSION)));
+            assert!(
+                version == VERSION || version == VERSION_2,
+                "version {version}"
+            );
+            assert_eq!(v["version"].as_u64(), Some(u64::from(version)));
             assert_eq!(binary, v["results"] == "binary");
         }
         Ok(ClientMessage::Ping) => assert_eq!(v["type"], "ping"),
