@@ -70,6 +70,26 @@ pub fn process_cpu_s() -> Option<f64> {
     parse_self_stat(&s)
 }
 
+/// Measures this process's CPU seconds between [`CpuMeter::start`] and [`CpuMeter::seconds`].
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    start: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Starts measuring now (a no-op where `/proc/self/stat` cannot be read).
+    pub fn start() -> CpuMeter {
+        CpuMeter {
+            start: process_cpu_s(),
+        }
+    }
+
+    /// CPU seconds used by this process since `start`; `None` where unavailable.
+    pub fn seconds(&self) -> Option<f64> {
+        Some(process_cpu_s()? - self.start?)
+    }
+}
+
 fn parse_self_stat(s: &str) -> Option<f64> {
     // The command name (field 2) is in parentheses and may contain spaces: fields after it
     // start at the last ')'. utime and stime are fields 14 and 15 (1-based), i.e. the 12th and
@@ -114,6 +134,7 @@ mod tests {
         assert_eq!(parse_self_stat("garbage"), None);
         if std::path::Path::new("/proc/self/stat").exists() {
             let a = process_cpu_s().expect("readable");
+            let m = CpuMeter::start();
             let t = std::time::Instant::now();
             let mut x = 0u64;
             while t.elapsed() < std::time::Duration::from_millis(60) {
@@ -122,6 +143,7 @@ mod tests {
             let b = process_cpu_s().expect("readable");
             // 60 ms of spinning shows as at least one 10 ms tick.
             assert!(b - a >= 0.01, "{a} -> {b}");
+            assert!(m.seconds().expect("readable") >= 0.01);
         } else {
             println!("skipped the live part: no /proc/self/stat on this system");
         }

@@ -204,7 +204,7 @@ pub fn run_engine_bench(
         }
     };
     let steal = crate::steal::StealMeter::start();
-    let cpu0 = crate::steal::process_cpu_s();
+    let cpu = crate::steal::CpuMeter::start();
     let t0 = Instant::now();
     for i in 0..nbatches {
         let b = Arc::clone(&pool[i % pool.len()]);
@@ -236,10 +236,10 @@ pub fn run_engine_bench(
     }
     let wall = t0.elapsed().as_secs_f64();
     let host_steal_pct = steal.percent();
-    let cpu_us_per_sample = match (cpu0, crate::steal::process_cpu_s()) {
-        (Some(a), Some(b)) if delivered > 0 => Some((b - a) * 1e6 / delivered as f64),
-        _ => None,
-    };
+    let cpu_us_per_sample = cpu
+        .seconds()
+        .filter(|_| delivered > 0)
+        .map(|c| c * 1e6 / delivered as f64);
     let stats = engine.stats();
     engine.shutdown(Duration::from_secs(1));
     let devices = stats

@@ -317,8 +317,8 @@ impl Core {
             }
         }
         for (_, job) in &jobs {
-            let aged = job.inner.priority != Priority::Critical
-                && now.saturating_duration_since(job.inner.submitted) >= self.cfg.priority_aging;
+            let aged =
+                job.inner.priority != Priority::Critical && job.aged(now, self.cfg.priority_aging);
             st.strict_since_aged = if aged {
                 0
             } else {
@@ -445,13 +445,12 @@ pub(crate) fn scan_order(
     aging: Duration,
     aged_first: bool,
 ) -> Vec<(usize, usize)> {
-    let aged = |j: &Job| now.saturating_duration_since(j.inner.submitted) >= aging;
     let prefix: Vec<usize> = pending
         .iter()
         .enumerate()
         .map(|(c, q)| {
             if aged_first && c > 0 {
-                q.iter().take_while(|j| aged(j)).count()
+                q.iter().take_while(|j| j.aged(now, aging)).count()
             } else {
                 0
             }

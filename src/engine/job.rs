@@ -116,6 +116,11 @@ impl Job {
     pub fn rows(&self) -> usize {
         self.inner.batch.rows
     }
+
+    /// Whether it has waited at least `aging` since submission (anti-starvation).
+    pub fn aged(&self, now: Instant, aging: Duration) -> bool {
+        now.saturating_duration_since(self.inner.submitted) >= aging
+    }
 }
 
 /// The caller's handle on a submitted batch. Await it (it is a `Future`, cheap to poll from a

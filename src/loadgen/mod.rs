@@ -237,7 +237,7 @@ pub async fn drive(
         }
     }
     let steal = crate::steal::StealMeter::start();
-    let cpu0 = crate::steal::process_cpu_s();
+    let cpu = crate::steal::CpuMeter::start();
     let start = Instant::now();
     let until = start + o.duration;
     let mut prods = Vec::new();
@@ -275,10 +275,7 @@ pub async fn drive(
     let produced_s = start.elapsed().as_secs_f64();
     let host_steal_pct = steal.percent();
     // Only meaningful when the server runs in this process (no --url).
-    let process_cpu_s = match (o.url.is_none(), cpu0, crate::steal::process_cpu_s()) {
-        (true, Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let process_cpu_s = cpu.seconds().filter(|_| o.url.is_none());
     // Wait until the server's pipeline is empty (aligner, engine, devices: three scrapes in a
     // row, 120 s at most), so every accepted sample has its result queued; without metrics,
     // a fixed 300 ms. Then every subscriber reads what is left.

@@ -280,20 +280,12 @@ impl Sub {
     /// the connection is alive, and this subscriber stalls again at once), or when idle.
     async fn quick_drain(&mut self) -> bool {
         let probe_us = *self.cfg.probe.borrow();
-        let end = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < end {
-            match tokio::time::timeout(Duration::from_millis(300), self.rx.next()).await {
-                Ok(m) => {
-                    if let Flow::Closed = self.handle(m) {
-                        break;
-                    }
-                    if self.last_sent_us.is_some_and(|t| t > probe_us) {
-                        return false;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        self.read_through(
+            Duration::from_millis(300),
+            Duration::from_secs(2),
+            Some(probe_us),
+        )
+        .await;
         if let Some(c) = &mut self.rec.close {
             c.detected_us = Some(probe_us);
             return true;
@@ -302,11 +294,20 @@ impl Sub {
     }
 
     async fn read_until_idle(&mut self, idle: Duration, cap: Duration) {
+        self.read_through(idle, cap, None).await;
+    }
+
+    /// Reads until the connection closes, nothing arrives for `idle`, `cap` passes, or (with
+    /// `sent_after`) a result produced after that instant has been read.
+    async fn read_through(&mut self, idle: Duration, cap: Duration, sent_after: Option<u64>) {
         let end = Instant::now() + cap;
         while Instant::now() < end {
             match tokio::time::timeout(idle, self.rx.next()).await {
                 Ok(m) => {
                     if let Flow::Closed = self.handle(m) {
+                        return;
+                    }
+                    if sent_after.is_some_and(|p| self.last_sent_us.is_some_and(|t| t > p)) {
                         return;
                     }
                 }
