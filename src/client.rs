@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::engine::Priority;
 pub use crate::server::codec::DecodedResult as FuseResult;
-use crate::server::codec::{self, encode_produce, FLAG_ACK, FLAG_LAST};
+use crate::server::codec::{self, encode_produce, encode_samples, FLAG_ACK, FLAG_LAST};
 use crate::tensor::DType;
 pub use resume::{Conflate, ResumePoint, SubscribeOptions};
 
@@ -385,6 +385,44 @@ impl Client {
             bytes,
         )
         .ok_or_else(|| ClientError::Protocol("a name is longer than 65535 bytes".into()))?;
+        self.send_binary(f).await
+    }
+
+    /// Produces whole samples in one `samples` frame (PROTOCOL 4.4): `features[j]` is
+    /// `(modality, rows)` with `rows` holding `keys.len()` rows of that modality back to back
+    /// (row-major `[N, width]`). Each sample is complete on arrival (modalities not listed are
+    /// masked out). Fire and forget, like [`Client::produce`]; `id` (non-zero) asks for an
+    /// `ack` naming it.
+    pub async fn produce_samples(
+        &self,
+        stream: &str,
+        keys: &[&str],
+        features: &[(&str, &[f32])],
+        priority: Priority,
+        id: u32,
+    ) -> ClientResult<()> {
+        let names: Vec<&str> = features.iter().map(|(m, _)| *m).collect();
+        let blocks: Vec<&[u8]> = features
+            .iter()
+            .map(|(_, x)| bytemuck::cast_slice::<f32, u8>(x))
+            .collect();
+        let f = encode_samples(
+            stream,
+            keys,
+            &names,
+            &blocks,
+            DType::F32,
+            priority,
+            id != 0,
+            id,
+        )
+        .ok_or_else(|| {
+            ClientError::Protocol(
+                "samples frame: no keys or modalities, a block that is not whole rows, or a \
+                 name longer than 65535 bytes"
+                    .into(),
+            )
+        })?;
         self.send_binary(f).await
     }
 

@@ -212,7 +212,9 @@ fn failing_device_loses_nothing_and_duplicates_nothing() {
 fn hung_device_is_detected_by_device_timeout() {
     within(120, || {
         let head = small_head();
-        let mut cfg = config("cpu:threads=1,cpu:threads=1:hang=0.3:hang_for=1s");
+        // Device 0 gets 1 ms per batch, as in the failing-device test: on a busy machine the
+        // hanging device otherwise got only a few of the 120 batches and none of them hung.
+        let mut cfg = config("cpu:threads=1:delay=1ms,cpu:threads=1:hang=0.3:hang_for=1s");
         cfg.device_timeout = Duration::from_millis(200);
         cfg.slow_ratio = 1e6;
         let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
@@ -227,7 +229,7 @@ fn hung_device_is_detected_by_device_timeout() {
         }
         let st = engine.stats();
         let d1 = &st.devices[1];
-        assert!(d1.failures > 0, "{d1:?}");
+        assert!(d1.failures > 0, "{st:?}");
         let why = d1.last_error.as_deref().unwrap_or("");
         assert!(why.contains("device_timeout"), "{why}");
         assert_eq!(st.duplicate_deliveries, 0);

@@ -53,12 +53,14 @@ PRODUCE_VERSION = 1  # produce frames keep version byte 1 in protocol version 2
 MAGIC = b"FE"
 KIND_PRODUCE = 1
 KIND_RESULT = 2
+KIND_SAMPLES = 3
 DTYPES = {np.dtype("<f4"): 0, np.dtype("<f2"): 1}  # bf16 (2) is sent as raw uint16 bits
 PRIORITIES = {"critical": 0, "important": 1, "bulk": 2}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 FLAG_ACK = 1
 FLAG_LAST = 2
 _PRODUCE_HEADER = struct.Struct("<2sBBBBBBHHHHII")  # 24 bytes
+_SAMPLES_HEADER = struct.Struct("<2sBBBBBBHHIII")  # 24 bytes
 _RESULT_HEADER = struct.Struct("<2sBBBBHHHIQ")  # 24 bytes (version 1)
 _RESULT_HEADER_V2 = struct.Struct("<2sBBBBHHHIQQ")  # 32 bytes (version 2: + stream_seq)
 RESULT_FLAG_REPLAYED = 1
@@ -121,6 +123,31 @@ def encode_produce(stream: str, key: str, modality: str, values: Any, priority: 
     head = _PRODUCE_HEADER.pack(MAGIC, PRODUCE_VERSION, KIND_PRODUCE, dtype, PRIORITIES[priority], flags, 0,
                                 len(s), len(k), len(m), 0, request_id, x.shape[0])
     return head + s + k + m + payload
+
+
+def encode_samples(stream: str, keys: list, features: dict, priority: str = "important", ack: bool = False,
+                   request_id: int = 0) -> bytes:
+    """Binary samples frame (PROTOCOL.md 4.4): many whole samples of one stream. `features` maps
+    modality name -> [N, d_m] array, N = len(keys); the modalities not given are absent. All
+    float16 arrays are sent as F16, anything else as F32."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+    names = list(features)
+    if not names or not keys:
+        raise ValueError("a samples frame needs at least one modality and one key")
+    arrays = [np.asarray(features[n]) for n in names]
+    for n, a in zip(names, arrays):
+        if a.ndim != 2 or a.shape[0] != len(keys):
+            raise ValueError(f"features[{n!r}] must be [{len(keys)}, d], got shape {a.shape}")
+    f16 = all(a.dtype == np.float16 for a in arrays)
+    code, wire = (1, "<f2") if f16 else (0, "<f4")
+    s = stream.encode()
+    head = _SAMPLES_HEADER.pack(MAGIC, PRODUCE_VERSION, KIND_SAMPLES, code, PRIORITIES[priority],
+                                FLAG_ACK if ack else 0, 0, len(s), len(names), len(keys), request_id, 0)
+    table = b"".join(struct.pack("<IH", a.shape[1], len(m)) + m
+                     for m, a in zip((n.encode() for n in names), arrays))
+    keyb = b"".join(struct.pack("<H", len(k)) + k for k in (str(k).encode() for k in keys))
+    return b"".join([head, s, table, keyb] + [np.ascontiguousarray(a, wire).tobytes() for a in arrays])
 
 
 def decode_result(buf: bytes) -> Result:
@@ -376,6 +403,25 @@ class FusionClient:
         else:
             await self._ws.send(encode_produce(stream, key, modality, values, priority, last))
 
+    async def produce_samples(self, stream: str, keys: list, features: dict, priority: str = "important",
+                              ack: bool = False, timeout: float = 10.0) -> None:
+        """Sends whole samples in one samples frame (PROTOCOL.md 4.4): `features` maps modality
+        -> [N, d] array with N = len(keys). With `ack=True`, waits until the server accepted
+        the frame and raises FusionError if it did not (a bad frame is refused as a whole)."""
+        if self.closed:
+            raise self.closed
+        if ack:
+            rid = next(self._ids) & 0xFFFFFFFF or 1
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                await self._ws.send(encode_samples(stream, keys, features, priority, True, rid))
+                await asyncio.wait_for(fut, timeout)
+            finally:
+                self._pending.pop(rid, None)
+        else:
+            await self._ws.send(encode_samples(stream, keys, features, priority))
+
     async def ping(self, timeout: float = 10.0) -> None:
         await self._request({"type": "ping"}, timeout)
 
@@ -488,19 +534,25 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
         head_pos = [c.modalities.index(n) for n in names]
         got = np.zeros(b, bool)
 
+        # Whole samples in samples frames (PROTOCOL.md 4.4): one frame per mask pattern, at
+        # most ~8 MiB each.
+        row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
+        chunk = max(1, (8 << 20) // row_bytes)
+
+        async def send_rows(rows: Any) -> None:
+            rows = np.asarray(rows, dtype=np.int64)
+            patterns: dict = {}
+            for i in rows:
+                patterns.setdefault(m[i].tobytes(), []).append(int(i))
+            for pat, idx in patterns.items():
+                present = [names[j] for j in range(len(names)) if pat[j]]
+                for at in range(0, len(idx), chunk):
+                    part = idx[at:at + chunk]
+                    await c.produce_samples(stream, [keys[i] for i in part],
+                                            {n: arrays[n][part] for n in present}, priority=priority)
+
         async def send_all() -> None:
-            for i, k in enumerate(keys):
-                present = [j for j in range(len(names)) if m[i, j]]
-                for pos, j in enumerate(present):
-                    x = arrays[names[j]][i]
-                    while True:
-                        try:
-                            await c.produce(stream, k, names[j], x, priority=priority,
-                                            last=pos == len(present) - 1)
-                            break
-                        except FusionError as e:  # pragma: no cover - produce without ack never raises
-                            if not e.retry:
-                                raise
+            await send_rows(np.arange(b))
 
         sender = asyncio.create_task(send_all())
         try:
@@ -508,17 +560,22 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
             while not got.all():
                 if not c.errors.empty():
                     err = c.errors.get_nowait()
-                    if err.detail.get("key") in index or err.detail.get("stream") in (None, stream):
-                        if err.retry and err.detail.get("key") in index:
-                            # Overloaded: resend that sample's modalities.
-                            i = index[err.detail["key"]]
-                            present = [j for j in range(len(names)) if m[i, j]]
-                            for pos, j in enumerate(present):
-                                await asyncio.sleep(0.005)
-                                await c.produce(stream, keys[i], names[j], arrays[names[j]][i], priority=priority,
-                                                last=pos == len(present) - 1)
+                    mine = [index[k] for k in (err.detail.get("keys") or [err.detail.get("key")]) if k in index]
+                    if mine or err.detail.get("stream") in (None, stream):
+                        if err.retry and mine:
+                            # Overloaded: send those samples again after a short back-off.
+                            await asyncio.sleep(0.005)
+                            await send_rows([i for i in mine if not got[i]])
                             continue
                         raise err
+                if not c.notices.empty():
+                    n = c.notices.get_nowait()
+                    if n.get("kind") == "shed" and n.get("stream") == stream:
+                        # BULK shed under saturation: send those samples again after a back-off.
+                        shed = [index[k] for k in (n.get("keys") or [n.get("key")]) if k in index]
+                        await asyncio.sleep(0.005)
+                        await send_rows([i for i in shed if not got[i]])
+                    continue
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     raise asyncio.TimeoutError(f"{int((~got).sum())} of {b} results missing after {timeout}s")

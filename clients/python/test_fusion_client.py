@@ -238,6 +238,49 @@ def test_streaming_client_subscribe_and_produce(server):
     asyncio.run(go())
 
 
+def test_samples_frames_stream_whole_samples(server):
+    rng = np.random.default_rng(5)
+    n = 40
+    feats = {"text": rng.standard_normal((n, 768), dtype=np.float32),
+             "vision": rng.standard_normal((n, 1024), dtype=np.float32)}
+    keys = [f"s{i}" for i in range(n)]
+
+    async def go() -> dict:
+        async with await fc.FusionClient.connect(server.url) as c:
+            sub = await c.subscribe("batched")
+            await c.produce_samples("batched", keys, feats, priority="critical", ack=True)
+            got = {}
+            while len(got) < n:
+                r = await sub.get(timeout=10)
+                got[r.key] = r
+            # A bad frame is refused as a whole, with its typed error.
+            bad = dict(feats, text=feats["text"][:, :700])
+            with pytest.raises(fc.FusionError) as e:
+                await c.produce_samples("batched", keys, bad, ack=True)
+            assert e.value.code == "wrong_width"
+            nan = dict(feats)
+            nan["vision"] = feats["vision"].copy()
+            nan["vision"][7, 3] = np.nan
+            with pytest.raises(fc.FusionError) as e:
+                await c.produce_samples("batched", keys, nan, ack=True)
+            assert e.value.code == "non_finite" and '"s7"' in str(e.value)
+            return got
+
+    got = asyncio.run(go())
+    mask = np.tile(np.array([[0, 1, 1]], np.uint8), (n, 1))  # order of `full`: audio, text, vision
+    full = {"audio": np.zeros((n, 128), np.float32), **feats}
+    ref_f, ref_w = offline_fuse(full, mask, ["vision", "text", "audio"], None)
+    fused = np.stack([got[k].fused for k in keys])
+    weights = np.stack([got[k].weights for k in keys])  # head order
+    assert all(list(got[k].mask) == [1, 1, 0] and got[k].priority == "critical" for k in keys)
+    assert rel(fused, ref_f) <= 1e-5
+    assert rel(weights, ref_w) <= 1e-5
+    with pytest.raises(ValueError):
+        fc.encode_samples("s", ["a", "b"], {"text": np.zeros((3, 768), np.float32)})
+    with pytest.raises(ValueError):
+        fc.encode_samples("s", [], {"text": np.zeros((0, 768), np.float32)})
+
+
 def test_result_frame_codec_round_trip():
     d, m = 5, 3
     s, k = b"st", b"key"

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use fusion_engine::engine::Priority;
 use fusion_engine::io::write_input_bytes;
-use fusion_engine::server::codec::{encode_produce, encode_result, with_seq, ResultView};
+use fusion_engine::server::codec::{
+    encode_produce, encode_result, encode_samples, with_seq, ResultView, VERSION, VERSION_2,
+};
 use fusion_engine::server::codec::{FLAG_ACK, FLAG_LAST};
 use fusion_engine::tensor::HostMat;
 use fusion_engine::{Batch, DType, FusionHead};
@@ -80,6 +82,21 @@ fn main() {
         let f = encode_produce(s, k, m, dt, p, flags, id, payload).expect("frame");
         write(&dir, name, PROTOCOL_PRODUCE, &f);
     }
+    // A samples frame (PROTOCOL 4.4): 2 samples, two modalities out of head order, F16.
+    let text = [0u8; 2 * 3 * 2];
+    let audio = [0x3cu8; 2 * 2 * 2];
+    let f = encode_samples(
+        "cam",
+        &["k1", "k2"],
+        &["audio", "text"],
+        &[&audio, &text],
+        DType::F16,
+        Priority::Important,
+        true,
+        5,
+    )
+    .expect("samples frame");
+    write(&dir, "samples-f16", PROTOCOL_PRODUCE, &f);
     let r = ResultView {
         stream: "cam",
         key: "k1",
@@ -87,12 +104,25 @@ fn main() {
         mask: &[1, 0, 1],
         fused: &[0.5, -1.0, 2.0, 0.25],
         weights: &[0.75, 0.0, 0.25],
+        stream_seq: 0,
+        replayed: false,
     };
     write(
         &dir,
         "result",
         PROTOCOL_RESULT,
-        &with_seq(&encode_result(&r), 9),
+        &with_seq(&encode_result(&r, VERSION), 9),
+    );
+    let r2 = ResultView {
+        stream_seq: 77,
+        replayed: true,
+        ..r
+    };
+    write(
+        &dir,
+        "result-v2",
+        PROTOCOL_RESULT,
+        &with_seq(&encode_result(&r2, VERSION_2), 9),
     );
     let texts = [
         ("hello", r#"{"type":"hello","version":1}"#),

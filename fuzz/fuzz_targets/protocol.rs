@@ -1,4 +1,4 @@
-//! The protocol decoders (docs/PROTOCOL.md): binary produce frames, binary result frames and
+//! The protocol decoders (docs/PROTOCOL.md): binary produce and samples frames, binary result frames and
 //! client JSON control messages. The first input byte picks the decoder (fuzz_common). Besides
 //! "never panics", every successful decode is checked: lengths agree with the header, and
 //! re-encoding gives back the input bytes.
@@ -7,9 +7,10 @@
 
 use bytes::Bytes;
 use fusion_engine::server::codec::{
-    decode_client_message, decode_result, encode_produce, encode_result, json_result,
-    json_result_tail, parse_client_json, parse_produce, produce_id, with_seq, ClientMessage, Code,
-    ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER, RESULT_FLAG_REPLAYED, VERSION, VERSION_2,
+    decode_client_message, decode_result, encode_produce, encode_result, encode_samples,
+    json_result, json_result_tail, parse_client_json, parse_produce, parse_samples, produce_id,
+    with_seq, ClientMessage, Code, ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER,
+    RESULT_FLAG_REPLAYED, VERSION, VERSION_2,
 };
 use fusion_engine::DType;
 use fuzz_common::{PROTOCOL_MODES, PROTOCOL_PRODUCE, PROTOCOL_RESULT};
@@ -29,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn produce(b: &[u8]) {
     let frame = Bytes::copy_from_slice(b);
+    samples(&frame);
     let id = produce_id(&frame);
     match parse_produce(&frame) {
         Ok(p) => {
@@ -54,6 +56,29 @@ fn produce(b: &[u8]) {
             }
         }
     }
+}
+
+/// A samples frame (4.4): blocks are whole rows, the id sits where a produce frame's does, and
+/// it re-encodes to the same bytes.
+fn samples(frame: &Bytes) {
+    let Ok(s) = parse_samples(frame) else {
+        return;
+    };
+    assert!(!s.keys.is_empty() && !s.modalities.is_empty());
+    for ((_, w), blk) in s.modalities.iter().zip(&s.blocks) {
+        assert_eq!(blk.len(), s.keys.len() * w * s.dtype.size(), "block length");
+    }
+    assert_eq!(produce_id(frame), s.id);
+    let names: Vec<&str> = s.modalities.iter().map(|m| m.0).collect();
+    let blocks: Vec<&[u8]> = s.blocks.iter().map(|x| &x[..]).collect();
+    let again = encode_samples(
+        s.stream, &s.keys, &names, &blocks, s.dtype, s.priority, s.ack, s.id,
+    );
+    assert_eq!(
+        again.as_deref(),
+        Some(&frame[..]),
+        "encode(parse(frame)) == frame"
+    );
 }
 
 fn result(b: &[u8]) {

@@ -142,9 +142,16 @@ enum Cmd {
         /// Fast subscribers (each subscribes to every stream) [default: the scenario's].
         #[arg(long)]
         subscribers: Option<usize>,
+        /// Devices of the in-process server, e.g. `cpu:threads=1` [default: the scenario's].
+        #[arg(long, conflicts_with = "url")]
+        devices: Option<String>,
         /// Producers' payload dtype on the wire (f32, f16, bf16).
         #[arg(long, default_value = "f32")]
         dtype: DType,
+        /// 1: producers send one produce frame per modality (the aligner joins them); N > 1:
+        /// whole samples in `samples` frames of up to N (PROTOCOL 4.4).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        samples_per_frame: u32,
         /// SVG plot path [default: loadgen-<scenario>.svg].
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -237,7 +244,9 @@ fn main() -> ExitCode {
             rate,
             max_rss_mb,
             subscribers,
+            devices,
             dtype,
+            samples_per_frame,
             plot,
             json,
         } => seconds(duration).and_then(|duration| {
@@ -249,9 +258,10 @@ fn main() -> ExitCode {
                 progress: !json,
                 plot: Some(plot.unwrap_or_else(|| format!("loadgen-{scenario}.svg").into())),
                 dtype,
+                samples_per_frame: samples_per_frame as usize,
                 ..Default::default()
             };
-            loadgen(scenario, opts, rate, subscribers, json)
+            loadgen(scenario, opts, rate, subscribers, devices, json)
         }),
         Cmd::Demo { duration } => seconds(duration).and_then(|d| {
             runtime()?
@@ -578,6 +588,7 @@ fn loadgen(
     opts: fusion_engine::loadgen::Options,
     rate: f64,
     subscribers: Option<usize>,
+    devices: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
     if !(rate.is_finite() && rate > 0.0) {
@@ -591,6 +602,9 @@ fn loadgen(
             return Err(Error::Config("--subscribers must be at least 1".into()));
         }
         plan.set_fast_subscribers(n);
+    }
+    if let Some(d) = devices {
+        plan.devices = d;
     }
     let r = runtime()?
         .block_on(fusion_engine::loadgen::run_plan(plan, &opts))

@@ -78,6 +78,8 @@ pub struct Options {
     pub scrape_every: Duration,
     /// Wire dtype of the producers' payloads.
     pub dtype: DType,
+    /// 1: one produce frame per modality; N > 1: `samples` frames of up to N whole samples.
+    pub samples_per_frame: usize,
 }
 
 impl Default for Options {
@@ -91,6 +93,7 @@ impl Default for Options {
             plot: None,
             scrape_every: Duration::from_millis(100),
             dtype: DType::F32,
+            samples_per_frame: 1,
         }
     }
 }
@@ -249,6 +252,7 @@ pub async fn drive(
             until,
             dtype: o.dtype,
             mods: Arc::clone(&mods),
+            samples_per_frame: o.samples_per_frame.max(1),
         })));
     }
     let bar = progress_bar(o, &plan.name);

@@ -14,7 +14,7 @@ use super::conn::{connect, hello, Ws};
 use super::stats::{make_key, now_us, parse_key};
 use super::LoadgenError;
 use crate::engine::Priority;
-use crate::server::codec::{encode_produce, FLAG_LAST};
+use crate::server::codec::{encode_produce, encode_samples, FLAG_LAST};
 use crate::tensor::DType;
 
 /// One producer's settings.
@@ -30,6 +30,9 @@ pub(crate) struct ProducerCfg {
     pub dtype: DType,
     /// (modality name, little-endian `dtype` payload), head order.
     pub mods: Arc<Vec<(String, Vec<u8>)>>,
+    /// 1: one produce frame per modality (the aligner joins them); N > 1: whole samples in
+    /// `samples` frames of up to N samples (one frame per class among the samples due).
+    pub samples_per_frame: usize,
 }
 
 /// What one producer saw.
@@ -83,6 +86,29 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
                 tokio::time::sleep_until(due).await;
             }
         }
+        if cfg.samples_per_frame > 1 {
+            // Every sample already due (at least this one), up to a frame's worth.
+            let n = match cfg.rate {
+                None => cfg.samples_per_frame as u64,
+                Some(rate) => {
+                    let now = Instant::now();
+                    let mut n = 1u64;
+                    while n < cfg.samples_per_frame as u64 {
+                        let due = start + Duration::from_secs_f64((i + n) as f64 / rate.max(0.001));
+                        if due > now || due >= cfg.until {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    n
+                }
+            };
+            send_samples(&cfg, &mut tx, &mut rec, i, n).await?;
+            // One write per batch of due samples.
+            tx.flush().await?;
+            i += n;
+            continue;
+        }
         let class = class_of(i);
         let key = make_key(class, i, now_us());
         for (j, (name, bytes)) in cfg.mods.iter().enumerate() {
@@ -128,6 +154,51 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
     rec.critical_refused = seen.critical_refused;
     rec.close = seen.close;
     Ok(rec)
+}
+
+/// Samples `i..i + n` as one `samples` frame per class present among them.
+async fn send_samples<S>(
+    cfg: &ProducerCfg,
+    tx: &mut S,
+    rec: &mut ProducerRecord,
+    i: u64,
+    n: u64,
+) -> Result<(), LoadgenError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let mut keys: [Vec<String>; 3] = Default::default();
+    let t = now_us();
+    for k in i..i + n {
+        let class = class_of(k);
+        keys[class].push(make_key(class, k, t));
+    }
+    let names: Vec<&str> = cfg.mods.iter().map(|(m, _)| m.as_str()).collect();
+    for (class, keys) in keys.into_iter().enumerate() {
+        if keys.is_empty() {
+            continue;
+        }
+        let blocks: Vec<Vec<u8>> = cfg.mods.iter().map(|(_, b)| b.repeat(keys.len())).collect();
+        let blocks: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+        let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let f = encode_samples(
+            &cfg.stream,
+            &refs,
+            &names,
+            &blocks,
+            cfg.dtype,
+            PRIORITIES[class],
+            false,
+            0,
+        )
+        .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
+        tx.feed(Message::binary(f)).await?;
+        rec.sent[class] += keys.len() as u64;
+        if class == 0 {
+            rec.critical_sent.extend(keys);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default)]

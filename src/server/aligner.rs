@@ -34,6 +34,39 @@ pub(crate) struct Ingest {
     pub producer: Arc<Outbound>,
 }
 
+/// Whole samples of one `samples` frame after validation: complete on arrival, they skip the
+/// aligner and go to the batcher.
+#[derive(Debug)]
+pub(crate) struct IngestSamples {
+    pub stream: Arc<str>,
+    pub keys: Vec<String>,
+    pub dtype: DType,
+    pub priority: Priority,
+    /// Head index of each modality in the frame, frame order.
+    pub modalities: Vec<usize>,
+    /// One `[N, width]` block per listed modality (all finite, exact lengths).
+    pub blocks: Vec<Bytes>,
+    pub ack: bool,
+    pub id: Option<serde_json::Value>,
+    pub producer: Arc<Outbound>,
+}
+
+impl IngestSamples {
+    /// Rows (sample x modality) it carries: its weight against `ingest_capacity`.
+    pub fn rows(&self) -> usize {
+        self.keys.len() * self.modalities.len()
+    }
+}
+
+/// What a connection hands to the pipeline.
+#[derive(Debug)]
+pub(crate) enum IngestMsg {
+    /// One modality of one sample.
+    One(Ingest),
+    /// Many whole samples.
+    Samples(IngestSamples),
+}
+
 /// One modality of a sample.
 #[derive(Debug, Clone)]
 pub(crate) struct Part {

@@ -11,6 +11,8 @@ use serde_json::Value;
 use crate::engine::Priority;
 use crate::tensor::DType;
 
+pub use super::samples::{encode_samples, parse_samples, SamplesFrame, KIND_SAMPLES};
+
 /// Protocol version of produce frames (their layout is the same in both protocol versions).
 pub const VERSION: u8 = 1;
 /// The newest protocol version: results carry the stream seq (32-byte binary header).
@@ -146,7 +148,7 @@ pub const fn dtype_code(d: DType) -> u8 {
     }
 }
 
-fn dtype_of(c: u8) -> Option<DType> {
+pub(crate) fn dtype_of(c: u8) -> Option<DType> {
     match c {
         0 => Some(DType::F32),
         1 => Some(DType::F16),
@@ -256,7 +258,10 @@ pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
     if b[3] != KIND_PRODUCE {
         return Err(ProtoError::new(
             Code::UnknownType,
-            format!("binary frame kind {} (clients send 1 = produce)", b[3]),
+            format!(
+                "binary frame kind {} (clients send 1 = produce or 3 = samples)",
+                b[3]
+            ),
         ));
     }
     let Some(dtype) = dtype_of(b[4]) else {

@@ -35,11 +35,12 @@ mod dur {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
-    /// CRITICAL results. Default 200.
+    /// CRITICAL results. Default 400 (at least one whole batch: a batch's results are queued
+    /// at once, and a CRITICAL result that does not fit closes the connection).
     pub critical: usize,
-    /// IMPORTANT results. Default 400.
+    /// IMPORTANT results. Default 300 (at least one whole batch).
     pub important: usize,
-    /// BULK results. Default 400 (the three data classes: 1000 in all).
+    /// BULK results. Default 300 (the three data classes: 1000 in all).
     pub bulk: usize,
     /// CONTROL messages. Default 100.
     pub control: usize,
@@ -48,9 +49,9 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
-            critical: 200,
-            important: 400,
-            bulk: 400,
+            critical: 400,
+            important: 300,
+            bulk: 300,
             control: 100,
         }
     }
@@ -203,6 +204,16 @@ impl ServerConfig {
         if self.max_batch == 0 || self.max_open_samples == 0 || self.ingest_capacity == 0 {
             return bad("max_batch, max_open_samples and ingest_capacity must be at least 1");
         }
+        if q.critical.min(q.important) < self.max_batch {
+            tracing::warn!(
+                critical = q.critical,
+                important = q.important,
+                max_batch = self.max_batch,
+                "send_queue.critical or .important holds less than one batch: one batch of that \
+                 class can close (CRITICAL) or drop results for (IMPORTANT) a subscriber that \
+                 keeps up"
+            );
+        }
         if self.max_frame_bytes < 1024 || self.max_name_bytes == 0 {
             return bad("max_frame_bytes must be at least 1024 and max_name_bytes at least 1");
         }
@@ -237,7 +248,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.align_timeout, Duration::from_millis(20));
         assert_eq!(p.send_queue.bulk, 10);
-        assert_eq!(p.send_queue.critical, 200);
+        assert_eq!(p.send_queue.critical, 400);
         assert_eq!(
             (p.replay_messages, p.replay_age),
             (1024, Duration::from_secs(30))

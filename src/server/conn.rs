@@ -4,7 +4,9 @@
 //! sending half; everything this side says goes through the connection's CONTROL queue.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -14,7 +16,7 @@ use tokio::sync::{mpsc::error::TrySendError, watch};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::aligner::Ingest;
+use super::aligner::{Ingest, IngestMsg, IngestSamples};
 use super::codec::{self, ClientMessage, Code, Produce, ProtoError};
 use super::messages::{self, About};
 use super::outbound::{Conflate, Outbound};
@@ -128,23 +130,145 @@ impl Conn {
     }
 
     async fn binary(&mut self, frame: Bytes) {
+        if frame.get(3) == Some(&codec::KIND_SAMPLES) {
+            return self.samples(frame).await;
+        }
         let p = match codec::parse_produce(&frame) {
             Ok(p) => p,
-            Err(e) => {
-                let id = Value::from(codec::produce_id(&frame));
-                let id = (id != 0).then_some(&id);
-                return self.error(
-                    e.code,
-                    &e.message,
-                    &About {
-                        id,
-                        ..About::default()
-                    },
-                );
-            }
+            Err(e) => return self.frame_error(&frame, e),
         };
         let pr = p.to_produce();
         self.produce(pr).await
+    }
+
+    /// An undecodable binary frame: the error names its request id when the header has one.
+    fn frame_error(&self, frame: &[u8], e: ProtoError) {
+        let id = Value::from(codec::produce_id(frame));
+        let id = (id != 0).then_some(&id);
+        self.error(
+            e.code,
+            &e.message,
+            &About {
+                id,
+                ..About::default()
+            },
+        )
+    }
+
+    /// A `samples` frame (PROTOCOL 4.4): validated as a whole (one error refuses every sample of
+    /// it), then handed to the pipeline as one message weighing one ingest slot per row.
+    async fn samples(&mut self, frame: Bytes) {
+        let f = match codec::parse_samples(&frame) {
+            Ok(f) => f,
+            Err(e) => return self.frame_error(&frame, e),
+        };
+        let id = (f.id != 0).then(|| Value::from(f.id));
+        let about = About {
+            id: id.as_ref(),
+            stream: Some(f.stream),
+            ..About::default()
+        };
+        let ing = match self.validate_samples(&f, id.clone()) {
+            Ok(i) => i,
+            Err(e) => return self.error(e.code, &e.message, &about),
+        };
+        let rows = ing.rows();
+        let sh = Arc::clone(&self.shared);
+        sh.m.produce.increment(rows as u64);
+        self.out.begin_request();
+        let deadline = tokio::time::Instant::now() + sh.cfg.ingest_wait;
+        let mut msg = IngestMsg::Samples(ing);
+        let refused = loop {
+            if ingest_room(&sh, rows) {
+                sh.ingest_rows.fetch_add(rows, Ordering::AcqRel);
+                match sh.ingest.try_send(msg) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        sh.ingest_rows.fetch_sub(rows, Ordering::AcqRel);
+                        match e {
+                            TrySendError::Closed(_) => break None,
+                            TrySendError::Full(m) => msg = m,
+                        }
+                    }
+                }
+            }
+            // Full: BULK is shed at once, other classes wait up to `ingest_wait` (PROTOCOL 5.1).
+            if f.priority == Priority::Bulk || tokio::time::Instant::now() >= deadline {
+                break Some(msg);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        self.out.end_request();
+        match refused {
+            None => self.error(Code::Shutdown, "the server is shutting down", &about),
+            Some(IngestMsg::Samples(ing)) => {
+                let why = "the ingest queue is full (the server is saturated)";
+                super::pipeline::refuse_samples(&sh, &ing, why);
+            }
+            Some(IngestMsg::One(_)) => {}
+        }
+    }
+
+    fn validate_samples(
+        &mut self,
+        f: &codec::SamplesFrame<'_>,
+        id: Option<Value>,
+    ) -> Result<IngestSamples, ProtoError> {
+        if self.draining {
+            return Err(ProtoError::new(
+                Code::Shutdown,
+                "the server is shutting down",
+            ));
+        }
+        self.check_name("stream", f.stream)?;
+        for (i, k) in f.keys.iter().enumerate() {
+            self.check_name("key", k)
+                .map_err(|e| ProtoError::new(e.code, format!("sample {i}: {}", e.message)))?;
+        }
+        let head = &self.shared.head;
+        let mut modalities = Vec::with_capacity(f.modalities.len());
+        for (&(name, width), block) in f.modalities.iter().zip(&f.blocks) {
+            let Some(mi) = head.modality_index(name) else {
+                return Err(ProtoError::new(
+                    Code::UnknownModality,
+                    format!(
+                        "unknown modality \"{name}\" (the head has {})",
+                        head.modality_list()
+                    ),
+                ));
+            };
+            let want = head.modalities[mi].width;
+            if width != want {
+                return Err(ProtoError::new(
+                    Code::WrongWidth,
+                    format!("modality \"{name}\" has width {want}, got {width} values"),
+                ));
+            }
+            if let Some(e) = find_non_finite_bytes(f.dtype, block) {
+                return Err(ProtoError::new(
+                    Code::NonFinite,
+                    format!(
+                        "modality \"{name}\" of sample {} (key \"{}\"): element {} is NaN or Inf",
+                        e / width,
+                        f.keys.get(e / width).copied().unwrap_or_default(),
+                        e % width
+                    ),
+                ));
+            }
+            modalities.push(mi);
+        }
+        let stream = self.use_stream(f.stream)?;
+        Ok(IngestSamples {
+            stream,
+            keys: f.keys.iter().map(|k| k.to_string()).collect(),
+            dtype: f.dtype,
+            priority: f.priority,
+            modalities,
+            blocks: f.blocks.clone(),
+            ack: f.ack,
+            id,
+            producer: Arc::clone(&self.out),
+        })
     }
 
     async fn produce(&mut self, p: Produce<'_>) {
@@ -161,16 +285,16 @@ impl Conn {
         self.shared.m.produce.increment(1);
         let tx = &self.shared.ingest;
         self.out.begin_request();
-        let refused = match tx.try_send(ing) {
+        let refused = match tx.try_send(IngestMsg::One(ing)) {
             Ok(()) => return,
             Err(TrySendError::Closed(_)) => {
                 self.out.end_request();
                 return self.error(Code::Shutdown, "the server is shutting down", &about);
             }
             Err(TrySendError::Full(_)) if p.priority == Priority::Bulk => true,
-            Err(TrySendError::Full(ing)) => {
+            Err(TrySendError::Full(msg)) => {
                 let wait = self.shared.cfg.ingest_wait;
-                match tokio::time::timeout(wait, tx.send(ing)).await {
+                match tokio::time::timeout(wait, tx.send(msg)).await {
                     Ok(Ok(())) => return,
                     Ok(Err(_)) => {
                         self.out.end_request();
@@ -348,4 +472,14 @@ fn conflate_mode(v: &Value) -> Result<Option<Conflate>, ProtoError> {
             )),
         },
     }
+}
+
+/// Whether the ingest queue has room for `rows` more rows of a `samples` frame: queued
+/// messages plus queued rows stay within `ingest_capacity` (a frame larger than that is let in
+/// when no other frame is queued, so that it is not refused forever).
+fn ingest_room(sh: &Shared, rows: usize) -> bool {
+    let q = &sh.ingest;
+    let queued = q.max_capacity().saturating_sub(q.capacity());
+    let r = sh.ingest_rows.load(Ordering::Acquire);
+    r == 0 || queued + r + rows <= q.max_capacity()
 }

@@ -52,6 +52,16 @@ pub(crate) fn ack(op: &str, about: &About<'_>) -> Message {
     Message::text(Value::Object(o).to_string())
 }
 
+/// The `ack` of a `samples` frame: how many samples it brought.
+pub(crate) fn ack_samples(about: &About<'_>, samples: usize) -> Message {
+    let mut o = Map::new();
+    o.insert("type".into(), "ack".into());
+    o.insert("op".into(), "samples".into());
+    put_about(&mut o, about);
+    o.insert("samples".into(), samples.into());
+    Message::text(Value::Object(o).to_string())
+}
+
 /// The `ack` of a subscribe: the server's epoch, the stream's last stream seq (later results
 /// come live) and how many results were set aside for replay.
 pub(crate) fn ack_subscribe(about: &About<'_>, epoch: u64, last: u64, replay: usize) -> Message {

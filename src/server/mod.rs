@@ -29,6 +29,7 @@ mod pipeline;
 mod pressure;
 mod registry;
 mod replay;
+mod samples;
 pub mod serve;
 mod writer;
 
@@ -48,7 +49,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use config::{QueueConfig, ServerConfig};
 
-use self::aligner::Ingest;
+use self::aligner::IngestMsg;
 use self::metrics::ServerMetrics;
 use self::outbound::Outbound;
 use self::registry::Registry;
@@ -63,7 +64,10 @@ pub(crate) struct Shared {
     pub engine: Arc<Engine>,
     pub registry: Arc<Registry>,
     pub replay: replay::Replay,
-    pub ingest: mpsc::Sender<Ingest>,
+    pub ingest: mpsc::Sender<IngestMsg>,
+    /// Rows (sample x modality) queued in `samples` frames on the ingest queue: they count
+    /// against `ingest_capacity` like as many single produce messages.
+    pub ingest_rows: std::sync::atomic::AtomicUsize,
     pub m: Arc<ServerMetrics>,
     pub welcome: serde_json::Value,
     /// Producer flow control (ingest backpressure notices).
@@ -136,6 +140,7 @@ impl Server {
             registry: Arc::new(Registry::default()),
             replay,
             ingest: tx,
+            ingest_rows: std::sync::atomic::AtomicUsize::new(0),
             m,
             pressure: pressure::IngestPressure::new(),
             conns: Mutex::new(HashMap::new()),

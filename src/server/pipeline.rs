@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::aligner::{Aligner, Ingest, Offer, Sample};
+use super::aligner::{Aligner, Ingest, IngestMsg, IngestSamples, Offer, Part, Sample};
 use super::codec::{Code, ResultView};
 use super::messages::{self, About};
 use super::outbound::Outbound;
@@ -32,7 +32,7 @@ struct Meta {
 /// Runs until `stop` fires and everything open and in flight is done (or `shutdown_grace`).
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Ingest>,
+    mut rx: mpsc::Receiver<IngestMsg>,
     mut stop: watch::Receiver<bool>,
 ) {
     let cfg = &shared.cfg;
@@ -60,11 +60,11 @@ pub(crate) async fn run(
             msg = rx.recv() => {
                 let Some(first) = msg else { break };
                 let now = Instant::now();
-                offer(&shared, &mut aligner, first, fill, now, &mut pending, &mut oldest);
+                take(&shared, &mut aligner, first, fill, now, &mut pending, &mut oldest);
                 // Take what else is queued without going back to the scheduler.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(m) => offer(&shared, &mut aligner, m, fill, now, &mut pending, &mut oldest),
+                        Ok(m) => take(&shared, &mut aligner, m, fill, now, &mut pending, &mut oldest),
                         Err(_) => break,
                     }
                 }
@@ -91,7 +91,7 @@ pub(crate) async fn run(
     rx.close();
     let now = Instant::now();
     while let Ok(m) = rx.try_recv() {
-        offer(
+        take(
             &shared,
             &mut aligner,
             m,
@@ -114,11 +114,14 @@ pub(crate) async fn run(
     }
 }
 
-/// Fill of the bounded stages after the aligner: the ingest queue (connections to this task)
-/// and the engine's admitted batches.
+/// Fill of the bounded stages after the aligner: the ingest queue (connections to this task;
+/// its messages plus the rows of its `samples` frames) and the engine's admitted batches.
 fn ingest_fill(shared: &Shared) -> f64 {
     let q = &shared.ingest;
-    let queued = q.max_capacity().saturating_sub(q.capacity());
+    let queued = q.max_capacity().saturating_sub(q.capacity())
+        + shared
+            .ingest_rows
+            .load(std::sync::atomic::Ordering::Acquire);
     let queue = queued as f64 / q.max_capacity().max(1) as f64;
     queue.max(shared.engine.saturation())
 }
@@ -137,6 +140,103 @@ fn about(ing: &Ingest) -> About<'_> {
         key: Some(&ing.key),
         modality: None,
     }
+}
+
+/// One message from the ingest queue: a modality to align, or whole samples to batch.
+#[allow(clippy::too_many_arguments)]
+fn take(
+    shared: &Shared,
+    aligner: &mut Aligner,
+    msg: IngestMsg,
+    engine_fill: f64,
+    now: Instant,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+) {
+    match msg {
+        IngestMsg::One(ing) => offer(shared, aligner, ing, engine_fill, now, pending, oldest),
+        IngestMsg::Samples(s) => {
+            let rows = s.rows();
+            shared
+                .ingest_rows
+                .fetch_sub(rows, std::sync::atomic::Ordering::AcqRel);
+            let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
+            shared
+                .pressure
+                .producing(open.max(engine_fill), &s.producer);
+            whole_samples(shared, s, now, pending, oldest);
+        }
+    }
+}
+
+/// The samples of a `samples` frame, complete on arrival: each becomes a [`Sample`] whose parts
+/// share the frame's buffer, queued for the batcher like a sample the aligner completed.
+fn whole_samples(
+    shared: &Shared,
+    s: IngestSamples,
+    now: Instant,
+    pending: &mut [VecDeque<Sample>; 3],
+    oldest: &mut Option<Instant>,
+) {
+    let m = shared.head.num_modalities();
+    let widths: Vec<usize> = s
+        .modalities
+        .iter()
+        .map(|&mi| shared.head.modalities.get(mi).map_or(0, |md| md.width) * s.dtype.size())
+        .collect();
+    let n = s.keys.len();
+    for (i, key) in s.keys.iter().enumerate() {
+        let mut parts = vec![None; m];
+        for ((&mi, block), &row) in s.modalities.iter().zip(&s.blocks).zip(&widths) {
+            if let Some(slot) = parts.get_mut(mi) {
+                *slot = Some(Part {
+                    dtype: s.dtype,
+                    payload: block.slice(i * row..(i + 1) * row),
+                });
+            }
+        }
+        enqueue(
+            Sample {
+                stream: Arc::clone(&s.stream),
+                key: key.clone(),
+                priority: s.priority,
+                parts,
+                present: s.modalities.len(),
+                producers: vec![Arc::clone(&s.producer)],
+            },
+            now,
+            pending,
+            oldest,
+        );
+    }
+    if s.ack {
+        let a = About {
+            id: s.id.as_ref(),
+            stream: Some(&s.stream),
+            key: None,
+            modality: None,
+        };
+        s.producer.push_control(messages::ack_samples(&a, n));
+    }
+    // After the reply is queued: the reader reserved CONTROL room for it.
+    s.producer.end_request();
+}
+
+/// A `samples` frame refused as a whole under saturation: one `shed` notice (BULK) or one
+/// retryable `overloaded` error naming every key.
+pub(crate) fn refuse_samples(shared: &Shared, s: &IngestSamples, why: &str) {
+    shared.pressure.refusing(&s.producer);
+    let shed = s.priority == Priority::Bulk;
+    if !shed {
+        shared.m.error(Code::Overloaded);
+    }
+    s.producer.push_control(messages::about_samples(
+        Code::Overloaded,
+        why,
+        &s.stream,
+        &s.keys,
+        shed,
+    ));
 }
 
 #[allow(clippy::too_many_arguments)]
