@@ -542,3 +542,33 @@ fn critical_keeps_priority_under_an_aged_bulk_backlog() {
         );
     });
 }
+
+#[test]
+fn overhead_bench_compares_one_device_with_its_kernel() {
+    use fusion_engine::engine::bench::{run_overhead_bench, OverheadOptions};
+    within(120, || {
+        let head = small_head();
+        let o = OverheadOptions {
+            batch: 32,
+            dtype: DType::F32,
+            rounds: 3,
+            batches_per_segment: 4,
+        };
+        let r = run_overhead_bench(config("cpu:threads=1"), Arc::clone(&head), &o).unwrap();
+        assert_eq!((r.rounds, r.round_ratios.len(), r.batch), (3, 3, 32));
+        assert!(
+            r.engine_samples_per_s > 0.0 && r.direct_samples_per_s > 0.0,
+            "{r:?}"
+        );
+        let ratio = r.engine_samples_per_s / r.direct_samples_per_s;
+        assert!((r.ratio - ratio).abs() < 1e-9, "{r:?}");
+        assert!(r.round_ratios.iter().all(|x| x.is_finite() && *x > 0.0));
+        // One device without faults only.
+        for bad in ["cpu:threads=1,cpu:threads=1", "cpu:threads=1:delay=1ms"] {
+            let e = run_overhead_bench(config(bad), Arc::clone(&head), &o).unwrap_err();
+            assert!(matches!(e, Error::Config(_)), "{bad}: {e}");
+        }
+        let zero = OverheadOptions { rounds: 0, ..o };
+        assert!(run_overhead_bench(config("cpu:threads=1"), head, &zero).is_err());
+    });
+}

@@ -111,6 +111,11 @@ enum Cmd {
         /// replaces its device list.
         #[arg(long)]
         engine_config: Option<PathBuf>,
+        /// With one device in --devices: instead of the load test, compare the engine with the
+        /// same kernel called directly, in one process, alternating segments of --iters batches
+        /// (ABBA, 20 segments each); prints both throughputs and their ratio.
+        #[arg(long, requires = "devices")]
+        overhead: bool,
     },
     /// List devices of every backend and why any is unavailable.
     Devices {
@@ -211,6 +216,8 @@ fn main() -> ExitCode {
             devices: Some(devices),
             samples,
             engine_config,
+            overhead,
+            iters,
             ..
         } => engine_bench(
             &devices,
@@ -219,6 +226,7 @@ fn main() -> ExitCode {
             &dtype,
             model,
             engine_config,
+            overhead.then_some(iters),
             json,
         ),
         Cmd::Bench {
@@ -396,6 +404,7 @@ fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn engine_bench(
     devices: &str,
     samples: usize,
@@ -403,6 +412,7 @@ fn engine_bench(
     dtypes: &[DType],
     model: Option<PathBuf>,
     engine_config: Option<PathBuf>,
+    overhead: Option<usize>,
     json: bool,
 ) -> Result<ExitCode> {
     use fusion_engine::engine::{bench::EngineBenchOptions, DeviceSpec, EngineConfig};
@@ -430,6 +440,26 @@ fn engine_bench(
         ..EngineBenchOptions::default()
     };
     let head = load_head(model)?;
+    if let Some(per) = overhead {
+        let o = fusion_engine::engine::bench::OverheadOptions {
+            batch: rows,
+            dtype: opts.dtype,
+            rounds: 20,
+            batches_per_segment: per,
+        };
+        let r = fusion_engine::engine::bench::run_overhead_bench(cfg, head, &o)?;
+        if json {
+            print_json(&r)?;
+        } else {
+            println!(
+                "{} batch {}: engine {:.0} samples/s, direct {:.0} samples/s (median batch {:.0}), engine/direct {:.3} (median of {} rounds {:.3}){}",
+                r.device, r.batch, r.engine_samples_per_s, r.direct_samples_per_s,
+                r.direct_median_samples_per_s, r.ratio, r.rounds, r.median_round_ratio,
+                steal_note(r.host_steal_pct)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let r = fusion_engine::engine::bench::run_engine_bench(cfg, head, &opts)?;
     if json {
         print_json(&r)?;

@@ -13,6 +13,7 @@ use super::config::EngineConfig;
 use super::handle::Engine;
 use super::health::DeviceState;
 use super::job::{Priority, Ticket};
+use crate::backend::Backend;
 use crate::bench::median;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -295,5 +296,169 @@ pub fn run_engine_bench(
         cpu_us_per_sample,
         devices,
         errors,
+    })
+}
+
+/// `bench --devices SPEC --overhead`: the engine against the same kernel called directly, in
+/// one process, alternating segments of the same number of batches (ABBA order), so that both
+/// see the same machine; each side's throughput is its samples over its own wall time.
+#[derive(Debug, Clone)]
+pub struct OverheadOptions {
+    /// Rows per batch.
+    pub batch: usize,
+    /// Input dtype.
+    pub dtype: DType,
+    /// Segments per side.
+    pub rounds: usize,
+    /// Batches per segment.
+    pub batches_per_segment: usize,
+}
+
+/// Report of [`run_overhead_bench`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OverheadReport {
+    /// The device.
+    pub device: String,
+    /// Rows per batch.
+    pub batch: usize,
+    /// Segments per side.
+    pub rounds: usize,
+    /// Batches per segment.
+    pub batches_per_segment: usize,
+    /// Through the engine (submit, queue, route, worker, completion): samples / wall seconds.
+    pub engine_samples_per_s: f64,
+    /// The same backend called directly in a loop: samples / wall seconds.
+    pub direct_samples_per_s: f64,
+    /// `engine_samples_per_s / direct_samples_per_s`.
+    pub ratio: f64,
+    /// Each round's engine/direct ratio (the engine segment and the direct segment next to it).
+    pub round_ratios: Vec<f64>,
+    /// Median of `round_ratios`.
+    pub median_round_ratio: f64,
+    /// The direct side's median batch time as samples/s (how `bench --backend` reports).
+    pub direct_median_samples_per_s: f64,
+    /// Host steal during the timed part, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_steal_pct: Option<f64>,
+}
+
+/// Runs the overhead comparison on the one device of `cfg` (no faults).
+pub fn run_overhead_bench(
+    cfg: EngineConfig,
+    head: Arc<FusionHead>,
+    opts: &OverheadOptions,
+) -> Result<OverheadReport> {
+    let [spec] = cfg.devices.as_slice() else {
+        return Err(Error::Config(
+            "--overhead compares one device with its kernel: give exactly one device".into(),
+        ));
+    };
+    if !spec.faults.is_none() {
+        return Err(Error::Config(
+            "--overhead measures the engine's own cost: give a device without faults".into(),
+        ));
+    }
+    if opts.batch == 0 || opts.rounds == 0 || opts.batches_per_segment == 0 {
+        return Err(Error::Config(
+            "--batch, rounds and batches per segment must be at least 1".into(),
+        ));
+    }
+    let open = crate::backend::OpenOptions {
+        threads: spec.threads,
+        allow_tf32: cfg.allow_tf32,
+    };
+    // Opened as the engine's worker opens it (a backend whose libraries are missing may panic).
+    let mut direct = std::panic::catch_unwind(|| {
+        crate::backend::open(spec.kind, spec.index.unwrap_or(0), Arc::clone(&head), &open)
+    })
+    .unwrap_or_else(|_| {
+        Err(Error::Config(format!(
+            "{spec}: the backend panicked while opening"
+        )))
+    })?;
+    let device = spec.to_string();
+    let engine = Engine::start(cfg, Arc::clone(&head))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0E4D);
+    let batch = Arc::new(random_batch(
+        &head,
+        opts.batch,
+        opts.dtype,
+        MaskMode::All,
+        &mut rng,
+    ));
+    let mut out = crate::batch::Outputs::zeros(&head, opts.batch);
+    let window = engine.config().max_in_flight + 4;
+    let per = opts.batches_per_segment;
+    let through_engine = |n: usize| -> Result<f64> {
+        let t0 = Instant::now();
+        let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(window + 1);
+        for _ in 0..n {
+            loop {
+                match engine.submit_shared(Arc::clone(&batch), Priority::Bulk) {
+                    Ok(t) => break inflight.push_back(t),
+                    Err(Error::Overloaded(_)) => match inflight.pop_front() {
+                        Some(t) => engine.recycle(t.wait()?.outputs),
+                        None => std::thread::sleep(Duration::from_micros(200)),
+                    },
+                    Err(e) => return Err(e),
+                }
+            }
+            while inflight.len() > window {
+                if let Some(t) = inflight.pop_front() {
+                    engine.recycle(t.wait()?.outputs);
+                }
+            }
+        }
+        while let Some(t) = inflight.pop_front() {
+            engine.recycle(t.wait()?.outputs);
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let mut direct_ms = Vec::with_capacity(opts.rounds * per);
+    let mut run_direct = |n: usize, times: &mut Vec<f64>| -> Result<f64> {
+        let view = batch.view();
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let t = Instant::now();
+            direct.run(&view, out.as_mut())?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    // Warm-up: both sides once, untimed.
+    through_engine(2)?;
+    run_direct(2, &mut Vec::new())?;
+    let steal = crate::steal::StealMeter::start();
+    let (mut e_total, mut d_total) = (0.0, 0.0);
+    let mut round_ratios = Vec::with_capacity(opts.rounds);
+    for r in 0..opts.rounds {
+        // ABBA: even rounds engine first, odd rounds direct first.
+        let (e, d) = if r % 2 == 0 {
+            let e = through_engine(per)?;
+            (e, run_direct(per, &mut direct_ms)?)
+        } else {
+            let d = run_direct(per, &mut direct_ms)?;
+            (through_engine(per)?, d)
+        };
+        e_total += e;
+        d_total += d;
+        round_ratios.push(d / e);
+    }
+    let host_steal_pct = steal.percent();
+    engine.shutdown(Duration::from_secs(1));
+    let samples = (opts.rounds * per * opts.batch) as f64;
+    let (engine_sps, direct_sps) = (samples / e_total, samples / d_total);
+    Ok(OverheadReport {
+        device,
+        batch: opts.batch,
+        rounds: opts.rounds,
+        batches_per_segment: per,
+        engine_samples_per_s: engine_sps,
+        direct_samples_per_s: direct_sps,
+        ratio: engine_sps / direct_sps,
+        median_round_ratio: median(&mut round_ratios.clone()),
+        round_ratios,
+        direct_median_samples_per_s: opts.batch as f64 / (median(&mut direct_ms) / 1e3),
+        host_steal_pct,
     })
 }
