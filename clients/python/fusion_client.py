@@ -535,9 +535,17 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
         got = np.zeros(b, bool)
 
         # Whole samples in samples frames (PROTOCOL.md 4.4): one frame per mask pattern, at
-        # most ~8 MiB each.
+        # most ~8 MiB each, with at most `window` samples sent and not yet answered: the server
+        # queues results for this connection in a bounded per-class queue (PROTOCOL.md 7) and
+        # drops IMPORTANT/BULK results, or closes on CRITICAL, when a reader falls that far
+        # behind, so a large batch must not be sent all at once.
+        caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
+        window = max(1, min(int(caps.get(priority, 256)) // 2, 1024))
         row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
-        chunk = max(1, (8 << 20) // row_bytes)
+        chunk = max(1, min(window, (8 << 20) // row_bytes))
+        progress = asyncio.Event()
+        sent_rows: set = set()
+        answered = [0]  # results received (all for rows in sent_rows)
 
         async def send_rows(rows: Any) -> None:
             rows = np.asarray(rows, dtype=np.int64)
@@ -548,6 +556,12 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
                 present = [names[j] for j in range(len(names)) if pat[j]]
                 for at in range(0, len(idx), chunk):
                     part = idx[at:at + chunk]
+                    # Resends (rows already sent) never wait: they add nothing outstanding.
+                    new = sum(1 for i in part if i not in sent_rows)
+                    while new and len(sent_rows) - answered[0] + new > window:
+                        progress.clear()
+                        await progress.wait()
+                    sent_rows.update(part)
                     await c.produce_samples(stream, [keys[i] for i in part],
                                             {n: arrays[n][part] for n in present}, priority=priority)
 
@@ -591,6 +605,8 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
                 fused[i] = r.fused
                 weights[i] = r.weights[head_pos]
                 got[i] = True
+                answered[0] += 1
+                progress.set()
         finally:
             sender.cancel()
     if single:

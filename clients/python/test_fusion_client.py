@@ -117,6 +117,22 @@ def test_round_trip_matches_offline_fuse(server):
     assert np.all(weights[mask == 0] == 0)
 
 
+def test_fuse_of_a_batch_larger_than_the_send_queues(server):
+    # 6000 samples at once: more than a subscriber's IMPORTANT queue (300) holds. fuse() keeps
+    # at most half a queue unanswered; before it did, the server dropped the results a Python
+    # reader could not take fast enough and fuse() timed out (8192 samples: 5312 missing).
+    rng = np.random.default_rng(3)
+    b = 6000
+    feats = {"vision": rng.standard_normal((b, 1024), dtype=np.float32),
+             "text": rng.standard_normal((b, 768), dtype=np.float32),
+             "audio": rng.standard_normal((b, 128), dtype=np.float32)}
+    mask = np.ones((b, 3), np.uint8)
+    mask[::7, 2] = 0  # two mask patterns: two streams of samples frames
+    fused, weights = fc.fuse(server.url, "py-big", feats, mask=mask, timeout=120)
+    ref_f, ref_w = offline_fuse(feats, mask, ["vision", "text", "audio"], None)
+    assert rel(fused, ref_f) <= 1e-5 and rel(weights, ref_w) <= 1e-5
+
+
 def test_single_sample_and_f16():
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "head.safetensors"
