@@ -74,6 +74,17 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
     let mut rec = ProducerRecord::default();
     let start = Instant::now();
     let mut i: u64 = 0;
+    // `samples` frames' payload blocks, `samples_per_frame` rows each, built once: a frame of
+    // n samples sends the first n rows (a producer holding its batches in memory does not
+    // copy them before encoding).
+    let blocks: Vec<Vec<u8>> = if cfg.samples_per_frame > 1 {
+        cfg.mods
+            .iter()
+            .map(|(_, b)| b.repeat(cfg.samples_per_frame))
+            .collect()
+    } else {
+        Vec::new()
+    };
     while Instant::now() < cfg.until {
         if let Some(rate) = cfg.rate {
             let due = start + Duration::from_secs_f64(i as f64 / rate.max(0.001));
@@ -103,7 +114,7 @@ pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError
                     n
                 }
             };
-            send_samples(&cfg, &mut tx, &mut rec, i, n).await?;
+            send_samples(&cfg, &mut tx, &mut rec, &blocks, i, n).await?;
             // One write per batch of due samples.
             tx.flush().await?;
             i += n;
@@ -161,6 +172,7 @@ async fn send_samples<S>(
     cfg: &ProducerCfg,
     tx: &mut S,
     rec: &mut ProducerRecord,
+    rows: &[Vec<u8>],
     i: u64,
     n: u64,
 ) -> Result<(), LoadgenError>
@@ -178,8 +190,11 @@ where
         if keys.is_empty() {
             continue;
         }
-        let blocks: Vec<Vec<u8>> = cfg.mods.iter().map(|(_, b)| b.repeat(keys.len())).collect();
-        let blocks: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+        let blocks: Vec<&[u8]> = rows
+            .iter()
+            .zip(cfg.mods.iter())
+            .map(|(all, (_, one))| all.get(..one.len() * keys.len()).unwrap_or_default())
+            .collect();
         let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
         let f = encode_samples(
             &cfg.stream,
