@@ -19,7 +19,7 @@
 //! | `fusion_server_backpressure_events_total` | counter | BACKPRESSURE on transitions |
 //! | `fusion_server_slow_consumer_total` | counter | 1013 closes, by `reason` |
 //! | `fusion_server_send_seconds` | histogram | one WebSocket send |
-//! | `fusion_server_produce_total` | counter | produce messages accepted |
+//! | `fusion_server_produce_total` | counter | produce messages accepted (a `samples` frame counts one per row: samples x modalities) |
 //! | `fusion_server_errors_total` | counter | error messages sent, by `code` |
 //! | `fusion_server_open_samples` | gauge | samples in the aligner |
 //! | `fusion_server_aligner_timeouts_total` | counter | samples fused (or rejected) at align_timeout |
