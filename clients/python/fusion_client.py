@@ -389,38 +389,32 @@ class FusionClient:
                       last: bool = False, ack: bool = False, timeout: float = 10.0) -> None:
         """Sends one modality of one sample (binary). With `ack=True`, waits until the server
         accepted it and raises FusionError if it did not."""
-        if self.closed:
-            raise self.closed
-        if ack:
-            rid = next(self._ids) & 0xFFFFFFFF or 1
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
-            try:
-                await self._ws.send(encode_produce(stream, key, modality, values, priority, last, True, rid))
-                await asyncio.wait_for(fut, timeout)
-            finally:
-                self._pending.pop(rid, None)
-        else:
-            await self._ws.send(encode_produce(stream, key, modality, values, priority, last))
+        await self._send_frame(lambda rid: encode_produce(stream, key, modality, values, priority, last,
+                                                          rid != 0, rid), ack, timeout)
 
     async def produce_samples(self, stream: str, keys: list, features: dict, priority: str = "important",
                               ack: bool = False, timeout: float = 10.0) -> None:
         """Sends whole samples in one samples frame (PROTOCOL.md 4.4): `features` maps modality
         -> [N, d] array with N = len(keys). With `ack=True`, waits until the server accepted
         the frame and raises FusionError if it did not (a bad frame is refused as a whole)."""
+        await self._send_frame(lambda rid: encode_samples(stream, keys, features, priority, rid != 0, rid),
+                               ack, timeout)
+
+    async def _send_frame(self, frame: Any, ack: bool, timeout: float) -> None:
+        """Sends `frame(request_id)`; with `ack`, under a fresh request id, waiting for its ack."""
         if self.closed:
             raise self.closed
-        if ack:
-            rid = next(self._ids) & 0xFFFFFFFF or 1
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
-            try:
-                await self._ws.send(encode_samples(stream, keys, features, priority, True, rid))
-                await asyncio.wait_for(fut, timeout)
-            finally:
-                self._pending.pop(rid, None)
-        else:
-            await self._ws.send(encode_samples(stream, keys, features, priority))
+        if not ack:
+            await self._ws.send(frame(0))
+            return
+        rid = next(self._ids) & 0xFFFFFFFF or 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self._ws.send(frame(rid))
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
 
     async def ping(self, timeout: float = 10.0) -> None:
         await self._request({"type": "ping"}, timeout)

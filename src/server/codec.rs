@@ -216,11 +216,11 @@ pub struct ProduceFrame<'a> {
     pub payload: Bytes,
 }
 
-fn u16_at(b: &[u8], i: usize) -> usize {
+pub(crate) fn u16_at(b: &[u8], i: usize) -> usize {
     u16::from_le_bytes([b[i], b[i + 1]]) as usize
 }
 
-fn u32_at(b: &[u8], i: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
@@ -233,9 +233,9 @@ pub fn produce_id(frame: &[u8]) -> u32 {
     }
 }
 
-/// Parses a binary produce frame (header, lengths, UTF-8); widths are checked by the caller.
-pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
-    let b = &frame[..];
+/// The header fields produce (4.1) and samples (4.4) frames share: the length, magic,
+/// version, kind (`kind`, else `unknown_type`), dtype and priority; returns those two.
+pub(crate) fn client_header(b: &[u8], kind: u8) -> Result<(DType, Priority), ProtoError> {
     let bad = |m: String| Err(ProtoError::new(Code::Malformed, m));
     if b.len() < PRODUCE_HEADER {
         return bad(format!(
@@ -255,7 +255,7 @@ pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
             ),
         ));
     }
-    if b[3] != KIND_PRODUCE {
+    if b[3] != kind {
         return Err(ProtoError::new(
             Code::UnknownType,
             format!(
@@ -276,6 +276,14 @@ pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
             format!("priority code {} (0 critical, 1 important, 2 bulk)", b[5]),
         ));
     };
+    Ok((dtype, priority))
+}
+
+/// Parses a binary produce frame (header, lengths, UTF-8); widths are checked by the caller.
+pub fn parse_produce(frame: &Bytes) -> Result<ProduceFrame<'_>, ProtoError> {
+    let b = &frame[..];
+    let bad = |m: String| Err(ProtoError::new(Code::Malformed, m));
+    let (dtype, priority) = client_header(b, KIND_PRODUCE)?;
     let flags = b[6];
     if flags & !(FLAG_ACK | FLAG_LAST) != 0 || b[7] != 0 || u16_at(b, 14) != 0 {
         return bad("reserved header bits are not zero".into());

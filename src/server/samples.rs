@@ -11,7 +11,7 @@
 use bytes::Bytes;
 
 use super::codec::{
-    dtype_code, dtype_of, priority_code, priority_of, Code, ProtoError, FLAG_ACK, MAGIC,
+    client_header, dtype_code, priority_code, u16_at, u32_at, Code, ProtoError, FLAG_ACK, MAGIC,
     PRODUCE_HEADER, VERSION,
 };
 use crate::engine::Priority;
@@ -40,14 +40,6 @@ pub struct SamplesFrame<'a> {
     pub keys: Vec<&'a str>,
     /// One `[N, width]` block of little-endian elements per listed modality, frame order.
     pub blocks: Vec<Bytes>,
-}
-
-fn u16_at(b: &[u8], i: usize) -> usize {
-    u16::from_le_bytes([b[i], b[i + 1]]) as usize
-}
-
-fn u32_at(b: &[u8], i: usize) -> usize {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize
 }
 
 /// A cursor over the variable part of the frame; every read is bounds-checked.
@@ -85,49 +77,14 @@ impl<'a> Cursor<'a> {
 pub fn parse_samples(frame: &Bytes) -> Result<SamplesFrame<'_>, ProtoError> {
     let b = &frame[..];
     let bad = |m: String| Err(ProtoError::new(Code::Malformed, m));
-    if b.len() < PRODUCE_HEADER {
-        return bad(format!(
-            "binary frame of {} bytes is shorter than the {PRODUCE_HEADER}-byte header",
-            b.len()
-        ));
-    }
-    if b[0..2] != MAGIC {
-        return bad("binary frame does not start with the magic \"FE\"".into());
-    }
-    if b[2] != VERSION {
-        return Err(ProtoError::new(
-            Code::UnsupportedVersion,
-            format!(
-                "binary frame version {} (this server speaks {VERSION})",
-                b[2]
-            ),
-        ));
-    }
-    if b[3] != KIND_SAMPLES {
-        return Err(ProtoError::new(
-            Code::UnknownType,
-            format!("binary frame kind {} is not 3 = samples", b[3]),
-        ));
-    }
-    let Some(dtype) = dtype_of(b[4]) else {
-        return Err(ProtoError::new(
-            Code::BadDtype,
-            format!("dtype code {} (0 f32, 1 f16, 2 bf16)", b[4]),
-        ));
-    };
-    let Some(priority) = priority_of(b[5]) else {
-        return Err(ProtoError::new(
-            Code::BadPriority,
-            format!("priority code {} (0 critical, 1 important, 2 bulk)", b[5]),
-        ));
-    };
+    let (dtype, priority) = client_header(b, KIND_SAMPLES)?;
     let flags = b[6];
     if flags & !FLAG_ACK != 0 || b[7] != 0 || u32_at(b, 20) != 0 {
         return bad(
             "reserved header bits are not zero (samples frames have no `last` flag)".into(),
         );
     }
-    let (sl, m, n) = (u16_at(b, 8), u16_at(b, 10), u32_at(b, 12));
+    let (sl, m, n) = (u16_at(b, 8), u16_at(b, 10), u32_at(b, 12) as usize);
     if m == 0 || n == 0 {
         return bad(format!(
             "a samples frame needs at least one modality and one sample (M = {m}, N = {n})"
@@ -142,7 +99,7 @@ pub fn parse_samples(frame: &Bytes) -> Result<SamplesFrame<'_>, ProtoError> {
     let mut row_elems: u64 = 0;
     for j in 0..m {
         let e = c.take(6, "the modality table")?;
-        let width = u32_at(e, 0);
+        let width = u32_at(e, 0) as usize;
         let name = c.text(u16_at(e, 4), "a modality name")?;
         if modalities.iter().any(|&(x, _)| x == name) {
             return Err(ProtoError::new(
@@ -186,7 +143,7 @@ pub fn parse_samples(frame: &Bytes) -> Result<SamplesFrame<'_>, ProtoError> {
         dtype,
         priority,
         ack: flags & FLAG_ACK != 0,
-        id: u32_at(b, 16) as u32,
+        id: u32_at(b, 16),
         modalities,
         keys,
         blocks,
