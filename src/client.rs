@@ -1,5 +1,5 @@
 //! A Rust client for the streaming server (docs/PROTOCOL.md): connect (with a bearer token),
-//! produce, subscribe, a [`Client::fuse`] request/response helper, and a stream of
+//! produce, subscribe, [`Client::fuse`] and [`Client::fuse_batch`] request/response helpers, and a stream of
 //! [`Event`]s (results, errors, notices, the close). It speaks protocol version 2, tracks the
 //! server epoch and the last stream seq received per subscribed stream, and
 //! [`Client::reconnect`] resumes every subscription where it stopped (replay, section 7.4).
@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod resume;
 mod wire;
 

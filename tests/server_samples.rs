@@ -231,3 +231,49 @@ async fn bad_samples_frames_get_typed_errors_and_the_connection_goes_on() {
     c.close().await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuse_batch_returns_every_result_in_order() {
+    let h = small_head();
+    let mut cfg = config();
+    // A small IMPORTANT queue: 1000 samples at once would overflow it many times over; the
+    // window (half of it) keeps the server from dropping any.
+    cfg.send_queue.important = 40;
+    let (s, url) = start(h.clone(), cfg).await;
+    let mut c = Client::connect(&url, None).await.unwrap();
+    let n = 1000;
+    let x = rows(&h, n, 4);
+    let (v, a) = (block(&x, 0), block(&x, 2));
+    let r = c
+        .fuse_batch(
+            "many",
+            &[("audio", &a), ("vision", &v)],
+            Priority::Important,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), n);
+    for (i, r) in r.iter().enumerate() {
+        assert_eq!(r.mask, [1, 0, 1], "row {i}");
+        let (ef, ew) = check(&h, &x[i], &[1, 0, 1], &r.fused, &r.weights);
+        assert!(ef <= 1e-5 && ew <= 1e-5, "row {i}: {ef} {ew}");
+    }
+    // Bad arguments: unknown modality, rows that do not agree.
+    let e = c
+        .fuse_batch("many", &[("smell", &a)], Priority::Important)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("smell"), "{e}");
+    let e = c
+        .fuse_batch(
+            "many",
+            &[("audio", &a), ("vision", &v[..24 * 3])],
+            Priority::Important,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("vision"), "{e}");
+    assert!(c.fuse_batch("many", &[], Priority::Bulk).await.is_err());
+    c.close().await;
+    s.shutdown().await;
+}
