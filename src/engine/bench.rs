@@ -14,6 +14,7 @@ use super::handle::Engine;
 use super::health::DeviceState;
 use super::job::{Priority, Ticket};
 use crate::backend::Backend;
+use crate::batch::Batch;
 use crate::bench::median;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -139,6 +140,46 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// Submits `n` batches (`next(i)`) keeping at most `window` undelivered, handing each ticket to
+/// `done` in submission order; an `Overloaded` answer finishes the oldest ticket first (or backs
+/// off when there is none). Returns how many submissions were refused.
+fn submit_windowed(
+    engine: &Engine,
+    n: usize,
+    window: usize,
+    backoff: Duration,
+    mut next: impl FnMut(usize) -> Arc<Batch>,
+    mut done: impl FnMut(Ticket) -> Result<()>,
+) -> Result<u64> {
+    let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(window + 1);
+    let mut overloaded = 0u64;
+    for i in 0..n {
+        let b = next(i);
+        loop {
+            match engine.submit_shared(Arc::clone(&b), Priority::Bulk) {
+                Ok(t) => break inflight.push_back(t),
+                Err(Error::Overloaded(_)) => {
+                    overloaded += 1;
+                    match inflight.pop_front() {
+                        Some(t) => done(t)?,
+                        None => std::thread::sleep(backoff),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        while inflight.len() > window {
+            if let Some(t) = inflight.pop_front() {
+                done(t)?;
+            }
+        }
+    }
+    while let Some(t) = inflight.pop_front() {
+        done(t)?;
+    }
+    Ok(overloaded)
+}
+
 /// Runs the engine bench: starts an engine with `cfg`, loads it, shuts it down.
 pub fn run_engine_bench(
     cfg: EngineConfig,
@@ -182,8 +223,6 @@ pub fn run_engine_bench(
     // caller does: holding every output until the end would make each batch's outputs fresh
     // memory (page faults on a hot path the kernel bench does not have).
     let window = engine.device_names().len().max(1) * (engine.config().max_in_flight + 4);
-    let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(window + 1);
-    let mut overloaded = 0u64;
     let mut delivered = 0u64;
     let mut failed = 0u64;
     let mut errors: HashMap<String, u64> = HashMap::new();
@@ -207,34 +246,17 @@ pub fn run_engine_bench(
     let steal = crate::steal::StealMeter::start();
     let cpu = crate::steal::CpuMeter::start();
     let t0 = Instant::now();
-    for i in 0..nbatches {
-        let b = Arc::clone(&pool[i % pool.len()]);
-        loop {
-            match engine.submit_shared(Arc::clone(&b), Priority::Bulk) {
-                Ok(t) => {
-                    inflight.push_back(t);
-                    break;
-                }
-                Err(Error::Overloaded(_)) => {
-                    overloaded += 1;
-                    // Make room by finishing the oldest batch; back off when none is ours.
-                    match inflight.pop_front() {
-                        Some(t) => record(t),
-                        None => std::thread::sleep(opts.overload_backoff),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        while inflight.len() > window {
-            if let Some(t) = inflight.pop_front() {
-                record(t);
-            }
-        }
-    }
-    while let Some(t) = inflight.pop_front() {
-        record(t);
-    }
+    let overloaded = submit_windowed(
+        &engine,
+        nbatches,
+        window,
+        opts.overload_backoff,
+        |i| Arc::clone(&pool[i % pool.len()]),
+        |t| {
+            record(t);
+            Ok(())
+        },
+    )?;
     let wall = t0.elapsed().as_secs_f64();
     let host_steal_pct = steal.percent();
     let cpu_us_per_sample = cpu
@@ -391,27 +413,18 @@ pub fn run_overhead_bench(
     let per = opts.batches_per_segment;
     let through_engine = |n: usize| -> Result<f64> {
         let t0 = Instant::now();
-        let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(window + 1);
-        for _ in 0..n {
-            loop {
-                match engine.submit_shared(Arc::clone(&batch), Priority::Bulk) {
-                    Ok(t) => break inflight.push_back(t),
-                    Err(Error::Overloaded(_)) => match inflight.pop_front() {
-                        Some(t) => engine.recycle(t.wait()?.outputs),
-                        None => std::thread::sleep(Duration::from_micros(200)),
-                    },
-                    Err(e) => return Err(e),
-                }
-            }
-            while inflight.len() > window {
-                if let Some(t) = inflight.pop_front() {
-                    engine.recycle(t.wait()?.outputs);
-                }
-            }
-        }
-        while let Some(t) = inflight.pop_front() {
-            engine.recycle(t.wait()?.outputs);
-        }
+        let backoff = Duration::from_micros(200);
+        submit_windowed(
+            &engine,
+            n,
+            window,
+            backoff,
+            |_| Arc::clone(&batch),
+            |t| {
+                engine.recycle(t.wait()?.outputs);
+                Ok(())
+            },
+        )?;
         Ok(t0.elapsed().as_secs_f64())
     };
     let mut direct_ms = Vec::with_capacity(opts.rounds * per);

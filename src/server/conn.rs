@@ -478,8 +478,6 @@ fn conflate_mode(v: &Value) -> Result<Option<Conflate>, ProtoError> {
 /// messages plus queued rows stay within `ingest_capacity` (a frame larger than that is let in
 /// when no other frame is queued, so that it is not refused forever).
 fn ingest_room(sh: &Shared, rows: usize) -> bool {
-    let q = &sh.ingest;
-    let queued = q.max_capacity().saturating_sub(q.capacity());
-    let r = sh.ingest_rows.load(Ordering::Acquire);
-    r == 0 || queued + r + rows <= q.max_capacity()
+    sh.ingest_rows.load(Ordering::Acquire) == 0
+        || sh.ingest_queued() + rows <= sh.ingest.max_capacity()
 }

@@ -77,6 +77,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// What waits on the ingest queue, in its capacity's unit: messages plus the rows of the
+    /// `samples` frames among them.
+    pub fn ingest_queued(&self) -> usize {
+        let q = &self.ingest;
+        q.max_capacity().saturating_sub(q.capacity())
+            + self.ingest_rows.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn writer_cfg(&self) -> writer::WriterConfig {
         let c = &self.cfg;
         writer::WriterConfig {

@@ -118,11 +118,7 @@ pub(crate) async fn run(
 /// its messages plus the rows of its `samples` frames) and the engine's admitted batches.
 fn ingest_fill(shared: &Shared) -> f64 {
     let q = &shared.ingest;
-    let queued = q.max_capacity().saturating_sub(q.capacity())
-        + shared
-            .ingest_rows
-            .load(std::sync::atomic::Ordering::Acquire);
-    let queue = queued as f64 / q.max_capacity().max(1) as f64;
+    let queue = shared.ingest_queued() as f64 / q.max_capacity().max(1) as f64;
     queue.max(shared.engine.saturation())
 }
 
@@ -153,14 +149,18 @@ fn take(
     pending: &mut [VecDeque<Sample>; 3],
     oldest: &mut Option<Instant>,
 ) {
+    let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
     match msg {
-        IngestMsg::One(ing) => offer(shared, aligner, ing, engine_fill, now, pending, oldest),
+        IngestMsg::One(ing) => {
+            shared
+                .pressure
+                .producing(open.max(engine_fill), &ing.producer);
+            offer(shared, aligner, ing, now, pending, oldest)
+        }
         IngestMsg::Samples(s) => {
-            let rows = s.rows();
             shared
                 .ingest_rows
-                .fetch_sub(rows, std::sync::atomic::Ordering::AcqRel);
-            let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
+                .fetch_sub(s.rows(), std::sync::atomic::Ordering::AcqRel);
             shared
                 .pressure
                 .producing(open.max(engine_fill), &s.producer);
@@ -225,34 +225,21 @@ fn whole_samples(
 /// A `samples` frame refused as a whole under saturation: one `shed` notice (BULK) or one
 /// retryable `overloaded` error naming every key.
 pub(crate) fn refuse_samples(shared: &Shared, s: &IngestSamples, why: &str) {
-    shared.pressure.refusing(&s.producer);
-    let shed = s.priority == Priority::Bulk;
-    if !shed {
-        shared.m.error(Code::Overloaded);
-    }
-    s.producer.push_control(messages::about_samples(
-        Code::Overloaded,
-        why,
-        &s.stream,
-        &s.keys,
-        shed,
-    ));
+    let producers = std::slice::from_ref(&s.producer);
+    let samples = s.keys.iter().map(|k| (&s.stream, k, s.priority, producers));
+    tell_producers(shared, samples, Code::Overloaded, why);
 }
 
-#[allow(clippy::too_many_arguments)]
 fn offer(
     shared: &Shared,
     aligner: &mut Aligner,
     ing: Ingest,
-    engine_fill: f64,
     now: Instant,
     pending: &mut [VecDeque<Sample>; 3],
     oldest: &mut Option<Instant>,
 ) {
     let name = |i: usize| shared.head.modalities.get(i).map(|m| m.name.as_str());
     let producer = Arc::clone(&ing.producer);
-    let open = aligner.len() as f64 / shared.cfg.max_open_samples.max(1) as f64;
-    shared.pressure.producing(open.max(engine_fill), &producer);
     let ack = ing.ack.then(|| {
         (
             ing.producer.clone(),
