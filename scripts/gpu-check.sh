@@ -3,13 +3,17 @@
 # (no cargo or network needed there; python3 with torch for the PyTorch comparison).
 #
 #   scripts/gpu-check.sh [BINARY]        (default: target/release/fusion-engine)
-#   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there)
+#   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there),
+#        TESTS (test executables built elsewhere, e.g. `cargo test --no-run` outputs of
+#        tests/cuda_backend.rs and tests/wgpu_backend.rs, run here after the CUDA bench),
+#        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default)
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
 # projections alone (fusion-engine's run_projections_only; PyTorch's F.linear = cuBLAS), and the
 # host<->device copy ceiling. Prints one markdown table (and writes it, with the raw JSON lines,
-# to $OUT/ when OUT is set). Exits non-zero if a selftest fails.
+# to $OUT/ when OUT is set). Exits non-zero if a selftest or a test executable fails. The CUDA
+# steps come first and every step has a time limit, so that a short lease gets the GPU figures.
 #
 # Vulkan (wgpu) on machines without the loader: carry the `.gl` folder of loader .debs (see the
 # device README's recipe); it is unpacked here and the NVIDIA ICD is pointed at when present.
@@ -17,6 +21,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
 ITERS=${ITERS:-30}
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+COMPILE=${COMPILE:-1}
+TESTS=${TESTS:-}
+T() { timeout -k 5 "$STEP_TIMEOUT" "$@"; }
 # Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
 # that is only lavapipe (about 0.5 GFLOP/s: B=8192 takes minutes per batch there).
 BACKENDS=${BACKENDS:-cuda wgpu cpu}
@@ -35,28 +43,54 @@ fi
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 || true
 echo "== devices"
-"$BIN" devices 2>&1 | tee "$WORK/devices.txt"
+T "$BIN" devices 2>&1 | tee "$WORK/devices.txt"
 
-echo "== selftest"
-for be in cuda wgpu cpu; do
-  if ! "$BIN" selftest --backend "$be" 2>&1 | tee "$WORK/selftest-$be.txt"; then
-    echo "selftest --backend $be FAILED"
+run_selftest() {
+  if ! T "$BIN" selftest --backend "$1" 2>&1 | tee "$WORK/selftest-$1.txt"; then
+    echo "selftest --backend $1 FAILED"
     status=1
   fi
-done
+}
+run_bench() {
+  T "$BIN" bench --backend "$1" --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" --json \
+    >"$WORK/bench-$1.jsonl" 2>"$WORK/bench-$1.err" || echo "bench --backend $1 failed: $(tail -3 "$WORK/bench-$1.err")"
+  cat "$WORK/bench-$1.jsonl"
+}
+run_tests() {
+  for t in $TESTS; do
+    [ -x "$t" ] || continue
+    echo "== tests: $(basename "$t")"
+    if ! T "$t" --test-threads 1 2>&1 | tee "$WORK/test-$(basename "$t").txt" | grep -E "^test |test result|skipping|panicked" ; then :; fi
+    if ! grep -q "test result: ok" "$WORK/test-$(basename "$t").txt"; then
+      echo "tests $(basename "$t") FAILED"
+      status=1
+    fi
+  done
+}
 
-echo "== bench (fusion-engine)"
-for be in $BACKENDS; do
-  "$BIN" bench --backend "$be" --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" --json \
-    >"$WORK/bench-$be.jsonl" 2>"$WORK/bench-$be.err" || echo "bench --backend $be failed: $(tail -1 "$WORK/bench-$be.err")"
-  cat "$WORK/bench-$be.jsonl"
-done
-
-echo "== PyTorch (same head, same shapes)"
-python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
-  --compile both >"$WORK/torch.jsonl" 2>"$WORK/torch.err" || echo "torch_head.py failed: $(tail -3 "$WORK/torch.err")"
-python3 scripts/torch_head.py --device cuda --copy-ceiling >"$WORK/copy.jsonl" 2>>"$WORK/torch.err" || true
+echo "== selftest cuda"
+run_selftest cuda
+echo "== bench cuda"
+case " $BACKENDS " in *" cuda "*) run_bench cuda ;; esac
+echo "== PyTorch eager (same head, same shapes) and the copy ceiling"
+T python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
+  --compile eager >"$WORK/torch.jsonl" 2>"$WORK/torch.err" || echo "torch_head.py failed: $(tail -3 "$WORK/torch.err")"
+T python3 scripts/torch_head.py --device cuda --copy-ceiling >"$WORK/copy.jsonl" 2>>"$WORK/torch.err" || true
 cat "$WORK/torch.jsonl" "$WORK/copy.jsonl"
+run_tests
+echo "== selftest wgpu, cpu"
+run_selftest wgpu
+run_selftest cpu
+echo "== bench cpu, wgpu"
+for be in cpu wgpu; do
+  case " $BACKENDS " in *" $be "*) run_bench "$be" ;; esac
+done
+if [ "$COMPILE" = 1 ]; then
+  echo "== torch.compile"
+  T python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
+    --compile compile >>"$WORK/torch.jsonl" 2>>"$WORK/torch.err" || echo "torch.compile failed or timed out: $(tail -3 "$WORK/torch.err")"
+  grep torch-compile "$WORK/torch.jsonl" || true
+fi
 
 echo "== table"
 python3 - "$WORK" >"$WORK/gpu-table.md" <<'PY'
@@ -124,6 +158,6 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$WORK/gpu-table.md" "$OUT/gpu-table.md"
   cat "$WORK"/*.jsonl >"$OUT/gpu-check.jsonl" 2>/dev/null || true
-  cat "$WORK"/selftest-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
+  cat "$WORK"/selftest-*.txt "$WORK"/test-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
 fi
 exit $status
