@@ -60,7 +60,7 @@ run_tests() {
   for t in $TESTS; do
     [ -x "$t" ] || continue
     echo "== tests: $(basename "$t")"
-    if ! T "$t" --test-threads 1 2>&1 | tee "$WORK/test-$(basename "$t").txt" | grep -E "^test |test result|skipping|panicked" ; then :; fi
+    if ! T "$t" --test-threads 1 --nocapture 2>&1 | tee "$WORK/test-$(basename "$t").txt" | grep -E "^test |test result|skipping|panicked" ; then :; fi
     if ! grep -q "test result: ok" "$WORK/test-$(basename "$t").txt"; then
       echo "tests $(basename "$t") FAILED"
       status=1
