@@ -69,3 +69,22 @@ fn projection_overflow_is_an_error_not_a_non_finite_result() {
         other => panic!("expected InputOverflow at row 4, got {other:?}"),
     }
 }
+
+/// More threads than row blocks: each block's GEMM runs in parallel inside the pool, so a
+/// waiting thread may pick up another block's task. Panicked with "RefCell already borrowed"
+/// on a 16-core GPU host (the per-thread scratch was held across the parallel GEMM).
+#[test]
+fn nested_parallel_gemms_share_threads_safely() {
+    for (rows, dtype) in [(100, DType::F16), (100, DType::F32), (45, DType::BF16)] {
+        let mut b = open_cpu(Some(16));
+        common::agree(
+            &mut b,
+            &[1024, 768, 128],
+            512,
+            rows,
+            dtype,
+            MaskMode::Random,
+            rows as u64,
+        );
+    }
+}

@@ -98,6 +98,23 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Runs `f` with this thread's scratch buffers, taken out of [`SCRATCH`] for the call. Re-entrant:
+/// a parallel GEMM inside `f` makes this thread wait in rayon, which may run another block's task
+/// here meanwhile; that task finds the slot empty and works in fresh buffers (a `borrow_mut`
+/// held across `f` panicked with "already borrowed" on a 16-core machine). The larger set is
+/// kept afterwards.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    let (mut h, mut xs) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let r = f(&mut h, &mut xs);
+    SCRATCH.with(|s| {
+        let mut kept = s.borrow_mut();
+        if h.capacity() + xs.capacity() >= kept.0.capacity() + kept.1.capacity() {
+            *kept = (h, xs);
+        }
+    });
+    r
+}
+
 impl CpuBackend {
     /// A CPU device with `threads` workers (default: all cores).
     pub fn new(index: usize, threads: Option<usize>) -> Result<CpuBackend> {
@@ -131,10 +148,7 @@ impl CpuBackend {
             (0..nblocks).into_par_iter().for_each(|bi| {
                 let r0 = bi * block;
                 let n = block.min(batch.rows - r0);
-                SCRATCH.with(|s| {
-                    let (h, xs) = &mut *s.borrow_mut();
-                    project_block(p, batch, r0, n, h, xs, par);
-                })
+                with_scratch(|h, xs| project_block(p, batch, r0, n, h, xs, par))
             })
         });
         Ok(())
@@ -294,8 +308,7 @@ impl Backend for CpuBackend {
                         let r0 = bi * block;
                         let n = fused.len() / d;
                         batch.validate_mask(r0..r0 + n)?;
-                        let bad = SCRATCH.with(|s| {
-                            let (h, xs) = &mut *s.borrow_mut();
+                        let bad = with_scratch(|h, xs| {
                             project_block(p, batch, r0, n, h, xs, par);
                             let present = &batch.mask[r0 * m..(r0 + n) * m];
                             kernel.run(head, &mut h[..m * n * d], n, present, fused, weights)
