@@ -5,7 +5,8 @@
 // [M, n, D], no bias). One block per sample row walks the row once:
 //
 //   pass 1  v_m = h_m + b_m (kept in shared memory), s_m = q . tanh(v_m)   (present m only)
-//   pass 2  a = softmax(s) over present modalities (absent get exactly 0)
+//   pass 2  a = softmax(s) over present modalities (absent get exactly 0); a row with a
+//           non-finite present projection gets NaN weights (the host's only non-finite check)
 //   pass 3  z = sum_m a_m v_m, mean(z)
 //   pass 4  var(z) (two-pass, biased), y = (z - mean) / sqrt(var + eps) * gamma + beta
 //
@@ -18,13 +19,19 @@
 // Launch contract (checked by the host, src/backend/cuda/run.rs):
 //   grid = (n, 1, 1), block = (T, 1, 1) with T a multiple of 32 and at most 1024,
 //   dynamic shared memory = 4 * (32 + 2*M + (flags & 1 ? D : 0) + (flags & 2 ? M*D : 0)) bytes.
-//   mask values are 0 or 1 and every row has at least one 1 (validated on the host).
+//   mask values are 0 or 1 and every row has at least one 1 (validated on the host). Present
+//   inputs are NOT checked for NaN/Inf on the host beforehand: see pass 1.
 
 #define FUSION_FULL_MASK 0xffffffffu
 
 // Flags.
 #define FUSION_Z_IN_SHARED 1  // z is kept in shared memory (else in the output row)
 #define FUSION_H_IN_SHARED 2  // v_m = h_m + b_m is cached in shared memory (else re-read)
+
+// True unless v is NaN or +-Inf (all exponent bits set); needs no header.
+__device__ __forceinline__ bool fusion_is_finite(float v) {
+    return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
 
 __device__ __forceinline__ float fusion_warp_sum(float v) {
 #pragma unroll
@@ -89,7 +96,10 @@ extern "C" __global__ void fusion_epilogue_f32(
             if (hc) {
                 hc[(size_t)m * D + d] = v;
             }
-            acc = fmaf(gate[d], tanhf(v), acc);
+            // A non-finite projection (NaN/Inf input, or f32 overflow) poisons the score with
+            // NaN: the row's attention weights all come out NaN, which the host checks for
+            // (tanh alone would map an Inf to a finite score).
+            acc = fusion_is_finite(v) ? fmaf(gate[d], tanhf(v), acc) : __int_as_float(0x7fc00000);
         }
         const float s = fusion_block_sum(acc, red);
         if (tid == 0) {

@@ -43,6 +43,24 @@ impl<'a> BatchRef<'a> {
         Ok(())
     }
 
+    /// The error for a row whose result came out non-finite (backends that check their outputs
+    /// instead of scanning every input first): the first NaN/Inf among its present inputs, or,
+    /// when they are all finite, an f32 overflow of the projection.
+    pub fn non_finite_error(&self, head: &FusionHead, row: usize) -> Error {
+        for (i, x) in self.inputs.iter().enumerate() {
+            if self.present(row, i) {
+                if let Some(col) = crate::tensor::find_non_finite_bytes(x.dtype, x.row_bytes(row)) {
+                    return Error::InputNonFinite {
+                        name: head.modalities[i].name.clone(),
+                        row,
+                        col,
+                    };
+                }
+            }
+        }
+        Error::InputOverflow { row }
+    }
+
     /// Checks that the mask rows in `rows` hold only 0/1 and mark at least one modality each.
     pub fn validate_mask(&self, rows: std::ops::Range<usize>) -> Result<()> {
         let m = self.inputs.len();

@@ -44,6 +44,62 @@ pub struct BenchResult {
     /// (`/proc/stat`; absent elsewhere): a disturbed run, not a slow backend, when high.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_steal_pct: Option<f64>,
+    /// Where the whole head's time went, per batch, for backends that time their own stages
+    /// (CUDA: device times from timing events, host times from the host clock).
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub stages: Option<StageTimes>,
+}
+
+/// Per-batch means of a backend's [`RunStats`](crate::backend::RunStats) over the timed runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageTimes {
+    /// Device time of the projection GEMMs (ms per batch).
+    pub device_proj_ms: f64,
+    /// Device time of the GEMMs and the fused epilogue (ms per batch): the head on the device.
+    pub device_head_ms: f64,
+    /// `device_head_ms / device_proj_ms`: what the epilogue adds to the projections alone.
+    pub device_head_over_proj: f64,
+    /// Samples per second of the device's kernels alone (no copies).
+    pub device_samples_per_s: f64,
+    /// Rate of the backend's own host -> device copies (GB/s, device timing).
+    pub h2d_gbps: f64,
+    /// Rate of its device -> host copies (GB/s).
+    pub d2h_gbps: f64,
+    /// Host ms per batch copying inputs into staging memory.
+    pub host_stage_ms: f64,
+    /// Host ms per batch waiting for the device.
+    pub host_wait_ms: f64,
+    /// Host ms per batch copying results out of staging memory.
+    pub host_drain_ms: f64,
+}
+
+impl StageTimes {
+    fn from_stats(s: &crate::backend::RunStats, rows: usize) -> Option<StageTimes> {
+        if s.runs == 0 {
+            return None;
+        }
+        let n = s.runs as f64;
+        let gbps = |bytes: u64, ms: f64| {
+            if ms > 0.0 {
+                bytes as f64 / (ms / 1e3) / 1e9
+            } else {
+                f64::NAN
+            }
+        };
+        let proj = s.gemm_ms / n;
+        let head = (s.gemm_ms + s.epilogue_ms) / n;
+        Some(StageTimes {
+            device_proj_ms: proj,
+            device_head_ms: head,
+            device_head_over_proj: head / proj,
+            device_samples_per_s: rows as f64 / (head / 1e3),
+            h2d_gbps: gbps(s.h2d_bytes, s.h2d_ms),
+            d2h_gbps: gbps(s.d2h_bytes, s.d2h_ms),
+            host_stage_ms: s.host_stage_ms / n,
+            host_wait_ms: s.host_wait_ms / n,
+            host_drain_ms: s.host_drain_ms / n,
+        })
+    }
 }
 
 /// Median of a sample (sorts in place).
@@ -82,6 +138,7 @@ pub fn bench_backend(
         has_proj = backend.run_projections_only(&view)?;
     }
     let iters = iters.max(1);
+    let _ = backend.take_run_stats(); // warm-up runs are not counted
     let steal = crate::steal::StealMeter::start();
     let mut head_ms = Vec::with_capacity(iters);
     let mut proj_ms = Vec::with_capacity(iters);
@@ -96,6 +153,9 @@ pub fn bench_backend(
         }
     }
     let host_steal_pct = steal.percent();
+    let stages = backend
+        .take_run_stats()
+        .and_then(|s| StageTimes::from_stats(&s, rows));
     let mean_ms = head_ms.iter().sum::<f64>() / head_ms.len() as f64;
     let ms = median(&mut head_ms);
     let flops = head.proj_flops(rows);
@@ -114,5 +174,6 @@ pub fn bench_backend(
         proj_gflops: proj.map(|p| flops / (p / 1e3) / 1e9),
         head_over_proj: proj.map(|p| ms / p),
         host_steal_pct,
+        stages,
     })
 }

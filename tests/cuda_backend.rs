@@ -171,3 +171,48 @@ fn compile_only_rejects_other_backends_and_bad_include() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a folder"));
 }
+
+/// Non-finite values are caught on the device (NaN attention weights), not by a host scan: a
+/// finite input whose projection overflows f32 is refused as an overflow, like on the CPU.
+#[test]
+fn projection_overflow_is_an_error_not_a_non_finite_result() {
+    use fusion_engine::Backend;
+    let Some(mut b) = open_cuda() else { return };
+    let (head, mut batch) = common::setup(&[16, 8], 12, 6, DType::F32, MaskMode::All, 3);
+    b.upload(head.clone()).expect("upload");
+    let mut v = vec![0f32; 6 * 16];
+    fusion_engine::tensor::bytes_to_f32(DType::F32, &batch.inputs[0].bytes, &mut v);
+    v[4 * 16..5 * 16].fill(3e38);
+    batch.inputs[0] = fusion_engine::tensor::HostMat::from_f32(6, 16, &v);
+    let mut out = fusion_engine::Outputs::zeros(&head, 6);
+    match b.run(&batch.view(), out.as_mut()) {
+        Err(fusion_engine::Error::InputOverflow { row: 4 }) => {}
+        other => panic!("expected InputOverflow at row 4, got {other:?}"),
+    }
+}
+
+/// A NaN deep inside a batch of many chunks is reported with its modality, row and column;
+/// the same batch without it agrees with the reference afterwards.
+#[test]
+fn non_finite_found_in_a_later_chunk() {
+    use fusion_engine::Backend;
+    let Some(mut b) = open_cuda() else { return };
+    let rows = 20_000;
+    let (head, batch) = common::setup(&[300, 200], 64, rows, DType::F32, MaskMode::All, 11);
+    b.upload(head.clone()).expect("upload");
+    let mut bad = batch.clone();
+    let mut v = vec![0f32; rows * 200];
+    fusion_engine::tensor::bytes_to_f32(DType::F32, &bad.inputs[1].bytes, &mut v);
+    v[17_123 * 200 + 77] = f32::NAN;
+    bad.inputs[1] = fusion_engine::tensor::HostMat::from_f32(rows, 200, &v);
+    let mut out = fusion_engine::Outputs::zeros(&head, rows);
+    match b.run(&bad.view(), out.as_mut()) {
+        Err(fusion_engine::Error::InputNonFinite { name, row, col }) => {
+            assert_eq!((name.as_str(), row, col), ("m1", 17_123, 77))
+        }
+        other => panic!("expected InputNonFinite at m1 row 17123, got {other:?}"),
+    }
+    b.run(&batch.view(), out.as_mut()).expect("clean batch");
+    let r = fusion_engine::reference::reference(&head, &batch.view());
+    assert!(fusion_engine::reference::rel_error(&out.fused, &r.fused) < 1e-4);
+}

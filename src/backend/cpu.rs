@@ -19,7 +19,7 @@ use crate::backend::{Backend, BackendKind, DeviceInfo};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
-use crate::tensor::{bytes_to_f32, find_non_finite_bytes};
+use crate::tensor::bytes_to_f32;
 
 mod epilogue;
 
@@ -237,23 +237,6 @@ fn project_block(
     }
 }
 
-/// The error for a row whose output came out non-finite: the first NaN/Inf among its present
-/// inputs, or, when they are all finite, an f32 overflow of the projection.
-fn non_finite_error(head: &FusionHead, batch: &BatchRef<'_>, row: usize) -> Error {
-    for (i, x) in batch.inputs.iter().enumerate() {
-        if batch.present(row, i) {
-            if let Some(col) = find_non_finite_bytes(x.dtype, x.row_bytes(row)) {
-                return Error::InputNonFinite {
-                    name: head.modalities[i].name.clone(),
-                    row,
-                    col,
-                };
-            }
-        }
-    }
-    Error::InputOverflow { row }
-}
-
 impl Backend for CpuBackend {
     fn info(&self) -> &DeviceInfo {
         &self.info
@@ -314,7 +297,7 @@ impl Backend for CpuBackend {
                             kernel.run(head, &mut h[..m * n * d], n, present, fused, weights)
                         });
                         match bad {
-                            Some(r) => Err(non_finite_error(head, batch, r0 + r)),
+                            Some(r) => Err(batch.non_finite_error(head, r0 + r)),
                             None => Ok(()),
                         }
                     })

@@ -117,6 +117,31 @@ pub struct OpenOptions {
     pub allow_tf32: bool,
 }
 
+/// Where a backend's time went over the whole-head runs since the last
+/// [`Backend::take_run_stats`]: device times from GPU timing events, host times from the host
+/// clock. Backends that keep none (the CPU) return `None`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RunStats {
+    /// Whole-head runs counted.
+    pub runs: u64,
+    /// Bytes copied host -> device, and the device time of those copies (ms).
+    pub h2d_bytes: u64,
+    pub h2d_ms: f64,
+    /// Bytes copied device -> host, and the device time of those copies (ms).
+    pub d2h_bytes: u64,
+    pub d2h_ms: f64,
+    /// Device time of the projection GEMMs (ms).
+    pub gemm_ms: f64,
+    /// Device time of the fused epilogue (ms).
+    pub epilogue_ms: f64,
+    /// Host time spent copying inputs into staging memory (ms).
+    pub host_stage_ms: f64,
+    /// Host time spent waiting for the device (ms).
+    pub host_wait_ms: f64,
+    /// Host time spent copying results out of staging memory (ms).
+    pub host_drain_ms: f64,
+}
+
 /// One opened device with an uploaded head.
 pub trait Backend: Send {
     /// The device.
@@ -138,6 +163,12 @@ pub trait Backend: Send {
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
         let _ = batch;
         Ok(false)
+    }
+
+    /// Benchmark hook: the [`RunStats`] of the whole-head runs since the last call (and resets
+    /// them), or `None` when the backend keeps none.
+    fn take_run_stats(&mut self) -> Option<RunStats> {
+        None
     }
 }
 
@@ -180,6 +211,9 @@ impl Backend for AnyBackend {
     }
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
         dispatch!(self, b => b.run_projections_only(batch))
+    }
+    fn take_run_stats(&mut self) -> Option<RunStats> {
+        dispatch!(self, b => b.take_run_stats())
     }
 }
 

@@ -398,6 +398,21 @@ fn bench(
                     "{:5} {:>6} {:4}  {:9.3} ms/batch  {:12.0} samples/s  {:7.1} GFLOP/s{proj}  [{}]{steal}",
                     r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.gflops, r.device
                 );
+                if let Some(s) = &r.stages {
+                    println!(
+                        "      device: proj {:.3} ms, head {:.3} ms ({:.2}x), {:.0} samples/s; copies: \
+                         h2d {:.1} GB/s, d2h {:.1} GB/s; host: stage {:.3} ms, wait {:.3} ms, drain {:.3} ms",
+                        s.device_proj_ms,
+                        s.device_head_ms,
+                        s.device_head_over_proj,
+                        s.device_samples_per_s,
+                        s.h2d_gbps,
+                        s.d2h_gbps,
+                        s.host_stage_ms,
+                        s.host_wait_ms,
+                        s.host_drain_ms
+                    );
+                }
             }
         }
     }

@@ -121,7 +121,8 @@ impl PinnedBuf {
             ctx: ctx.clone(),
             ptr: std::ptr::null_mut(),
             bytes: 0,
-            flags: if write_combined {
+            // FUSION_CUDA_WC=0 turns write combining off (an experiment knob).
+            flags: if write_combined && std::env::var("FUSION_CUDA_WC").as_deref() != Ok("0") {
                 sys::CU_MEMHOSTALLOC_WRITECOMBINED
             } else {
                 0
@@ -199,7 +200,9 @@ impl Event {
     /// A new event in the current context.
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Event, String> {
         ctx.bind_to_thread().map_err(|e| de("cuCtxSetCurrent", e))?;
-        let ev = dr::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        // Timing enabled: the pipeline reads copy and kernel times from its events (a timing
+        // event costs a timestamp per record, nothing measurable at chunk granularity).
+        let ev = dr::event::create(CUevent_flags::CU_EVENT_DEFAULT)
             .map_err(|e| de("cuEventCreate", e))?;
         Ok(Event {
             ev,
@@ -238,6 +241,20 @@ impl Event {
         }
         // SAFETY: live event.
         unsafe { dr::event::synchronize(self.ev) }.map_err(|e| de("cuEventSynchronize", e))
+    }
+}
+
+impl Event {
+    /// Milliseconds between `start` and this event, both recorded and completed (the caller has
+    /// synchronised on this event or on later work of a stream that waited on it).
+    pub fn elapsed_since(&self, start: &Event) -> Result<f64, String> {
+        if !(self.recorded && start.recorded) {
+            return Ok(0.0);
+        }
+        // SAFETY: both events are live, timing-enabled and complete.
+        unsafe { dr::event::elapsed(start.ev, self.ev) }
+            .map(f64::from)
+            .map_err(|e| de("cuEventElapsedTime", e))
     }
 }
 

@@ -205,9 +205,26 @@ impl Backend for CudaBackend {
             .head()
             .cloned()
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
-        batch.validate(&head)?;
+        // Shapes and mask here; non-finite values are caught on the device instead of by a
+        // host pass over every input (which cost more than the whole head at B = 8192): the
+        // epilogue turns a row whose present projections are not all finite (a NaN/Inf input,
+        // or an f32 overflow of the projection) into NaN attention weights, and the host looks
+        // only at the weights, then at that row's inputs for the precise error.
+        batch.validate_shapes(&head)?;
+        batch.validate_mask(0..batch.rows)?;
         out.check(&head, batch.rows)?;
-        self.gpu.execute(batch, Some(out))
+        let m = head.num_modalities();
+        self.gpu.execute(
+            batch,
+            Some(OutputsMut {
+                fused: &mut *out.fused,
+                weights: &mut *out.weights,
+            }),
+        )?;
+        match out.weights.iter().position(|w| !w.is_finite()) {
+            Some(i) => Err(batch.non_finite_error(&head, i / m)),
+            None => Ok(()),
+        }
     }
 
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
@@ -217,5 +234,9 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         batch.validate_shapes(&head)?;
         self.gpu.execute(batch, None).map(|_| true)
+    }
+
+    fn take_run_stats(&mut self) -> Option<crate::backend::RunStats> {
+        Some(std::mem::take(&mut self.gpu.pipeline.stats))
     }
 }

@@ -4,7 +4,7 @@
 //! input staging, device input, device output, pinned output) and goes through
 //!
 //! ```text
-//! host:     stage k (parallel memcpy into pinned)        drain k-1 (pinned -> caller's outputs)
+//! host:     stage k (memcpy into pinned, all cores)      drain k-1 (pinned -> caller's outputs)
 //! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask)
 //! compute:  wait h2d(k); M cuBLAS GEMMs -> h; fused epilogue -> out slot
 //! d2h:      wait compute(k); copy out slot (fused + weights) to pinned
@@ -18,6 +18,7 @@
 //! Every buffer is sized up front for the chunk plan and only grows.
 
 use std::ffi::c_void;
+use std::time::Instant;
 
 use cudarc::driver::result as dr;
 use cudarc::driver::sys::CUstream;
@@ -27,17 +28,33 @@ use super::blas::Blas;
 use super::kernels::Kernels;
 use super::mem::{align256, de, DeviceBuf, Event, PinnedBuf};
 use super::weights::DeviceHead;
+use crate::backend::RunStats;
 use crate::batch::{BatchRef, OutputsMut};
 use crate::tensor::{bytes_to_f32, DType};
 
 /// Pipeline depth (double buffering).
 pub(crate) const SLOTS: usize = 2;
-/// Target input bytes per chunk: big enough to amortise launches, small enough to overlap.
-const CHUNK_BYTES: usize = 4 << 20;
+/// Target input bytes per chunk: big enough to amortise launches and host synchronisation,
+/// small enough that the copies of one chunk overlap the work of the other. Tunable with
+/// `FUSION_CUDA_CHUNK_MIB` (read once).
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// [`CHUNK_BYTES`], or `FUSION_CUDA_CHUNK_MIB` MiB when set to a positive number.
+fn chunk_bytes() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("FUSION_CUDA_CHUNK_MIB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&v| v > 0)
+            .map_or(CHUNK_BYTES, |v| v << 20)
+    })
+}
 /// Fewest rows per chunk (GEMM efficiency).
 const MIN_CHUNK_ROWS: usize = 128;
-/// Host copies above this size are split over the rayon pool.
-const PAR_COPY_BYTES: usize = 1 << 20;
+/// Host copies are cut into pieces of this size, spread over the rayon pool: one thread cannot
+/// fill (or drain) pinned memory at the rate the copy engine moves it.
+const PIECE_BYTES: usize = 256 << 10;
 /// Epilogue flags (kernels/fusion_epilogue.cu).
 const Z_IN_SHARED: i32 = 1;
 const H_IN_SHARED: i32 = 2;
@@ -55,8 +72,12 @@ struct Slot {
     pin_out: PinnedBuf,
     dev_in: DeviceBuf,
     dev_out: DeviceBuf,
+    h2d_start: Event,
     h2d_done: Event,
+    compute_start: Event,
+    gemm_done: Event,
     compute_done: Event,
+    d2h_start: Event,
     d2h_done: Event,
 }
 
@@ -64,6 +85,8 @@ struct Slot {
 pub(crate) struct Pipeline {
     slots: Vec<Slot>,
     h: DeviceBuf,
+    /// Times of the whole-head runs since the backend's `take_run_stats`.
+    pub stats: RunStats,
 }
 
 /// Byte layout of one chunk of `n` rows.
@@ -103,15 +126,43 @@ fn layout(n: usize, widths: &[usize], dtypes: &[DType], dim: usize) -> Layout {
     }
 }
 
-/// `dst.copy_from_slice(src)`, over the rayon pool for large copies.
-fn copy_par(dst: &mut [u8], src: &[u8]) {
-    if dst.len() >= 2 * PAR_COPY_BYTES {
-        dst.par_chunks_mut(PAR_COPY_BYTES)
-            .zip(src.par_chunks(PAR_COPY_BYTES))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    } else {
-        dst.copy_from_slice(src);
+/// One piece of host copying.
+enum Piece<'a> {
+    /// Same dtype: a plain copy.
+    Copy(&'a mut [u8], &'a [u8]),
+    /// Widening to f32 while staging (`dst` holds as many f32 as `src` holds `DType` values).
+    Widen(DType, &'a mut [u8], &'a [u8]),
+}
+
+impl Piece<'_> {
+    fn run(self) -> Result<(), String> {
+        match self {
+            Piece::Copy(d, s) => d.copy_from_slice(s),
+            Piece::Widen(t, d, s) => {
+                let f: &mut [f32] = bytemuck::try_cast_slice_mut(d)
+                    .map_err(|e| format!("staging buffer misaligned: {e}"))?;
+                bytes_to_f32(t, s, f);
+            }
+        }
+        Ok(())
     }
+}
+
+/// Runs the pieces over the rayon pool (inline when there is only one).
+fn run_pieces(pieces: Vec<Piece<'_>>) -> Result<(), String> {
+    if pieces.len() <= 1 {
+        return pieces.into_iter().try_for_each(Piece::run);
+    }
+    pieces.into_par_iter().try_for_each(Piece::run)
+}
+
+/// Cuts `dst.copy_from_slice(src)` into pieces of about [`PIECE_BYTES`].
+fn copy_pieces<'a>(out: &mut Vec<Piece<'a>>, dst: &'a mut [u8], src: &'a [u8]) {
+    out.extend(
+        dst.chunks_mut(PIECE_BYTES)
+            .zip(src.chunks(PIECE_BYTES))
+            .map(|(d, s)| Piece::Copy(d, s)),
+    );
 }
 
 impl Pipeline {
@@ -124,14 +175,19 @@ impl Pipeline {
                 pin_out: PinnedBuf::new(ctx, false),
                 dev_in: DeviceBuf::new(ctx),
                 dev_out: DeviceBuf::new(ctx),
+                h2d_start: Event::new(ctx)?,
                 h2d_done: Event::new(ctx)?,
+                compute_start: Event::new(ctx)?,
+                gemm_done: Event::new(ctx)?,
                 compute_done: Event::new(ctx)?,
+                d2h_start: Event::new(ctx)?,
                 d2h_done: Event::new(ctx)?,
             });
         }
         Ok(Pipeline {
             slots,
             h: DeviceBuf::new(ctx),
+            stats: RunStats::default(),
         })
     }
 
@@ -152,7 +208,7 @@ impl Pipeline {
             .map(|(m, t)| m.width * t.size())
             .sum::<usize>()
             + head.num_modalities();
-        let target = (CHUNK_BYTES / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
+        let target = (chunk_bytes() / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
         let nchunks = batch.rows.div_ceil(target);
         let chunk = batch.rows.div_ceil(nchunks.max(1)).max(1);
         Ok(Plan { chunk, gemm_dtype })
@@ -194,6 +250,7 @@ impl Pipeline {
         let nchunks = batch.rows.div_ceil(plan.chunk);
         let [bias, gate, gamma, beta] = dh.params();
         let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+        let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
 
         for k in 0..nchunks + 1 {
             if k < nchunks {
@@ -203,25 +260,42 @@ impl Pipeline {
                 let s = &mut self.slots[k % SLOTS];
 
                 // Stage chunk k (the slot's previous upload must have left the staging buffer).
+                let t = Instant::now();
                 s.h2d_done.sync()?;
-                let pin = s.pin_in.bytes_mut(l.in_bytes);
-                for (i, x) in batch.inputs.iter().enumerate() {
-                    let src = x.rows_slice(r0, n);
-                    let dt = plan.gemm_dtype[i];
-                    let dst = &mut pin[l.x_off[i]..l.x_off[i] + n * widths[i] * dt.size()];
-                    if dt == x.dtype {
-                        copy_par(dst, src.bytes);
-                    } else {
-                        let f: &mut [f32] = bytemuck::try_cast_slice_mut(dst)
-                            .map_err(|e| format!("staging buffer misaligned: {e}"))?;
-                        bytes_to_f32(src.dtype, src.bytes, f);
+                let t = lap(&mut wait_ms, t);
+                {
+                    let pin = s.pin_in.bytes_mut(l.in_bytes);
+                    let (xs, rest) = pin.split_at_mut(l.mask_off);
+                    rest[..n * m].copy_from_slice(&batch.mask[r0 * m..(r0 + n) * m]);
+                    let mut pieces = Vec::new();
+                    let mut xs = xs;
+                    let mut at = 0;
+                    for (i, x) in batch.inputs.iter().enumerate() {
+                        let dt = plan.gemm_dtype[i];
+                        let (_, tail) = xs.split_at_mut(l.x_off[i] - at);
+                        let (dst, tail) = tail.split_at_mut(n * widths[i] * dt.size());
+                        at = l.x_off[i] + dst.len();
+                        xs = tail;
+                        let src = x.rows_slice(r0, n).bytes;
+                        if dt == x.dtype {
+                            copy_pieces(&mut pieces, dst, src);
+                        } else {
+                            // Widen whole rows per piece.
+                            let rows = (PIECE_BYTES / (widths[i] * 4)).max(1);
+                            pieces.extend(
+                                dst.chunks_mut(rows * widths[i] * 4)
+                                    .zip(src.chunks(rows * widths[i] * x.dtype.size()))
+                                    .map(|(d, s)| Piece::Widen(x.dtype, d, s)),
+                            );
+                        }
                     }
+                    run_pieces(pieces)?;
                 }
-                pin[l.mask_off..l.mask_off + n * m]
-                    .copy_from_slice(&batch.mask[r0 * m..(r0 + n) * m]);
+                stage_ms += t.elapsed().as_secs_f64() * 1e3;
 
                 // Upload, after the compute stream is done reading this slot's previous chunk.
                 s.compute_done.wait_on(streams.h2d)?;
+                s.h2d_start.record(streams.h2d)?;
                 // SAFETY: source is `l.in_bytes` of pinned memory owned by the slot, destination
                 // the slot's device buffer sized for the plan's largest chunk (>= l.in_bytes).
                 // Neither is reused before `h2d_done` (recorded next) has been waited on.
@@ -234,6 +308,7 @@ impl Pipeline {
                 // Projections (and epilogue) on the compute stream.
                 s.h2d_done.wait_on(streams.compute)?;
                 s.d2h_done.wait_on(streams.compute)?;
+                s.compute_start.record(streams.compute)?;
                 for (i, md) in head.modalities.iter().enumerate() {
                     if !(r0..r0 + n).any(|r| batch.mask[r * m + i] != 0) {
                         continue; // absent from the whole chunk: the epilogue never reads it
@@ -258,6 +333,7 @@ impl Pipeline {
                         )?;
                     }
                 }
+                s.gemm_done.record(streams.compute)?;
                 if out.is_some() {
                     let y = s.dev_out.ptr();
                     let wts = y + l.w_off as u64;
@@ -299,6 +375,7 @@ impl Pipeline {
 
                 if out.is_some() {
                     s.compute_done.wait_on(streams.d2h)?;
+                    s.d2h_start.record(streams.d2h)?;
                     let dst = s.pin_out.bytes_mut(l.out_bytes);
                     // SAFETY: destination is pinned memory owned by the slot (>= l.out_bytes),
                     // source the slot's device output; the host reads the pinned buffer only
@@ -317,14 +394,31 @@ impl Pipeline {
                     let n = plan.chunk.min(batch.rows - r0);
                     let l = layout(n, &widths, &plan.gemm_dtype, d);
                     let s = &self.slots[j % SLOTS];
+                    let t = Instant::now();
                     s.d2h_done.sync()?;
+                    let t = lap(&mut wait_ms, t);
                     let src = s.pin_out.bytes(l.out_bytes);
-                    copy_par(
+                    let mut pieces = Vec::new();
+                    copy_pieces(
+                        &mut pieces,
                         bytemuck::cast_slice_mut(&mut out.fused[r0 * d..(r0 + n) * d]),
                         &src[..n * d * 4],
                     );
-                    bytemuck::cast_slice_mut::<f32, u8>(&mut out.weights[r0 * m..(r0 + n) * m])
-                        .copy_from_slice(&src[l.w_off..l.w_off + n * m * 4]);
+                    pieces.push(Piece::Copy(
+                        bytemuck::cast_slice_mut(&mut out.weights[r0 * m..(r0 + n) * m]),
+                        &src[l.w_off..l.w_off + n * m * 4],
+                    ));
+                    run_pieces(pieces)?;
+                    drain_ms += t.elapsed().as_secs_f64() * 1e3;
+                    // Every event of chunk j is complete now (d2h waited on compute, compute on
+                    // h2d): add its device times.
+                    let st = &mut self.stats;
+                    st.h2d_bytes += l.in_bytes as u64;
+                    st.h2d_ms += s.h2d_done.elapsed_since(&s.h2d_start)?;
+                    st.gemm_ms += s.gemm_done.elapsed_since(&s.compute_start)?;
+                    st.epilogue_ms += s.compute_done.elapsed_since(&s.gemm_done)?;
+                    st.d2h_bytes += l.out_bytes as u64;
+                    st.d2h_ms += s.d2h_done.elapsed_since(&s.d2h_start)?;
                 }
             }
         }
@@ -332,9 +426,22 @@ impl Pipeline {
             // SAFETY: live stream of the current context.
             unsafe { dr::stream::synchronize(streams.compute) }
                 .map_err(|e| de("cuStreamSynchronize", e))?;
+        } else {
+            let st = &mut self.stats;
+            st.runs += 1;
+            st.host_stage_ms += stage_ms;
+            st.host_wait_ms += wait_ms;
+            st.host_drain_ms += drain_ms;
         }
         Ok(())
     }
+}
+
+/// Adds the time since `t` to `acc` and returns now.
+fn lap(acc: &mut f64, t: Instant) -> Instant {
+    let now = Instant::now();
+    *acc += (now - t).as_secs_f64() * 1e3;
+    now
 }
 
 /// Block size, dynamic shared memory and flags for the epilogue.
