@@ -159,3 +159,126 @@ extern "C" __global__ void fusion_epilogue_f32(
         yr[d] = fmaf((z[d] - mean) * rstd, gamma[d], beta[d]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warp-per-row variant for D <= 32 * PER_LANE (the common case: every D up to 1024).
+//
+// One warp owns one sample row; lane l owns the elements d = l + 32 j (j < PER_LANE), so z, the
+// current modality's v and every reduction stay in registers and warp shuffles: no block
+// barrier, no shared memory but the M scores. The softmax is computed online while h is read
+// (running max and sum; z rescaled when the max grows), so h is read exactly once and the row
+// is written once. Same math and the same non-finite rule as fusion_epilogue_f32 (a non-finite
+// present projection makes the row's weights NaN).
+//
+// Launch contract: grid = (ceil(n / W), 1, 1), block = (32 W, 1, 1),
+// dynamic shared memory = 4 * W * M bytes; D <= 32 * PER_LANE.
+template <int PER_LANE>
+__device__ __forceinline__ void fusion_epilogue_warp(
+    const float* __restrict__ h, const float* __restrict__ bias, const float* __restrict__ gate,
+    const float* __restrict__ gamma, const float* __restrict__ beta,
+    const unsigned char* __restrict__ mask, float* __restrict__ y, float* __restrict__ w, int n,
+    int D, int M, float eps) {
+    extern __shared__ float fusion_smem[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int r = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (r >= n) {
+        return;  // uniform over the warp; no block-wide barrier follows
+    }
+    float* sc = fusion_smem + (size_t)warp * M;
+    const unsigned char* mrow = mask + (size_t)r * M;
+
+    float z[PER_LANE];
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        z[j] = 0.0f;
+    }
+    float run_max = __int_as_float(0xff800000);  // -inf
+    float run_sum = 0.0f;
+    for (int m = 0; m < M; ++m) {
+        if (mrow[m] == 0) {
+            continue;  // uniform over the warp: the row is the warp's
+        }
+        const float* hr = h + ((size_t)m * n + r) * D;
+        const float* b = bias + (size_t)m * D;
+        float v[PER_LANE];
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            const int d = lane + 32 * j;
+            v[j] = 0.0f;
+            if (d < D) {
+                const float t = hr[d] + b[d];
+                v[j] = t;
+                acc = fusion_is_finite(t) ? fmaf(gate[d], tanhf(t), acc)
+                                          : __int_as_float(0x7fc00000);
+            }
+        }
+        const float s = fusion_warp_sum(acc);
+        if (lane == 0) {
+            sc[m] = s;
+        }
+        // Online softmax: rescale what was summed so far to the new maximum. A NaN score makes
+        // the scale (and so everything after it) NaN.
+        const float new_max = fmaxf(run_max, s);
+        const float scale = expf(run_max - new_max);
+        const float e = expf(s - new_max);
+        run_sum = fmaf(run_sum, scale, e);
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            z[j] = fmaf(e, v[j], z[j] * scale);
+        }
+        run_max = new_max;
+    }
+    __syncwarp();  // sc[] written by lane 0 is read by the lanes below
+
+    for (int m = lane; m < M; m += 32) {
+        w[(size_t)r * M + m] = mrow[m] ? expf(sc[m] - run_max) / run_sum : 0.0f;
+    }
+
+    // z = sum_m a_m v_m, then LayerNorm (two-pass, biased variance).
+    float lsum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        z[j] = z[j] / run_sum;
+        if (lane + 32 * j < D) {
+            lsum += z[j];
+        }
+    }
+    const float mean = fusion_warp_sum(lsum) / (float)D;
+    float lsq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        if (lane + 32 * j < D) {
+            const float t = z[j] - mean;
+            lsq = fmaf(t, t, lsq);
+        }
+    }
+    const float var = fusion_warp_sum(lsq) / (float)D;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    float* yr = y + (size_t)r * D;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        if (d < D) {
+            yr[d] = fmaf((z[j] - mean) * rstd, gamma[d], beta[d]);
+        }
+    }
+}
+
+// The instantiations the host picks from (smallest PER_LANE with D <= 32 * PER_LANE). Same
+// parameter list as fusion_epilogue_f32 (flags unused) so that one argument block serves all.
+#define FUSION_EPILOGUE_WARP(PL)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) fusion_epilogue_warp##PL##_f32(           \
+        const float* __restrict__ h, const float* __restrict__ bias,                            \
+        const float* __restrict__ gate, const float* __restrict__ gamma,                        \
+        const float* __restrict__ beta, const unsigned char* __restrict__ mask,                 \
+        float* __restrict__ y, float* __restrict__ w, int n, int D, int M, float eps,           \
+        int flags) {                                                                            \
+        (void)flags;                                                                            \
+        fusion_epilogue_warp<PL>(h, bias, gate, gamma, beta, mask, y, w, n, D, M, eps);         \
+    }
+FUSION_EPILOGUE_WARP(4)
+FUSION_EPILOGUE_WARP(8)
+FUSION_EPILOGUE_WARP(16)
+FUSION_EPILOGUE_WARP(32)

@@ -34,11 +34,25 @@ pub struct KernelSource {
 pub const SOURCES: &[KernelSource] = &[KernelSource {
     stem: "fusion_epilogue",
     src: include_str!("../../../kernels/fusion_epilogue.cu"),
-    symbols: &[EPILOGUE_F32],
+    symbols: &[
+        EPILOGUE_F32,
+        EPILOGUE_WARP_F32[0].1,
+        EPILOGUE_WARP_F32[1].1,
+        EPILOGUE_WARP_F32[2].1,
+        EPILOGUE_WARP_F32[3].1,
+    ],
 }];
 
-/// The fused epilogue over f32 projections.
+/// The fused epilogue over f32 projections, one block per row (any D).
 pub(crate) const EPILOGUE_F32: &str = "fusion_epilogue_f32";
+
+/// The warp-per-row epilogues: (elements per lane, symbol), for D <= 32 x elements per lane.
+pub(crate) const EPILOGUE_WARP_F32: [(usize, &str); 4] = [
+    (4, "fusion_epilogue_warp4_f32"),
+    (8, "fusion_epilogue_warp8_f32"),
+    (16, "fusion_epilogue_warp16_f32"),
+    (32, "fusion_epilogue_warp32_f32"),
+];
 
 /// Architecture the compile check targets (H100/H200).
 pub const CHECK_ARCH: &str = "compute_90";
@@ -245,6 +259,8 @@ pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     /// `fusion_epilogue_f32`.
     pub epilogue: CudaFunction,
+    /// The warp-per-row epilogues, as (elements per lane, function), smallest first.
+    pub epilogue_warp: Vec<(usize, CudaFunction)>,
 }
 
 /// Compiled images per architecture, shared by devices of the same kind.
@@ -273,9 +289,19 @@ pub(crate) fn load(
             .load_function(EPILOGUE_F32)
             .map_err(|e| format!("kernel {EPILOGUE_F32}: {e}"))
     })?;
+    let mut epilogue_warp = Vec::with_capacity(EPILOGUE_WARP_F32.len());
+    for (per_lane, sym) in EPILOGUE_WARP_F32 {
+        let f = guard("cuModuleGetFunction", || {
+            module
+                .load_function(sym)
+                .map_err(|e| format!("kernel {sym}: {e}"))
+        })?;
+        epilogue_warp.push((per_lane, f));
+    }
     let k = Arc::new(Kernels {
         _module: module,
         epilogue,
+        epilogue_warp,
     });
     modules.insert(ordinal, k.clone());
     Ok(k)

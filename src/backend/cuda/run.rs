@@ -249,7 +249,7 @@ impl Pipeline {
         let widths: Vec<usize> = head.modalities.iter().map(|md| md.width).collect();
         let nchunks = batch.rows.div_ceil(plan.chunk);
         let [bias, gate, gamma, beta] = dh.params();
-        let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+        let epi = epilogue_plan(kernels, d, m, smem_limit)?;
         let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
 
         for k in 0..nchunks + 1 {
@@ -351,25 +351,27 @@ impl Pipeline {
                         d: d as i32,
                         m: m as i32,
                         eps: head.eps as f32,
-                        flags,
+                        flags: epi.flags,
                     };
                     let mut params = args.params();
-                    // SAFETY: the argument list matches fusion_epilogue_f32's signature (8
-                    // pointers, 3 ints, a float, an int); every pointer addresses a live buffer
-                    // of the size the kernel indexes for n rows (h: M*n*D f32, params: M*D + 3D
-                    // f32, mask: n*M bytes, y/w: n*D and n*M f32). Grid n x 1, block a multiple
-                    // of 32 <= 256, shared memory as `epilogue_shape` computed within the limit.
+                    // SAFETY: the argument list matches the signature every epilogue kernel
+                    // shares (8 pointers, 3 ints, a float, an int); every pointer addresses a
+                    // live buffer of the size the kernel indexes for n rows (h: M*n*D f32,
+                    // params: M*D + 3D f32, mask: n*M bytes, y/w: n*D and n*M f32). The grid
+                    // covers n rows at `rows_per_block`; block and shared memory are what
+                    // `epilogue_plan` computed for this kernel within the device's limit, and
+                    // the function lives as long as `kernels`.
                     unsafe {
                         dr::launch_kernel(
-                            kernels.epilogue.cu_function(),
-                            (n as u32, 1, 1),
-                            (block, 1, 1),
-                            smem,
+                            epi.func,
+                            ((n as u32).div_ceil(epi.rows_per_block), 1, 1),
+                            (epi.block, 1, 1),
+                            epi.smem,
                             streams.compute,
                             &mut params,
                         )
                     }
-                    .map_err(|e| de("launching fusion_epilogue_f32", e))?;
+                    .map_err(|e| de(&format!("launching {}", epi.name), e))?;
                 }
                 s.compute_done.record(streams.compute)?;
 
@@ -444,7 +446,63 @@ fn lap(acc: &mut f64, t: Instant) -> Instant {
     now
 }
 
-/// Block size, dynamic shared memory and flags for the epilogue.
+/// How the epilogue is launched for one head.
+struct EpiloguePlan {
+    func: cudarc::driver::sys::CUfunction,
+    name: &'static str,
+    rows_per_block: u32,
+    block: u32,
+    smem: u32,
+    flags: i32,
+}
+
+/// Warps (rows) per block of the warp-per-row epilogue.
+const WARP_ROWS: usize = 8;
+
+/// The warp-per-row epilogue when D fits its registers (D <= 1024) and its M scores fit shared
+/// memory, else the block-per-row one. `FUSION_CUDA_EPILOGUE=block` forces the latter (to
+/// compare the two).
+fn epilogue_plan(
+    kernels: &Kernels,
+    d: usize,
+    m: usize,
+    smem_limit: usize,
+) -> Result<EpiloguePlan, String> {
+    let force_block = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("block");
+    if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| !force_block) {
+        if let Some((_, f)) = kernels.epilogue_warp.get(i) {
+            return Ok(EpiloguePlan {
+                func: f.cu_function(),
+                name: super::kernels::EPILOGUE_WARP_F32[i].1,
+                rows_per_block: WARP_ROWS as u32,
+                block: (32 * WARP_ROWS) as u32,
+                smem: (4 * WARP_ROWS * m) as u32,
+                flags: 0,
+            });
+        }
+    }
+    let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+    Ok(EpiloguePlan {
+        func: kernels.epilogue.cu_function(),
+        name: super::kernels::EPILOGUE_F32,
+        rows_per_block: 1,
+        block,
+        smem,
+        flags,
+    })
+}
+
+/// Index into `EPILOGUE_WARP_F32` of the smallest warp-per-row variant for D, if one fits.
+fn warp_variant(d: usize, m: usize, smem_limit: usize) -> Option<usize> {
+    if 4 * WARP_ROWS * m > smem_limit {
+        return None;
+    }
+    super::kernels::EPILOGUE_WARP_F32
+        .iter()
+        .position(|&(per_lane, _)| d <= 32 * per_lane)
+}
+
+/// Block size, dynamic shared memory and flags for the block-per-row epilogue.
 fn epilogue_shape(d: usize, m: usize, smem_limit: usize) -> Result<(u32, u32, i32), String> {
     // About 4 elements per thread, 1 to 8 warps.
     let block = (d.div_ceil(4).div_ceil(32) * 32).clamp(32, 256) as u32;
@@ -526,6 +584,18 @@ mod tests {
         assert_eq!(l.in_bytes, l.mask_off + 33 * 3);
         assert_eq!(l.w_off % 256, 0);
         assert_eq!(l.out_bytes, l.w_off + 33 * 3 * 4);
+    }
+
+    #[test]
+    fn warp_variant_is_the_smallest_that_holds_d() {
+        assert_eq!(warp_variant(512, 3, 48 << 10), Some(2));
+        assert_eq!(warp_variant(513, 3, 48 << 10), Some(3));
+        assert_eq!(warp_variant(1, 1, 48 << 10), Some(0));
+        assert_eq!(warp_variant(128, 1, 48 << 10), Some(0));
+        assert_eq!(warp_variant(1024, 8, 48 << 10), Some(3));
+        assert_eq!(warp_variant(1025, 3, 48 << 10), None);
+        // Too many modalities for the scores in shared memory: block-per-row.
+        assert_eq!(warp_variant(64, 2000, 48 << 10), None);
     }
 
     #[test]
