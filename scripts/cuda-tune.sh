@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tuning sweep for the CUDA pipeline on a GPU machine, from a carried release binary:
 # FUSION_CUDA_CHUNK_MIB (chunk size of the copy/compute pipeline) over CHUNKS, REPS times
-# interleaved (host noise hits every setting alike), then the block-per-row epilogue against the
-# warp-per-row one. One line per run (bench's human output, with its device/host breakdown).
+# interleaved (host noise hits every setting alike), then the warp-per-row epilogue (opt-in,
+# FUSION_CUDA_EPILOGUE=warp; its selftest first) against the default block-per-row one. One
+# line per run (bench's human output, with its device/host breakdown).
 #
 #   scripts/cuda-tune.sh [BINARY]   env: CHUNKS (default "8 16 24 32"), REPS (2), ITERS (30),
 #                                        BATCH (1024,8192), DTYPES (f32,f16)
@@ -21,7 +22,8 @@ for rep in $(seq "$REPS"); do
     FUSION_CUDA_CHUNK_MIB=$c bench
   done
 done
-echo "== block-per-row epilogue (FUSION_CUDA_EPILOGUE=block), default chunks"
-FUSION_CUDA_EPILOGUE=block bench
-echo "== warp-per-row epilogue (default), default chunks"
+echo "== warp-per-row epilogue (FUSION_CUDA_EPILOGUE=warp): selftest, then bench"
+FUSION_CUDA_EPILOGUE=warp timeout 90 "$BIN" selftest --backend cuda 2>&1 | tail -3
+FUSION_CUDA_EPILOGUE=warp bench
+echo "== block-per-row epilogue (default), default chunks"
 bench

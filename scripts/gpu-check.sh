@@ -11,7 +11,7 @@
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
 # projections alone (fusion-engine's run_projections_only; PyTorch's F.linear = cuBLAS), and the
-# host<->device copy ceiling. Prints one markdown table (and writes it, with the raw JSON lines,
+# host<->device copy ceiling. `scripts/cuda-tune.sh` sweeps the CUDA pipeline's knobs. Prints one markdown table (and writes it, with the raw JSON lines,
 # to $OUT/ when OUT is set). Exits non-zero if a selftest or a test executable fails. The CUDA
 # steps come first and every step has a time limit, so that a short lease gets the GPU figures.
 #
@@ -74,6 +74,11 @@ run_tests() {
 
 echo "== selftest cuda"
 run_selftest cuda
+echo "== selftest cuda, warp-per-row epilogue (opt-in: FUSION_CUDA_EPILOGUE=warp)"
+if ! FUSION_CUDA_EPILOGUE=warp T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selftest-cuda-warp.txt"; then
+  echo "selftest --backend cuda with FUSION_CUDA_EPILOGUE=warp FAILED"
+  status=1
+fi
 echo "== bench cuda"
 case " $BACKENDS " in *" cuda "*) run_bench cuda ;; esac
 echo "== PyTorch eager (same head, same shapes) and the copy ceiling"

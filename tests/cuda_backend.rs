@@ -63,7 +63,7 @@ fn many_chunks() {
             &mut b,
             &[1024, 768, 128],
             512,
-            5000,
+            12_000, // f32: 92 MB of input, 3 chunks of <= 32 MiB; bf16: 2 chunks
             dt,
             MaskMode::Random,
             seed,
@@ -215,4 +215,25 @@ fn non_finite_found_in_a_later_chunk() {
     b.run(&batch.view(), out.as_mut()).expect("clean batch");
     let r = fusion_engine::reference::reference(&head, &batch.view());
     assert!(fusion_engine::reference::rel_error(&out.fused, &r.fused) < 1e-4);
+}
+
+/// The opt-in warp-per-row epilogue (`FUSION_CUDA_EPILOGUE=warp`) passes the whole selftest
+/// (every case against the float64 reference) on a GPU; skipped without one.
+#[test]
+fn warp_per_row_epilogue_passes_selftest() {
+    if !gpu_present() {
+        eprintln!("skipping: no usable CUDA device");
+        return;
+    }
+    let out = bin()
+        .args(["selftest", "--backend", "cuda"])
+        .env("FUSION_CUDA_EPILOGUE", "warp")
+        .output()
+        .expect("run selftest");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

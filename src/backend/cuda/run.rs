@@ -1,7 +1,8 @@
 //! The batch pipeline: chunks, pinned staging, three streams, double buffering.
 //!
-//! A batch is cut into chunks of a few MiB of input. Chunk k uses slot `k % SLOTS` (pinned
-//! input staging, device input, device output, pinned output) and goes through
+//! A batch is cut into chunks of up to 32 MiB of input (`CHUNK_BYTES`). Chunk k uses slot
+//! `k % SLOTS` (pinned input staging, device input, device output, pinned output) and goes
+//! through
 //!
 //! ```text
 //! host:     stage k (memcpy into pinned, all cores)      drain k-1 (pinned -> caller's outputs)
@@ -34,10 +35,13 @@ use crate::tensor::{bytes_to_f32, DType};
 
 /// Pipeline depth (double buffering).
 pub(crate) const SLOTS: usize = 2;
-/// Target input bytes per chunk: big enough to amortise launches and host synchronisation,
-/// small enough that the copies of one chunk overlap the work of the other. Tunable with
-/// `FUSION_CUDA_CHUNK_MIB` (read once).
-const CHUNK_BYTES: usize = 8 << 20;
+/// Target input bytes per chunk. Measured on an H200 host (docs/PERF.md, 2026-11-27): the rate
+/// of one pinned host-to-device copy grew with its size there (8 MiB: 23-25 GB/s, 16 MiB:
+/// 44-46, 32 MiB: 49-50 against a 54 GB/s ceiling), and overlap buys little when the GPU's part
+/// of a chunk is a small fraction of its copies, so chunks are large: a batch of up to 32 MiB of
+/// input is one chunk. Tunable with `FUSION_CUDA_CHUNK_MIB` (read once; scripts/cuda-tune.sh
+/// sweeps it).
+const CHUNK_BYTES: usize = 32 << 20;
 
 /// [`CHUNK_BYTES`], or `FUSION_CUDA_CHUNK_MIB` MiB when set to a positive number.
 fn chunk_bytes() -> usize {
@@ -459,17 +463,19 @@ struct EpiloguePlan {
 /// Warps (rows) per block of the warp-per-row epilogue.
 const WARP_ROWS: usize = 8;
 
-/// The warp-per-row epilogue when D fits its registers (D <= 1024) and its M scores fit shared
-/// memory, else the block-per-row one. `FUSION_CUDA_EPILOGUE=block` forces the latter (to
-/// compare the two).
+/// The block-per-row epilogue (the one verified on a GPU: the H200 runs of docs/PERF.md), or,
+/// with `FUSION_CUDA_EPILOGUE=warp`, the warp-per-row one when D fits its registers (D <= 1024)
+/// and its M scores fit shared memory. The warp-per-row kernel compiles (NVRTC, no spills) but
+/// has not run on a GPU yet: it stays opt-in until `selftest` and `scripts/cuda-tune.sh` have
+/// checked it on one (tests/cuda_backend.rs runs its selftest wherever a GPU is).
 fn epilogue_plan(
     kernels: &Kernels,
     d: usize,
     m: usize,
     smem_limit: usize,
 ) -> Result<EpiloguePlan, String> {
-    let force_block = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("block");
-    if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| !force_block) {
+    let want_warp = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("warp");
+    if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| want_warp) {
         if let Some((_, f)) = kernels.epilogue_warp.get(i) {
             return Ok(EpiloguePlan {
                 func: f.cu_function(),
