@@ -177,3 +177,63 @@ pub fn bench_backend(
         stages,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::RunStats;
+    use crate::model::FusionHead;
+
+    #[test]
+    fn stage_times_are_per_batch_means_and_rates() {
+        assert!(StageTimes::from_stats(&RunStats::default(), 64).is_none());
+        let s = RunStats {
+            runs: 4,
+            h2d_bytes: 4 * 50_000_000,
+            h2d_ms: 4.0, // 200 MB in 4 ms
+            d2h_bytes: 4 * 10_000_000,
+            d2h_ms: 2.0,
+            gemm_ms: 2.0,
+            epilogue_ms: 0.4,
+            host_stage_ms: 8.0,
+            host_wait_ms: 1.0,
+            host_drain_ms: 4.0,
+        };
+        let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
+        assert!(close(t.device_proj_ms, 0.5));
+        assert!(close(t.device_head_ms, 0.6));
+        assert!(close(t.device_head_over_proj, 1.2));
+        assert!(close(t.device_samples_per_s, 1000.0 / 0.6e-3));
+        assert!(close(t.h2d_gbps, 50.0));
+        assert!(close(t.d2h_gbps, 20.0));
+        assert!(close(t.host_stage_ms, 2.0));
+        assert!(close(t.host_wait_ms, 0.25));
+        assert!(close(t.host_drain_ms, 1.0));
+        // No copy timed: the rate is NaN, not a division by zero passed off as a number.
+        let none = RunStats {
+            runs: 1,
+            ..RunStats::default()
+        };
+        assert!(StageTimes::from_stats(&none, 1)
+            .expect("runs > 0")
+            .h2d_gbps
+            .is_nan());
+    }
+
+    #[test]
+    fn cpu_bench_reports_no_stage_times() {
+        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
+        let mut b = crate::backend::open(
+            crate::backend::BackendKind::Cpu,
+            0,
+            head,
+            &crate::backend::OpenOptions::default(),
+        )
+        .expect("cpu opens");
+        let r = bench_backend(&mut b, 16, DType::F32, 2, 1).expect("bench");
+        assert!(r.stages.is_none());
+        let json = serde_json::to_string(&r).expect("json");
+        assert!(!json.contains("device_head_ms"), "{json}");
+    }
+}
