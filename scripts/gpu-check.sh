@@ -6,7 +6,8 @@
 #   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there),
 #        TESTS (test executables built elsewhere, e.g. `cargo test --no-run` outputs of
 #        tests/cuda_backend.rs and tests/wgpu_backend.rs, run here after the CUDA bench),
-#        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default)
+#        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default),
+#        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log)
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -23,6 +24,7 @@ BIN=${1:-target/release/fusion-engine}
 ITERS=${ITERS:-30}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 COMPILE=${COMPILE:-1}
+TUNE=${TUNE:-1}
 TESTS=${TESTS:-}
 T() { timeout -k 5 "$STEP_TIMEOUT" "$@"; }
 # Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
@@ -170,5 +172,10 @@ if [ -n "${OUT:-}" ]; then
   cp "$WORK/gpu-table.md" "$OUT/gpu-table.md"
   cat "$WORK"/*.jsonl >"$OUT/gpu-check.jsonl" 2>/dev/null || true
   cat "$WORK"/selftest-*.txt "$WORK"/test-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
+fi
+if [ "$TUNE" = 1 ]; then
+  echo "== cuda-tune (chunk sizes, epilogues)"
+  bash scripts/cuda-tune.sh "$BIN" 2>&1 | tee "$WORK/cuda-tune.log"
+  [ -n "${OUT:-}" ] && cp "$WORK/cuda-tune.log" "$OUT/cuda-tune.log"
 fi
 exit $status
