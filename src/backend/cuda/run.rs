@@ -269,6 +269,14 @@ impl Pipeline {
                 let t = lap(&mut wait_ms, t);
                 {
                     let pin = s.pin_in.bytes_mut(l.in_bytes);
+                    if pin.len() < l.in_bytes {
+                        // `reserve` sized the slot for the plan's largest chunk; never taken.
+                        return Err(format!(
+                            "input staging holds {} of {} B",
+                            pin.len(),
+                            l.in_bytes
+                        ));
+                    }
                     let (xs, rest) = pin.split_at_mut(l.mask_off);
                     rest[..n * m].copy_from_slice(&batch.mask[r0 * m..(r0 + n) * m]);
                     let mut pieces = Vec::new();
@@ -404,6 +412,14 @@ impl Pipeline {
                     s.d2h_done.sync()?;
                     let t = lap(&mut wait_ms, t);
                     let src = s.pin_out.bytes(l.out_bytes);
+                    if src.len() < l.out_bytes {
+                        // As for the input staging: sized by `reserve`; never taken.
+                        return Err(format!(
+                            "output staging holds {} of {} B",
+                            src.len(),
+                            l.out_bytes
+                        ));
+                    }
                     let mut pieces = Vec::new();
                     copy_pieces(
                         &mut pieces,
