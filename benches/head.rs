@@ -60,5 +60,23 @@ fn bench_head(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_head);
+/// The host's input check that the wgpu backend and `fuse` run before a batch (shapes, mask,
+/// NaN/Inf in every present value), embedded head, B = 8192.
+fn bench_validate(c: &mut Criterion) {
+    let head = FusionHead::embedded();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut g = c.benchmark_group("validate");
+    g.sample_size(20);
+    for dtype in [DType::F32, DType::F16] {
+        let rows = 8192;
+        let batch = random_batch(&head, rows, dtype, MaskMode::All, &mut rng);
+        g.throughput(Throughput::Elements(rows as u64));
+        g.bench_with_input(BenchmarkId::new(dtype.to_string(), rows), &rows, |b, _| {
+            b.iter(|| batch.view().validate(&head).map_err(|e| e.to_string()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_head, bench_validate);
 criterion_main!(benches);

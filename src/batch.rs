@@ -6,6 +6,11 @@ use crate::error::{shape_str, Error, Result};
 use crate::model::FusionHead;
 use crate::tensor::{HostMat, MatRef};
 
+/// Inputs of at least this many bytes are scanned for NaN/Inf over the rayon pool.
+const PAR_SCAN_BYTES: usize = 1 << 20;
+/// Fewest rows per task of that scan.
+const SCAN_ROWS: usize = 64;
+
 /// Borrowed batch: what `Backend::run` takes.
 #[derive(Debug, Clone)]
 pub struct BatchRef<'a> {
@@ -31,8 +36,24 @@ impl<'a> BatchRef<'a> {
         let m = head.num_modalities();
         self.validate_mask(0..self.rows)?;
         for (i, x) in self.inputs.iter().enumerate() {
-            let rows = (0..self.rows).filter(|r| self.mask[r * m + i] != 0);
-            if let Some((row, col)) = x.find_non_finite(rows) {
+            let bad = |r: usize| {
+                if self.mask[r * m + i] == 0 {
+                    return None;
+                }
+                crate::tensor::find_non_finite_bytes(x.dtype, x.row_bytes(r)).map(|c| (r, c))
+            };
+            // Large inputs over the rayon pool (a single thread scans ~6-9 GB/s: ~10 ms for a
+            // B = 8192 batch of the embedded head); `find_map_first` keeps the first bad row.
+            let found = if x.bytes.len() >= PAR_SCAN_BYTES {
+                use rayon::prelude::*;
+                (0..self.rows)
+                    .into_par_iter()
+                    .with_min_len(SCAN_ROWS)
+                    .find_map_first(bad)
+            } else {
+                (0..self.rows).find_map(bad)
+            };
+            if let Some((row, col)) = found {
                 return Err(Error::InputNonFinite {
                     name: head.modalities[i].name.clone(),
                     row,
@@ -205,5 +226,80 @@ impl Outputs {
             fused: &mut self.fused,
             weights: &mut self.weights,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch large enough for the parallel scan, finite except where the test puts NaN/Inf.
+    fn batch(rows: usize, widths: &[usize]) -> (FusionHead, Batch) {
+        let dims: Vec<(String, usize)> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (format!("m{i}"), w))
+            .collect();
+        let head = FusionHead::random(&dims, 8, 1e-5, 1);
+        let inputs = widths
+            .iter()
+            .map(|&w| {
+                let v: Vec<f32> = (0..rows * w).map(|k| (k % 97) as f32 * 0.01).collect();
+                HostMat::from_f32(rows, w, &v)
+            })
+            .collect();
+        let mask = vec![1u8; rows * widths.len()];
+        (head, Batch { rows, inputs, mask })
+    }
+
+    fn poison(b: &mut Batch, m: usize, row: usize, col: usize, value: f32) {
+        let w = b.inputs[m].cols;
+        let at = (row * w + col) * 4;
+        b.inputs[m].bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    }
+
+    #[test]
+    fn scan_reports_the_first_bad_row_of_the_first_bad_modality() {
+        // 3000 x 200 f32 = 2.4 MB per input: scanned in parallel.
+        let (head, mut b) = batch(3000, &[200, 100]);
+        assert!(b.inputs[0].bytes.len() >= PAR_SCAN_BYTES);
+        b.view().validate(&head).expect("finite");
+        poison(&mut b, 1, 2999, 5, f32::INFINITY);
+        poison(&mut b, 1, 1234, 99, f32::NAN);
+        poison(&mut b, 1, 2500, 0, f32::NAN);
+        match b.view().validate(&head) {
+            Err(Error::InputNonFinite { name, row, col }) => {
+                assert_eq!((name.as_str(), row, col), ("m1", 1234, 99))
+            }
+            other => panic!("expected m1 row 1234, got {other:?}"),
+        }
+        // A bad value in an earlier modality wins, whatever its row.
+        poison(&mut b, 0, 2998, 7, f32::NEG_INFINITY);
+        match b.view().validate(&head) {
+            Err(Error::InputNonFinite { name, row, col }) => {
+                assert_eq!((name.as_str(), row, col), ("m0", 2998, 7))
+            }
+            other => panic!("expected m0 row 2998, got {other:?}"),
+        }
+        // Absent values are never read.
+        b.mask[2998 * 2] = 0;
+        for r in [1234, 2500, 2999] {
+            b.mask[r * 2 + 1] = 0;
+        }
+        b.view()
+            .validate(&head)
+            .expect("bad values only where absent");
+    }
+
+    #[test]
+    fn small_inputs_are_scanned_inline_with_the_same_answer() {
+        let (head, mut b) = batch(10, &[4, 3]);
+        assert!(b.inputs[0].bytes.len() < PAR_SCAN_BYTES);
+        poison(&mut b, 0, 7, 2, f32::NAN);
+        poison(&mut b, 0, 3, 1, f32::INFINITY);
+        assert!(matches!(
+            b.view().validate(&head),
+            Err(Error::InputNonFinite { row: 3, col: 1, .. })
+        ));
     }
 }
