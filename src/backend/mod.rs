@@ -153,9 +153,11 @@ pub trait Backend: Send {
     /// The uploaded head, if any.
     fn head(&self) -> Option<&Arc<FusionHead>>;
 
-    /// Runs a batch into `out` (`fused` `[B, D]`, `weights` `[B, M]`). Validates the batch
-    /// (shapes, mask, non-finite present values) and returns a typed error instead of computing
-    /// on bad input. Returns when the outputs are written.
+    /// Runs a batch into `out` (`fused` `[B, D]`, `weights` `[B, M]`). Bad input (shapes, mask,
+    /// a non-finite present value, a projection that overflows f32) is a typed error, never a
+    /// non-finite result; shapes and mask are checked before any work, non-finite values either
+    /// before (wgpu) or from the results (cpu, cuda: cheaper than scanning every input), so on
+    /// an error the contents of `out` are unspecified. Returns when the outputs are written.
     fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()>;
 
     /// Benchmark hook: runs only the head's projection GEMMs for `batch` through the same GEMM
