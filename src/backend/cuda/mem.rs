@@ -148,24 +148,37 @@ impl PinnedBuf {
         Ok(())
     }
 
-    /// The first `n` bytes (n <= capacity). No copy may be writing them (caller's contract,
-    /// kept by waiting on the copy's event first).
-    pub fn bytes(&self, n: usize) -> &[u8] {
-        if self.ptr.is_null() || n == 0 {
-            return &[];
+    /// The first `n` bytes. No copy may be writing them (caller's contract, kept by waiting on
+    /// the copy's event first). More than was reserved is an error, never a shorter slice.
+    pub fn bytes(&self, n: usize) -> Result<&[u8], String> {
+        self.check(n)?;
+        if n == 0 {
+            return Ok(&[]);
         }
-        // SAFETY: `ptr` points to `self.bytes` bytes of host memory owned by this value; `n` is
-        // clamped to that size. Page-locked memory is ordinary readable host memory.
-        unsafe { std::slice::from_raw_parts(self.ptr, n.min(self.bytes)) }
+        // SAFETY: `ptr` points to `self.bytes` >= n bytes of host memory owned by this value
+        // (`check`). Page-locked memory is ordinary readable host memory.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, n) })
     }
 
-    /// The first `n` bytes, mutable (n <= capacity; no copy may be reading them).
-    pub fn bytes_mut(&mut self, n: usize) -> &mut [u8] {
-        if self.ptr.is_null() || n == 0 {
-            return &mut [];
+    /// The first `n` bytes, mutable (no copy may be reading them); as [`PinnedBuf::bytes`].
+    pub fn bytes_mut(&mut self, n: usize) -> Result<&mut [u8], String> {
+        self.check(n)?;
+        if n == 0 {
+            return Ok(&mut []);
         }
         // SAFETY: as in `bytes`, and `&mut self` makes this the only host reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, n.min(self.bytes)) }
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, n) })
+    }
+
+    /// `n` bytes fit what was reserved (and, when n > 0, something was).
+    fn check(&self, n: usize) -> Result<(), String> {
+        if n > self.bytes || (n > 0 && self.ptr.is_null()) {
+            return Err(format!(
+                "pinned staging holds {} B, {n} B asked for",
+                self.bytes
+            ));
+        }
+        Ok(())
     }
 
     fn free(&mut self) {

@@ -111,6 +111,21 @@ struct Plan {
     gemm_dtype: Vec<DType>,
 }
 
+impl Plan {
+    /// Chunk `k` of a batch of `rows`: its first row, its row count and its byte layout.
+    fn chunk_at(
+        &self,
+        k: usize,
+        rows: usize,
+        widths: &[usize],
+        dim: usize,
+    ) -> (usize, usize, Layout) {
+        let r0 = k * self.chunk;
+        let n = self.chunk.min(rows - r0);
+        (r0, n, layout(n, widths, &self.gemm_dtype, dim))
+    }
+}
+
 fn layout(n: usize, widths: &[usize], dtypes: &[DType], dim: usize) -> Layout {
     let mut off = 0;
     let mut x_off = Vec::with_capacity(widths.len());
@@ -258,9 +273,7 @@ impl Pipeline {
 
         for k in 0..nchunks + 1 {
             if k < nchunks {
-                let r0 = k * plan.chunk;
-                let n = plan.chunk.min(batch.rows - r0);
-                let l = layout(n, &widths, &plan.gemm_dtype, d);
+                let (r0, n, l) = plan.chunk_at(k, batch.rows, &widths, d);
                 let s = &mut self.slots[k % SLOTS];
 
                 // Stage chunk k (the slot's previous upload must have left the staging buffer).
@@ -268,15 +281,7 @@ impl Pipeline {
                 s.h2d_done.sync()?;
                 let t = lap(&mut wait_ms, t);
                 {
-                    let pin = s.pin_in.bytes_mut(l.in_bytes);
-                    if pin.len() < l.in_bytes {
-                        // `reserve` sized the slot for the plan's largest chunk; never taken.
-                        return Err(format!(
-                            "input staging holds {} of {} B",
-                            pin.len(),
-                            l.in_bytes
-                        ));
-                    }
+                    let pin = s.pin_in.bytes_mut(l.in_bytes)?;
                     let (xs, rest) = pin.split_at_mut(l.mask_off);
                     rest[..n * m].copy_from_slice(&batch.mask[r0 * m..(r0 + n) * m]);
                     let mut pieces = Vec::new();
@@ -312,7 +317,7 @@ impl Pipeline {
                 // the slot's device buffer sized for the plan's largest chunk (>= l.in_bytes).
                 // Neither is reused before `h2d_done` (recorded next) has been waited on.
                 unsafe {
-                    dr::memcpy_htod_async(s.dev_in.ptr(), s.pin_in.bytes(l.in_bytes), streams.h2d)
+                    dr::memcpy_htod_async(s.dev_in.ptr(), s.pin_in.bytes(l.in_bytes)?, streams.h2d)
                 }
                 .map_err(|e| de("cuMemcpyHtoDAsync", e))?;
                 s.h2d_done.record(streams.h2d)?;
@@ -390,7 +395,7 @@ impl Pipeline {
                 if out.is_some() {
                     s.compute_done.wait_on(streams.d2h)?;
                     s.d2h_start.record(streams.d2h)?;
-                    let dst = s.pin_out.bytes_mut(l.out_bytes);
+                    let dst = s.pin_out.bytes_mut(l.out_bytes)?;
                     // SAFETY: destination is pinned memory owned by the slot (>= l.out_bytes),
                     // source the slot's device output; the host reads the pinned buffer only
                     // after `d2h_done` and does not touch it before.
@@ -404,22 +409,12 @@ impl Pipeline {
             if k >= 1 {
                 if let Some(out) = out.as_mut() {
                     let j = k - 1;
-                    let r0 = j * plan.chunk;
-                    let n = plan.chunk.min(batch.rows - r0);
-                    let l = layout(n, &widths, &plan.gemm_dtype, d);
+                    let (r0, n, l) = plan.chunk_at(j, batch.rows, &widths, d);
                     let s = &self.slots[j % SLOTS];
                     let t = Instant::now();
                     s.d2h_done.sync()?;
                     let t = lap(&mut wait_ms, t);
-                    let src = s.pin_out.bytes(l.out_bytes);
-                    if src.len() < l.out_bytes {
-                        // As for the input staging: sized by `reserve`; never taken.
-                        return Err(format!(
-                            "output staging holds {} of {} B",
-                            src.len(),
-                            l.out_bytes
-                        ));
-                    }
+                    let src = s.pin_out.bytes(l.out_bytes)?;
                     let mut pieces = Vec::new();
                     copy_pieces(
                         &mut pieces,
