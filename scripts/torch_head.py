@@ -5,11 +5,13 @@ Standalone: needs only torch. Prints one JSON object per (impl, batch, dtype):
 
   impl            torch-eager, or torch-compile (torch.compile of the same module)
   ms_per_batch    forward only, inputs already on the device (median)
-  samples_per_s   batch / ms_per_batch
+  samples_per_s   throughput: batch / mean batch time (as `fusion-engine bench` reports it)
   proj_ms_per_batch  the M projections alone (F.linear without bias; cuBLAS on CUDA)
   e2e_ms_per_batch   host inputs -> device -> forward -> host outputs (pageable host memory,
                      what `fusion-engine bench` measures for its own backends); CUDA only
   e2e_pinned_ms_per_batch  the same from pinned host memory with non_blocking copies; CUDA only
+  *_samples_per_s    throughputs of the above (batch / mean time); *_median_samples_per_s
+                     batch / median time
 
 With --copy-ceiling it prints host<->device copy throughput instead (pinned and pageable, GB/s),
 the ceiling the engine's overlapped copies are compared against.
@@ -61,7 +63,8 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def median_ms(fn, dev, iters, warmup):
+def times_ms(fn, dev, iters, warmup):
+    """(median, mean) milliseconds per call after warm-up."""
     for _ in range(warmup):
         fn()
     sync(dev)
@@ -71,7 +74,18 @@ def median_ms(fn, dev, iters, warmup):
         fn()
         sync(dev)
         ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(ts), statistics.fmean(ts)
+
+
+def median_ms(fn, dev, iters, warmup):
+    return times_ms(fn, dev, iters, warmup)[0]
+
+
+def record(res, key, b, times):
+    med, mean = times
+    res[f"{key}ms_per_batch"] = med
+    res[f"{key}samples_per_s"] = b / (mean / 1e3)
+    res[f"{key}median_samples_per_s"] = b / (med / 1e3)
 
 
 def bench(impl, model, dev, b, dtname, iters, warmup):
@@ -89,9 +103,7 @@ def bench(impl, model, dev, b, dtname, iters, warmup):
         def fwd():
             return model(xs, mask)
 
-        ms = median_ms(fwd, dev, iters, warmup)
-        res["ms_per_batch"] = ms
-        res["samples_per_s"] = b / (ms / 1e3)
+        record(res, "", b, times_ms(fwd, dev, iters, warmup))
 
         def proj():
             return [F.linear(x, model.proj[m].weight) for m, x in xs.items()]
@@ -103,9 +115,7 @@ def bench(impl, model, dev, b, dtname, iters, warmup):
                 y, a = model({m: x.to(dev) for m, x in host.items()}, host_mask.to(dev))
                 return y.float().cpu(), a.float().cpu()
 
-            ms = median_ms(e2e, dev, iters, warmup)
-            res["e2e_ms_per_batch"] = ms
-            res["e2e_samples_per_s"] = b / (ms / 1e3)
+            record(res, "e2e_", b, times_ms(e2e, dev, iters, warmup))
             pinned = {m: x.pin_memory() for m, x in host.items()}
             pmask = host_mask.pin_memory()
             out_y = torch.empty(b, D, dtype=torch.float32).pin_memory()
@@ -119,9 +129,7 @@ def bench(impl, model, dev, b, dtname, iters, warmup):
                 out_y.copy_(y.float(), non_blocking=True)
                 out_a.copy_(a.float(), non_blocking=True)
 
-            ms = median_ms(e2e_pinned, dev, iters, warmup)
-            res["e2e_pinned_ms_per_batch"] = ms
-            res["e2e_pinned_samples_per_s"] = b / (ms / 1e3)
+            record(res, "e2e_pinned_", b, times_ms(e2e_pinned, dev, iters, warmup))
     return res
 
 

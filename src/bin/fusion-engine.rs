@@ -81,7 +81,7 @@ enum Cmd {
         /// Batch sizes, comma separated (default 1024; with --devices one size, default 256).
         #[arg(long, value_delimiter = ',')]
         batch: Vec<usize>,
-        /// Timed iterations per run (median reported).
+        /// Timed iterations per run (median batch time and throughput over all of them reported).
         #[arg(long, default_value_t = 50)]
         iters: usize,
         /// Untimed warm-up iterations.
@@ -147,6 +147,9 @@ enum Cmd {
         /// Fast subscribers (each subscribes to every stream) [default: the scenario's].
         #[arg(long)]
         subscribers: Option<usize>,
+        /// Producer connections sharing --rate (each its own stream) [default: the scenario's].
+        #[arg(long)]
+        producers: Option<usize>,
         /// Devices of the in-process server, e.g. `cpu:threads=1` [default: the scenario's].
         #[arg(long, conflicts_with = "url")]
         devices: Option<String>,
@@ -252,6 +255,7 @@ fn main() -> ExitCode {
             rate,
             max_rss_mb,
             subscribers,
+            producers,
             devices,
             dtype,
             samples_per_frame,
@@ -269,7 +273,8 @@ fn main() -> ExitCode {
                 samples_per_frame: samples_per_frame as usize,
                 ..Default::default()
             };
-            loadgen(scenario, opts, rate, subscribers, devices, json)
+            let counts = (subscribers, producers);
+            loadgen(scenario, opts, rate, counts, devices, json)
         }),
         Cmd::Demo { duration } => seconds(duration).and_then(|d| {
             runtime()?
@@ -395,8 +400,8 @@ fn bench(
                 };
                 let steal = steal_note(r.host_steal_pct);
                 println!(
-                    "{:5} {:>6} {:4}  {:9.3} ms/batch  {:12.0} samples/s  {:7.1} GFLOP/s{proj}  [{}]{steal}",
-                    r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.gflops, r.device
+                    "{:5} {:>6} {:4}  {:9.3} ms/batch (median)  {:12.0} samples/s ({:.0} at the median)  {:7.1} GFLOP/s{proj}  [{}]{steal}",
+                    r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.median_samples_per_s, r.gflops, r.device
                 );
                 if let Some(s) = &r.stages {
                     println!(
@@ -632,7 +637,7 @@ fn loadgen(
     scenario: fusion_engine::loadgen::Scenario,
     opts: fusion_engine::loadgen::Options,
     rate: f64,
-    subscribers: Option<usize>,
+    (subscribers, producers): (Option<usize>, Option<usize>),
     devices: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
@@ -647,6 +652,12 @@ fn loadgen(
             return Err(Error::Config("--subscribers must be at least 1".into()));
         }
         plan.set_fast_subscribers(n);
+    }
+    if let Some(n) = producers {
+        if n == 0 {
+            return Err(Error::Config("--producers must be at least 1".into()));
+        }
+        plan.set_producers(n);
     }
     if let Some(d) = devices {
         plan.devices = d;

@@ -135,6 +135,13 @@ impl Plan {
             .splice(0..0, std::iter::repeat_n(Role::Fast, n));
     }
 
+    /// Replaces the producers with `n` of them sharing the same total rate (flooding producers
+    /// stay flooding): more connections for hosts whose cores one or two cannot keep busy.
+    pub fn set_producers(&mut self, n: usize) {
+        let total: Option<f64> = self.producers.iter().copied().sum();
+        self.producers = vec![total.map(|t| t / n.max(1) as f64); n];
+    }
+
     /// Stream names, one per producer.
     pub fn streams(&self) -> Vec<String> {
         (0..self.producers.len())
@@ -146,6 +153,17 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_producers_keeps_the_total_rate() {
+        let mut p = Scenario::Steady.plan(1000.0);
+        p.set_producers(4);
+        assert_eq!(p.producers, vec![Some(250.0); 4]);
+        assert_eq!(p.streams()[3], "lg-3");
+        let mut f = Scenario::Flood.plan(1000.0);
+        f.set_producers(2);
+        assert_eq!(f.producers, vec![None; 2]);
+    }
 
     #[test]
     fn names_roundtrip_and_plans_differ() {
