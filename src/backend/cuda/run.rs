@@ -1,6 +1,7 @@
 //! The batch pipeline: chunks, pinned staging, three streams, double buffering.
 //!
-//! A batch is cut into chunks of up to 32 MiB of input (`CHUNK_BYTES`). Chunk k uses slot
+//! A batch is cut into chunks of up to 32 MiB of input (`CHUNK_BYTES`), and into at least two
+//! once it holds 16 MiB (`SPLIT_BYTES`), so that its copies overlap its compute. Chunk k uses slot
 //! `k % SLOTS` (pinned input staging, device input, device output, pinned output) and goes
 //! through
 //!
@@ -42,6 +43,24 @@ pub(crate) const SLOTS: usize = 2;
 /// input is one chunk. Tunable with `FUSION_CUDA_CHUNK_MIB` (read once; scripts/cuda-tune.sh
 /// sweeps it).
 const CHUNK_BYTES: usize = 32 << 20;
+
+/// A batch of at least twice this much input is cut into at least two chunks. Measured on the
+/// H200 host (docs/PERF.md, session 6): a B = 8192 f16 batch (31.5 MB) as one 32 MiB chunk ran
+/// at 4.2-4.4M samples/s host to host, as two 16 MiB chunks at 5.4-5.5M (its H2D copy of the
+/// second half then overlaps the first half's GEMMs and the D2H of its results).
+const SPLIT_BYTES: usize = 8 << 20;
+
+/// Rows per chunk for a batch of `rows` rows of `row_bytes` input each: chunks of about
+/// `chunk_bytes` (at least [`MIN_CHUNK_ROWS`] rows), at least two when the batch holds
+/// `2 * SPLIT_BYTES`, all of one size but the last.
+fn chunk_rows(rows: usize, row_bytes: usize, chunk_bytes: usize) -> usize {
+    let target = (chunk_bytes / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
+    let mut nchunks = rows.div_ceil(target);
+    if rows.saturating_mul(row_bytes) >= 2 * SPLIT_BYTES && rows >= 2 * MIN_CHUNK_ROWS {
+        nchunks = nchunks.max(2);
+    }
+    rows.div_ceil(nchunks.max(1)).max(1)
+}
 
 /// [`CHUNK_BYTES`], or `FUSION_CUDA_CHUNK_MIB` MiB when set to a positive number.
 fn chunk_bytes() -> usize {
@@ -227,9 +246,7 @@ impl Pipeline {
             .map(|(m, t)| m.width * t.size())
             .sum::<usize>()
             + head.num_modalities();
-        let target = (chunk_bytes() / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
-        let nchunks = batch.rows.div_ceil(target);
-        let chunk = batch.rows.div_ceil(nchunks.max(1)).max(1);
+        let chunk = chunk_rows(batch.rows, row_bytes, chunk_bytes());
         Ok(Plan { chunk, gemm_dtype })
     }
 
@@ -586,6 +603,37 @@ impl EpilogueArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_are_about_the_target_and_big_batches_are_split() {
+        // The default head: 1920 inputs + 3 mask bytes per row.
+        let (f32_row, f16_row) = (1920 * 4 + 3, 1920 * 2 + 3);
+        // Small batches: one chunk.
+        assert_eq!(chunk_rows(1, f32_row, CHUNK_BYTES), 1);
+        assert_eq!(chunk_rows(1024, f32_row, CHUNK_BYTES), 1024);
+        // B = 8192 f16 (31.5 MB, under one 32 MiB chunk): two halves.
+        assert_eq!(chunk_rows(8192, f16_row, CHUNK_BYTES), 4096);
+        // B = 8192 f32 (63 MB): two chunks of 32 MiB or less.
+        let c = chunk_rows(8192, f32_row, CHUNK_BYTES);
+        assert_eq!(c, 4096);
+        assert!(c * f32_row <= CHUNK_BYTES);
+        // Big batches: chunks under the target, all but the last of one size.
+        let c = chunk_rows(100_000, f32_row, CHUNK_BYTES);
+        assert!(
+            c * f32_row <= CHUNK_BYTES && c * f32_row > CHUNK_BYTES / 2,
+            "{c}"
+        );
+        // Just under twice SPLIT_BYTES: not split; a batch too few rows to split: one chunk.
+        let rows = (2 * SPLIT_BYTES - 1) / f32_row;
+        assert_eq!(chunk_rows(rows, f32_row, CHUNK_BYTES), rows);
+        // Two even chunks.
+        assert_eq!(chunk_rows(200, 1 << 20, CHUNK_BYTES), 100);
+        // A tiny target still gives MIN_CHUNK_ROWS rows per chunk.
+        assert_eq!(
+            chunk_rows(1000, f32_row, 1),
+            1000usize.div_ceil(1000usize.div_ceil(MIN_CHUNK_ROWS))
+        );
+    }
 
     #[test]
     fn layout_is_aligned_and_tight() {
