@@ -133,7 +133,7 @@ def f(v, fmt="{:.0f}"):
     return "-" if v is None else fmt.format(v)
 
 gpu = next((r["device"] for r in eng.values() if r.get("backend") == "cuda"), None) or copy.get("gpu", "?")
-print(f"GPU: {gpu}; head: embedded default (d = {DIMS}, D = {D}); median of each run's iterations\n")
+print(f"GPU: {gpu}; head: embedded default (d = {DIMS}, D = {D}); ms: median batch time; samples/s: throughput over the run's iterations\n")
 print("| B | dtype | cuda ms (host to host) | cuda samples/s | cuda proj-only ms (host) | device head ms | device proj ms (cuBLAS) "
       "| device head/proj | cuda H2D GB/s (its copies) | host stage / wait / drain ms "
       "| wgpu samples/s | cpu samples/s | torch eager fwd ms | torch proj ms | torch eager e2e samples/s "
