@@ -257,4 +257,61 @@ mod tests {
         let json = serde_json::to_string(&r).expect("json");
         assert!(!json.contains("device_head_ms"), "{json}");
     }
+
+    /// A CPU backend whose every third `run` takes 20 ms longer: a host's slow spell.
+    struct Hiccups {
+        inner: crate::backend::AnyBackend,
+        runs: usize,
+    }
+
+    impl Backend for Hiccups {
+        fn info(&self) -> &crate::backend::DeviceInfo {
+            self.inner.info()
+        }
+        fn upload(&mut self, head: std::sync::Arc<FusionHead>) -> Result<()> {
+            self.inner.upload(head)
+        }
+        fn head(&self) -> Option<&std::sync::Arc<FusionHead>> {
+            self.inner.head()
+        }
+        fn run(
+            &mut self,
+            batch: &crate::batch::BatchRef<'_>,
+            out: crate::batch::OutputsMut<'_>,
+        ) -> Result<()> {
+            self.runs += 1;
+            if self.runs.is_multiple_of(3) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            self.inner.run(batch, out)
+        }
+    }
+
+    #[test]
+    fn headline_is_throughput_with_slow_batches_counted_median_kept_apart() {
+        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
+        let inner = crate::backend::open(
+            crate::backend::BackendKind::Cpu,
+            0,
+            head,
+            &crate::backend::OpenOptions::default(),
+        )
+        .expect("cpu opens");
+        let mut b = Hiccups { inner, runs: 0 };
+        // One warm-up run, then 9 timed runs back to back: 3 of them slow.
+        let r = bench_backend(&mut b, 16, DType::F32, 9, 1).expect("bench");
+        assert!(r.ms_per_batch < 5.0, "median {}", r.ms_per_batch);
+        assert!(
+            r.mean_ms_per_batch >= 3.0 * 20.0 / 9.0,
+            "{}",
+            r.mean_ms_per_batch
+        );
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+        assert!(close(r.samples_per_s, 16.0 / (r.mean_ms_per_batch / 1e3)));
+        assert!(close(r.median_samples_per_s, 16.0 / (r.ms_per_batch / 1e3)));
+        assert!(r.samples_per_s * 2.0 < r.median_samples_per_s, "{r:?}");
+        // No projections-only path here: no ratio pass.
+        assert!(r.head_over_proj.is_none() && r.proj_ms_per_batch.is_none());
+        assert_eq!(b.runs, 10);
+    }
 }
