@@ -203,6 +203,23 @@ fn projections_only_runs_and_results_stay_right_after() {
     assert_eq!(before, after);
 }
 
+/// A long-lived process reopens its device (an engine restarting a worker): 24 opens in one
+/// process, each running right. On NVIDIA's driver a fresh wgpu instance per open stopped
+/// finding the GPU after about 14 (docs/PERF.md, sessions 5 and 6); the instance is now shared.
+#[test]
+fn many_reopens_in_one_process_keep_working() {
+    let seed = common::seed();
+    let (head, batch) = common::setup(&[24, 8], 16, 9, DType::F32, MaskMode::All, seed);
+    let want = reference(&head, &batch.view());
+    for i in 0..24 {
+        let Some(mut b) = open_raw() else { return };
+        let out = run(&mut b, &head, &batch);
+        let err = rel_error(&out.fused, &want.fused);
+        assert!(err < 1e-4, "open {i}: fused rel error {err}");
+        drop(b);
+    }
+}
+
 // ---- No Vulkan driver: the CLI degrades cleanly. ----
 
 fn cli(args: &[&str]) -> std::process::Output {

@@ -10,11 +10,25 @@ use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;
 
-/// An instance over `backends` (plus the rest of the environment's instance settings).
+/// The process's instance over `backends` (plus the rest of the environment's instance
+/// settings, as they were when it was first needed), created once: every discovery and every
+/// device open (an engine restarting a worker, a test suite) reuses it. A fresh instance per
+/// open made NVIDIA's Vulkan driver stop listing its GPU after about 14 of them in one process
+/// (an H200, docs/PERF.md sessions 5 and 6), after which discovery fell back to GL and failed.
 fn instance_for(backends: wgpu::Backends) -> wgpu::Instance {
+    static INSTANCES: std::sync::Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> =
+        std::sync::Mutex::new(Vec::new());
+    // A panic while the lock was held cannot leave the list half-updated (one push), so a
+    // poisoned lock is still a valid list.
+    let mut cache = INSTANCES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, i)) = cache.iter().find(|(b, _)| *b == backends) {
+        return i.clone();
+    }
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
-    wgpu::Instance::new(desc)
+    let instance = wgpu::Instance::new(desc);
+    cache.push((backends, instance.clone()));
+    instance
 }
 
 /// Every adapter of `instance` over `backends` (the no-op backend excluded).
