@@ -10,6 +10,15 @@ use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;
 
+/// Held while discovering adapters and while opening a device (instance, adapter, device,
+/// kernels): on NVIDIA's driver, tests opening devices from four threads at once crashed
+/// (fresh instance per open) or hung (shared instance) in one process (docs/PERF.md, session 6).
+pub(super) fn open_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // The guarded data is `()`: a panic while it was held leaves nothing inconsistent.
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The process's instance over `backends` (plus the rest of the environment's instance
 /// settings, as they were when it was first needed), created once: every discovery and every
 /// device open (an engine restarting a worker, a test suite) reuses it. A fresh instance per
@@ -180,6 +189,7 @@ pub(super) fn check(adapter: &wgpu::Adapter) -> Result<(), String> {
 
 /// Lists every adapter; one entry with the reason when there is none.
 pub fn discover() -> Vec<DeviceEntry> {
+    let _serial = open_lock();
     let (_instance, adapters) = instance_and_adapters();
     if adapters.is_empty() {
         return vec![DeviceEntry {
