@@ -572,3 +572,32 @@ fn overhead_bench_compares_one_device_with_its_kernel() {
         assert!(run_overhead_bench(config("cpu:threads=1"), head, &zero).is_err());
     });
 }
+
+/// `bench --devices cpu,cpu:delay=...` as issue 5 runs it: the caller keeps a window of
+/// tickets, so the fast device never builds the backlog that would make the router send the
+/// slow one another batch after measuring it. The slow device must still be marked SLOW (its
+/// average stays over 2x while batches complete without it) and get few samples.
+#[test]
+fn engine_bench_marks_a_starved_slow_device_slow() {
+    use fusion_engine::engine::bench::{run_engine_bench, EngineBenchOptions};
+    within(120, || {
+        let head = small_head();
+        let o = EngineBenchOptions {
+            samples: 20_000,
+            batch: 64,
+            ..EngineBenchOptions::default()
+        };
+        let cfg = config("cpu:threads=1,cpu:threads=1:delay=40ms");
+        let r = run_engine_bench(cfg, head, &o).unwrap();
+        assert_eq!(r.delivered, r.submitted, "{r:?}");
+        assert_eq!((r.duplicates, r.failed_permanently), (0, 0), "{r:?}");
+        let slow = &r.devices[1];
+        assert!(slow.slow_events >= 1, "never marked SLOW: {slow:?}");
+        assert!(
+            slow.share < 0.10,
+            "the slow device got {:.1}%",
+            slow.share * 100.0
+        );
+        assert_eq!(r.devices[0].slow_events, 0, "{:?}", r.devices[0]);
+    });
+}

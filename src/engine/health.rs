@@ -4,7 +4,10 @@
 //! - HEALTHY -> SLOW: the device's per-sample latency moving average is over `slow_ratio` (2x)
 //!   the best healthy device's for `slow_batches` (5) batches in a row, or one of its batches
 //!   completed after `device_timeout` (a batch still *running* at the timeout is a hang: the
-//!   core marks the device FAILED instead).
+//!   core marks the device FAILED instead). The batches in a row are the device's own, and,
+//!   while it has none in flight, those completed by other devices: the router gives a device
+//!   that slow no more batches once it has measured it (least expected completion time), so
+//!   counting only its own would leave it HEALTHY, unprobed, with an average nothing updates.
 //! - SLOW -> HEALTHY: a probe batch's per-sample latency is under `recover_ratio` (1.3x) the best
 //!   healthy device's (or no healthy device is left to compare with).
 //! - any -> FAILED: an error, a panic or a hang (decided by the core, see `core.rs`).
@@ -140,6 +143,32 @@ impl Health {
             DeviceState::Failed => Verdict::Stay,
         }
     }
+
+    /// Another device completed a batch while this one had nothing in flight: its (unchanged)
+    /// average against `best_other`, the lowest among the other healthy devices, counts as one
+    /// more batch in a row over `slow_ratio` or ends the streak. Only a HEALTHY device with a
+    /// measured average is judged.
+    pub fn observe_idle(&mut self, best_other: Option<f64>, cfg: &EngineConfig) -> Verdict {
+        let (DeviceState::Healthy, Some(avg), Some(best)) = (self.state, self.ewma, best_other)
+        else {
+            return Verdict::Stay;
+        };
+        let ratio = avg / best.min(avg);
+        if ratio <= cfg.slow_ratio {
+            self.streak = 0;
+            return Verdict::Stay;
+        }
+        self.streak += 1;
+        if self.streak < cfg.slow_batches {
+            return Verdict::Stay;
+        }
+        self.streak = 0;
+        Verdict::Slow(format!(
+            "per-sample latency {:.1}x the best healthy device while {} batches in a row \
+             completed without it (limit {:.1}x; the router no longer picks it)",
+            ratio, cfg.slow_batches, cfg.slow_ratio
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +193,34 @@ mod tests {
             h.observe(1.2e-6, ms, Some(1e-6), &cfg),
             Verdict::Recovered(_)
         ));
+    }
+
+    #[test]
+    fn an_idle_device_with_a_slow_average_is_slow_after_five_batches_elsewhere() {
+        let cfg = EngineConfig::default();
+        let mut h = Health::new();
+        // Unmeasured, or no other healthy device: nothing to judge.
+        assert_eq!(h.observe_idle(Some(1e-6), &cfg), Verdict::Stay);
+        h.ewma = Some(10e-6);
+        assert_eq!(h.observe_idle(None, &cfg), Verdict::Stay);
+        assert_eq!(h.streak, 0);
+        // 10x the best: four completions elsewhere count, the fifth marks it.
+        for i in 0..4 {
+            assert_eq!(h.observe_idle(Some(1e-6), &cfg), Verdict::Stay, "{i}");
+        }
+        assert!(matches!(h.observe_idle(Some(1e-6), &cfg), Verdict::Slow(_)));
+        assert_eq!(h.streak, 0);
+        // Its own slow batches and idle ones add up; a best device that slows down ends it.
+        h.observe(10e-6, Duration::from_millis(1), Some(1e-6), &cfg);
+        h.observe_idle(Some(1e-6), &cfg);
+        assert_eq!(h.streak, 2);
+        assert_eq!(h.observe_idle(Some(6e-6), &cfg), Verdict::Stay);
+        assert_eq!(h.streak, 0);
+        // Only HEALTHY devices are judged this way (a SLOW one waits for its probes).
+        h.state = DeviceState::Slow;
+        for _ in 0..10 {
+            assert_eq!(h.observe_idle(Some(1e-6), &cfg), Verdict::Stay);
+        }
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl Core {
                         self.set_state(&mut st, d, DeviceState::Healthy, &why)
                     }
                 }
+                self.judge_idle(&mut st, d, now);
                 true
             }
             Err((_, e)) if e.is_input_error() => {
@@ -120,6 +121,29 @@ impl Core {
     }
 
     /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
+    /// Device `done` completed a batch: every other HEALTHY device with nothing in flight is
+    /// judged on its average against the best of the others (see `Health::observe_idle`).
+    fn judge_idle(&self, st: &mut State, done: usize, now: Instant) {
+        for e in 0..st.devs.len() {
+            let s = &st.devs[e];
+            if e == done || s.health.state != DeviceState::Healthy || !s.ready || !s.out.is_empty()
+            {
+                continue;
+            }
+            let best_other = st
+                .devs
+                .iter()
+                .enumerate()
+                .filter(|(i, o)| *i != e && o.health.state == DeviceState::Healthy && o.ready)
+                .filter_map(|(_, o)| o.health.ewma)
+                .reduce(f64::min);
+            if let Verdict::Slow(why) = st.devs[e].health.observe_idle(best_other, &self.cfg) {
+                self.set_state(st, e, DeviceState::Slow, &why);
+                st.devs[e].last_probe = Some(now);
+            }
+        }
+    }
+
     fn take_back_queued(&self, st: &mut State, d: usize) {
         let Some(rx) = st.devs[d].rx.clone() else {
             return;
