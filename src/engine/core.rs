@@ -93,7 +93,7 @@ pub(crate) struct DevState {
 }
 
 impl DevState {
-    fn routable(&self) -> bool {
+    pub(crate) fn routable(&self) -> bool {
         self.ready && self.tx.is_some() && self.health.state != DeviceState::Failed
     }
 

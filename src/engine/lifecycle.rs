@@ -121,12 +121,23 @@ impl Core {
     }
 
     /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
-    /// Device `done` completed a batch: every other HEALTHY device with nothing in flight is
-    /// judged on its average against the best of the others (see `Health::observe_idle`).
+    /// Device `done` completed a batch: every other HEALTHY device that the router could pick
+    /// but left with nothing in flight is judged on its average against the best of the others
+    /// (see `Health::observe_idle`). A CPU kept out of rotation beside a healthy accelerator
+    /// (no `cpu_overflow`) is not judged: it is idle by configuration, not for being slow.
     fn judge_idle(&self, st: &mut State, done: usize, now: Instant) {
+        let gpu_up = st
+            .devs
+            .iter()
+            .any(|s| s.accelerator && s.routable() && s.health.state == DeviceState::Healthy);
         for e in 0..st.devs.len() {
             let s = &st.devs[e];
-            if e == done || s.health.state != DeviceState::Healthy || !s.ready || !s.out.is_empty()
+            let in_rotation = s.routable() && (s.accelerator || !gpu_up || self.cfg.cpu_overflow);
+            if e == done
+                || !in_rotation
+                || s.health.state != DeviceState::Healthy
+                || !s.ready
+                || !s.out.is_empty()
             {
                 continue;
             }
