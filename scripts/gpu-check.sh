@@ -7,7 +7,9 @@
 #        TESTS (test executables built elsewhere, e.g. `cargo test --no-run` outputs of
 #        tests/cuda_backend.rs and tests/wgpu_backend.rs, run here after the CUDA bench),
 #        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default),
-#        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log)
+#        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log),
+#        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
+#        throughput checks on this host's cores, into $OUT/cpu-check.txt)
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -25,6 +27,7 @@ ITERS=${ITERS:-30}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 COMPILE=${COMPILE:-1}
 TUNE=${TUNE:-1}
+CPU_CHECK=${CPU_CHECK:-1}
 TESTS=${TESTS:-}
 T() { timeout -k 5 "$STEP_TIMEOUT" "$@"; }
 # Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
@@ -177,5 +180,9 @@ if [ "$TUNE" = 1 ]; then
   echo "== cuda-tune (chunk sizes, epilogues)"
   bash scripts/cuda-tune.sh "$BIN" 2>&1 | tee "$WORK/cuda-tune.log"
   [ -n "${OUT:-}" ] && cp "$WORK/cuda-tune.log" "$OUT/cuda-tune.log"
+fi
+if [ "$CPU_CHECK" = 1 ]; then
+  echo "== cpu-check (issues 5 and 6 on this host's CPUs)"
+  timeout -k 5 300 bash scripts/cpu-check.sh "$BIN" 2>&1 | tail -16
 fi
 exit $status
