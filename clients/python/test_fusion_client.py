@@ -311,6 +311,31 @@ def test_result_frame_codec_round_trip():
         fc.decode_result(buf[:-1])
 
 
+def test_subscription_get_nowait_drains_without_waiting():
+    async def go():
+        q: asyncio.Queue = asyncio.Queue(4)
+        sub = fc._Subscription(None, "s", q)  # type: ignore[arg-type]
+        assert sub.get_nowait() is None
+        r = fc.decode_result(struct.pack("<2sBBBBHHHIQ", b"FE", 1, 2, 0, 0, 1, 1, 2, 3, 7) + b"sk" +
+                             bytes([1, 1]) + np.arange(3, dtype="<f4").tobytes() +
+                             np.array([0.5, 0.5], "<f4").tobytes())
+        q.put_nowait(r)
+        q.put_nowait(r)
+        assert sub.get_nowait() is r and sub.get_nowait() is r and sub.get_nowait() is None
+        # A normal close ends the drain and stays queued for the next get (StopAsyncIteration).
+        q.put_nowait(fc.ConnectionClosed(1000, "bye"))
+        assert sub.get_nowait() is None and sub.get_nowait() is None
+        with pytest.raises(StopAsyncIteration):
+            await sub.__anext__()
+        # Any other close is raised.
+        q2: asyncio.Queue = asyncio.Queue(4)
+        q2.put_nowait(fc.ConnectionClosed(1013, "slow_consumer last_seq=3"))
+        with pytest.raises(fc.ConnectionClosed):
+            fc._Subscription(None, "s", q2).get_nowait()  # type: ignore[arg-type]
+
+    asyncio.run(go())
+
+
 def test_result_frame_codec_v2_carries_the_stream_seq():
     d, m = 2, 1
     s, k = b"st", b"k"
