@@ -349,7 +349,10 @@ async fn metrics_health_and_graceful_shutdown_drain() {
             _ => {}
         }
     }
-    assert!(got && notice);
+    assert!(
+        got && notice,
+        "before the 1001 close: the open sample's result {got}, the shutdown notice {notice}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

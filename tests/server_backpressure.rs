@@ -208,7 +208,14 @@ async fn stalled_subscriber_is_closed_1013_while_a_fast_one_keeps_up() {
     let last: u64 = reason.rsplit("last_seq=").next().unwrap().parse().unwrap();
     let got: Vec<u64> = seen.results.iter().map(|r| r.0).collect();
     // No CRITICAL result lost without the close naming it: 1..=last all arrived, in order.
-    assert_eq!(got, (1..=last).collect::<Vec<u64>>(), "{reason}");
+    // Results of the send in progress at the close may have arrived too (PROTOCOL 7.3), so a
+    // few more may follow, still without a gap.
+    assert!(got.len() as u64 >= last, "{reason}: got {got:?}");
+    assert_eq!(
+        got,
+        (1..=got.len() as u64).collect::<Vec<u64>>(),
+        "{reason}"
+    );
     assert!((last as usize) < n);
     s.shutdown().await;
 }

@@ -548,9 +548,11 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
         # most ~8 MiB each, with at most `window` samples sent and not yet answered: the server
         # queues results for this connection in a bounded per-class queue (PROTOCOL.md 7) and
         # drops IMPORTANT/BULK results, or closes on CRITICAL, when a reader falls that far
-        # behind, so a large batch must not be sent all at once.
+        # behind, so a large batch must not be sent all at once. At most 90% of the class
+        # queue unanswered: even if this reader stalls, every result in flight fits it
+        # (IMPORTANT is dropped only when its queue is full, BULK above 90%).
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
-        window = max(1, min(int(caps.get(priority, 256)) // 2, 1024))
+        window = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
         row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
         chunk = max(1, min(window, (8 << 20) // row_bytes))
         progress = asyncio.Event()

@@ -83,7 +83,10 @@ impl Client {
         let cap = self.welcome.raw["limits"]["send_queue"][priority_name(priority)]
             .as_u64()
             .unwrap_or(256) as usize;
-        let window = (cap / 2).clamp(1, 1024);
+        // At most 90% of the class queue unanswered: even if this reader stalls, every result
+        // in flight fits the queue (IMPORTANT is dropped only when its queue is full, BULK above
+        // 90%, PROTOCOL 7.2), so nothing is dropped and CRITICAL never closes.
+        let window = (cap * 9 / 10).clamp(1, 1024);
         self.next += 1;
         let keys: Vec<String> = (0..n)
             .map(|i| format!("fuse-{:x}-{}-{i}", self.prefix, self.next))
