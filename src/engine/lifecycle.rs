@@ -61,13 +61,7 @@ impl Core {
                 dev.m.batches.increment(1);
                 dev.m.samples.increment(rows as u64);
                 dev.m.batch_seconds.record(elapsed.as_secs_f64());
-                let best_other = st
-                    .devs
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, o)| *i != d && o.health.state == DeviceState::Healthy && o.ready)
-                    .filter_map(|(_, o)| o.health.ewma)
-                    .reduce(f64::min);
+                let best_other = best_other_average(&st, d);
                 let per_sample = elapsed.as_secs_f64() / rows.max(1) as f64;
                 let verdict = st.devs[d]
                     .health
@@ -141,13 +135,7 @@ impl Core {
             {
                 continue;
             }
-            let best_other = st
-                .devs
-                .iter()
-                .enumerate()
-                .filter(|(i, o)| *i != e && o.health.state == DeviceState::Healthy && o.ready)
-                .filter_map(|(_, o)| o.health.ewma)
-                .reduce(f64::min);
+            let best_other = best_other_average(st, e);
             if let Verdict::Slow(why) = st.devs[e].health.observe_idle(best_other, &self.cfg) {
                 self.set_state(st, e, DeviceState::Slow, &why);
                 st.devs[e].last_probe = Some(now);
@@ -383,4 +371,15 @@ impl Core {
         self.deliver_all(dl);
         n
     }
+}
+
+/// The lowest per-sample average among the HEALTHY, ready devices other than `d` (what `d`'s
+/// health is judged against), or `None` when there is no such device.
+fn best_other_average(st: &State, d: usize) -> Option<f64> {
+    st.devs
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| *i != d && o.health.state == DeviceState::Healthy && o.ready)
+        .filter_map(|(_, o)| o.health.ewma)
+        .reduce(f64::min)
 }
