@@ -160,14 +160,9 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    /// Position `(row, col)` of the first NaN or Inf among the given rows, if any.
-    pub fn find_non_finite(&self, rows: impl Iterator<Item = usize>) -> Option<(usize, usize)> {
-        for r in rows {
-            if let Some(c) = find_non_finite_bytes(self.dtype, self.row_bytes(r)) {
-                return Some((r, c));
-            }
-        }
-        None
+    /// Column of the first NaN or Inf in row `r`, if any.
+    pub fn non_finite_in_row(&self, r: usize) -> Option<usize> {
+        find_non_finite_bytes(self.dtype, self.row_bytes(r))
     }
 }
 

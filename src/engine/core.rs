@@ -93,8 +93,14 @@ pub(crate) struct DevState {
 }
 
 impl DevState {
-    pub(crate) fn routable(&self) -> bool {
+    fn routable(&self) -> bool {
         self.ready && self.tx.is_some() && self.health.state != DeviceState::Failed
+    }
+
+    /// The router may pick it: routable, and an accelerator, or a CPU while no accelerator is
+    /// HEALTHY (`gpu_up` false) or when `cpu_overflow` is on.
+    pub(crate) fn in_rotation(&self, gpu_up: bool, cpu_overflow: bool) -> bool {
+        self.routable() && (self.accelerator || !gpu_up || cpu_overflow)
     }
 
     pub(crate) fn queued(&self) -> usize {
@@ -120,6 +126,13 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// A hardware accelerator is HEALTHY and routable (the CPU is then only fallback/overflow).
+    pub(crate) fn accelerator_up(&self) -> bool {
+        self.devs
+            .iter()
+            .any(|s| s.accelerator && s.routable() && s.health.state == DeviceState::Healthy)
+    }
+
     pub(crate) fn pending_len(&self) -> usize {
         self.pending.iter().map(VecDeque::len).sum()
     }
@@ -237,13 +250,9 @@ impl Core {
         }
         // The CPU (and software adapters such as lavapipe) are the fallback while no hardware
         // accelerator is HEALTHY, and overflow beside one when configured.
-        let gpu_up = st
-            .devs
-            .iter()
-            .any(|s| s.accelerator && s.routable() && s.health.state == DeviceState::Healthy);
+        let gpu_up = st.accelerator_up();
         let usable: Vec<usize> = (0..self.devices.len())
-            .filter(|&i| st.devs[i].routable())
-            .filter(|&i| st.devs[i].accelerator || !gpu_up || self.cfg.cpu_overflow)
+            .filter(|&i| st.devs[i].in_rotation(gpu_up, self.cfg.cpu_overflow))
             .collect();
         let any_healthy = usable
             .iter()

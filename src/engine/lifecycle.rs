@@ -114,25 +114,16 @@ impl Core {
         keep_running
     }
 
-    /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
     /// Device `done` completed a batch: every other HEALTHY device that the router could pick
     /// but left with nothing in flight is judged on its average against the best of the others
     /// (see `Health::observe_idle`). A CPU kept out of rotation beside a healthy accelerator
     /// (no `cpu_overflow`) is not judged: it is idle by configuration, not for being slow.
     fn judge_idle(&self, st: &mut State, done: usize, now: Instant) {
-        let gpu_up = st
-            .devs
-            .iter()
-            .any(|s| s.accelerator && s.routable() && s.health.state == DeviceState::Healthy);
+        let gpu_up = st.accelerator_up();
         for e in 0..st.devs.len() {
             let s = &st.devs[e];
-            let in_rotation = s.routable() && (s.accelerator || !gpu_up || self.cfg.cpu_overflow);
-            if e == done
-                || !in_rotation
-                || s.health.state != DeviceState::Healthy
-                || !s.ready
-                || !s.out.is_empty()
-            {
+            // (`observe_idle` judges HEALTHY devices only.)
+            if e == done || !s.in_rotation(gpu_up, self.cfg.cpu_overflow) || !s.out.is_empty() {
                 continue;
             }
             let best_other = best_other_average(st, e);
@@ -143,6 +134,7 @@ impl Core {
         }
     }
 
+    /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
     fn take_back_queued(&self, st: &mut State, d: usize) {
         let Some(rx) = st.devs[d].rx.clone() else {
             return;

@@ -10,34 +10,59 @@ use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;
 
-/// Held while discovering adapters and while opening a device (instance, adapter, device,
-/// kernels): on NVIDIA's driver, tests opening devices from four threads at once crashed
-/// (fresh instance per open) or hung (shared instance) in one process (docs/PERF.md, session 6).
-pub(super) fn open_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // The guarded data is `()`: a panic while it was held leaves nothing inconsistent.
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// The process's wgpu instances, one per backend set, and the right to use them: held while
+/// discovering adapters and while opening a device (instance, adapter, device, kernels).
+///
+/// One instance per backend set, created once, because a fresh instance per open made NVIDIA's
+/// Vulkan driver stop listing its GPU after about 14 of them in one process (then discovery fell
+/// back to GL and failed); one holder at a time, because opening devices from four threads at
+/// once crashed (fresh instances) or hung (shared ones) there (an H200, docs/PERF.md sessions 5
+/// and 6). An instance keeps the environment's settings of when it was first needed.
+pub(super) struct Discovery(std::sync::MutexGuard<'static, Vec<(wgpu::Backends, wgpu::Instance)>>);
 
-/// The process's instance over `backends` (plus the rest of the environment's instance
-/// settings, as they were when it was first needed), created once: every discovery and every
-/// device open (an engine restarting a worker, a test suite) reuses it. A fresh instance per
-/// open made NVIDIA's Vulkan driver stop listing its GPU after about 14 of them in one process
-/// (an H200, docs/PERF.md sessions 5 and 6), after which discovery fell back to GL and failed.
-fn instance_for(backends: wgpu::Backends) -> wgpu::Instance {
+/// Waits for the [`Discovery`] lock.
+pub(super) fn open_lock() -> Discovery {
     static INSTANCES: std::sync::Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> =
         std::sync::Mutex::new(Vec::new());
     // A panic while the lock was held cannot leave the list half-updated (one push), so a
-    // poisoned lock is still a valid list.
-    let mut cache = INSTANCES.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, i)) = cache.iter().find(|(b, _)| *b == backends) {
-        return i.clone();
+    // poisoned lock still holds a valid list.
+    Discovery(INSTANCES.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+impl Discovery {
+    /// The instance over `backends` (plus the rest of the environment's instance settings).
+    fn instance_for(&mut self, backends: wgpu::Backends) -> wgpu::Instance {
+        if let Some((_, i)) = self.0.iter().find(|(b, _)| *b == backends) {
+            return i.clone();
+        }
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        self.0.push((backends, instance.clone()));
+        instance
     }
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    desc.backends = backends;
-    let instance = wgpu::Instance::new(desc);
-    cache.push((backends, instance.clone()));
-    instance
+
+    /// The instance and its adapters, in a stable order (the order `devices` lists them in).
+    ///
+    /// `WGPU_BACKEND` decides the backends when set. Unset, the native APIs (Vulkan, Metal,
+    /// DX12) are tried first and GL only when they find nothing: GL usually reaches the same GPU
+    /// a second time, and merely initialising it (EGL) makes Mesa print warnings on headless
+    /// machines.
+    pub(super) fn instance_and_adapters(&mut self) -> (wgpu::Instance, Vec<wgpu::Adapter>) {
+        if let Some(backends) = wgpu::Backends::from_env() {
+            let instance = self.instance_for(backends);
+            let adapters = enumerate(&instance, backends);
+            return (instance, adapters);
+        }
+        let instance = self.instance_for(wgpu::Backends::PRIMARY);
+        let adapters = enumerate(&instance, wgpu::Backends::PRIMARY);
+        if !adapters.is_empty() {
+            return (instance, adapters);
+        }
+        let instance = self.instance_for(wgpu::Backends::SECONDARY);
+        let adapters = enumerate(&instance, wgpu::Backends::SECONDARY);
+        (instance, adapters)
+    }
 }
 
 /// Every adapter of `instance` over `backends` (the no-op backend excluded).
@@ -46,27 +71,6 @@ fn enumerate(instance: &wgpu::Instance, backends: wgpu::Backends) -> Vec<wgpu::A
         .into_iter()
         .filter(|a| a.get_info().backend != wgpu::Backend::Noop)
         .collect()
-}
-
-/// The instance and its adapters, in a stable order (the order `devices` lists them in).
-///
-/// `WGPU_BACKEND` decides the backends when set. Unset, the native APIs (Vulkan, Metal, DX12)
-/// are tried first and GL only when they find nothing: GL usually reaches the same GPU a second
-/// time, and merely initialising it (EGL) makes Mesa print warnings on headless machines.
-pub(super) fn instance_and_adapters() -> (wgpu::Instance, Vec<wgpu::Adapter>) {
-    if let Some(backends) = wgpu::Backends::from_env() {
-        let instance = instance_for(backends);
-        let adapters = enumerate(&instance, backends);
-        return (instance, adapters);
-    }
-    let instance = instance_for(wgpu::Backends::PRIMARY);
-    let adapters = enumerate(&instance, wgpu::Backends::PRIMARY);
-    if !adapters.is_empty() {
-        return (instance, adapters);
-    }
-    let instance = instance_for(wgpu::Backends::SECONDARY);
-    let adapters = enumerate(&instance, wgpu::Backends::SECONDARY);
-    (instance, adapters)
 }
 
 /// Why no adapter was found, naming the environment that decides it.
@@ -189,8 +193,8 @@ pub(super) fn check(adapter: &wgpu::Adapter) -> Result<(), String> {
 
 /// Lists every adapter; one entry with the reason when there is none.
 pub fn discover() -> Vec<DeviceEntry> {
-    let _serial = open_lock();
-    let (_instance, adapters) = instance_and_adapters();
+    let mut discovery = open_lock();
+    let (_instance, adapters) = discovery.instance_and_adapters();
     if adapters.is_empty() {
         return vec![DeviceEntry {
             kind: BackendKind::Wgpu,

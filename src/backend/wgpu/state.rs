@@ -49,8 +49,9 @@ fn unavailable(reason: impl Into<String>) -> Error {
 
 impl State {
     pub(super) fn new(index: usize, _opts: &OpenOptions) -> Result<State> {
-        let _serial = adapter::open_lock();
-        let (_instance, adapters) = adapter::instance_and_adapters();
+        // Held until the device and its kernels are created.
+        let mut discovery = adapter::open_lock();
+        let (_instance, adapters) = discovery.instance_and_adapters();
         if adapters.is_empty() {
             return Err(unavailable(adapter::no_adapter_reason()));
         }
