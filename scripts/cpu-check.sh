@@ -11,7 +11,9 @@
 # cpu` (the kernel called directly), both throughput by wall clock at the same batch; then the
 # in-process `--overhead` comparison. Issue 6: `loadgen --scenario steady` (in-process server
 # over loopback, samples frames of BATCH, one subscriber) at 85% and 95% of the kernel's rate
-# measured just before, against `bench --backend cpu`.
+# measured just before, against `bench --backend cpu`; then scripts/server-ceiling.sh (what the
+# server and the load generator cost per sample apart from the device, and so the most the
+# server can carry here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
@@ -68,6 +70,8 @@ PY
   done
   done
 done
+echo "== issue 6: the server's ceiling on this host (scripts/server-ceiling.sh)"
+REPS=$REPS SECS=$SECS bash scripts/server-ceiling.sh "$BIN" 2>&1 | tee -a "$WORK/summary.txt"
 echo "== summary"
 cat "$WORK/summary.txt"
 if [ -n "${OUT:-}" ]; then
