@@ -130,22 +130,34 @@ pub struct Client {
     url: String,
     token: Option<String>,
     binary: bool,
+    batch: bool,
     /// How long [`Client::fuse`] and the acknowledged calls wait. Default 30 s.
     pub timeout: Duration,
 }
 
 impl Client {
-    /// Connects, says hello (binary results) and waits for the welcome. `url` is
-    /// `ws://host:port/`; `token` is sent as `Authorization: Bearer`.
+    /// Connects, says hello (binary results, several to a frame: PROTOCOL 4.5) and waits for
+    /// the welcome. `url` is `ws://host:port/`; `token` is sent as `Authorization: Bearer`.
     pub async fn connect(url: &str, token: Option<&str>) -> ClientResult<Client> {
-        Self::connect_with(url, token, true).await
+        Self::connect_opts(url, token, true, true).await
     }
 
-    /// [`Client::connect`], choosing binary or JSON results.
+    /// [`Client::connect`], choosing binary or JSON results, one result per frame.
     pub async fn connect_with(
         url: &str,
         token: Option<&str>,
         binary: bool,
+    ) -> ClientResult<Client> {
+        Self::connect_opts(url, token, binary, false).await
+    }
+
+    /// [`Client::connect`], choosing binary or JSON results and, for binary ones, whether the
+    /// server may send several in one `results` frame (`batch`; events are the same either way).
+    pub async fn connect_opts(
+        url: &str,
+        token: Option<&str>,
+        binary: bool,
+        batch: bool,
     ) -> ClientResult<Client> {
         let (tx, events) = wire::open(url, token).await?;
         let prefix = std::time::SystemTime::now()
@@ -170,6 +182,7 @@ impl Client {
             url: url.to_string(),
             token: token.map(str::to_string),
             binary,
+            batch: batch && binary,
             timeout: Duration::from_secs(30),
         };
         c.hello().await?;
@@ -178,7 +191,8 @@ impl Client {
 
     async fn hello(&mut self) -> ClientResult<()> {
         let results = if self.binary { "binary" } else { "json" };
-        let hello = json!({"type": "hello", "version": codec::VERSION_2, "results": results});
+        let hello = json!({"type": "hello", "version": codec::VERSION_2, "results": results,
+                           "batch_results": self.batch});
         self.send_text(hello.to_string()).await?;
         let w = self
             .wait_for("welcome", |e| match e {

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use fusion_engine::server::codec::{
-    decode_client_message, decode_result, encode_produce, encode_result, encode_samples,
+    decode_client_message, decode_result, encode_produce, results_frame_push, results_frame_start, split_results, encode_result, encode_samples,
     json_result, json_result_tail, parse_client_json, parse_produce, parse_samples, produce_id,
     with_seq, ClientMessage, Code, ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER,
     RESULT_FLAG_REPLAYED, VERSION, VERSION_2,
@@ -82,6 +82,15 @@ fn samples(frame: &Bytes) {
 }
 
 fn result(b: &[u8]) {
+    // A `results` frame: its records tile it exactly, and rebuilding it gives the same bytes.
+    if let Some(records) = split_results(b) {
+        let mut again = results_frame_start(b[2], 0);
+        for r in &records {
+            assert!(results_frame_push(&mut again, r));
+            result(r);
+        }
+        assert_eq!(again, b, "start + push(split(frame)) == frame");
+    }
     let Some(d) = decode_result(b) else {
         return;
     };
@@ -128,7 +137,11 @@ fn text(b: &[u8]) {
         }
     };
     match decode_client_message(&v) {
-        Ok(ClientMessage::Hello { binary, version }) => {
+        Ok(ClientMessage::Hello {
+            binary,
+            version,
+            batch,
+        }) => {
             assert_eq!(v["type"], "hello");
             assert!(
                 version == VERSION || version == VERSION_2,
@@ -136,6 +149,8 @@ fn text(b: &[u8]) {
             );
             assert_eq!(v["version"].as_u64(), Some(u64::from(version)));
             assert_eq!(binary, v["results"] == "binary");
+            assert_eq!(batch, v["batch_results"] == true);
+            assert!(binary || !batch);
         }
         Ok(ClientMessage::Ping) => assert_eq!(v["type"], "ping"),
         Ok(ClientMessage::Subscribe { stream }) | Ok(ClientMessage::Unsubscribe { stream }) => {

@@ -160,6 +160,9 @@ enum Cmd {
         /// whole samples in `samples` frames of up to N (PROTOCOL 4.4).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
         samples_per_frame: u32,
+        /// Subscribers ask for several results per frame (`batch_results`, PROTOCOL 4.5).
+        #[arg(long)]
+        batch_results: bool,
         /// SVG plot path [default: loadgen-<scenario>.svg].
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -259,6 +262,7 @@ fn main() -> ExitCode {
             devices,
             dtype,
             samples_per_frame,
+            batch_results,
             plot,
             json,
         } => seconds(duration).and_then(|duration| {
@@ -271,6 +275,7 @@ fn main() -> ExitCode {
                 plot: Some(plot.unwrap_or_else(|| format!("loadgen-{scenario}.svg").into())),
                 dtype,
                 samples_per_frame: samples_per_frame as usize,
+                batch_results,
                 ..Default::default()
             };
             let counts = (subscribers, producers);

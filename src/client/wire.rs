@@ -68,6 +68,25 @@ pub(super) async fn open(
         let mut closed = (None, "connection ended without a close frame".to_string());
         while let Some(m) = stream.next().await {
             let ev = match m {
+                Ok(Message::Binary(b)) if b.get(3) == Some(&codec::KIND_RESULTS) => {
+                    // Several results in one frame (PROTOCOL 4.5): one event each, in order.
+                    let evs: Vec<Event> = match codec::split_results(&b) {
+                        Some(records) => records
+                            .into_iter()
+                            .map(|r| match decode_result(r) {
+                                Some(r) => Event::Result(r),
+                                None => Event::Control(json!({"type": "undecodable_binary"})),
+                            })
+                            .collect(),
+                        None => vec![Event::Control(json!({"type": "undecodable_binary"}))],
+                    };
+                    for ev in evs {
+                        if ev_tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 Ok(Message::Binary(b)) => match decode_result(&b) {
                     Some(r) => Event::Result(r),
                     None => Event::Control(json!({"type": "undecodable_binary"})),

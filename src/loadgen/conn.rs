@@ -52,13 +52,13 @@ pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, L
 
 /// Says hello in protocol `version` (1, or 2 for stream seqs and resume) asking for binary
 /// results.
-pub(crate) async fn hello<S>(tx: &mut S, version: u8) -> Result<(), LoadgenError>
+pub(crate) async fn hello<S>(tx: &mut S, version: u8, batch: bool) -> Result<(), LoadgenError>
 where
     S: Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let m = serde_json::json!({
         "type": "hello", "version": version, "results": "binary",
-        "client": "fusion-engine-loadgen",
+        "client": "fusion-engine-loadgen", "batch_results": batch,
     });
     tx.send(Message::text(m.to_string())).await?;
     Ok(())

@@ -80,6 +80,8 @@ pub struct Options {
     pub dtype: DType,
     /// 1: one produce frame per modality; N > 1: `samples` frames of up to N whole samples.
     pub samples_per_frame: usize,
+    /// Subscribers ask for several results per frame (`batch_results`, PROTOCOL 4.5).
+    pub batch_results: bool,
 }
 
 impl Default for Options {
@@ -94,6 +96,7 @@ impl Default for Options {
             scrape_every: Duration::from_millis(100),
             dtype: DType::F32,
             samples_per_frame: 1,
+            batch_results: false,
         }
     }
 }
@@ -225,6 +228,7 @@ pub async fn drive(
             drain: drain_rx.clone(),
             probe: probe_rx.clone(),
             live: if id == 0 { live.clone() } else { None },
+            batch_results: o.batch_results,
         })));
     }
     drop(ready_tx);

@@ -69,7 +69,7 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 pub(crate) async fn run(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
     let ws = connect(&cfg.url, None).await?;
     let (mut tx, rx) = ws.split();
-    hello(&mut tx, 1).await?;
+    hello(&mut tx, 1, false).await?;
     let reader = tokio::spawn(read_replies(rx));
     let mut rec = ProducerRecord::default();
     let start = Instant::now();

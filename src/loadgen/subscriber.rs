@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::conn::{connect, hello, peek_result, Ws};
 use super::stats::{gaps, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
 use super::LoadgenError;
+use crate::server::codec::split_results;
 
 /// One subscriber's settings.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub(crate) struct SubscriberCfg {
     pub probe: watch::Receiver<u64>,
     /// Live numbers for the demo.
     pub live: Option<SharedLive>,
+    /// Ask for several results per frame (PROTOCOL 4.5).
+    pub batch_results: bool,
 }
 
 enum Flow {
@@ -81,9 +84,14 @@ const STALLED_RCVBUF: u32 = 16 * 1024;
 /// Runs one subscriber until the drain completes or its connection closes.
 pub(crate) async fn run(cfg: SubscriberCfg) -> Result<ConnRecord, LoadgenError> {
     let rcvbuf = matches!(cfg.role, Role::Stalled { .. }).then_some(STALLED_RCVBUF);
-    let (tx, rx) = open(&cfg.url, subscribes(&cfg.streams, None), rcvbuf)
-        .await?
-        .split();
+    let (tx, rx) = open(
+        &cfg.url,
+        subscribes(&cfg.streams, None),
+        rcvbuf,
+        cfg.batch_results,
+    )
+    .await?
+    .split();
     let rec = ConnRecord {
         id: cfg.id,
         ..ConnRecord::default()
@@ -118,9 +126,14 @@ pub(crate) async fn run(cfg: SubscriberCfg) -> Result<ConnRecord, LoadgenError> 
 }
 
 /// Connects, says hello (version 2: stream seqs) and sends `subscribes`.
-async fn open(url: &str, subscribes: Vec<String>, rcvbuf: Option<u32>) -> Result<Ws, LoadgenError> {
+async fn open(
+    url: &str,
+    subscribes: Vec<String>,
+    rcvbuf: Option<u32>,
+    batch: bool,
+) -> Result<Ws, LoadgenError> {
     let mut ws = connect(url, rcvbuf).await?;
-    hello(&mut ws, 2).await?;
+    hello(&mut ws, 2, batch).await?;
     for m in subscribes {
         ws.send(Message::text(m)).await?;
     }
@@ -128,6 +141,42 @@ async fn open(url: &str, subscribes: Vec<String>, rcvbuf: Option<u32>) -> Result
 }
 
 impl Sub {
+    /// One binary result: its seq, stream seq (resume points), latency and kept CRITICAL key.
+    fn result(&mut self, b: &[u8], now: u64) {
+        let Some(p) = peek_result(b) else {
+            return;
+        };
+        let (seq, class, stream, key) = (p.seq, p.class, p.stream, p.key);
+        self.rec.seqs.push(seq);
+        self.rec.replayed += u64::from(p.replayed);
+        if let (Some(ss), true) = (p.stream_seq, class < 2) {
+            let si = self.cfg.streams.iter().position(|s| s == stream);
+            self.rec
+                .stream_seqs
+                .insert((si.unwrap_or(usize::MAX), class, ss));
+            match self.points.get_mut(stream) {
+                Some(p) => p[class] = p[class].max(ss),
+                None => {
+                    let mut p = [0; 2];
+                    p[class] = ss;
+                    self.points.insert(stream.to_string(), p);
+                }
+            }
+        }
+        if let Some((_, t)) = parse_key(key) {
+            self.last_sent_us = Some(t);
+            let lat = now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
+            let at = (now.saturating_sub(self.cfg.t0_us) / 1000) as u32;
+            self.rec.lat[class].push((at, lat));
+            if let Some(l) = &self.cfg.live {
+                l.lock().push(class, lat, stream);
+            }
+        }
+        if class == 0 {
+            self.rec.kept_keys.insert(format!("{stream}/{key}"));
+        }
+    }
+
     fn draining(&self) -> bool {
         *self.cfg.drain.borrow()
     }
@@ -263,7 +312,9 @@ impl Sub {
             tokio::time::sleep(Duration::from_secs_f64(away_s)).await;
             // Come back even when the run is draining, so that what was missed is resumed.
             let msgs = subscribes(&self.cfg.streams, Some((self.epoch, &self.points)));
-            let (tx, rx) = open(&self.cfg.url, msgs, None).await?.split();
+            let (tx, rx) = open(&self.cfg.url, msgs, None, self.cfg.batch_results)
+                .await?
+                .split();
             (self.tx, self.rx, self.resuming) = (tx, rx, true);
             self.wait_acks().await?;
             if self.draining() {
@@ -328,40 +379,11 @@ impl Sub {
             detected_us: None,
         };
         match m {
-            Some(Ok(Message::Binary(b))) => {
-                let Some(p) = peek_result(&b) else {
-                    return Flow::Go;
-                };
-                let (seq, class, stream, key) = (p.seq, p.class, p.stream, p.key);
-                self.rec.seqs.push(seq);
-                self.rec.replayed += u64::from(p.replayed);
-                if let (Some(ss), true) = (p.stream_seq, class < 2) {
-                    let si = self.cfg.streams.iter().position(|s| s == stream);
-                    self.rec
-                        .stream_seqs
-                        .insert((si.unwrap_or(usize::MAX), class, ss));
-                    match self.points.get_mut(stream) {
-                        Some(p) => p[class] = p[class].max(ss),
-                        None => {
-                            let mut p = [0; 2];
-                            p[class] = ss;
-                            self.points.insert(stream.to_string(), p);
-                        }
-                    }
-                }
-                if let Some((_, t)) = parse_key(key) {
-                    self.last_sent_us = Some(t);
-                    let lat = now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
-                    let at = (now.saturating_sub(self.cfg.t0_us) / 1000) as u32;
-                    self.rec.lat[class].push((at, lat));
-                    if let Some(l) = &self.cfg.live {
-                        l.lock().push(class, lat, stream);
-                    }
-                }
-                if class == 0 {
-                    self.rec.kept_keys.insert(format!("{stream}/{key}"));
-                }
-            }
+            Some(Ok(Message::Binary(b))) => match split_results(&b) {
+                // Several results in one frame (PROTOCOL 4.5, `--batch-results`).
+                Some(records) => records.into_iter().for_each(|r| self.result(r, now)),
+                None => self.result(&b, now),
+            },
             Some(Ok(Message::Text(t))) => self.control(t.as_str()),
             Some(Ok(Message::Close(f))) => {
                 self.rec.close = Some(match f {

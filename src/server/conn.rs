@@ -373,10 +373,19 @@ impl Conn {
             ..About::default()
         };
         match codec::decode_client_message(&v) {
-            Ok(ClientMessage::Hello { binary, version }) => {
+            Ok(ClientMessage::Hello {
+                binary,
+                version,
+                batch,
+            }) => {
                 self.out.set_encoding(binary, version);
-                self.out
-                    .push_control(messages::welcome(&self.shared.welcome, binary, version));
+                self.out.set_batch_results(batch);
+                self.out.push_control(messages::welcome(
+                    &self.shared.welcome,
+                    binary,
+                    version,
+                    batch,
+                ));
             }
             Ok(ClientMessage::Ping) => self.out.push_control(messages::pong(id)),
             Ok(ClientMessage::Subscribe { stream }) => {

@@ -146,7 +146,7 @@ pub(crate) fn welcome_base(cfg: &ServerConfig, head: &FusionHead, epoch: u64) ->
 }
 
 /// The `welcome` for a connection speaking `version`.
-pub(crate) fn welcome(base: &Value, binary: bool, version: u8) -> Message {
+pub(crate) fn welcome(base: &Value, binary: bool, version: u8, batch: bool) -> Message {
     let mut v = base.clone();
     if let Some(o) = v.as_object_mut() {
         o.insert("version".into(), version.into());
@@ -154,6 +154,7 @@ pub(crate) fn welcome(base: &Value, binary: bool, version: u8) -> Message {
             "results".into(),
             if binary { "binary" } else { "json" }.into(),
         );
+        o.insert("batch_results".into(), batch.into());
     }
     Message::text(v.to_string())
 }

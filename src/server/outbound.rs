@@ -152,6 +152,8 @@ pub(crate) struct Outbound {
     room: Notify,
     /// 0 JSON, else the binary protocol version.
     encoding: AtomicU8,
+    /// Binary results may go several to a frame (PROTOCOL 4.5).
+    batch: AtomicBool,
     m: Arc<ServerMetrics>,
 }
 
@@ -192,6 +194,7 @@ impl Outbound {
             inflight: AtomicUsize::new(0),
             room: Notify::new(),
             encoding: AtomicU8::new(0),
+            batch: AtomicBool::new(false),
             m,
         }
     }

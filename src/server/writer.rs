@@ -12,8 +12,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use super::codec;
 use super::metrics::ServerMetrics;
-use super::outbound::{Next, Outbound};
+use super::outbound::{Encoding, Next, Outbound, CONTROL};
 
 /// Writer settings (from the server config).
 #[derive(Debug, Clone, Copy)]
@@ -87,13 +88,40 @@ where
                 let mut n = 0usize;
                 let mut item = Some(first);
                 let mut then = None;
+                // With `batch_results`, the burst's binary results go out as `results` frames
+                // (PROTOCOL 4.5): the same records in the same order, a frame per run of them
+                // between other messages.
+                let batch = match (out.batch_results(), out.encoding()) {
+                    (true, Encoding::Binary(v)) => Some(v),
+                    _ => None,
+                };
+                let mut records: Option<Vec<u8>> = None;
                 let fed = timeout(cfg.send_timeout, async {
                     while let Some(it) = item.take() {
                         bytes += it.msg.len();
                         n += 1;
                         sent[it.class] += 1;
                         burst_seq = burst_seq.max(it.seq);
-                        sink.feed(it.msg).await?;
+                        match (batch, &it.msg) {
+                            (Some(v), Message::Binary(b)) if it.class != CONTROL => {
+                                let frame = records.get_or_insert_with(|| {
+                                    codec::results_frame_start(v, BURST_BYTES + 4096)
+                                });
+                                if !codec::results_frame_push(frame, b) {
+                                    // Not framable (over 4 GiB): alone, after what precedes it.
+                                    if let Some(frame) = records.take() {
+                                        sink.feed(Message::binary(frame)).await?;
+                                    }
+                                    sink.feed(it.msg).await?;
+                                }
+                            }
+                            _ => {
+                                if let Some(frame) = records.take() {
+                                    sink.feed(Message::binary(frame)).await?;
+                                }
+                                sink.feed(it.msg).await?;
+                            }
+                        }
                         if n >= BURST_MESSAGES || bytes >= BURST_BYTES {
                             break;
                         }
@@ -101,6 +129,9 @@ where
                             Next::Send(it) => item = Some(it),
                             other => then = Some(other),
                         }
+                    }
+                    if let Some(frame) = records.take() {
+                        sink.feed(Message::binary(frame)).await?;
                     }
                     sink.flush().await
                 })

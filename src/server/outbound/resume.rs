@@ -32,6 +32,16 @@ impl Outbound {
         self.encoding.store(v, Ordering::Relaxed)
     }
 
+    /// Whether binary results may go several to a `results` frame (PROTOCOL 4.5).
+    pub fn batch_results(&self) -> bool {
+        self.batch.load(Ordering::Relaxed)
+    }
+
+    /// Chooses whether binary results may go several to a frame (`hello`'s `batch_results`).
+    pub fn set_batch_results(&self, batch: bool) {
+        self.batch.store(batch, Ordering::Relaxed)
+    }
+
     /// Sets (or, with `None`, clears) the conflation of `stream`'s BULK results.
     pub fn set_conflate(&self, stream: &Arc<str>, mode: Option<Conflate>) {
         let mut st = self.state.lock();
