@@ -277,3 +277,104 @@ async fn fuse_batch_returns_every_result_in_order() {
     c.close().await;
     s.shutdown().await;
 }
+
+/// `batch_results` (PROTOCOL 4.5): a raw subscriber that asked for it gets `results` frames of
+/// several records, each a whole binary result, with consecutive seqs and the same numbers as
+/// a subscriber that gets one frame per result; `batch_results` without binary results, or not
+/// a boolean, is refused as `malformed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_results_frames_carry_the_same_results() {
+    use fusion_engine::server::codec::{decode_result, split_results, KIND_RESULTS};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let h = small_head();
+    let (s, url) = start(h.clone(), config()).await;
+    let sub = r#"{"type":"subscribe","stream":"b"}"#;
+    let mut raw = raw_subscriber_with(&url, 2, sub).await;
+    raw.send(Message::text(
+        r#"{"type":"hello","version":2,"results":"binary","batch_results":true}"#,
+    ))
+    .await
+    .unwrap();
+    loop {
+        match raw.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("welcome") => {
+                assert!(t.contains(r#""batch_results":true"#), "{t}");
+                break;
+            }
+            Some(Ok(_)) => {}
+            m => panic!("no welcome: {m:?}"),
+        }
+    }
+    let mut single = Client::connect_with(&url, None, true).await.unwrap();
+    single.subscribe("b").await.unwrap();
+
+    let n = 300;
+    let x = rows(&h, n, 3);
+    let keys: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+    let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
+    let feats: [(&str, &[f32]); 3] = [
+        ("vision", &blocks[0]),
+        ("text", &blocks[1]),
+        ("audio", &blocks[2]),
+    ];
+    let mut p = Client::connect(&url, None).await.unwrap();
+    p.produce_samples("b", &kr, &feats, Priority::Important, 0)
+        .await
+        .unwrap();
+
+    let mut seqs = Vec::new();
+    let mut batched = HashMap::new();
+    let (mut frames, mut widest) = (0, 0);
+    while batched.len() < n {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), raw.next())
+            .await
+            .expect("results within 10 s");
+        let Some(Ok(Message::Binary(b))) = m else {
+            continue;
+        };
+        assert_eq!(b[3], KIND_RESULTS, "every result comes in a results frame");
+        let records = split_results(&b).expect("a well-formed results frame");
+        frames += 1;
+        widest = widest.max(records.len());
+        for r in records {
+            let r = decode_result(r).expect("each record is a whole result");
+            seqs.push(r.seq);
+            assert!(batched.insert(r.key.clone(), r).is_none(), "twice");
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "seqs in order, no gap"
+    );
+    assert!(widest > 1 && frames < n, "{frames} frames, widest {widest}");
+    let one = collect(&mut single, n, None).await;
+    for (i, k) in keys.iter().enumerate() {
+        let (b, o) = (&batched[k], &one[k]);
+        assert_eq!(
+            (&b.fused, &b.weights, &b.mask),
+            (&o.fused, &o.weights, &o.mask)
+        );
+        let (ef, ew) = check(&h, &x[i], &[1, 1, 1], &b.fused, &b.weights);
+        assert!(ef <= 1e-5 && ew <= 1e-5, "sample {i}: {ef} {ew}");
+    }
+
+    for hello in [
+        r#"{"type":"hello","version":2,"results":"json","batch_results":true}"#,
+        r#"{"type":"hello","version":2,"results":"binary","batch_results":"yes"}"#,
+    ] {
+        p.send_text(hello.to_string()).await.unwrap();
+        let (code, v) = next_error(&mut p).await;
+        assert_eq!(code, "malformed", "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("batch_results"),
+            "{v}"
+        );
+    }
+    p.close().await;
+    single.close().await;
+    s.shutdown().await;
+}

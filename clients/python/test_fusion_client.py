@@ -311,6 +311,62 @@ def test_result_frame_codec_round_trip():
         fc.decode_result(buf[:-1])
 
 
+def test_batched_results_frames_carry_every_result_once(server):
+    """hello "batch_results": results come several to a frame (PROTOCOL.md 4.5); the
+    subscription yields every one, with consecutive seqs and the reference's numbers."""
+    rng = np.random.default_rng(9)
+    n = 300  # two batches of the server
+    feats = {"vision": rng.standard_normal((n, 1024), dtype=np.float32),
+             "text": rng.standard_normal((n, 768), dtype=np.float32),
+             "audio": rng.standard_normal((n, 128), dtype=np.float32)}
+    keys = [f"r{i}" for i in range(n)]
+    frames: list = []
+
+    async def go() -> list:
+        async with await fc.FusionClient.connect(server.url, batch_results=True) as c:
+            assert c.welcome.get("batch_results") is True
+            sub = await c.subscribe("frames")
+            real = fc.decode_results
+
+            def spy(buf: bytes) -> list:
+                frames.append(buf[3])
+                return real(buf)
+
+            fc.decode_results = spy
+            try:
+                await c.produce_samples("frames", keys, feats)
+                return [await sub.get(timeout=10) for _ in range(n)]
+            finally:
+                fc.decode_results = real
+
+    got = asyncio.run(go())
+    assert [r.seq for r in got] == list(range(1, n + 1))
+    assert [r.key for r in got] == keys
+    assert set(frames) == {fc.KIND_RESULTS} and len(frames) < n, frames
+    ref_f, ref_w = offline_fuse(feats, np.ones((n, 3), np.uint8), ["vision", "text", "audio"], None)
+    assert rel(np.stack([r.fused for r in got]), ref_f) <= 1e-5
+    assert rel(np.stack([r.weights for r in got]), ref_w) <= 1e-5
+
+
+def test_results_frame_codec():
+    d, m = 4, 2
+
+    def record(seq: int, key: bytes) -> bytes:
+        return struct.pack("<2sBBBBHHHIQQ", b"FE", 2, 2, 1, 0, 1, len(key), m, d, seq, seq + 100) + \
+            b"s" + key + bytes([1, 1]) + np.full(d, seq, "<f4").tobytes() + np.full(m, 0.5, "<f4").tobytes()
+
+    recs = [record(7, b"a"), record(8, b"bcd")]
+    frame = struct.pack("<2sBBI", b"FE", 2, 4, 2) + b"".join(struct.pack("<I", len(r)) + r for r in recs)
+    rs = fc.decode_results(frame)
+    assert [(r.seq, r.key, r.stream_seq, r.priority) for r in rs] == [(7, "a", 107, "important"),
+                                                                      (8, "bcd", 108, "important")]
+    assert np.array_equal(rs[1].fused, np.full(d, 8, np.float32))
+    assert [r.seq for r in fc.decode_results(recs[0])] == [7]  # a single result frame
+    for bad in (frame[:-1], frame + b"x", frame[:6], struct.pack("<2sBBI", b"FE", 2, 4, 3) + frame[8:]):
+        with pytest.raises(fc.FusionError):
+            fc.decode_results(bad)
+
+
 def test_subscription_get_nowait_drains_without_waiting():
     async def go():
         q: asyncio.Queue = asyncio.Queue(4)
