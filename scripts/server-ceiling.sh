@@ -5,7 +5,7 @@
 #
 #   scripts/server-ceiling.sh [BINARY]   (default: target/release/fusion-engine)
 #   env: RATE (samples/s offered to the tiny head, default 90000 x cores / 2), SECS (4),
-#        PRODUCERS (2), REPS (3)
+#        PRODUCERS (2), REPS (3), LOADGEN_ARGS (more loadgen flags, e.g. --batch-results)
 #
 # The device cost of the embedded head (D = 512) is Kd = cores / kernel samples/s (the kernel
 # keeps every core busy). `serve --model tiny` (scripts/tiny_head.py: the same modalities and
@@ -28,7 +28,7 @@ field() { python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().spl
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
-echo "== server ceiling on $CORES cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(date -u +%FT%TZ)"
+echo "== server ceiling on $CORES cores${LOADGEN_ARGS:+ (loadgen $LOADGEN_ARGS)} ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(date -u +%FT%TZ)"
 for r in $(seq "$REPS"); do
   K=$(timeout 120 "$BIN" bench --backend cpu --batch 256 --iters 400 --json 2>/dev/null | field samples_per_s)
   KT=$(timeout 120 "$BIN" bench --backend cpu --batch 256 --iters 4000 --model "$WORK/tiny.safetensors" --json 2>/dev/null | field samples_per_s)
@@ -37,13 +37,13 @@ for r in $(seq "$REPS"); do
   SP=$!
   for _ in $(seq 150); do curl -sf "127.0.0.1:$M/healthz" >/dev/null && break; sleep 0.2; done
   s0=$(cpu_ticks "$SP")
-  python3 - "$BIN" "$P" "$M" "$RATE" "$PRODUCERS" "$SECS" "$WORK/lg.json" <<'PY'
+  python3 - "$BIN" "$P" "$M" "$RATE" "$PRODUCERS" "$SECS" "$WORK/lg.json" "${LOADGEN_ARGS:-}" <<'PY'
 import resource, subprocess, sys
-b, p, m, rate, prod, secs, out = sys.argv[1:]
+b, p, m, rate, prod, secs, out, extra = sys.argv[1:]
 with open(out, "w") as f:
     subprocess.run([b, "loadgen", "--url", f"ws://127.0.0.1:{p}/", "--metrics", f"127.0.0.1:{m}",
                     "--scenario", "steady", "--rate", rate, "--producers", prod, "--subscribers", "1",
-                    "--samples-per-frame", "256", "--duration", secs, "--plot", out + ".svg", "--json"],
+                    "--samples-per-frame", "256", "--duration", secs, "--plot", out + ".svg", "--json", *extra.split()],
                    stdout=f, stderr=subprocess.DEVNULL, timeout=120)
 u = resource.getrusage(resource.RUSAGE_CHILDREN)
 open(out + ".cpu", "w").write(f"{u.ru_utime + u.ru_stime}")
