@@ -41,7 +41,7 @@ impl Client {
     /// Fuses `n` samples of `stream` and returns their results in row order. `features[j]` is
     /// `(modality, rows)` with `rows` holding `n` rows of that modality back to back
     /// (row-major `[n, width]`); modalities not given are absent (masked out). Samples go in
-    /// `samples` frames, at most half of this connection's send queue for `priority`
+    /// `samples` frames, at most 90% of this connection's send queue for `priority`
     /// unanswered; samples refused for saturation (`overloaded`, or `shed` for BULK) are sent
     /// again after a short pause; any other error about them ends the call with that error.
     pub async fn fuse_batch(
