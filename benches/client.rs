@@ -34,7 +34,9 @@ fn fuse_batch(c: &mut Criterion) {
             .modalities
             .iter()
             .map(|m| {
-                let x = (0..b * m.width).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let x = (0..b * m.width)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
                 (m.name.clone(), x)
             })
             .collect();
