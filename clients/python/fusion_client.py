@@ -283,7 +283,7 @@ class FusionClient:
     """
 
     def __init__(self, ws: Any, welcome: dict, max_buffered: int, url: str = "", token: Optional[str] = None,
-                 open_timeout: float = 10.0):
+                 open_timeout: float = 10.0, batch_results: bool = False):
         self._ws = ws
         self._url, self._token, self._open_timeout = url, token, open_timeout
         self._set_welcome(welcome)
@@ -292,7 +292,7 @@ class FusionClient:
         self._conflate: dict[str, Optional[str]] = {}
         self._points: dict[str, ResumePoint] = {}
         self._leaving = False  # set while disconnect()/reconnect() replace the socket
-        self._batch_results = False
+        self._batch_results = batch_results
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self.errors: asyncio.Queue = asyncio.Queue(maxsize=10000)
@@ -335,9 +335,7 @@ class FusionClient:
         `batch_results`: the server may send several results in one frame (PROTOCOL.md 4.5);
         subscriptions yield the same results either way, with less work per result."""
         ws, welcome = await cls._open(url, token, open_timeout, batch_results)
-        c = cls(ws, welcome, max_buffered, url, token, open_timeout)
-        c._batch_results = batch_results
-        return c
+        return cls(ws, welcome, max_buffered, url, token, open_timeout, batch_results)
 
     def resume_point(self, stream: str) -> Optional[ResumePoint]:
         """Where `stream` would resume now (None when not subscribed)."""
