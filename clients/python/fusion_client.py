@@ -1,6 +1,8 @@
 """fusion_client: a small Python client for fusion-engine's streaming protocol v2.
 
-One file, to copy into a coordinator. Needs `websockets` (>= 13) and `numpy`.
+One file, to copy into a coordinator (needs `websockets` >= 13.1 and `numpy` >= 1.23.2), or the
+package `fusion-engine-client`: `pip install ./clients/python` installs this same file as the
+`fusion_client` package, with its type hints (`py.typed`).
 The protocol is docs/PROTOCOL.md; this client implements hello/welcome, subscribe (with resume
 and conflation), binary produce, binary results (v1 and v2 frames), errors and notices.
 
@@ -39,14 +41,20 @@ import json
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
+import numpy.typing as npt
 
 try:  # websockets >= 13
     from websockets.asyncio.client import connect as _ws_connect
 except ImportError:  # pragma: no cover - old websockets
-    from websockets import connect as _ws_connect  # type: ignore
+    from websockets import connect as _ws_connect  # type: ignore[no-redef, unused-ignore]
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+__version__ = "0.1.0"
 
 PROTOCOL_VERSION = 2
 PRODUCE_VERSION = 1  # produce frames keep version byte 1 in protocol version 2
@@ -68,11 +76,16 @@ _RESULTS_HEADER = struct.Struct("<2sBBI")  # 8 bytes: magic, version, kind 4, re
 _RECORD_LEN = struct.Struct("<I")
 RESULT_FLAG_REPLAYED = 1
 
+Json = dict[str, Any]  # a decoded JSON message
+Features = Mapping[str, npt.ArrayLike]  # modality name -> array
+F32 = npt.NDArray[np.float32]
+_T = TypeVar("_T")
+
 
 class FusionError(Exception):
     """An `error` message from the server (code is the stable machine code)."""
 
-    def __init__(self, code: str, message: str, retry: bool = False, detail: Optional[dict] = None):
+    def __init__(self, code: str, message: str, retry: bool = False, detail: Optional[Json] = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -97,14 +110,14 @@ class Result:
     key: str
     seq: int
     priority: str
-    mask: np.ndarray  # [M] uint8, head order
-    fused: np.ndarray  # [D] float32
-    weights: np.ndarray  # [M] float32, head order
+    mask: npt.NDArray[np.uint8]  # [M] uint8, head order
+    fused: F32  # [D] float32
+    weights: F32  # [M] float32, head order
     stream_seq: int = 0  # per-stream seq (PROTOCOL.md 7.4); 0 in a version 1 binary result
     replayed: bool = False  # a replay of a result missed while away
 
 
-def encode_produce(stream: str, key: str, modality: str, values: Any, priority: str = "important",
+def encode_produce(stream: str, key: str, modality: str, values: npt.ArrayLike, priority: str = "important",
                    last: bool = False, ack: bool = False, request_id: int = 0, bf16: bool = False) -> bytes:
     """Binary produce frame (PROTOCOL.md 4.1). `values` is 1-D; float16 arrays are sent as F16,
     `bf16=True` sends a uint16 array of bfloat16 bits, everything else as F32."""
@@ -128,7 +141,7 @@ def encode_produce(stream: str, key: str, modality: str, values: Any, priority: 
     return head + s + k + m + payload
 
 
-def encode_samples(stream: str, keys: list, features: dict, priority: str = "important", ack: bool = False,
+def encode_samples(stream: str, keys: Sequence[Any], features: Features, priority: str = "important", ack: bool = False,
                    request_id: int = 0) -> bytes:
     """Binary samples frame (PROTOCOL.md 4.4): many whole samples of one stream. `features` maps
     modality name -> [N, d_m] array, N = len(keys); the modalities not given are absent. All
@@ -153,14 +166,15 @@ def encode_samples(stream: str, keys: list, features: dict, priority: str = "imp
     return b"".join([head, s, table, keyb] + [np.ascontiguousarray(a, wire).tobytes() for a in arrays])
 
 
-def split_results(buf: bytes) -> list:
+def split_results(buf: bytes) -> list[bytes]:
     """The records of a `results` frame (PROTOCOL.md 4.5), each a whole binary result (4.2)."""
     if len(buf) < _RESULTS_HEADER.size:
         raise FusionError("malformed", f"results frame of {len(buf)} bytes is shorter than its header")
     magic, _version, kind, count = _RESULTS_HEADER.unpack_from(buf, 0)
     if magic != MAGIC or kind != KIND_RESULTS:
         raise FusionError("malformed", f"not a results frame (magic {magic!r}, kind {kind})")
-    out, o = [], _RESULTS_HEADER.size
+    out: list[bytes] = []
+    o = _RESULTS_HEADER.size
     for _ in range(count):
         if o + 4 > len(buf):
             raise FusionError("malformed", "results frame ends inside a record length")
@@ -175,7 +189,7 @@ def split_results(buf: bytes) -> list:
     return out
 
 
-def decode_results(buf: bytes) -> list:
+def decode_results(buf: bytes) -> list[Result]:
     """Every result of a binary frame: a `results` frame (4.5) or a single result (4.2)."""
     if len(buf) > 3 and buf[3] == KIND_RESULTS:
         return [decode_result(r) for r in split_results(buf)]
@@ -212,7 +226,7 @@ def decode_result(buf: bytes) -> Result:
                   stream_seq, replayed)
 
 
-def _result_from_json(msg: dict) -> Result:
+def _result_from_json(msg: Json) -> Result:
     return Result(msg["stream"], str(msg["key"]), int(msg["seq"]), msg.get("priority", "important"),
                   np.asarray(msg.get("mask", []), np.uint8), np.asarray(msg["fused"], np.float32),
                   np.asarray(msg["weights"], np.float32), int(msg.get("stream_seq", 0)),
@@ -228,19 +242,19 @@ class ResumePoint:
     critical: int = 0
     important: int = 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, int]:
         return {"epoch": self.epoch, "critical": self.critical, "important": self.important}
 
 
 class _Subscription:
     """Async iterator over one stream's results (see FusionClient.subscribe)."""
 
-    def __init__(self, client: "FusionClient", stream: str, queue: "asyncio.Queue[Any]"):
+    def __init__(self, client: FusionClient, stream: str, queue: asyncio.Queue[Union[Result, BaseException]]):
         self._client = client
         self.stream = stream
         self._queue = queue
 
-    def __aiter__(self) -> "_Subscription":
+    def __aiter__(self) -> _Subscription:
         return self
 
     async def __anext__(self) -> Result:
@@ -282,35 +296,35 @@ class FusionClient:
     reading once its queue is full).
     """
 
-    def __init__(self, ws: Any, welcome: dict, max_buffered: int, url: str = "", token: Optional[str] = None,
-                 open_timeout: float = 10.0, batch_results: bool = False):
+    def __init__(self, ws: ClientConnection, welcome: Json, max_buffered: int, url: str = "",
+                 token: Optional[str] = None, open_timeout: float = 10.0, batch_results: bool = False):
         self._ws = ws
         self._url, self._token, self._open_timeout = url, token, open_timeout
         self._set_welcome(welcome)
         self._max_buffered = max_buffered
-        self._subs: dict[str, asyncio.Queue] = {}
+        self._subs: dict[str, asyncio.Queue[Union[Result, BaseException]]] = {}
         self._conflate: dict[str, Optional[str]] = {}
         self._points: dict[str, ResumePoint] = {}
         self._leaving = False  # set while disconnect()/reconnect() replace the socket
         self._batch_results = batch_results
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[Json]] = {}
         self._ids = itertools.count(1)
-        self.errors: asyncio.Queue = asyncio.Queue(maxsize=10000)
-        self.notices: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        self.errors: asyncio.Queue[FusionError] = asyncio.Queue(maxsize=10000)
+        self.notices: asyncio.Queue[Json] = asyncio.Queue(maxsize=10000)
         self.closed: Optional[ConnectionClosed] = None
         self._reader = asyncio.create_task(self._read_loop())
 
-    def _set_welcome(self, welcome: dict) -> None:
+    def _set_welcome(self, welcome: Json) -> None:
         self.welcome = welcome
         self.epoch = int(welcome.get("epoch", 0))
-        self.head = welcome.get("head", {})
-        self.modalities = [m["name"] for m in self.head.get("modalities", [])]
-        self.widths = {m["name"]: m["width"] for m in self.head.get("modalities", [])}
-        self.dim = self.head.get("dim")
+        self.head: Json = welcome.get("head", {})
+        self.modalities: list[str] = [m["name"] for m in self.head.get("modalities", [])]
+        self.widths: dict[str, int] = {m["name"]: m["width"] for m in self.head.get("modalities", [])}
+        self.dim: Optional[int] = self.head.get("dim")
 
     @staticmethod
     async def _open(url: str, token: Optional[str], open_timeout: float,
-                    batch_results: bool = False) -> tuple[Any, dict]:
+                    batch_results: bool = False) -> tuple[ClientConnection, Json]:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         kwargs: dict[str, Any] = {"max_size": 64 * 1024 * 1024, "open_timeout": open_timeout}
         if headers:
@@ -330,7 +344,7 @@ class FusionClient:
 
     @classmethod
     async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
-                      open_timeout: float = 10.0, batch_results: bool = False) -> "FusionClient":
+                      open_timeout: float = 10.0, batch_results: bool = False) -> FusionClient:
         """Connects, says hello (protocol 2, binary results), waits for `welcome`.
         `batch_results`: the server may send several results in one frame (PROTOCOL.md 4.5);
         subscriptions yield the same results either way, with less work per result."""
@@ -369,13 +383,13 @@ class FusionClient:
         for stream in list(self._subs):
             await self.subscribe(stream, conflate=self._conflate.get(stream), resume=self._points.get(stream))
 
-    async def __aenter__(self) -> "FusionClient":
+    async def __aenter__(self) -> FusionClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def _request(self, msg: dict, timeout: float = 10.0) -> dict:
+    async def _request(self, msg: Json, timeout: float = 10.0) -> Json:
         rid = next(self._ids)
         msg["id"] = rid
         fut = asyncio.get_running_loop().create_future()
@@ -413,7 +427,7 @@ class FusionClient:
         self._points.pop(stream, None)
         self._conflate.pop(stream, None)
 
-    def _track(self, msg: Any) -> None:
+    def _track(self, msg: Union[Result, Json]) -> None:
         """Resume bookkeeping from one received message (a Result or a JSON dict)."""
         if isinstance(msg, Result):
             p = self._points.get(msg.stream)
@@ -425,26 +439,26 @@ class FusionClient:
             return
         t = msg.get("type")
         if t == "ack" and msg.get("op") == "subscribe" and "epoch" in msg:
-            s, epoch, last = msg.get("stream"), int(msg["epoch"]), int(msg.get("last", 0))
+            s, epoch, last = str(msg.get("stream", "")), int(msg["epoch"]), int(msg.get("last", 0))
             p = self._points.get(s)
             if p is None:
                 self._points[s] = ResumePoint(epoch, last, last)
             elif p.epoch != epoch:  # a resume across a restart: replayed from the new start
                 self._points[s] = ResumePoint(epoch, 0, 0)
         elif t == "notice" and msg.get("kind") == "unrecoverable" and msg.get("last") is not None:
-            p = self._points.get(msg.get("stream"))
+            p = self._points.get(str(msg.get("stream", "")))
             if p is not None and msg.get("class") in ("critical", "important"):
                 cls_ = msg["class"]
                 setattr(p, cls_, max(getattr(p, cls_), int(msg["last"])))
 
-    async def produce(self, stream: str, key: str, modality: str, values: Any, priority: str = "important",
+    async def produce(self, stream: str, key: str, modality: str, values: npt.ArrayLike, priority: str = "important",
                       last: bool = False, ack: bool = False, timeout: float = 10.0) -> None:
         """Sends one modality of one sample (binary). With `ack=True`, waits until the server
         accepted it and raises FusionError if it did not."""
         await self._send_frame(lambda rid: encode_produce(stream, key, modality, values, priority, last,
                                                           rid != 0, rid), ack, timeout)
 
-    async def produce_samples(self, stream: str, keys: list, features: dict, priority: str = "important",
+    async def produce_samples(self, stream: str, keys: Sequence[Any], features: Features, priority: str = "important",
                               ack: bool = False, timeout: float = 10.0) -> None:
         """Sends whole samples in one samples frame (PROTOCOL.md 4.4): `features` maps modality
         -> [N, d] array with N = len(keys). With `ack=True`, waits until the server accepted
@@ -452,7 +466,7 @@ class FusionClient:
         await self._send_frame(lambda rid: encode_samples(stream, keys, features, priority, rid != 0, rid),
                                ack, timeout)
 
-    async def _send_frame(self, frame: Any, ack: bool, timeout: float) -> None:
+    async def _send_frame(self, frame: Callable[[int], bytes], ack: bool, timeout: float) -> None:
         """Sends `frame(request_id)`; with `ack`, under a fresh request id, waiting for its ack."""
         if self.closed:
             raise self.closed
@@ -542,14 +556,15 @@ class FusionClient:
             self._fail_all(self.closed)
 
 
-def _put_nowait_drop_oldest(q: asyncio.Queue, item: Any) -> None:
+def _put_nowait_drop_oldest(q: asyncio.Queue[_T], item: _T) -> None:
     if q.full():
         q.get_nowait()
     q.put_nowait(item)
 
 
-async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, priority: str = "important",
-                     token: Optional[str] = None, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+async def fuse_async(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
+                     priority: str = "important", token: Optional[str] = None,
+                     timeout: float = 60.0) -> tuple[F32, F32]:
     """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
     weights [B, M]) with weights in the order of `features`' keys."""
@@ -574,6 +589,8 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
         if unknown:
             raise FusionError("unknown_modality", f"the server's head has no modality {unknown[0]!r} "
                                                   f"(it has {c.modalities})")
+        if c.dim is None:
+            raise FusionError("malformed", "the server's welcome names no head dim")
         sub = await c.subscribe(stream)
         fused = np.zeros((b, c.dim), np.float32)
         weights = np.zeros((b, len(names)), np.float32)
@@ -595,13 +612,12 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
         # next could go: B = 8192 ran at 14-15k samples/s, a quarter window ~18-22k).
         chunk = max(1, min(window // 4, (8 << 20) // row_bytes))
         progress = asyncio.Event()
-        sent_rows: set = set()
+        sent_rows: set[int] = set()
         answered = [0]  # results received (all for rows in sent_rows)
 
-        async def send_rows(rows: Any) -> None:
-            rows = np.asarray(rows, dtype=np.int64)
-            patterns: dict = {}
-            for i in rows:
+        async def send_rows(rows: Union[Sequence[int], npt.NDArray[np.int64]]) -> None:
+            patterns: dict[bytes, list[int]] = {}
+            for i in np.asarray(rows, dtype=np.int64):
                 patterns.setdefault(m[i].tobytes(), []).append(int(i))
             for pat, idx in patterns.items():
                 present = [names[j] for j in range(len(names)) if pat[j]]
@@ -644,11 +660,13 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     raise asyncio.TimeoutError(f"{int((~got).sum())} of {b} results missing after {timeout}s")
+                r: Optional[Result]
                 try:
                     r = await sub.get(timeout=min(left, 0.05))
                 except asyncio.TimeoutError:
-                    if sender.done() and sender.exception():
-                        raise sender.exception()  # type: ignore[misc]
+                    failed = sender.exception() if sender.done() else None
+                    if failed is not None:
+                        raise failed
                     continue
                 # Then every result already received, without a timer each (results come in
                 # bursts of a batch; one wait_for per result was most of this loop's cost).
@@ -668,8 +686,8 @@ async def fuse_async(url: str, stream: str, features: dict, mask: Any = None, pr
     return fused, weights
 
 
-def fuse(url: str, stream: str, features: dict, mask: Any = None, priority: str = "important",
-         token: Optional[str] = None, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+def fuse(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
+         priority: str = "important", token: Optional[str] = None, timeout: float = 60.0) -> tuple[F32, F32]:
     """Blocking request/response: see fuse_async."""
     return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout))
 

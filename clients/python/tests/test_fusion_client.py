@@ -1,8 +1,14 @@
-"""Tests of clients/python/fusion_client.py against a real `fusion-engine serve` on loopback.
+"""Tests of the Python client (clients/python/fusion_client.py, the package `fusion_client`)
+against a real `fusion-engine serve` on loopback.
 
-The server binary is FUSION_ENGINE_BIN or target/release/fusion-engine (built by `cargo test
---release`, which scripts/test runs first). Round trips are compared with `fusion-engine fuse` on
-the same head and inputs (within 1e-5), including a head the server has never seen before.
+They import `fusion_client` as installed: scripts/setup installs the package into .venv (`pip
+install ./clients/python`) and scripts/test runs pytest with FUSION_CLIENT_INSTALLED=1, which makes
+`test_the_installed_package_is_tested` check that the import came from site-packages. Without an
+installed package, run them with PYTHONPATH=clients/python/src.
+
+The server binary is FUSION_ENGINE_BIN or target/release/fusion-engine. Round trips are compared
+with `fusion-engine fuse` on the same head and inputs (within 1e-5), including a head the server
+has never seen before.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +32,10 @@ import pytest
 import websockets
 from safetensors.numpy import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fusion_client as fc  # noqa: E402
+import fusion_client as fc
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
+SINGLE_FILE = ROOT / "clients" / "python" / "fusion_client.py"
 BIN = os.environ.get("FUSION_ENGINE_BIN", str(ROOT / "target" / "release" / "fusion-engine"))
 
 
@@ -520,3 +528,26 @@ def test_version_1_sessions_get_version_1_frames(server):
             assert (r.key, r.stream_seq, r.replayed) == ("k", 0, False)
 
     asyncio.run(go())
+
+
+@pytest.mark.skipif(os.environ.get("FUSION_CLIENT_INSTALLED") != "1",
+                    reason="FUSION_CLIENT_INSTALLED=1 (scripts/test) says the package is installed")
+def test_the_installed_package_is_tested():
+    # The module under test is the installed package (site-packages), with its py.typed, and it
+    # is the same file as the single-file copy in this checkout (setup reinstalls it each run).
+    installed = Path(fc.__file__).resolve()
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert installed == site / "fusion_client" / "__init__.py", f"imported {installed}, not from {site}"
+    assert (installed.parent / "py.typed").is_file()
+    assert installed.read_bytes() == SINGLE_FILE.read_bytes(), "stale install: rerun scripts/setup"
+
+
+def test_the_single_file_copy_runs_on_its_own(server, tmp_path):
+    # The README's `python clients/python/fusion_client.py URL`, from a copy of that one file in an
+    # empty directory: it connects and fuses a batch.
+    copy = tmp_path / "fusion_client.py"
+    shutil.copyfile(SINGLE_FILE, copy)
+    out = subprocess.run([sys.executable, str(copy), server.url], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "connected:" in out.stdout and "fused (4, " in out.stdout, out.stdout
