@@ -1,4 +1,4 @@
-// Fused epilogue of the attention fusion head (SPEC section 2), CUDA twin of
+// Fused epilogue of the attention fusion head (docs/DESIGN.md section 2), CUDA twin of
 // shaders/fusion_epilogue.wgsl.
 //
 // Input: the projections h_m = W_m x_m of a chunk of n samples, as cuBLAS wrote them (f32,

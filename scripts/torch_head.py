@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fusion head (SPEC section 2) in plain PyTorch, timed the way a user would run it.
+"""The fusion head (docs/DESIGN.md section 2) in plain PyTorch, timed the way a user would run it.
 
 Standalone: needs only torch. Prints one JSON object per (impl, batch, dtype):
 
@@ -41,7 +41,7 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 class AttnFusion(nn.Module):
-    """SPEC section 2, as a user trains it."""
+    """docs/DESIGN.md section 2, as a user trains it."""
 
     def __init__(self, dims, d, eps=EPS):
         super().__init__()
@@ -171,7 +171,7 @@ def main():
     if a.copy_ceiling:
         print(json.dumps(copy_ceiling(dev)), flush=True)
         return 0
-    # SPEC accuracy: no TF32 for f32 (fusion-engine's default), so compare like with like.
+    # docs/DESIGN.md section 2.4 (tolerances): no TF32 for f32 (fusion-engine's default), so compare like with like.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)

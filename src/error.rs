@@ -191,6 +191,13 @@ pub enum Error {
     /// Bad configuration or command-line usage.
     #[error("config: {0}")]
     Config(String),
+    /// What the process runs on could not be set up or failed under it: the async runtime, a
+    /// task that panicked, writing a report.
+    #[error("runtime: {0}")]
+    Runtime(String),
+    /// A tool (`loadgen`, `demo`) failed while running.
+    #[error("{0}")]
+    Tool(String),
 }
 
 impl Error {
@@ -221,6 +228,8 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::Shutdown(_) => "shutdown",
             Error::Config(_) => "config",
+            Error::Runtime(_) => "runtime",
+            Error::Tool(_) => "tool_failed",
         }
     }
 

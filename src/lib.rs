@@ -23,19 +23,18 @@
 
 pub mod backend;
 pub mod batch;
-pub mod bench;
 pub mod client;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod io;
-pub mod loadgen;
 pub mod model;
+pub mod protocol;
 pub mod reference;
 pub mod selftest;
 pub mod server;
-pub mod steal;
 pub mod tensor;
+#[cfg(feature = "tools")]
+pub mod tools;
 
 pub use backend::{AnyBackend, Backend, BackendChoice, BackendKind, DeviceInfo};
 pub use batch::{Batch, BatchRef, Outputs, OutputsMut};

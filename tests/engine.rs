@@ -545,7 +545,7 @@ fn critical_keeps_priority_under_an_aged_bulk_backlog() {
 
 #[test]
 fn overhead_bench_compares_one_device_with_its_kernel() {
-    use fusion_engine::engine::bench::{run_overhead_bench, OverheadOptions};
+    use fusion_engine::tools::engine_bench::{run_overhead_bench, OverheadOptions};
     within(120, || {
         let head = small_head();
         let o = OverheadOptions {
@@ -579,7 +579,7 @@ fn overhead_bench_compares_one_device_with_its_kernel() {
 /// average stays over 2x while batches complete without it) and get few samples.
 #[test]
 fn engine_bench_marks_a_starved_slow_device_slow() {
-    use fusion_engine::engine::bench::{run_engine_bench, EngineBenchOptions};
+    use fusion_engine::tools::engine_bench::{run_engine_bench, EngineBenchOptions};
     within(120, || {
         let head = small_head();
         let o = EngineBenchOptions {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fusion_engine::client::{Client, Event};
 use fusion_engine::engine::Priority;
-use fusion_engine::server::codec::{encode_produce, FLAG_ACK};
+use fusion_engine::protocol::{encode_produce, FLAG_ACK};
 use fusion_engine::tensor::DType;
 use server_util::*;
 

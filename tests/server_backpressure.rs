@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use fusion_engine::client::{Client, Event};
 use fusion_engine::engine::Priority;
-use fusion_engine::server::codec::decode_result;
+use fusion_engine::protocol::decode_result;
 use server_util::*;
 
 #[derive(Default, Debug)]

@@ -1,4 +1,4 @@
-//! Producer flow control over real sockets (SPEC section 5): a producer sees an
+//! Producer flow control over real sockets (docs/DESIGN.md section 5.6): a producer sees an
 //! `ingest_backpressure` `on` notice before its first refusal (aligner full, engine full), BULK
 //! is shed with a notice while other classes get a retryable `overloaded` error, and the `off`
 //! notice follows when the pressure is gone.

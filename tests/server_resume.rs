@@ -365,7 +365,7 @@ async fn a_subscriber_closed_1013_resumes_from_its_last_stream_seq() {
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(20), stalled.next()).await {
             Ok(Some(Ok(Message::Binary(b)))) => {
-                let r = fusion_engine::server::codec::decode_result(&b).unwrap();
+                let r = fusion_engine::protocol::decode_result(&b).unwrap();
                 assert_eq!(r.stream_seq, point + 1, "in order, no gap");
                 point = r.stream_seq;
             }

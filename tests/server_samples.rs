@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use fusion_engine::client::{Client, Event, FuseResult};
 use fusion_engine::engine::Priority;
-use fusion_engine::server::codec::encode_samples;
+use fusion_engine::protocol::encode_samples;
 use fusion_engine::tensor::DType;
 use half::f16;
 use server_util::*;
@@ -284,7 +284,7 @@ async fn fuse_batch_returns_every_result_in_order() {
 /// a boolean, is refused as `malformed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_results_frames_carry_the_same_results() {
-    use fusion_engine::server::codec::{decode_result, split_results, KIND_RESULTS};
+    use fusion_engine::protocol::{decode_result, split_results, KIND_RESULTS};
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use fusion_engine::loadgen::{run_plan, Options, Scenario, DEFAULT_RATE};
+use fusion_engine::tools::in_process::run_plan;
+use fusion_engine::tools::loadgen::{Options, Scenario, DEFAULT_RATE};
 
 /// RSS bound of the whole test process, MiB.
 const MAX_RSS_MB: f64 = 1024.0;

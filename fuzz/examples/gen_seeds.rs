@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use fusion_engine::engine::Priority;
 use fusion_engine::io::write_input_bytes;
-use fusion_engine::server::codec::{
+use fusion_engine::protocol::{
     encode_produce, encode_result, encode_samples, with_seq, ResultView, VERSION, VERSION_2,
 };
-use fusion_engine::server::codec::{FLAG_ACK, FLAG_LAST};
+use fusion_engine::protocol::{FLAG_ACK, FLAG_LAST};
 use fusion_engine::tensor::HostMat;
 use fusion_engine::{Batch, DType, FusionHead};
 use fuzz_common::*;

@@ -6,7 +6,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use fusion_engine::server::codec::{
+use fusion_engine::protocol::{
     decode_client_message, decode_result, encode_produce, results_frame_push, results_frame_start, split_results, encode_result, encode_samples,
     json_result, json_result_tail, parse_client_json, parse_produce, parse_samples, produce_id,
     with_seq, ClientMessage, Code, ResultView, FLAG_ACK, FLAG_LAST, PRODUCE_HEADER,

@@ -1,5 +1,5 @@
 //! [`Client::fuse_batch`]: request/response for many samples at once, in `samples` frames
-//! (PROTOCOL 4.4) with at most half a send queue of samples unanswered, so that the server
+//! (PROTOCOL 4.4) with at most 90% of a send queue of samples unanswered, so that the server
 //! never has to drop or close for a reader that takes its results one by one.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{Client, ClientError, ClientResult, Event, FuseResult};
 use crate::engine::Priority;
-use crate::server::codec::priority_name;
+use crate::protocol::priority_name;
 
 /// What one event means for the batch in flight.
 enum Got {

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{ClientError, ClientResult, Event, FuseResult};
-use crate::server::codec::{self, decode_result};
+use crate::protocol::{self, decode_result};
 
 /// Opens the WebSocket and starts its writer and reader tasks.
 pub(super) async fn open(
@@ -68,9 +68,9 @@ pub(super) async fn open(
         let mut closed = (None, "connection ended without a close frame".to_string());
         while let Some(m) = stream.next().await {
             let ev = match m {
-                Ok(Message::Binary(b)) if b.get(3) == Some(&codec::KIND_RESULTS) => {
+                Ok(Message::Binary(b)) if b.get(3) == Some(&protocol::KIND_RESULTS) => {
                     // Several results in one frame (PROTOCOL 4.5): one event each, in order.
-                    let evs: Vec<Event> = match codec::split_results(&b) {
+                    let evs: Vec<Event> = match protocol::split_results(&b) {
                         Some(records) => records
                             .into_iter()
                             .map(|r| match decode_result(r) {
@@ -147,7 +147,7 @@ fn text_event(t: &str) -> Event {
                 key: v["key"].as_str().unwrap_or("").to_string(),
                 priority: v["priority"]
                     .as_str()
-                    .and_then(codec::priority_named)
+                    .and_then(protocol::priority_named)
                     .unwrap_or_default(),
                 mask: v["mask"]
                     .as_array()

@@ -1,4 +1,4 @@
-//! Engine configuration: every SPEC section 6 default in one place ([`EngineConfig`]), and the
+//! Engine configuration: every docs/DESIGN.md section 6 default (listed in section 10.2) in one place ([`EngineConfig`]), and the
 //! device list syntax shared by the command line and config files ([`DeviceSpec`]).
 //!
 //! A device is written `KIND[:INDEX][:KEY=VALUE]...`, and a device list is a comma-separated
@@ -209,21 +209,24 @@ fn parse_probability(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// Serde helper: durations as strings in [`parse_duration`] syntax.
-mod dur {
+/// Serde helper: durations as strings in [`parse_duration`] syntax (`250us`, `50ms`, `2s`), for
+/// every duration field of the engine's and the server's config.
+pub(crate) mod dur {
     use std::time::Duration;
 
+    /// Writes `d` as `50ms`.
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::format_duration(*d))
     }
 
+    /// Reads `50ms`.
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s: String = serde::Deserialize::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 
-/// Engine settings; [`Default`] holds the SPEC section 6 defaults.
+/// Engine settings; [`Default`] holds the docs/DESIGN.md section 10.2 defaults.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
@@ -304,6 +307,31 @@ impl Default for EngineConfig {
             cpu_overflow: false,
             allow_tf32: false,
         }
+    }
+}
+
+/// The engine settings in a file: the `[engine]` table of the TOML file `serve --config` reads
+/// (the other tables are the server's and are ignored here; no `[engine]` table: defaults), or,
+/// for a `.json` file, the engine settings alone as one JSON object (the documented
+/// alternative, docs/DESIGN.md section 10.2).
+pub fn load_engine_config(path: &std::path::Path) -> Result<EngineConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |e: String| Error::Config(format!("{}: {e}", path.display()));
+    if path
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("json"))
+    {
+        return serde_json::from_str(&text).map_err(|e| bad(e.to_string()));
+    }
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    match table.remove("engine") {
+        Some(v) => v
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string())),
+        None => Ok(EngineConfig::default()),
     }
 }
 

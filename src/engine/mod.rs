@@ -28,7 +28,6 @@
 //! uses fresh latency estimates. Each worker queue is a bounded crossbeam channel of
 //! `queue_capacity` slots, which the in-flight bound keeps from ever filling.
 
-pub mod bench;
 pub mod config;
 mod core;
 pub mod fault;

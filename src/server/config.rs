@@ -1,4 +1,4 @@
-//! [`ServerConfig`]: every server default of the SPEC (sections 4, 5 and 7) in one place, read
+//! [`ServerConfig`]: every server default of docs/DESIGN.md (sections 4, 5 and 7; listed in section 10.1) in one place, read
 //! from TOML. The engine's settings live in its `[engine]` table ([`EngineConfig`]).
 //!
 //! ```toml
@@ -13,23 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::engine::config::{format_duration, parse_duration};
+use crate::engine::config::dur;
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
-
-/// Serde helper: durations as strings (`50ms`, `2s`).
-mod dur {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s: String = serde::Deserialize::deserialize(d)?;
-        super::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
+use crate::protocol::notices::Limits;
 
 /// Capacities of one connection's send queues (messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -64,7 +51,7 @@ impl QueueConfig {
     }
 }
 
-/// Server settings; [`Default`] holds the SPEC defaults.
+/// Server settings; [`Default`] holds the defaults of docs/DESIGN.md section 10.1.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -189,6 +176,26 @@ impl ServerConfig {
     /// The config as TOML (every field, defaults included).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::Config(format!("cannot write the config: {e}")))
+    }
+
+    /// The limits announced in every `welcome` (docs/PROTOCOL.md section 3).
+    pub fn limits(&self) -> Limits {
+        let q = &self.send_queue;
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_name_bytes: self.max_name_bytes,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_open_samples: self.max_open_samples,
+            align_timeout: self.align_timeout,
+            min_modalities: self.min_modalities,
+            max_batch: self.max_batch,
+            max_batch_delay: self.max_batch_delay,
+            send_queue: [q.control, q.critical, q.important, q.bulk],
+            send_timeout: self.send_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            replay_messages: self.replay_messages,
+            replay_age: self.replay_age,
+        }
     }
 
     /// Checks the numbers (the engine's too).

@@ -1,10 +1,9 @@
-//! One connection's handler: reads frames, validates them (SPEC section 7: every bad input gets
+//! One connection's handler: reads frames, validates them (docs/DESIGN.md section 7: every bad input gets
 //! a typed error and the connection goes on where it can), answers control messages, and hands
 //! produce messages to the pipeline. Its one writer task (`writer.rs`) owns the socket's
 //! sending half; everything this side says goes through the connection's CONTROL queue.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +15,15 @@ use tokio::sync::{mpsc::error::TrySendError, watch};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::aligner::{Ingest, IngestMsg, IngestSamples};
-use super::codec::{self, ClientMessage, Code, Produce, ProtoError};
-use super::messages::{self, About};
-use super::outbound::{Conflate, Outbound};
-use super::replay::Resume;
-use super::{writer, Shared};
+use super::fanout::outbound::{Conflate, Outbound};
+use super::fanout::replay::Resume;
+use super::fanout::writer;
+use super::ingest::pipeline::{refuse, refuse_samples};
+use super::ingest::queue::{Ingest, IngestMsg, IngestSamples};
+use super::shared::Shared;
 use crate::engine::Priority;
+use crate::protocol::notices::{self, About};
+use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
 use crate::tensor::find_non_finite_bytes;
 
 struct Conn {
@@ -43,7 +44,12 @@ pub(crate) async fn handle(
 ) {
     let (sink, mut stream) = ws.split();
     let m = Arc::clone(&shared.m);
-    let writer = tokio::spawn(writer::run(Arc::clone(&out), sink, shared.writer_cfg(), m));
+    let writer = tokio::spawn(writer::write_loop(
+        Arc::clone(&out),
+        sink,
+        shared.writer_cfg(),
+        m,
+    ));
     let mut c = Conn {
         draining: *stop.borrow(),
         shared,
@@ -83,7 +89,7 @@ pub(crate) async fn handle(
             r = stop.changed(), if !c.draining => {
                 c.draining = true;
                 if r.is_ok() {
-                    out.push_control(messages::shutdown(c.shared.cfg.shutdown_grace.as_secs_f64() * 1e3));
+                    out.push_control(notices::shutdown(c.shared.cfg.shutdown_grace.as_secs_f64() * 1e3));
                 }
             }
         }
@@ -98,7 +104,7 @@ pub(crate) async fn handle(
 impl Conn {
     fn error(&self, code: Code, msg: &str, about: &About<'_>) {
         self.shared.m.error(code);
-        self.out.push_control(messages::error(code, msg, about));
+        self.out.push_control(notices::error(code, msg, about));
     }
 
     fn check_name(&self, what: &str, s: &str) -> Result<(), ProtoError> {
@@ -130,10 +136,10 @@ impl Conn {
     }
 
     async fn binary(&mut self, frame: Bytes) {
-        if frame.get(3) == Some(&codec::KIND_SAMPLES) {
+        if frame.get(3) == Some(&protocol::KIND_SAMPLES) {
             return self.samples(frame).await;
         }
-        let p = match codec::parse_produce(&frame) {
+        let p = match protocol::parse_produce(&frame) {
             Ok(p) => p,
             Err(e) => return self.frame_error(&frame, e),
         };
@@ -143,7 +149,7 @@ impl Conn {
 
     /// An undecodable binary frame: the error names its request id when the header has one.
     fn frame_error(&self, frame: &[u8], e: ProtoError) {
-        let id = Value::from(codec::produce_id(frame));
+        let id = Value::from(protocol::produce_id(frame));
         let id = (id != 0).then_some(&id);
         self.error(
             e.code,
@@ -158,7 +164,7 @@ impl Conn {
     /// A `samples` frame (PROTOCOL 4.4): validated as a whole (one error refuses every sample of
     /// it), then handed to the pipeline as one message weighing one ingest slot per row.
     async fn samples(&mut self, frame: Bytes) {
-        let f = match codec::parse_samples(&frame) {
+        let f = match protocol::parse_samples(&frame) {
             Ok(f) => f,
             Err(e) => return self.frame_error(&frame, e),
         };
@@ -179,18 +185,10 @@ impl Conn {
         let deadline = tokio::time::Instant::now() + sh.cfg.ingest_wait;
         let mut msg = IngestMsg::Samples(ing);
         let refused = loop {
-            if ingest_room(&sh, rows) {
-                sh.ingest_rows.fetch_add(rows, Ordering::AcqRel);
-                match sh.ingest.try_send(msg) {
-                    Ok(()) => return,
-                    Err(e) => {
-                        sh.ingest_rows.fetch_sub(rows, Ordering::AcqRel);
-                        match e {
-                            TrySendError::Closed(_) => break None,
-                            TrySendError::Full(m) => msg = m,
-                        }
-                    }
-                }
+            match sh.ingest.try_push(msg) {
+                Ok(()) => return,
+                Err(TrySendError::Closed(_)) => break None,
+                Err(TrySendError::Full(m)) => msg = m,
             }
             // Full: BULK is shed at once, other classes wait up to `ingest_wait` (PROTOCOL 5.1).
             if f.priority == Priority::Bulk || tokio::time::Instant::now() >= deadline {
@@ -203,7 +201,7 @@ impl Conn {
             None => self.error(Code::Shutdown, "the server is shutting down", &about),
             Some(IngestMsg::Samples(ing)) => {
                 let why = "the ingest queue is full (the server is saturated)";
-                super::pipeline::refuse_samples(&sh, &ing, why);
+                refuse_samples(&sh, &ing, why);
             }
             Some(IngestMsg::One(_)) => {}
         }
@@ -211,7 +209,7 @@ impl Conn {
 
     fn validate_samples(
         &mut self,
-        f: &codec::SamplesFrame<'_>,
+        f: &protocol::SamplesFrame<'_>,
         id: Option<Value>,
     ) -> Result<IngestSamples, ProtoError> {
         if self.draining {
@@ -285,7 +283,7 @@ impl Conn {
         self.shared.m.produce.increment(1);
         let tx = &self.shared.ingest;
         self.out.begin_request();
-        let refused = match tx.try_send(IngestMsg::One(ing)) {
+        let refused = match tx.try_push(IngestMsg::One(ing)) {
             Ok(()) => return,
             Err(TrySendError::Closed(_)) => {
                 self.out.end_request();
@@ -294,7 +292,7 @@ impl Conn {
             Err(TrySendError::Full(_)) if p.priority == Priority::Bulk => true,
             Err(TrySendError::Full(msg)) => {
                 let wait = self.shared.cfg.ingest_wait;
-                match tokio::time::timeout(wait, tx.send(msg)).await {
+                match tokio::time::timeout(wait, tx.push_waiting(msg)).await {
                     Ok(Ok(())) => return,
                     Ok(Err(_)) => {
                         self.out.end_request();
@@ -307,7 +305,7 @@ impl Conn {
         self.out.end_request();
         if refused {
             let why = "the ingest queue is full (the server is saturated)";
-            super::pipeline::refuse(&self.shared, &self.out, p.priority, &about, why);
+            refuse(&self.shared, &self.out, p.priority, &about, why);
         }
     }
 
@@ -363,7 +361,7 @@ impl Conn {
     }
 
     async fn text(&mut self, t: &str) {
-        let v = match codec::parse_client_json(t) {
+        let v = match protocol::parse_client_json(t) {
             Ok(v) => v,
             Err(e) => return self.error(e.code, &e.message, &About::default()),
         };
@@ -372,7 +370,7 @@ impl Conn {
             id,
             ..About::default()
         };
-        match codec::decode_client_message(&v) {
+        match protocol::decode_client_message(&v) {
             Ok(ClientMessage::Hello {
                 binary,
                 version,
@@ -380,14 +378,14 @@ impl Conn {
             }) => {
                 self.out.set_encoding(binary, version);
                 self.out.set_batch_results(batch);
-                self.out.push_control(messages::welcome(
+                self.out.push_control(notices::welcome(
                     &self.shared.welcome,
                     binary,
                     version,
                     batch,
                 ));
             }
-            Ok(ClientMessage::Ping) => self.out.push_control(messages::pong(id)),
+            Ok(ClientMessage::Ping) => self.out.push_control(notices::pong(id)),
             Ok(ClientMessage::Subscribe { stream }) => {
                 if let Err(e) = self.subscription(true, stream, &v) {
                     self.error(e.code, &e.message, &about);
@@ -425,7 +423,7 @@ impl Conn {
             let sh = &self.shared;
             sh.replay
                 .subscribe(&sh.registry, &s, &self.out, resume, |a| {
-                    messages::ack_subscribe(&about, a.epoch, a.last, a.replay)
+                    notices::ack_subscribe(&about, a.epoch, a.last, a.replay)
                 });
             self.subscribed.insert(s);
         } else {
@@ -437,7 +435,7 @@ impl Conn {
             }
             self.shared.registry.unsubscribe(stream, &self.out);
             self.out.forget_stream(stream);
-            self.out.push_control(messages::ack("unsubscribe", &about));
+            self.out.push_control(notices::ack("unsubscribe", &about));
         }
         Ok(())
     }
@@ -481,12 +479,4 @@ fn conflate_mode(v: &Value) -> Result<Option<Conflate>, ProtoError> {
             )),
         },
     }
-}
-
-/// Whether the ingest queue has room for `rows` more rows of a `samples` frame: queued
-/// messages plus queued rows stay within `ingest_capacity` (a frame larger than that is let in
-/// when no other frame is queued, so that it is not refused forever).
-fn ingest_room(sh: &Shared, rows: usize) -> bool {
-    sh.ingest_rows.load(Ordering::Acquire) == 0
-        || sh.ingest_queued() + rows <= sh.ingest.max_capacity()
 }

@@ -1,4 +1,4 @@
-//! Server metrics (SPEC section 8) through the `metrics` facade; handles are created once per
+//! Server metrics (docs/DESIGN.md section 8) through the `metrics` facade; handles are created once per
 //! server (install the recorder first, as `serve` does). Per-class series carry
 //! `class="control|critical|important|bulk"`; connections are summed per class (a per-connection
 //! label would make the series count unbounded).
@@ -32,10 +32,10 @@
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
-use super::codec::Code;
+use crate::protocol::notices::CLASS_NAMES;
+use crate::protocol::Code;
 
 /// Class names, CONTROL first (the outbound queue index).
-pub(crate) const CLASS_NAMES: [&str; 4] = ["control", "critical", "important", "bulk"];
 
 /// Metric handles of the server.
 #[derive(Debug)]

@@ -1,101 +1,60 @@
-//! The WebSocket streaming server (SPEC sections 4, 5, 7, 8; the wire format is
-//! docs/PROTOCOL.md). Laid out as data flows:
+//! The WebSocket streaming server (docs/DESIGN.md sections 4, 5, 7, 8; the wire format is
+//! docs/PROTOCOL.md, spoken through [`crate::protocol`]). Laid out as data flows:
 //!
 //! ```text
 //! listener (connection semaphore, auth, 16 MiB frames) ──> conn: read + validate
-//!   ──> bounded ingest queue ──> pipeline: aligner ──> batcher ──> Engine::submit
-//!   ──> completion: fan-out try-pushes into each subscriber's Outbound (per-class queues)
+//!   ──> ingest/: bounded queue ──> pipeline task: aligner ──> batcher ──> Engine::submit
+//!   ──> fanout/: deliver (stream seq, replay buffer) ──> each subscriber's Outbound
 //!   ──> that connection's one writer task ──> socket (send_timeout, slow-consumer close 1013)
 //! ```
 //!
 //! - [`config`]: [`ServerConfig`], every default in one place (TOML).
-//! - [`codec`]: binary frames and error codes; `messages`: JSON control messages.
-//! - `listener` (here), `conn`, `aligner`, `pipeline`, `registry`, `outbound`, `writer`,
-//!   `http` (`/metrics`, `/healthz`), `metrics`.
+//! - `listener`: accept, handshake, auth; `conn`: the per-connection reader (validation).
+//! - `ingest/`: queue (its row accounting), aligner, batcher, pressure (producer flow control),
+//!   pipeline (the task that runs them).
+//! - `fanout/`: deliver, replay, registry (subscriptions), outbound (per-class queues, drops,
+//!   resume), writer.
+//! - `http` (`/metrics`, `/healthz`), `metrics`; [`serve`]: the `serve` command.
+//! - This file: [`Server`] (start, shutdown) and the state its tasks share.
 //!
 //! Shutdown (mini-redis style): a watch signal stops the listener and makes every connection
 //! refuse new produce messages; the pipeline fuses what is open and waits for in-flight batches;
 //! then each connection's writer drains its queues and closes with 1001; the engine drains last.
 
-mod aligner;
-pub mod codec;
 pub mod config;
 mod conn;
+mod fanout;
 mod http;
-mod messages;
+mod ingest;
+mod listener;
 mod metrics;
-mod outbound;
-mod pipeline;
-mod pressure;
-mod registry;
-mod replay;
-mod samples;
 pub mod serve;
-mod writer;
+mod shared;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use parking_lot::Mutex;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use config::{QueueConfig, ServerConfig};
 
-use self::aligner::IngestMsg;
+use self::fanout::outbound::Outbound;
+use self::fanout::registry::Registry;
+use self::fanout::replay;
+use self::ingest::{pressure, queue::IngestQueue};
 use self::metrics::ServerMetrics;
-use self::outbound::Outbound;
-use self::registry::Registry;
+pub(crate) use self::shared::Shared;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
-
-/// State every task of the server shares.
-pub(crate) struct Shared {
-    pub cfg: ServerConfig,
-    pub head: Arc<FusionHead>,
-    pub engine: Arc<Engine>,
-    pub registry: Arc<Registry>,
-    pub replay: replay::Replay,
-    pub ingest: mpsc::Sender<IngestMsg>,
-    /// Rows (sample x modality) queued in `samples` frames on the ingest queue: they count
-    /// against `ingest_capacity` like as many single produce messages.
-    pub ingest_rows: std::sync::atomic::AtomicUsize,
-    pub m: Arc<ServerMetrics>,
-    pub welcome: serde_json::Value,
-    /// Producer flow control (ingest backpressure notices).
-    pub pressure: pressure::IngestPressure,
-    conns: Mutex<HashMap<u64, Arc<Outbound>>>,
-    next_id: AtomicU64,
-}
-
-impl Shared {
-    /// What waits on the ingest queue, in its capacity's unit: messages plus the rows of the
-    /// `samples` frames among them.
-    pub fn ingest_queued(&self) -> usize {
-        let q = &self.ingest;
-        q.max_capacity().saturating_sub(q.capacity())
-            + self.ingest_rows.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    pub fn writer_cfg(&self) -> writer::WriterConfig {
-        let c = &self.cfg;
-        writer::WriterConfig {
-            send_timeout: c.send_timeout,
-            slow_send: c.slow_send,
-            slow_sends: c.slow_sends,
-            close_linger: c.close_linger,
-            heartbeat: c.heartbeat_interval,
-        }
-    }
-}
+use crate::protocol::notices;
 
 /// A running server. Dropping it without [`Server::shutdown`] aborts nothing: its tasks run
 /// until the runtime ends.
@@ -137,33 +96,36 @@ impl Server {
         let metrics_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let engine = Arc::new(engine);
         let head = Arc::clone(engine.head());
-        let (tx, rx) = mpsc::channel(cfg.ingest_capacity);
+        let (ingest, rx) = IngestQueue::new(cfg.ingest_capacity);
         let (stop, stop_rx) = watch::channel(false);
         let m = Arc::new(ServerMetrics::new());
         let replay = replay::Replay::new(&cfg, Arc::clone(&m));
         let shared = Arc::new(Shared {
-            welcome: messages::welcome_base(&cfg, &head, replay.epoch),
+            welcome: notices::welcome_base(&cfg.limits(), &head, replay.epoch),
             head,
             engine: Arc::clone(&engine),
             registry: Arc::new(Registry::default()),
             replay,
-            ingest: tx,
-            ingest_rows: std::sync::atomic::AtomicUsize::new(0),
+            ingest,
             m,
             pressure: pressure::IngestPressure::new(),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             cfg,
         });
-        let pipeline = tokio::spawn(pipeline::run(Arc::clone(&shared), rx, stop_rx.clone()));
+        let pipeline = tokio::spawn(ingest::pipeline::run_pipeline(
+            Arc::clone(&shared),
+            rx,
+            stop_rx.clone(),
+        ));
         let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
-        tokio::spawn(accept_loop(
+        tokio::spawn(listener::accept_loop(
             Arc::clone(&shared),
             listener,
             Arc::clone(&permits),
             stop_rx.clone(),
         ));
-        tokio::spawn(registry::watch_devices(
+        tokio::spawn(fanout::registry::watch_devices(
             Arc::clone(&engine),
             Arc::clone(&shared.registry),
             stop_rx.clone(),
@@ -240,134 +202,6 @@ impl Server {
     }
 }
 
-/// Accepts connections until the stop signal.
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    permits: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, peer)) => {
-                    let sh = Arc::clone(&shared);
-                    let permit = Arc::clone(&permits).try_acquire_owned().ok();
-                    tokio::spawn(connection(sh, tcp, peer, permit, stop.clone()));
-                }
-                Err(e) => {
-                    // EMFILE and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// Handshake (limit, auth, frame size) then the connection handler.
-// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
-#[allow(clippy::result_large_err)]
-async fn connection(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    stop: watch::Receiver<bool>,
-) {
-    let _ = tcp.set_nodelay(true);
-    let full = permit.is_none();
-    let token = shared.cfg.token.clone();
-    let refused: Arc<Mutex<Option<&'static str>>> = Arc::default();
-    let why = Arc::clone(&refused);
-    let check =
-        move |req: &Request, resp: Response| -> std::result::Result<Response, ErrorResponse> {
-            let deny = |status: u16, reason: &'static str, text: &str| {
-                *why.lock() = Some(reason);
-                let mut r = ErrorResponse::new(Some(text.to_string()));
-                *r.status_mut() = http_status(status);
-                Err(r)
-            };
-            if full {
-                return deny(503, "full", "the server is at max_connections; retry later");
-            }
-            if let Some(t) = &token {
-                if !authorized(req, t) {
-                    return deny(401, "auth", "missing or wrong bearer token");
-                }
-            }
-            Ok(resp)
-        };
-    let max = shared.cfg.max_frame_bytes;
-    let ws_cfg = WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-        // Bursts of the writer (writer.rs) fit the buffer: one flush writes them out.
-        .write_buffer_size(writer::BURST_BYTES + (32 << 10));
-    let hs = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_cfg));
-    let ws = match tokio::time::timeout(Duration::from_secs(10), hs).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            let reason = refused.lock().unwrap_or("handshake");
-            shared.m.refused(reason);
-            tracing::debug!(%peer, "handshake refused ({reason}): {e}");
-            return;
-        }
-        Err(_) => {
-            shared.m.refused("handshake");
-            return;
-        }
-    };
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let q = &shared.cfg.send_queue;
-    let out = Arc::new(Outbound::new(
-        id,
-        q,
-        shared.cfg.drop_notice_interval,
-        shared.cfg.replay_messages,
-        Arc::clone(&shared.m),
-    ));
-    shared.conns.lock().insert(id, Arc::clone(&out));
-    shared.m.connections.increment(1.0);
-    shared.m.connections_total.increment(1);
-    tracing::debug!(%peer, conn = id, "connected");
-    conn::handle(Arc::clone(&shared), ws, out, stop).await;
-    shared.conns.lock().remove(&id);
-    shared.m.connections.decrement(1.0);
-    tracing::debug!(%peer, conn = id, "closed");
-    drop(permit);
-}
-
-fn http_status(code: u16) -> tokio_tungstenite::tungstenite::http::StatusCode {
-    tokio_tungstenite::tungstenite::http::StatusCode::from_u16(code)
-        .unwrap_or(tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN)
-}
-
-/// `Authorization: Bearer T` or `?token=T`, compared in constant time.
-fn authorized(req: &Request, token: &str) -> bool {
-    let header = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    let query = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    [header, query]
-        .into_iter()
-        .flatten()
-        .any(|given| ct_eq(given.trim().as_bytes(), token.as_bytes()))
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Starts the engine for `head` (opening devices blocks, so off the async threads) and serves
 /// it with `cfg`.
 pub async fn start_with_head(
@@ -378,7 +212,7 @@ pub async fn start_with_head(
     let ecfg = cfg.engine.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::start(ecfg, head))
         .await
-        .map_err(|e| Error::Config(format!("engine start task failed: {e}")))??;
+        .map_err(|e| Error::Runtime(format!("engine start task failed: {e}")))??;
     Server::start(cfg, engine, prometheus).await
 }
 

@@ -12,22 +12,32 @@ use crate::engine::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
-/// Command-line options of `serve`; each one, when given, overrides the config file.
-#[derive(Debug, Clone, Default)]
+/// Serve the head over WebSocket (docs/PROTOCOL.md) until Ctrl-C / SIGTERM. With no flags:
+/// the embedded head on the best GPU found, else the CPU, on 127.0.0.1:7878.
+///
+/// The command-line options of `serve`; each one, when given, overrides the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeOptions {
-    /// TOML config file (every field optional; defaults in [`ServerConfig`]).
+    /// Config file (TOML; every field optional, see --print-config for all defaults).
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Fusion head file.
+    /// Fusion head (.safetensors); the embedded default head when omitted.
+    #[arg(long)]
     pub model: Option<PathBuf>,
-    /// WebSocket address.
+    /// WebSocket listen address [default: 127.0.0.1:7878].
+    #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// `/metrics` + `/healthz` address.
+    /// Prometheus /metrics and /healthz address, e.g. 127.0.0.1:9898.
+    #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Bearer token.
+    /// Require `Authorization: Bearer TOKEN` at the handshake.
+    #[arg(long)]
     pub token: Option<String>,
-    /// Device list (`cpu`, `cuda:0,cpu`, ...).
+    /// Devices, e.g. `cpu`, `cuda:0,cpu` (default: every usable GPU, else the CPU).
+    #[arg(long)]
     pub devices: Option<String>,
-    /// Print the effective config as TOML and exit.
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
     pub print_config: bool,
 }
 
@@ -57,17 +67,13 @@ pub fn effective_config(o: &ServeOptions) -> Result<ServerConfig> {
 }
 
 /// Runs the server until Ctrl-C / SIGTERM, then shuts it down gracefully.
-pub fn run(o: ServeOptions) -> Result<()> {
+pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
     let cfg = effective_config(&o)?;
     if o.print_config {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fusion-server")
-        .build()
-        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+    let rt = runtime("fusion-server")?;
     rt.block_on(async move {
         let prom = match PrometheusBuilder::new().install_recorder() {
             Ok(h) => Some(h),
@@ -100,4 +106,14 @@ pub fn run(o: ServeOptions) -> Result<()> {
         server.shutdown().await;
         Ok(())
     })
+}
+
+/// A multi-threaded tokio runtime whose threads are called `thread_name` (for `serve` and the
+/// tools).
+pub fn runtime(thread_name: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(thread_name)
+        .build()
+        .map_err(|e| Error::Runtime(format!("cannot start the async runtime: {e}")))
 }

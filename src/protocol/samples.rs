@@ -1,0 +1,356 @@
+//! The `samples` binary frame (docs/PROTOCOL.md section 4.4): many whole samples of one stream
+//! in one frame, each modality's rows back to back (`[N, width]`), so that a coordinator that
+//! already holds batches pays the per-frame costs (WebSocket framing, validation, the hand-off to
+//! the pipeline, the aligner) once per frame instead of once per modality per sample.
+//!
+//! Layout: the produce frame's 24-byte header (kind 3; bytes 10..12 are the modality count M and
+//! bytes 20..24 the sample count N), the stream name, M modality entries
+//! `{u32 width, u16 name_len, name}`, N keys `{u16 key_len, key}`, then for each listed modality
+//! in frame order its `N * width` elements.
+
+use bytes::Bytes;
+
+use super::produce::client_header;
+
+use super::{
+    dtype_code, priority_code, u16_at, u32_at, Code, ProtoError, FLAG_ACK, MAGIC, PRODUCE_HEADER,
+    VERSION,
+};
+use crate::engine::Priority;
+use crate::tensor::DType;
+
+/// Binary `kind`: samples (client to server).
+pub const KIND_SAMPLES: u8 = 3;
+
+/// A parsed `samples` frame; the blocks share the frame's buffer. Names, widths and
+/// finiteness are checked against the head by the caller.
+#[derive(Debug, Clone)]
+pub struct SamplesFrame<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// Payload dtype.
+    pub dtype: DType,
+    /// Class of every sample of the frame.
+    pub priority: Priority,
+    /// Ack requested.
+    pub ack: bool,
+    /// Request id (0 = none).
+    pub id: u32,
+    /// `(name, width)` of each modality present in the samples, frame order.
+    pub modalities: Vec<(&'a str, usize)>,
+    /// One key per sample.
+    pub keys: Vec<&'a str>,
+    /// One `[N, width]` block of little-endian elements per listed modality, frame order.
+    pub blocks: Vec<Bytes>,
+}
+
+/// A cursor over the variable part of the frame; every read is bounds-checked.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtoError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let Some(end) = end else {
+            return Err(ProtoError::new(
+                Code::Malformed,
+                format!(
+                    "samples frame of {} bytes ends inside {what} (at byte {})",
+                    self.b.len(),
+                    self.at
+                ),
+            ));
+        };
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn text(&mut self, n: usize, what: &str) -> Result<&'a str, ProtoError> {
+        let s = self.take(n, what)?;
+        std::str::from_utf8(s)
+            .map_err(|_| ProtoError::new(Code::Malformed, format!("{what} is not UTF-8")))
+    }
+}
+
+/// Parses a `samples` frame (header, table, keys, exact length, UTF-8).
+pub fn parse_samples(frame: &Bytes) -> Result<SamplesFrame<'_>, ProtoError> {
+    let b = &frame[..];
+    let bad = |m: String| Err(ProtoError::new(Code::Malformed, m));
+    let (dtype, priority) = client_header(b, KIND_SAMPLES)?;
+    let flags = b[6];
+    if flags & !FLAG_ACK != 0 || b[7] != 0 || u32_at(b, 20) != 0 {
+        return bad(
+            "reserved header bits are not zero (samples frames have no `last` flag)".into(),
+        );
+    }
+    let (sl, m, n) = (u16_at(b, 8), u16_at(b, 10), u32_at(b, 12) as usize);
+    if m == 0 || n == 0 {
+        return bad(format!(
+            "a samples frame needs at least one modality and one sample (M = {m}, N = {n})"
+        ));
+    }
+    let mut c = Cursor {
+        b,
+        at: PRODUCE_HEADER,
+    };
+    let stream = c.text(sl, "stream")?;
+    let mut modalities = Vec::with_capacity(m);
+    let mut row_elems: u64 = 0;
+    for j in 0..m {
+        let e = c.take(6, "the modality table")?;
+        let width = u32_at(e, 0) as usize;
+        let name = c.text(u16_at(e, 4), "a modality name")?;
+        if modalities.iter().any(|&(x, _)| x == name) {
+            return Err(ProtoError::new(
+                Code::DuplicateModality,
+                format!("modality \"{name}\" is listed twice (entry {j})"),
+            ));
+        }
+        row_elems += width as u64;
+        modalities.push((name, width));
+    }
+    // Every key takes at least 2 bytes: a count the frame cannot hold is refused before
+    // anything is allocated for it.
+    if n as u64 * 2 > (b.len() - c.at) as u64 {
+        return bad(format!(
+            "samples frame of {} bytes cannot hold the keys of {n} samples",
+            b.len()
+        ));
+    }
+    let mut keys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = c.take(2, "the keys")?;
+        keys.push(c.text(u16_at(l, 0), "a key")?);
+    }
+    let expected = n as u64 * row_elems * dtype.size() as u64;
+    let rest = (b.len() - c.at) as u64;
+    if rest != expected {
+        return bad(format!(
+            "samples frame has {rest} payload bytes; its table says {expected} \
+             ({n} samples x {row_elems} elements x {} bytes)",
+            dtype.size()
+        ));
+    }
+    let mut blocks = Vec::with_capacity(m);
+    for &(_, w) in &modalities {
+        let len = n * w * dtype.size();
+        blocks.push(frame.slice(c.at..c.at + len));
+        c.at += len;
+    }
+    Ok(SamplesFrame {
+        stream,
+        dtype,
+        priority,
+        ack: flags & FLAG_ACK != 0,
+        id: u32_at(b, 16),
+        modalities,
+        keys,
+        blocks,
+    })
+}
+
+/// Encodes a `samples` frame (the client side). `blocks[j]` holds `keys.len()` rows of
+/// modality `modalities[j]` (little-endian `dtype` elements); `None` when a length does not fit
+/// its field or a block's length is not `keys.len()` whole rows.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_samples(
+    stream: &str,
+    keys: &[&str],
+    modalities: &[&str],
+    blocks: &[&[u8]],
+    dtype: DType,
+    priority: Priority,
+    ack: bool,
+    id: u32,
+) -> Option<Vec<u8>> {
+    let n = keys.len();
+    if n == 0 || modalities.is_empty() || modalities.len() != blocks.len() {
+        return None;
+    }
+    let len16 = |s: &str| u16::try_from(s.len()).ok();
+    let row = n.checked_mul(dtype.size())?;
+    let mut widths = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        if b.len() % row != 0 {
+            return None;
+        }
+        widths.push(u32::try_from(b.len() / row).ok()?);
+    }
+    let names: usize = modalities.iter().map(|m| m.len() + 6).sum();
+    let key_bytes: usize = keys.iter().map(|k| k.len() + 2).sum();
+    let payload: usize = blocks.iter().map(|b| b.len()).sum();
+    let mut v = Vec::with_capacity(PRODUCE_HEADER + stream.len() + names + key_bytes + payload);
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&[
+        VERSION,
+        KIND_SAMPLES,
+        dtype_code(dtype),
+        priority_code(priority),
+        if ack { FLAG_ACK } else { 0 },
+        0,
+    ]);
+    v.extend_from_slice(&len16(stream)?.to_le_bytes());
+    v.extend_from_slice(&u16::try_from(modalities.len()).ok()?.to_le_bytes());
+    v.extend_from_slice(&u32::try_from(n).ok()?.to_le_bytes());
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(stream.as_bytes());
+    for (m, w) in modalities.iter().zip(&widths) {
+        v.extend_from_slice(&w.to_le_bytes());
+        v.extend_from_slice(&len16(m)?.to_le_bytes());
+        v.extend_from_slice(m.as_bytes());
+    }
+    for k in keys {
+        v.extend_from_slice(&len16(k)?.to_le_bytes());
+        v.extend_from_slice(k.as_bytes());
+    }
+    for b in blocks {
+        v.extend_from_slice(b);
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn frame() -> Vec<u8> {
+        let a = f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]); // 2 samples x 3
+        let t = f32s(&[7.0, 8.0]); // 2 samples x 1
+        encode_samples(
+            "cam",
+            &["k0", "k1"],
+            &["vision", "audio"],
+            &[&a, &t],
+            DType::F32,
+            Priority::Important,
+            true,
+            9,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn roundtrip() {
+        let f = Bytes::from(frame());
+        let s = parse_samples(&f).unwrap();
+        assert_eq!(s.stream, "cam");
+        assert_eq!(s.keys, ["k0", "k1"]);
+        assert_eq!(s.modalities, [("vision", 3), ("audio", 1)]);
+        assert_eq!(
+            (s.priority, s.dtype, s.ack, s.id),
+            (Priority::Important, DType::F32, true, 9)
+        );
+        assert_eq!(&s.blocks[0][..], &f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[..]);
+        assert_eq!(&s.blocks[1][..], &f32s(&[7.0, 8.0])[..]);
+        // The request id sits where a produce frame's does.
+        assert_eq!(super::super::produce_id(&f), 9);
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_refused() {
+        let f = frame();
+        for cut in 0..f.len() {
+            let e = parse_samples(&Bytes::copy_from_slice(&f[..cut])).unwrap_err();
+            assert_eq!(e.code, Code::Malformed, "cut at {cut}: {}", e.message);
+        }
+        let mut long = f.clone();
+        long.push(0);
+        let e = parse_samples(&Bytes::from(long)).unwrap_err();
+        assert_eq!(e.code, Code::Malformed);
+        assert!(e.message.contains("payload bytes"), "{}", e.message);
+    }
+
+    #[test]
+    fn header_errors_have_their_codes() {
+        let code = |at: usize, v: u8| {
+            let mut f = frame();
+            f[at] = v;
+            parse_samples(&Bytes::from(f)).unwrap_err().code
+        };
+        assert_eq!(code(0, b'X'), Code::Malformed);
+        assert_eq!(code(2, 7), Code::UnsupportedVersion);
+        assert_eq!(code(3, 1), Code::UnknownType);
+        assert_eq!(code(4, 9), Code::BadDtype);
+        assert_eq!(code(5, 3), Code::BadPriority);
+        assert_eq!(code(6, 2), Code::Malformed); // `last` has no meaning here
+        assert_eq!(code(7, 1), Code::Malformed);
+        assert_eq!(code(20, 1), Code::Malformed);
+        // M = 0 and N = 0.
+        assert_eq!(code(10, 0), Code::Malformed);
+        assert_eq!(code(12, 0), Code::Malformed);
+        // A key count far beyond what the frame holds is refused without allocating for it.
+        let mut f = frame();
+        f[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = parse_samples(&Bytes::from(f)).unwrap_err();
+        assert!(e.message.contains("cannot hold"), "{}", e.message);
+    }
+
+    #[test]
+    fn duplicate_modality_and_bad_utf8() {
+        let a = f32s(&[1.0]);
+        let f = encode_samples(
+            "s",
+            &["k"],
+            &["x", "x"],
+            &[&a, &a],
+            DType::F32,
+            Priority::Bulk,
+            false,
+            0,
+        )
+        .unwrap();
+        let e = parse_samples(&Bytes::from(f)).unwrap_err();
+        assert_eq!(e.code, Code::DuplicateModality);
+        let mut f = frame();
+        f[PRODUCE_HEADER] = 0xff; // first byte of the stream name
+        let e = parse_samples(&Bytes::from(f)).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (Code::Malformed, "stream is not UTF-8")
+        );
+    }
+
+    #[test]
+    fn encoder_refuses_what_it_cannot_write() {
+        let a = f32s(&[1.0, 2.0, 3.0]);
+        let enc = |keys: &[&str], blocks: &[&[u8]]| {
+            encode_samples(
+                "s",
+                keys,
+                &["x"],
+                blocks,
+                DType::F32,
+                Priority::Bulk,
+                false,
+                0,
+            )
+        };
+        assert!(enc(&[], &[&a]).is_none());
+        assert!(enc(&["a", "b"], &[&a]).is_none()); // 3 elements are not 2 whole rows
+        assert!(enc(&["a"], &[&a, &a]).is_none()); // one name, two blocks
+        let long = "k".repeat(70_000);
+        assert!(enc(&[long.as_str()], &[&a]).is_none());
+        // f16 rows: 2 samples x 2 elements x 2 bytes.
+        let h = [0u8; 8];
+        let f = encode_samples(
+            "s",
+            &["a", "b"],
+            &["x"],
+            &[&h],
+            DType::F16,
+            Priority::Bulk,
+            false,
+            0,
+        );
+        let f = Bytes::from(f.unwrap());
+        assert_eq!(parse_samples(&f).unwrap().modalities, [("x", 2)]);
+    }
+}

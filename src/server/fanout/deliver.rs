@@ -1,0 +1,94 @@
+//! Where a batch's results leave the engine: each result gets its stream seq and goes to the
+//! replay buffer and every subscriber of its stream ([`Replay::deliver`]); a failed batch's
+//! error, and any other answer about many samples, goes to their producers grouped
+//! ([`tell_producers`]).
+//!
+//! [`Replay::deliver`]: super::replay::Replay::deliver
+
+use std::sync::Arc;
+
+use super::outbound::Outbound;
+use crate::engine::{BatchResult, Priority};
+use crate::error::Result;
+use crate::protocol::{notices, Code, ResultView};
+use crate::server::shared::Shared;
+
+/// What the fan-out needs of a sample once its features are in the batch.
+pub(crate) struct Meta {
+    pub stream: Arc<str>,
+    pub key: String,
+    pub priority: Priority,
+    pub mask: Vec<u8>,
+    pub producers: Vec<Arc<Outbound>>,
+}
+
+/// Sends each result to every subscriber of its stream, or the error to its producers.
+pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>) {
+    let res = match r {
+        Ok(res) => res,
+        Err(e) => {
+            let code = Code::of_engine_error(&e);
+            let it = metas
+                .iter()
+                .map(|m| (&m.stream, &m.key, m.priority, &m.producers[..]));
+            tell_producers(shared, it, code, &e.to_string());
+            return;
+        }
+    };
+    let (d, m) = (shared.head.dim, shared.head.num_modalities());
+    for (i, meta) in metas.iter().enumerate() {
+        let (Some(fused), Some(weights)) = (
+            res.outputs.fused.get(i * d..(i + 1) * d),
+            res.outputs.weights.get(i * m..(i + 1) * m),
+        ) else {
+            continue;
+        };
+        let view = ResultView {
+            stream: &meta.stream,
+            key: &meta.key,
+            priority: meta.priority,
+            mask: &meta.mask,
+            fused,
+            weights,
+            stream_seq: 0,
+            replayed: false,
+        };
+        // Stream seq, replay buffer, then every subscriber (replay.rs).
+        shared.replay.deliver(&shared.registry, &meta.stream, &view);
+    }
+    // Every result was encoded into its own message: the buffers go back to the engine.
+    shared.engine.recycle(res.outputs);
+}
+
+/// One message per (producer, stream, shed or not) about many samples, so that a burst of
+/// failures costs a producer a few CONTROL slots, not one per sample.
+pub(crate) fn tell_producers<'a>(
+    shared: &Shared,
+    samples: impl Iterator<Item = (&'a Arc<str>, &'a String, Priority, &'a [Arc<Outbound>])>,
+    code: Code,
+    msg: &str,
+) {
+    type Group<'g> = (&'g Arc<Outbound>, &'g Arc<str>, bool, Vec<String>);
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for (stream, key, prio, producers) in samples {
+        let shed = code == Code::Overloaded && prio == Priority::Bulk;
+        for p in producers {
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(g.0, p) && g.1 == stream && g.2 == shed)
+            {
+                Some(g) => g.3.push(key.clone()),
+                None => groups.push((p, stream, shed, vec![key.clone()])),
+            }
+        }
+    }
+    for (p, stream, shed, keys) in groups {
+        if code == Code::Overloaded {
+            shared.pressure.refusing(p);
+        }
+        if !shed {
+            shared.m.error(code);
+        }
+        p.push_control(notices::about_samples(code, msg, stream, &keys, shed));
+    }
+}

@@ -1,0 +1,492 @@
+//! One connection's outbound side (docs/DESIGN.md section 5): a bounded queue per class (CONTROL,
+//! CRITICAL, IMPORTANT, BULK), the drop / backpressure rules, per-connection sequence numbers,
+//! drop accounting, BULK conflation, and the results waiting to be replayed after a resume
+//! (they enter the class queues as those have room, live results of the stream behind them). Producers of messages (fan-out, the pipeline, the reader) only ever
+//! *try-push* here under a short lock, so a slow peer never delays anyone else; the connection's
+//! one writer task (`writer.rs`) drains the queues in strict priority order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::stored::Entry;
+use crate::engine::Priority;
+use crate::protocol::notices;
+use crate::server::config::QueueConfig;
+use crate::server::metrics::ServerMetrics;
+
+mod drops;
+mod resume;
+
+/// Queue index of CONTROL messages; data classes follow as `1 + Priority as usize`.
+pub(crate) const CONTROL: usize = 0;
+
+/// The queue index of a data class.
+pub(crate) fn class_of(p: Priority) -> usize {
+    1 + p as usize
+}
+
+/// Ranges of dropped seqs (per log) kept before a notice is forced out while the CONTROL queue
+/// has room; 16 times that forces it out anyway (drops.rs).
+const MAX_DROP_RANGES: usize = 256;
+
+/// Queue index of BULK results.
+const BULK: usize = 3;
+
+/// A queued message; `seq` is 0 for CONTROL messages.
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub msg: Message,
+    pub seq: u64,
+    pub class: usize,
+    /// What a newer BULK result replaces this one by (conflated streams only).
+    tag: Option<Tag>,
+}
+
+impl Item {
+    fn control(msg: Message) -> Item {
+        Item {
+            msg,
+            seq: 0,
+            class: CONTROL,
+            tag: None,
+        }
+    }
+}
+
+/// Conflation of a stream's BULK results in one connection's queue (docs/PROTOCOL.md 7.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Conflate {
+    /// A newer result replaces a queued one of the same key.
+    Key,
+    /// A newer result replaces any queued one of the stream.
+    Stream,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Tag {
+    stream: Arc<str>,
+    /// None when the whole stream is conflated.
+    key: Option<Box<str>>,
+}
+
+/// A live result to queue: its class, stream and key, and (CRITICAL, IMPORTANT) its entry in
+/// the replay buffer.
+pub(crate) struct Live<'a> {
+    pub priority: Priority,
+    pub stream: &'a Arc<str>,
+    pub key: &'a str,
+    pub entry: Option<&'a Arc<Entry>>,
+}
+
+/// How results are encoded for this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Json,
+    /// Binary frames of this protocol version.
+    Binary(u8),
+}
+
+/// What the writer should do next.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Send this.
+    Send(Item),
+    /// Close with this code and reason prefix (the writer appends `last_seq=N`), then stop.
+    Close(u16, &'static str),
+    /// Nothing to send; wake up at the latest at this instant (drop notice due), if any.
+    Idle(Option<Instant>),
+    /// The reader is gone and the queues are empty (or the peer closed): stop.
+    Stop,
+}
+
+#[derive(Debug, Default)]
+struct DropLog {
+    count: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct State {
+    q: [VecDeque<Item>; 4],
+    next_seq: u64,
+    backpressure: bool,
+    drops: [DropLog; 4],
+    /// BULK results replaced by a newer one (conflation), reported like drops.
+    conflated: DropLog,
+    total_dropped: u64,
+    /// Results waiting for room in their class queue after a resume (`true`: a replay; `false`:
+    /// a live result of a stream still replaying), and how many each stream has there.
+    pending: VecDeque<(Arc<Entry>, bool)>,
+    replaying: HashMap<Arc<str>, usize>,
+    conflate: HashMap<Arc<str>, Conflate>,
+    last_drop_notice: Option<Instant>,
+    /// 1013 (or 1009, 1002, 1011): close at once, whatever is queued.
+    fatal: Option<(u16, &'static str)>,
+    /// Close after the queues drained (1001 on shutdown, 1000 normally).
+    close_after_drain: Option<(u16, &'static str)>,
+    /// The peer is gone (or closed): stop without a close frame of ours.
+    stop: bool,
+}
+
+/// The outbound side of one connection.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    /// Connection id (logs).
+    pub id: u64,
+    caps: [usize; 4],
+    data_cap: usize,
+    pending_cap: usize,
+    drop_interval: Duration,
+    state: Mutex<State>,
+    wake: Notify,
+    done: AtomicBool,
+    done_notify: Notify,
+    /// Produce messages of this connection not yet through the aligner (each may cause one
+    /// CONTROL reply), and the wake-up of a reader waiting for CONTROL room.
+    inflight: AtomicUsize,
+    room: Notify,
+    /// 0 JSON, else the binary protocol version.
+    encoding: AtomicU8,
+    /// Binary results may go several to a frame (PROTOCOL 4.5).
+    batch: AtomicBool,
+    m: Arc<ServerMetrics>,
+}
+
+impl Outbound {
+    /// `replay_messages`: results a resume may set aside for this connection (plus the live
+    /// results of the CRITICAL and IMPORTANT queues' size that may wait behind them).
+    pub fn new(
+        id: u64,
+        q: &QueueConfig,
+        drop_interval: Duration,
+        replay_messages: usize,
+        m: Arc<ServerMetrics>,
+    ) -> Self {
+        Outbound {
+            id,
+            caps: [q.control, q.critical, q.important, q.bulk],
+            data_cap: q.data(),
+            pending_cap: replay_messages + q.critical + q.important,
+            drop_interval,
+            state: Mutex::new(State {
+                q: Default::default(),
+                next_seq: 1,
+                backpressure: false,
+                drops: Default::default(),
+                conflated: DropLog::default(),
+                total_dropped: 0,
+                pending: VecDeque::new(),
+                replaying: HashMap::new(),
+                conflate: HashMap::new(),
+                last_drop_notice: None,
+                fatal: None,
+                close_after_drain: None,
+                stop: false,
+            }),
+            wake: Notify::new(),
+            done: AtomicBool::new(false),
+            done_notify: Notify::new(),
+            inflight: AtomicUsize::new(0),
+            room: Notify::new(),
+            encoding: AtomicU8::new(0),
+            batch: AtomicBool::new(false),
+            m,
+        }
+    }
+
+    fn data_len(st: &State) -> usize {
+        st.q[1].len() + st.q[2].len() + st.q[3].len()
+    }
+
+    fn push_item(&self, st: &mut State, item: Item) {
+        self.m.queue_depth[item.class].increment(1.0);
+        st.q[item.class].push_back(item);
+    }
+
+    /// Queues a CONTROL message. A full CONTROL queue closes the connection with 1013.
+    pub fn push_control(&self, msg: Message) {
+        let mut st = self.state.lock();
+        self.push_control_locked(&mut st, msg);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn push_control_locked(&self, st: &mut State, msg: Message) {
+        if st.fatal.is_some() || st.stop {
+            return;
+        }
+        if st.q[CONTROL].len() >= self.caps[CONTROL] {
+            self.m.slow_consumer("control_queue_full");
+            st.fatal = Some((1013, "control_queue_full"));
+            return;
+        }
+        self.push_item(st, Item::control(msg));
+    }
+
+    /// Queues a result, built by `build(seq)` once a seq is assigned. Applies the docs/DESIGN.md
+    /// section 5 rules (docs/PROTOCOL.md 7.2): fill = the larger of the data queues' fill and
+    /// the fill of the result's class queue; BULK dropped above 90% fill, IMPORTANT dropped when
+    /// its queue is full, CRITICAL that does not fit closes with 1013. A BULK result of a
+    /// conflated stream first replaces a queued one of the same key (or stream); a CRITICAL or
+    /// IMPORTANT one of a stream still replaying waits behind the replay. Returns false when
+    /// the result was dropped or the connection is closing.
+    pub fn push_result(&self, r: &Live<'_>, build: impl FnOnce(u64) -> Message) -> bool {
+        let p = r.priority;
+        let c = class_of(p);
+        let mut st = self.state.lock();
+        if st.fatal.is_some() || st.stop {
+            return false;
+        }
+        let mut no_room = false;
+        let behind = st.replaying.contains_key(&**r.stream);
+        if let (Some(e), true) = (r.entry, behind) {
+            if st.pending.len() < self.pending_cap {
+                if let Some(n) = st.replaying.get_mut(&**r.stream) {
+                    *n += 1;
+                }
+                st.pending.push_back((Arc::clone(e), false));
+                self.refill(&mut st);
+                drop(st);
+                self.wake.notify_one();
+                return true;
+            }
+            // Behind a replay that does not fit: as if its queue were full.
+            no_room = true;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let mut tag = None;
+        if p == Priority::Bulk {
+            if let Some(mode) = st.conflate.get(&**r.stream).copied() {
+                let t = Tag {
+                    stream: Arc::clone(r.stream),
+                    key: (mode == Conflate::Key).then(|| r.key.into()),
+                };
+                if let Some(i) = st.q[BULK]
+                    .iter()
+                    .rposition(|it| it.tag.as_ref() == Some(&t))
+                {
+                    if let Some(old) = st.q[BULK].remove(i) {
+                        self.m.queue_depth[BULK].decrement(1.0);
+                        self.m.conflated.increment(1);
+                        self.record_drop(&mut st, None, old.seq);
+                    }
+                }
+                tag = Some(t);
+            }
+        }
+        let total = Self::data_len(&st);
+        let own = st.q[c].len();
+        let own_full = no_room || own >= self.caps[c];
+        let dropped = match p {
+            Priority::Bulk => {
+                own_full || total * 10 > self.data_cap * 9 || own * 10 > self.caps[c] * 9
+            }
+            Priority::Important => own_full,
+            Priority::Critical => {
+                if own_full {
+                    self.m.slow_consumer("critical_queue_full");
+                    st.fatal = Some((1013, "critical_queue_full"));
+                    drop(st);
+                    self.wake.notify_one();
+                    return false;
+                }
+                false
+            }
+        };
+        if dropped {
+            self.record_drop(&mut st, Some(c), seq);
+            drop(st);
+            self.wake.notify_one();
+            return false;
+        }
+        self.push_item(
+            &mut st,
+            Item {
+                msg: build(seq),
+                seq,
+                class: c,
+                tag,
+            },
+        );
+        self.check_backpressure(&mut st, c);
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// BACKPRESSURE on when the fill (the larger of the data queues' fill and class `c`'s
+    /// queue fill) went above 70%.
+    fn check_backpressure(&self, st: &mut State, c: usize) {
+        if st.backpressure {
+            return;
+        }
+        let total = Self::data_len(st);
+        let own = st.q[c].len();
+        if total * 10 > self.data_cap * 7 || own * 10 > self.caps[c] * 7 {
+            st.backpressure = true;
+            self.m.backpressure.increment(1);
+            let n = notices::backpressure(true, total, self.data_cap, c, own, self.caps[c]);
+            self.push_control_locked(st, n);
+        }
+    }
+
+    /// BACKPRESSURE off once the data queues and every class queue are at most half full.
+    fn backpressure_off(&self, st: &State) -> bool {
+        st.backpressure
+            && Self::data_len(st) * 2 <= self.data_cap
+            && (1..4).all(|c| st.q[c].len() * 2 <= self.caps[c])
+    }
+
+    /// The writer's next step, in strict priority order.
+    pub fn next(&self) -> Next {
+        let mut st = self.state.lock();
+        if let Some((code, why)) = st.fatal {
+            return Next::Close(code, why);
+        }
+        if st.stop {
+            return Next::Stop;
+        }
+        self.refill(&mut st);
+        let pending = st.drops.iter().any(|d| d.count > 0) || st.conflated.count > 0;
+        let mut due = None;
+        if pending {
+            let now = Instant::now();
+            let at = st
+                .last_drop_notice
+                .map(|t| t + self.drop_interval)
+                .unwrap_or(now);
+            if at <= now {
+                for n in self.take_drop_notices(&mut st) {
+                    // Past the CONTROL cap only by the (at most 4) drop notices: they must not
+                    // be lost, and they are bounded by the number of classes.
+                    self.push_item(&mut st, Item::control(n));
+                }
+            } else {
+                due = Some(at);
+            }
+        }
+        for c in 0..4 {
+            if let Some(item) = st.q[c].pop_front() {
+                self.m.queue_depth[c].decrement(1.0);
+                if c == CONTROL {
+                    self.room.notify_one();
+                }
+                if c != CONTROL && self.backpressure_off(&st) {
+                    st.backpressure = false;
+                    let n = notices::backpressure(
+                        false,
+                        Self::data_len(&st),
+                        self.data_cap,
+                        c,
+                        st.q[c].len(),
+                        self.caps[c],
+                    );
+                    self.push_item(&mut st, Item::control(n));
+                }
+                return Next::Send(item);
+            }
+        }
+        if let Some((code, why)) = st.close_after_drain {
+            if !pending {
+                return Next::Close(code, why);
+            }
+        }
+        Next::Idle(due)
+    }
+
+    /// Closes with `code` once everything queued has been sent.
+    pub fn close_after_drain(&self, code: u16, why: &'static str) {
+        self.state
+            .lock()
+            .close_after_drain
+            .get_or_insert((code, why));
+        self.wake.notify_one();
+    }
+
+    /// The peer is gone: the writer stops without sending more.
+    pub fn stop(&self) {
+        self.state.lock().stop = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits until something is queued or the state changed.
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+
+    /// Reader-side flow control: waits until the CONTROL queue has room for the replies that
+    /// this connection's outstanding requests may still cause (so replies never overflow it),
+    /// or the connection is closing. A peer that does not read its replies stops being read.
+    pub async fn reserve_room(&self) {
+        loop {
+            let n = self.room.notified();
+            {
+                let st = self.state.lock();
+                let used = st.q[CONTROL].len() + self.inflight.load(Ordering::Acquire);
+                // 4 slots stay free for backpressure and drop notices.
+                if used + 4 < self.caps[CONTROL] || st.fatal.is_some() || st.stop {
+                    return;
+                }
+            }
+            n.await;
+        }
+    }
+
+    /// A produce message of this connection entered the pipeline.
+    pub fn begin_request(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The pipeline is done with a produce message of this connection.
+    pub fn end_request(&self) {
+        let _ = self
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        self.room.notify_one();
+    }
+
+    /// Frees the queue depth gauges of what is still queued (the connection is gone).
+    pub fn finish(&self) {
+        let mut st = self.state.lock();
+        for c in 0..4 {
+            let n = st.q[c].len();
+            self.m.queue_depth[c].decrement(n as f64);
+            st.q[c].clear();
+        }
+        st.pending.clear();
+        st.replaying.clear();
+        st.stop = true;
+        drop(st);
+        self.done.store(true, Ordering::Release);
+        self.done_notify.notify_waiters();
+        self.room.notify_one();
+    }
+
+    /// Resolves once the writer finished.
+    pub async fn done(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches a `Notified` from its creation.
+            let n = self.done_notify.notified();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Data messages queued, and the data capacity.
+    #[cfg(test)]
+    pub fn fill(&self) -> (usize, usize) {
+        (Self::data_len(&self.state.lock()), self.data_cap)
+    }
+}
+
+#[cfg(test)]
+mod tests;

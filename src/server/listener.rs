@@ -1,0 +1,148 @@
+//! The listener (docs/DESIGN.md section 7): accepts connections under the connection
+//! semaphore, does the WebSocket handshake (a full server answers 503, a missing or wrong
+//! bearer token 401), bounds frames at `max_frame_bytes`, and hands each connection to its
+//! reader ([`conn::handle`]) with a fresh set of send queues ([`Outbound`]).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::conn;
+use super::fanout::outbound::Outbound;
+use super::fanout::writer;
+use super::shared::Shared;
+
+/// Accepts connections until the stop signal.
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let sh = Arc::clone(&shared);
+                    let permit = Arc::clone(&permits).try_acquire_owned().ok();
+                    tokio::spawn(connection(sh, tcp, peer, permit, stop.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Handshake (limit, auth, frame size) then the connection handler.
+// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
+#[allow(clippy::result_large_err)]
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let full = permit.is_none();
+    let token = shared.cfg.token.clone();
+    let refused: Arc<Mutex<Option<&'static str>>> = Arc::default();
+    let why = Arc::clone(&refused);
+    let check =
+        move |req: &Request, resp: Response| -> std::result::Result<Response, ErrorResponse> {
+            let deny = |status: u16, reason: &'static str, text: &str| {
+                *why.lock() = Some(reason);
+                let mut r = ErrorResponse::new(Some(text.to_string()));
+                *r.status_mut() = http_status(status);
+                Err(r)
+            };
+            if full {
+                return deny(503, "full", "the server is at max_connections; retry later");
+            }
+            if let Some(t) = &token {
+                if !authorized(req, t) {
+                    return deny(401, "auth", "missing or wrong bearer token");
+                }
+            }
+            Ok(resp)
+        };
+    let max = shared.cfg.max_frame_bytes;
+    let ws_cfg = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        // Bursts of the writer (writer.rs) fit the buffer: one flush writes them out.
+        .write_buffer_size(writer::BURST_BYTES + (32 << 10));
+    let hs = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_cfg));
+    let ws = match tokio::time::timeout(Duration::from_secs(10), hs).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            let reason = refused.lock().unwrap_or("handshake");
+            shared.m.refused(reason);
+            tracing::debug!(%peer, "handshake refused ({reason}): {e}");
+            return;
+        }
+        Err(_) => {
+            shared.m.refused("handshake");
+            return;
+        }
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let q = &shared.cfg.send_queue;
+    let out = Arc::new(Outbound::new(
+        id,
+        q,
+        shared.cfg.drop_notice_interval,
+        shared.cfg.replay_messages,
+        Arc::clone(&shared.m),
+    ));
+    shared.conns.lock().insert(id, Arc::clone(&out));
+    shared.m.connections.increment(1.0);
+    shared.m.connections_total.increment(1);
+    tracing::debug!(%peer, conn = id, "connected");
+    conn::handle(Arc::clone(&shared), ws, out, stop).await;
+    shared.conns.lock().remove(&id);
+    shared.m.connections.decrement(1.0);
+    tracing::debug!(%peer, conn = id, "closed");
+    drop(permit);
+}
+
+fn http_status(code: u16) -> tokio_tungstenite::tungstenite::http::StatusCode {
+    tokio_tungstenite::tungstenite::http::StatusCode::from_u16(code)
+        .unwrap_or(tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN)
+}
+
+/// `Authorization: Bearer T` or `?token=T`, compared in constant time.
+fn authorized(req: &Request, token: &str) -> bool {
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    [header, query]
+        .into_iter()
+        .flatten()
+        .any(|given| ct_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

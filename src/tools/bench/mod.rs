@@ -1,0 +1,319 @@
+//! Kernel timing for `fusion-engine bench` and the criterion benches. After warm-up, the whole
+//! head runs back to back (median batch time, the latency; throughput by wall clock, the same
+//! measure as the engine's `bench --devices`); then, where the backend offers it, the head and
+//! its projections alone alternate in one loop so that their ratio sees one machine state.
+
+pub mod cli;
+
+use std::time::Instant;
+
+use rand::SeedableRng;
+
+use crate::backend::Backend;
+use crate::batch::Outputs;
+use crate::error::{Error, Result};
+use crate::selftest::{random_batch, MaskMode};
+use crate::tensor::DType;
+
+/// One bench line (printed as JSON by `bench`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    /// Backend name.
+    pub backend: String,
+    /// Device name.
+    pub device: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Input dtype.
+    pub dtype: DType,
+    /// Timed iterations.
+    pub iters: usize,
+    /// Median milliseconds per batch, whole head (latency).
+    pub ms_per_batch: f64,
+    /// Throughput: samples of all timed batches over the wall time of the loop that ran them
+    /// back to back (`batch / mean_ms_per_batch`), slow batches included, as the engine's
+    /// `bench --devices` counts them.
+    pub samples_per_s: f64,
+    /// Samples per second at the median batch time: what an undisturbed batch achieves; above
+    /// `samples_per_s` by however much the host's slow spells cost.
+    pub median_samples_per_s: f64,
+    /// Wall milliseconds of the timed loop per batch.
+    pub mean_ms_per_batch: f64,
+    /// GFLOP/s of the projections' work at the whole head's median time.
+    pub gflops: f64,
+    /// Median milliseconds of the projections alone (same GEMM path), if the backend offers it.
+    pub proj_ms_per_batch: Option<f64>,
+    /// GFLOP/s of the projections alone.
+    pub proj_gflops: Option<f64>,
+    /// Whole head time / projections-alone time, both medians of a loop that alternates them.
+    pub head_over_proj: Option<f64>,
+    /// Percent of the machine's CPU time stolen by the hypervisor during the timed loop
+    /// (`/proc/stat`; absent elsewhere): a disturbed run, not a slow backend, when high.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_steal_pct: Option<f64>,
+    /// Where the whole head's time went, per batch, for backends that time their own stages
+    /// (CUDA: device times from timing events, host times from the host clock).
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub stages: Option<StageTimes>,
+}
+
+/// Per-batch means of a backend's [`RunStats`](crate::backend::RunStats) over the timed runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageTimes {
+    /// Device time of the projection GEMMs (ms per batch).
+    pub device_proj_ms: f64,
+    /// Device time of the GEMMs and the fused epilogue (ms per batch): the head on the device.
+    pub device_head_ms: f64,
+    /// `device_head_ms / device_proj_ms`: what the epilogue adds to the projections alone.
+    pub device_head_over_proj: f64,
+    /// Samples per second of the device's kernels alone (no copies).
+    pub device_samples_per_s: f64,
+    /// Rate of the backend's own host -> device copies (GB/s, device timing).
+    pub h2d_gbps: f64,
+    /// Rate of its device -> host copies (GB/s).
+    pub d2h_gbps: f64,
+    /// Host ms per batch copying inputs into staging memory.
+    pub host_stage_ms: f64,
+    /// Host ms per batch waiting for the device.
+    pub host_wait_ms: f64,
+    /// Host ms per batch copying results out of staging memory.
+    pub host_drain_ms: f64,
+}
+
+impl StageTimes {
+    fn from_stats(s: &crate::backend::RunStats, rows: usize) -> Option<StageTimes> {
+        if s.runs == 0 {
+            return None;
+        }
+        let n = s.runs as f64;
+        let gbps = |bytes: u64, ms: f64| {
+            if ms > 0.0 {
+                bytes as f64 / (ms / 1e3) / 1e9
+            } else {
+                f64::NAN
+            }
+        };
+        let proj = s.gemm_ms / n;
+        let head = (s.gemm_ms + s.epilogue_ms) / n;
+        Some(StageTimes {
+            device_proj_ms: proj,
+            device_head_ms: head,
+            device_head_over_proj: head / proj,
+            device_samples_per_s: rows as f64 / (head / 1e3),
+            h2d_gbps: gbps(s.h2d_bytes, s.h2d_ms),
+            d2h_gbps: gbps(s.d2h_bytes, s.d2h_ms),
+            host_stage_ms: s.host_stage_ms / n,
+            host_wait_ms: s.host_wait_ms / n,
+            host_drain_ms: s.host_drain_ms / n,
+        })
+    }
+}
+
+/// Median of a sample (sorts in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Benchmarks `backend` (with its uploaded head) on random inputs of `rows` x `dtype`.
+pub fn bench_backend(
+    backend: &mut impl Backend,
+    rows: usize,
+    dtype: DType,
+    iters: usize,
+    warmup: usize,
+) -> Result<BenchResult> {
+    let head = backend
+        .head()
+        .cloned()
+        .ok_or_else(|| Error::Config("bench: no head uploaded".into()))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xBE7C4);
+    let batch = random_batch(&head, rows, dtype, MaskMode::All, &mut rng);
+    let view = batch.view();
+    let mut out = Outputs::zeros(&head, rows);
+    let mut has_proj = true;
+    for _ in 0..warmup.max(1) {
+        backend.run(&view, out.as_mut())?;
+        has_proj = backend.run_projections_only(&view)?;
+    }
+    let iters = iters.max(1);
+    // Warm-up runs are not counted.
+    let _ = backend.take_run_stats();
+
+    // Pass 1, the headline: the whole head back to back, as a caller running batches does.
+    let steal = crate::tools::steal::StealMeter::start();
+    let mut head_ms = Vec::with_capacity(iters);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        let t = Instant::now();
+        backend.run(&view, out.as_mut())?;
+        head_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let host_steal_pct = steal.percent();
+    let stages = backend
+        .take_run_stats()
+        .and_then(|s| StageTimes::from_stats(&s, rows));
+    // Pass 2, the head against its projections alone: alternated in one loop so that both
+    // see the same machine state (their ratio is what this pass is for).
+    let mut ratio_head_ms = Vec::with_capacity(iters);
+    let mut proj_ms = Vec::with_capacity(iters);
+    if has_proj {
+        for _ in 0..iters {
+            let t = Instant::now();
+            backend.run(&view, out.as_mut())?;
+            ratio_head_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            backend.run_projections_only(&view)?;
+            proj_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let _ = backend.take_run_stats();
+    }
+    let mean_ms = wall_ms / iters as f64;
+    let ms = median(&mut head_ms);
+    let flops = head.proj_flops(rows);
+    let proj = has_proj.then(|| median(&mut proj_ms));
+    let ratio_head = median(&mut ratio_head_ms);
+    Ok(BenchResult {
+        backend: backend.info().kind.name().into(),
+        device: backend.info().name.clone(),
+        batch: rows,
+        dtype,
+        iters,
+        ms_per_batch: ms,
+        samples_per_s: rows as f64 / (mean_ms / 1e3),
+        median_samples_per_s: rows as f64 / (ms / 1e3),
+        mean_ms_per_batch: mean_ms,
+        gflops: flops / (ms / 1e3) / 1e9,
+        proj_ms_per_batch: proj,
+        proj_gflops: proj.map(|p| flops / (p / 1e3) / 1e9),
+        head_over_proj: proj.map(|p| ratio_head / p),
+        host_steal_pct,
+        stages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::RunStats;
+    use crate::model::FusionHead;
+
+    #[test]
+    fn stage_times_are_per_batch_means_and_rates() {
+        assert!(StageTimes::from_stats(&RunStats::default(), 64).is_none());
+        let s = RunStats {
+            runs: 4,
+            h2d_bytes: 4 * 50_000_000,
+            h2d_ms: 4.0, // 200 MB in 4 ms
+            d2h_bytes: 4 * 10_000_000,
+            d2h_ms: 2.0,
+            gemm_ms: 2.0,
+            epilogue_ms: 0.4,
+            host_stage_ms: 8.0,
+            host_wait_ms: 1.0,
+            host_drain_ms: 4.0,
+        };
+        let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
+        assert!(close(t.device_proj_ms, 0.5));
+        assert!(close(t.device_head_ms, 0.6));
+        assert!(close(t.device_head_over_proj, 1.2));
+        assert!(close(t.device_samples_per_s, 1000.0 / 0.6e-3));
+        assert!(close(t.h2d_gbps, 50.0));
+        assert!(close(t.d2h_gbps, 20.0));
+        assert!(close(t.host_stage_ms, 2.0));
+        assert!(close(t.host_wait_ms, 0.25));
+        assert!(close(t.host_drain_ms, 1.0));
+        // No copy timed: the rate is NaN, not a division by zero passed off as a number.
+        let none = RunStats {
+            runs: 1,
+            ..RunStats::default()
+        };
+        assert!(StageTimes::from_stats(&none, 1)
+            .expect("runs > 0")
+            .h2d_gbps
+            .is_nan());
+    }
+
+    #[test]
+    fn cpu_bench_reports_no_stage_times() {
+        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
+        let mut b = crate::backend::open(
+            crate::backend::BackendKind::Cpu,
+            0,
+            head,
+            &crate::backend::OpenOptions::default(),
+        )
+        .expect("cpu opens");
+        let r = bench_backend(&mut b, 16, DType::F32, 2, 1).expect("bench");
+        assert!(r.stages.is_none());
+        let json = serde_json::to_string(&r).expect("json");
+        assert!(!json.contains("device_head_ms"), "{json}");
+    }
+
+    /// A CPU backend whose every third `run` takes 20 ms longer: a host's slow spell.
+    struct Hiccups {
+        inner: crate::backend::AnyBackend,
+        runs: usize,
+    }
+
+    impl Backend for Hiccups {
+        fn info(&self) -> &crate::backend::DeviceInfo {
+            self.inner.info()
+        }
+        fn upload(&mut self, head: std::sync::Arc<FusionHead>) -> Result<()> {
+            self.inner.upload(head)
+        }
+        fn head(&self) -> Option<&std::sync::Arc<FusionHead>> {
+            self.inner.head()
+        }
+        fn run(
+            &mut self,
+            batch: &crate::batch::BatchRef<'_>,
+            out: crate::batch::OutputsMut<'_>,
+        ) -> Result<()> {
+            self.runs += 1;
+            if self.runs.is_multiple_of(3) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            self.inner.run(batch, out)
+        }
+    }
+
+    #[test]
+    fn headline_is_throughput_with_slow_batches_counted_median_kept_apart() {
+        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
+        let inner = crate::backend::open(
+            crate::backend::BackendKind::Cpu,
+            0,
+            head,
+            &crate::backend::OpenOptions::default(),
+        )
+        .expect("cpu opens");
+        let mut b = Hiccups { inner, runs: 0 };
+        // One warm-up run, then 9 timed runs back to back: 3 of them slow.
+        let r = bench_backend(&mut b, 16, DType::F32, 9, 1).expect("bench");
+        assert!(r.ms_per_batch < 5.0, "median {}", r.ms_per_batch);
+        assert!(
+            r.mean_ms_per_batch >= 3.0 * 20.0 / 9.0,
+            "{}",
+            r.mean_ms_per_batch
+        );
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+        assert!(close(r.samples_per_s, 16.0 / (r.mean_ms_per_batch / 1e3)));
+        assert!(close(r.median_samples_per_s, 16.0 / (r.ms_per_batch / 1e3)));
+        assert!(r.samples_per_s * 2.0 < r.median_samples_per_s, "{r:?}");
+        // No projections-only path here: no ratio pass.
+        assert!(r.head_over_proj.is_none() && r.proj_ms_per_batch.is_none());
+        assert_eq!(b.runs, 10);
+    }
+}

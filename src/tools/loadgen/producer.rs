@@ -1,0 +1,265 @@
+//! A producer connection: sends every modality of its samples (binary F32, F16 or BF16, `last` on the final
+//! one) into its own stream, at a target rate or as fast as the server reads (flood), with a
+//! fixed class mix; reads its socket for errors and `shed` notices.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::conn::{connect, hello, Ws};
+use super::stats::{make_key, now_us, parse_key};
+use super::LoadgenError;
+use crate::engine::Priority;
+use crate::protocol::{encode_produce, encode_samples, FLAG_LAST};
+use crate::tensor::DType;
+
+/// One producer's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ProducerCfg {
+    pub url: String,
+    pub stream: String,
+    /// Samples per second; `None` = flood.
+    pub rate: Option<f64>,
+    /// Stop producing at this instant.
+    pub until: Instant,
+    /// Payload dtype.
+    pub dtype: DType,
+    /// (modality name, little-endian `dtype` payload), head order.
+    pub mods: Arc<Vec<(String, Vec<u8>)>>,
+    /// 1: one produce frame per modality (the aligner joins them); N > 1: whole samples in
+    /// `samples` frames of up to N samples (one frame per class among the samples due).
+    pub samples_per_frame: usize,
+}
+
+/// What one producer saw.
+#[derive(Debug, Default)]
+pub struct ProducerRecord {
+    /// Its stream.
+    pub stream: String,
+    /// Samples sent, per class.
+    pub sent: [u64; 3],
+    /// `error` messages, by code.
+    pub errors: BTreeMap<String, u64>,
+    /// `shed` notices.
+    pub shed: u64,
+    /// Keys of CRITICAL samples sent.
+    pub critical_sent: Vec<String>,
+    /// Keys of CRITICAL samples with at least one refused modality.
+    pub critical_refused: HashSet<String>,
+    /// Close code and reason, if the server closed it.
+    pub close: Option<(Option<u16>, String)>,
+}
+
+/// The class of sample `i`: 10% CRITICAL, 30% IMPORTANT, 60% BULK.
+pub(crate) fn class_of(i: u64) -> usize {
+    match i % 10 {
+        0 => 0,
+        1..=3 => 1,
+        _ => 2,
+    }
+}
+
+const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Priority::Bulk];
+
+/// Runs one producer until `cfg.until`, then closes and returns what it saw.
+pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
+    let ws = connect(&cfg.url, None).await?;
+    let (mut tx, rx) = ws.split();
+    hello(&mut tx, 1, false).await?;
+    let reader = tokio::spawn(read_replies(rx));
+    let mut rec = ProducerRecord::default();
+    let start = Instant::now();
+    let mut i: u64 = 0;
+    // `samples` frames' payload blocks, `samples_per_frame` rows each, built once: a frame of
+    // n samples sends the first n rows (a producer holding its batches in memory does not
+    // copy them before encoding).
+    let blocks: Vec<Vec<u8>> = if cfg.samples_per_frame > 1 {
+        cfg.mods
+            .iter()
+            .map(|(_, b)| b.repeat(cfg.samples_per_frame))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    while Instant::now() < cfg.until {
+        if let Some(rate) = cfg.rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate.max(0.001));
+            if due >= cfg.until {
+                break;
+            }
+            if due > Instant::now() {
+                // About to wait: nothing we fed may sit in our buffer meanwhile.
+                tx.flush().await?;
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        if cfg.samples_per_frame > 1 {
+            // Every sample already due (at least this one), up to a frame's worth.
+            let n = match cfg.rate {
+                None => cfg.samples_per_frame as u64,
+                Some(rate) => {
+                    let now = Instant::now();
+                    let mut n = 1u64;
+                    while n < cfg.samples_per_frame as u64 {
+                        let due = start + Duration::from_secs_f64((i + n) as f64 / rate.max(0.001));
+                        if due > now || due >= cfg.until {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    n
+                }
+            };
+            send_samples(&cfg, &mut tx, &mut rec, &blocks, i, n).await?;
+            // One write per batch of due samples.
+            tx.flush().await?;
+            i += n;
+            continue;
+        }
+        let class = class_of(i);
+        let key = make_key(class, i, now_us());
+        for (j, (name, bytes)) in cfg.mods.iter().enumerate() {
+            let flags = if j + 1 == cfg.mods.len() {
+                FLAG_LAST
+            } else {
+                0
+            };
+            let f = encode_produce(
+                &cfg.stream,
+                &key,
+                name,
+                cfg.dtype,
+                PRIORITIES[class],
+                flags,
+                0,
+                bytes,
+            )
+            .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
+            tx.feed(Message::binary(f)).await?;
+        }
+        // Flushed before sleeping (above) and every 16 samples while behind schedule or
+        // flooding: one write for many frames instead of one per sample.
+        if i % 16 == 15 {
+            tx.flush().await?;
+        }
+        rec.sent[class] += 1;
+        if class == 0 {
+            rec.critical_sent.push(key);
+        }
+        i += 1;
+    }
+    tx.flush().await?;
+    // Let the last samples' errors come back before saying goodbye.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tx.send(Message::Close(None)).await;
+    let seen = match tokio::time::timeout(Duration::from_secs(10), reader).await {
+        Ok(Ok(seen)) => seen,
+        _ => Replies::default(),
+    };
+    rec.errors = seen.errors;
+    rec.shed = seen.shed;
+    rec.critical_refused = seen.critical_refused;
+    rec.close = seen.close;
+    Ok(rec)
+}
+
+/// Samples `i..i + n` as one `samples` frame per class present among them.
+async fn send_samples<S>(
+    cfg: &ProducerCfg,
+    tx: &mut S,
+    rec: &mut ProducerRecord,
+    rows: &[Vec<u8>],
+    i: u64,
+    n: u64,
+) -> Result<(), LoadgenError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let mut keys: [Vec<String>; 3] = Default::default();
+    let t = now_us();
+    for k in i..i + n {
+        let class = class_of(k);
+        keys[class].push(make_key(class, k, t));
+    }
+    let names: Vec<&str> = cfg.mods.iter().map(|(m, _)| m.as_str()).collect();
+    for (class, keys) in keys.into_iter().enumerate() {
+        if keys.is_empty() {
+            continue;
+        }
+        let blocks: Vec<&[u8]> = rows
+            .iter()
+            .zip(cfg.mods.iter())
+            .map(|(all, (_, one))| all.get(..one.len() * keys.len()).unwrap_or_default())
+            .collect();
+        let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let f = encode_samples(
+            &cfg.stream,
+            &refs,
+            &names,
+            &blocks,
+            cfg.dtype,
+            PRIORITIES[class],
+            false,
+            0,
+        )
+        .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
+        tx.feed(Message::binary(f)).await?;
+        rec.sent[class] += keys.len() as u64;
+        if class == 0 {
+            rec.critical_sent.extend(keys);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Replies {
+    errors: BTreeMap<String, u64>,
+    shed: u64,
+    critical_refused: HashSet<String>,
+    close: Option<(Option<u16>, String)>,
+}
+
+async fn read_replies(mut rx: futures_util::stream::SplitStream<Ws>) -> Replies {
+    let mut r = Replies::default();
+    while let Some(m) = rx.next().await {
+        match m {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                let refused = if v["type"] == "error" {
+                    let code = v["code"].as_str().unwrap_or("?").to_string();
+                    *r.errors.entry(code).or_default() += 1;
+                    true
+                } else if v["type"] == "notice" && v["kind"] == "shed" {
+                    r.shed += 1;
+                    true
+                } else {
+                    false
+                };
+                if refused {
+                    let keys = v["keys"].as_array().cloned().unwrap_or_default();
+                    let single = v["key"].as_str().map(|k| serde_json::json!(k));
+                    for k in keys.iter().chain(single.iter()).filter_map(|k| k.as_str()) {
+                        if parse_key(k).is_some_and(|(c, _)| c == 0) {
+                            r.critical_refused.insert(k.to_string());
+                        }
+                    }
+                }
+            }
+            Ok(Message::Close(f)) => {
+                r.close = f.map(|f| (Some(u16::from(f.code)), f.reason.to_string()));
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                r.close = Some((None, e.to_string()));
+                break;
+            }
+        }
+    }
+    r
+}
