@@ -41,6 +41,7 @@ mod router;
 mod worker;
 
 pub use config::{DeviceSpec, EngineConfig, FaultSpec};
+pub use core::DeviceCounters;
 pub use handle::{DeviceStats, Engine, EngineStats};
 pub use health::DeviceState;
 pub use job::{BatchResult, Priority, Ticket};

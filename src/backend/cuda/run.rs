@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::blas::Blas;
 use super::kernels::Kernels;
-use super::mem::{align256, de, DeviceBuf, Event, PinnedBuf};
+use super::mem::{align256, de, DeviceBuf, Event, GrowOnly, PinnedBuf};
 use super::weights::DeviceHead;
 use crate::backend::RunStats;
 use crate::batch::{BatchRef, OutputsMut};
