@@ -25,7 +25,7 @@ use super::fault::Faults;
 use super::health::{DeviceState, Health};
 use super::job::{BatchResult, Job, JobInner, Priority, Ticket};
 use super::metrics::{DeviceMetrics, EngineMetrics};
-use super::router::{self, Candidate, SCAN_LIMIT};
+use super::router::{self, scan_order, Candidate, AGED_SHARE};
 use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -53,7 +53,7 @@ pub(crate) struct Outstanding {
     pub started: Option<Instant>,
 }
 
-/// One device's event counters: kept in [`DevState`] under the core's lock and reported as they
+/// One device's event counters: kept in `DevState` under the core's lock and reported as they
 /// are in [`DeviceStats`](super::DeviceStats) (flattened into its JSON).
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceCounters {
@@ -129,7 +129,7 @@ pub(crate) struct RoutingState {
     pub next_id: u64,
     pub max_pending_seen: usize,
     /// Dispatches in strict priority order since the last one of an aged lower-class batch
-    /// (anti-starvation share, see [`scan_order`]).
+    /// (anti-starvation share, see [`router::scan_order`]).
     pub strict_since_aged: u32,
     pub devs: Vec<DevState>,
 }
@@ -444,47 +444,6 @@ fn take_probe(st: &mut RoutingState, d: usize) -> Option<Job> {
         }
     }
     None
-}
-
-/// Anti-starvation share: at least one dispatch in `AGED_SHARE` goes to the oldest IMPORTANT or
-/// BULK batch that has waited `priority_aging`, when there is one; the others follow strict
-/// priority. Under sustained overload CRITICAL keeps at least 3/4 of the devices' dispatches
-/// (pure aging would turn every queue into one FIFO once all batches are older than the
-/// threshold, and CRITICAL would wait as long as BULK), and no batch waits forever.
-pub(crate) const AGED_SHARE: u32 = 4;
-
-/// The order the router looks at pending batches in (`(class, position)` pairs, at most
-/// `SCAN_LIMIT`). Normally strict priority order (each class in submission order). With
-/// `aged_first` (its turn in the [`AGED_SHARE`]), the IMPORTANT and BULK batches that have
-/// waited at least `aging` come first, oldest first, then the rest in strict priority order.
-/// Each class queue is in submission order (a retried batch goes back to the front), so its aged
-/// batches are a prefix.
-pub(crate) fn scan_order(
-    pending: &[VecDeque<Job>; 3],
-    now: Instant,
-    aging: Duration,
-    aged_first: bool,
-) -> Vec<(usize, usize)> {
-    let prefix: Vec<usize> = pending
-        .iter()
-        .enumerate()
-        .map(|(c, q)| {
-            if aged_first && c > 0 {
-                q.iter().take_while(|j| j.aged(now, aging)).count()
-            } else {
-                0
-            }
-        })
-        .collect();
-    let mut old: Vec<(usize, usize)> = (1..3)
-        .flat_map(|c| (0..prefix[c]).map(move |k| (c, k)))
-        .collect();
-    old.sort_by_key(|&(c, k)| pending[c][k].inner.submitted);
-    old.truncate(SCAN_LIMIT);
-    let rest = (0..3).flat_map(|c| (prefix[c]..pending[c].len()).map(move |k| (c, k)));
-    let room = SCAN_LIMIT - old.len();
-    old.extend(rest.take(room));
-    old
 }
 
 impl Core {

@@ -1,7 +1,7 @@
 //! Device buffers, pinned host staging buffers and events: thin owners of raw driver handles.
 //!
 //! Buffers only grow (a run sizes them for its chunk plan; steady state allocates nothing) and
-//! are reallocated only when every stream is idle: [`super::run`] synchronises before growing.
+//! are reallocated only when every stream is idle: [`super::pipeline`] synchronises before growing.
 //! Raw handles (rather than cudarc's `CudaSlice`) keep cudarc's per-use event tracking off the
 //! hot path; ordering between the copy and compute streams is explicit, with [`Event`]s.
 
