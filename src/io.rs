@@ -2,46 +2,13 @@
 //! `fused` / `weights` result file. Output is written to a temporary file and renamed into place
 //! only after everything succeeded, so an error never leaves an output behind.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
 use crate::batch::{Batch, Outputs};
 use crate::error::{shape_str, Error, Result};
 use crate::model::FusionHead;
-use crate::tensor::{DType, HostMat};
-
-/// Serialises `(name, dtype, shape, bytes)` tensors to safetensors bytes.
-pub fn serialize<'a>(
-    tensors: impl Iterator<Item = (&'a str, DType, &'a [usize], &'a [u8])>,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    serialize_raw(
-        tensors.map(|(n, d, s, b)| (n, d.to_safetensors(), s, b)),
-        metadata,
-    )
-}
-
-/// Serialises tensors of any safetensors dtype.
-pub fn serialize_raw<'a>(
-    tensors: impl Iterator<Item = (&'a str, safetensors::Dtype, &'a [usize], &'a [u8])>,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    let views = tensors
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(d, s.to_vec(), b)
-                .map(|v| (n.to_string(), v))
-                .map_err(|e| Error::Safetensors {
-                    context: format!("tensor \"{n}\""),
-                    reason: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
-        context: "output".into(),
-        reason: e.to_string(),
-    })
-}
+use crate::tensor::{serialize, serialize_raw, DType, HostMat};
 
 /// Parses a features file (one `[B, d_m]` tensor per modality, optional `mask` `[B, M]` U8/BOOL)
 /// against `head`. `context` names the source in errors.

@@ -53,6 +53,16 @@ impl std::fmt::Display for HeadSource {
     }
 }
 
+/// A head's learned parameters (f32, PyTorch layout), generated or loaded, before they are
+/// put together with the head's shape in [`FusionHead::assemble`].
+struct Params {
+    proj_weight: Vec<Vec<f32>>,
+    proj_bias: Vec<Vec<f32>>,
+    gate: Vec<f32>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+}
+
 /// A validated fusion head.
 #[derive(Debug, Clone)]
 pub struct FusionHead {
@@ -137,28 +147,52 @@ impl FusionHead {
         // A gate scaled up from nn.Linear's default so that attention weights are far from
         // uniform: a head whose softmax is flat would hide score bugs.
         let gbound = 4.0 / (dim.max(1) as f32).sqrt();
-        let gate = (0..dim)
-            .map(|_| rng.random_range(-gbound..=gbound))
-            .collect();
-        let norm_weight = (0..dim).map(|_| rng.random_range(0.5..=1.5)).collect();
-        let norm_bias = (0..dim).map(|_| rng.random_range(-0.1..=0.1)).collect();
-        FusionHead {
-            modalities: dims
-                .iter()
-                .map(|(n, w)| Modality {
-                    name: n.clone(),
-                    width: *w,
-                })
-                .collect(),
-            dim,
-            eps,
+        let params = Params {
             proj_weight,
             proj_bias,
-            gate,
-            norm_weight,
-            norm_bias,
-            weight_dtype: DType::F32,
-            source: HeadSource::Random(seed),
+            gate: (0..dim)
+                .map(|_| rng.random_range(-gbound..=gbound))
+                .collect(),
+            norm_weight: (0..dim).map(|_| rng.random_range(0.5..=1.5)).collect(),
+            norm_bias: (0..dim).map(|_| rng.random_range(-0.1..=0.1)).collect(),
+        };
+        let modalities = dims
+            .iter()
+            .map(|(n, w)| Modality {
+                name: n.clone(),
+                width: *w,
+            })
+            .collect();
+        FusionHead::assemble(
+            modalities,
+            dim,
+            eps,
+            params,
+            DType::F32,
+            HeadSource::Random(seed),
+        )
+    }
+
+    /// The one place a head is put together from its parts (generated or loaded and checked).
+    fn assemble(
+        modalities: Vec<Modality>,
+        dim: usize,
+        eps: f64,
+        params: Params,
+        weight_dtype: DType,
+        source: HeadSource,
+    ) -> FusionHead {
+        FusionHead {
+            modalities,
+            dim,
+            eps,
+            proj_weight: params.proj_weight,
+            proj_bias: params.proj_bias,
+            gate: params.gate,
+            norm_weight: params.norm_weight,
+            norm_bias: params.norm_bias,
+            weight_dtype,
+            source,
         }
     }
 
@@ -375,18 +409,22 @@ impl FusionHead {
         } else {
             DType::F16
         };
-        Ok(FusionHead {
-            modalities,
-            dim,
-            eps,
+        let params = Params {
             proj_weight,
             proj_bias,
             gate,
             norm_weight,
             norm_bias,
+        };
+        let source = HeadSource::File(context.to_string());
+        Ok(FusionHead::assemble(
+            modalities,
+            dim,
+            eps,
+            params,
             weight_dtype,
-            source: HeadSource::File(context.to_string()),
-        })
+            source,
+        ))
     }
 
     /// Serialises the head as safetensors bytes in `dtype`, with `modalities` and `eps` metadata
@@ -426,7 +464,7 @@ impl FusionHead {
                 (n, s, m.bytes)
             })
             .collect();
-        crate::io::serialize(
+        crate::tensor::serialize(
             encoded
                 .iter()
                 .map(|(n, s, b)| (n.as_str(), dtype, s.as_slice(), b.as_slice())),

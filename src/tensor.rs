@@ -1,7 +1,14 @@
 //! Host-side input tensors: element types, borrowed views over raw little-endian bytes, and
 //! conversion to f32. Inputs stay in the dtype they arrived in until a backend consumes them.
+//! Also safetensors serialisation ([`serialize`], [`serialize_raw`]), shared by the model's
+//! writer and the offline-mode files (here rather than in `io.rs` so `model.rs` need not import
+//! `io.rs`, which imports the model).
+
+use std::collections::HashMap;
 
 use half::{bf16, f16};
+
+use crate::error::{Error, Result};
 
 /// Element type of an input or weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -299,6 +306,38 @@ impl HostMat {
             bytes,
         }
     }
+}
+
+/// Serialises `(name, dtype, shape, bytes)` tensors to safetensors bytes.
+pub fn serialize<'a>(
+    tensors: impl Iterator<Item = (&'a str, DType, &'a [usize], &'a [u8])>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    serialize_raw(
+        tensors.map(|(n, d, s, b)| (n, d.to_safetensors(), s, b)),
+        metadata,
+    )
+}
+
+/// Serialises tensors of any safetensors dtype.
+pub fn serialize_raw<'a>(
+    tensors: impl Iterator<Item = (&'a str, safetensors::Dtype, &'a [usize], &'a [u8])>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(d, s.to_vec(), b)
+                .map(|v| (n.to_string(), v))
+                .map_err(|e| Error::Safetensors {
+                    context: format!("tensor \"{n}\""),
+                    reason: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        context: "output".into(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

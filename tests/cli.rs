@@ -7,10 +7,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use fusion_engine::batch::Batch;
-use fusion_engine::io::{serialize_raw, write_input_bytes};
+use fusion_engine::io::write_input_bytes;
 use fusion_engine::model::FusionHead;
 use fusion_engine::reference::{reference, rel_error};
 use fusion_engine::selftest::{random_batch, MaskMode};
+use fusion_engine::tensor::serialize_raw;
 use fusion_engine::tensor::{DType, HostMat};
 use rand::SeedableRng;
 

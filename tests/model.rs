@@ -2,8 +2,8 @@
 //! metadata (`modalities`, `eps`) is honoured; F16/BF16 weights load.
 
 use fusion_engine::error::Error;
-use fusion_engine::io::serialize_raw;
 use fusion_engine::model::{FusionHead, DEFAULT_EPS};
+use fusion_engine::tensor::serialize_raw;
 use fusion_engine::tensor::DType;
 use std::collections::HashMap;
 

@@ -5,6 +5,14 @@
 //! outputs. [`AnyBackend`] is the closed enum the rest of the crate uses, so the hot path has no
 //! trait objects. [`discover`] lists every device of every compiled-in backend, with the reason
 //! for each one that cannot be used.
+//!
+//! In flow order:
+//! - `api.rs`: the [`Backend`] trait and what a backend reports ([`DeviceInfo`], [`DeviceEntry`],
+//!   [`RunStats`]), device families ([`BackendKind`], [`BackendChoice`]), [`OpenOptions`].
+//! - `mod.rs` (here): [`AnyBackend`], [`discover`], [`open`], [`open_choice`].
+//! - [`cpu`]: the multithreaded CPU fallback (`gemm` projections, fused per-row-block epilogue).
+//! - [`wgpu`]: WGSL compute shaders on any wgpu adapter (Vulkan, Metal, DX12, GL; lavapipe).
+//! - [`cuda`]: cuBLAS projections and a fused epilogue kernel, chunked and double-buffered.
 
 use std::sync::Arc;
 
@@ -12,167 +20,16 @@ use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
+mod api;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
-/// Which family of device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// CUDA through cudarc.
-    Cuda,
-    /// WGSL through wgpu.
-    Wgpu,
-    /// Multithreaded CPU fallback.
-    Cpu,
-}
-
-impl BackendKind {
-    /// Lower-case name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            BackendKind::Cuda => "cuda",
-            BackendKind::Wgpu => "wgpu",
-            BackendKind::Cpu => "cpu",
-        }
-    }
-
-    /// All kinds in `auto` preference order.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A backend choice on the command line or in config: a kind, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendChoice {
-    /// Best available: CUDA, then a hardware wgpu adapter, then the CPU.
-    Auto,
-    /// This kind only.
-    Kind(BackendKind),
-}
-
-impl std::str::FromStr for BackendChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(BackendChoice::Auto),
-            "cpu" => Ok(BackendChoice::Kind(BackendKind::Cpu)),
-            "wgpu" => Ok(BackendChoice::Kind(BackendKind::Wgpu)),
-            "cuda" => Ok(BackendChoice::Kind(BackendKind::Cuda)),
-            o => Err(format!(
-                "unknown backend {o:?} (expected auto, cpu, wgpu or cuda)"
-            )),
-        }
-    }
-}
-
-/// Description of a usable device.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DeviceInfo {
-    /// Backend family.
-    pub kind: BackendKind,
-    /// Index among that backend's devices.
-    pub index: usize,
-    /// Device name (GPU model, adapter name, CPU model).
-    pub name: String,
-    /// Free-form details: driver, compute capability, memory, threads.
-    pub detail: String,
-    /// True for a hardware accelerator; false for the CPU and software rasterisers (lavapipe),
-    /// which `auto` does not prefer over the CPU backend.
-    pub accelerator: bool,
-}
-
-impl DeviceInfo {
-    /// `kind:index`, e.g. `cuda:0`.
-    pub fn id(&self) -> String {
-        format!("{}:{}", self.kind, self.index)
-    }
-}
-
-/// One entry of [`discover`]: a usable device, or a reason.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeviceEntry {
-    /// Backend family.
-    pub kind: BackendKind,
-    /// The device when usable.
-    pub device: Option<DeviceInfo>,
-    /// Why this backend (or device) cannot be used, when it cannot.
-    pub unavailable: Option<String>,
-}
-
-/// Options for opening a device.
-#[derive(Debug, Clone, Default)]
-pub struct OpenOptions {
-    /// CPU worker threads (default: all cores).
-    pub threads: Option<usize>,
-    /// Allow TF32 tensor-core math for f32 on CUDA (off by default: SPEC accuracy needs f32).
-    pub allow_tf32: bool,
-}
-
-/// Where a backend's time went over the whole-head runs since the last
-/// [`Backend::take_run_stats`]: device times from GPU timing events, host times from the host
-/// clock. Backends that keep none (the CPU) return `None`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct RunStats {
-    /// Whole-head runs counted.
-    pub runs: u64,
-    /// Bytes copied host -> device, and the device time of those copies (ms).
-    pub h2d_bytes: u64,
-    pub h2d_ms: f64,
-    /// Bytes copied device -> host, and the device time of those copies (ms).
-    pub d2h_bytes: u64,
-    pub d2h_ms: f64,
-    /// Device time of the projection GEMMs (ms).
-    pub gemm_ms: f64,
-    /// Device time of the fused epilogue (ms).
-    pub epilogue_ms: f64,
-    /// Host time spent copying inputs into staging memory (ms).
-    pub host_stage_ms: f64,
-    /// Host time spent waiting for the device (ms).
-    pub host_wait_ms: f64,
-    /// Host time spent copying results out of staging memory (ms).
-    pub host_drain_ms: f64,
-}
-
-/// One opened device with an uploaded head.
-pub trait Backend: Send {
-    /// The device.
-    fn info(&self) -> &DeviceInfo;
-
-    /// Uploads a head's weights (once; replaces any head uploaded before).
-    fn upload(&mut self, head: Arc<FusionHead>) -> Result<()>;
-
-    /// The uploaded head, if any.
-    fn head(&self) -> Option<&Arc<FusionHead>>;
-
-    /// Runs a batch into `out` (`fused` `[B, D]`, `weights` `[B, M]`). Bad input (shapes, mask,
-    /// a non-finite present value, a projection that overflows f32) is a typed error, never a
-    /// non-finite result; shapes and mask are checked before any work, non-finite values either
-    /// before (wgpu) or from the results (cpu, cuda: cheaper than scanning every input), so on
-    /// an error the contents of `out` are unspecified. Returns when the outputs are written.
-    fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()>;
-
-    /// Benchmark hook: runs only the head's projection GEMMs for `batch` through the same GEMM
-    /// path as `run` (no epilogue), returning `Ok(false)` when the backend does not offer it.
-    fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
-        let _ = batch;
-        Ok(false)
-    }
-
-    /// Benchmark hook: the [`RunStats`] of the whole-head runs since the last call (and resets
-    /// them), or `None` when the backend keeps none.
-    fn take_run_stats(&mut self) -> Option<RunStats> {
-        None
-    }
-}
+pub use api::{
+    Backend, BackendChoice, BackendKind, DeviceEntry, DeviceInfo, OpenOptions, RunStats,
+};
 
 /// The closed set of backends.
 pub enum AnyBackend {

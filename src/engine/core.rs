@@ -25,7 +25,7 @@ use super::fault::Faults;
 use super::health::{DeviceState, Health};
 use super::job::{BatchResult, Job, JobInner, Priority, Ticket};
 use super::metrics::{DeviceMetrics, EngineMetrics};
-use super::router::{self, Candidate, SCAN_LIMIT};
+use super::router::{self, scan_order, Candidate, AGED_SHARE};
 use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -43,7 +43,7 @@ pub(crate) struct Device {
     pub spec: DeviceSpec,
     pub index: usize,
     pub faults: Faults,
-    pub m: DeviceMetrics,
+    pub metrics: DeviceMetrics,
 }
 
 /// A batch dispatched to a device and not completed.
@@ -53,16 +53,25 @@ pub(crate) struct Outstanding {
     pub started: Option<Instant>,
 }
 
-/// Counters reported by `Engine::stats`.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Counters {
+/// One device's event counters: kept in `DevState` under the core's lock and reported as they
+/// are in [`DeviceStats`](super::DeviceStats) (flattened into its JSON).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    /// Batches completed successfully.
     pub batches: u64,
+    /// Samples completed successfully.
     pub samples: u64,
+    /// Batches rejected as bad input.
     pub input_errors: u64,
+    /// HEALTHY -> SLOW transitions.
     pub slow_events: u64,
+    /// Transitions to FAILED (errors, panics, hangs, open failures).
     pub failures: u64,
+    /// Batches that were running when it failed and were retried elsewhere.
     pub retried: u64,
+    /// Batches waiting at it when it failed or turned SLOW, moved back to the engine queue.
     pub rerouted: u64,
+    /// Worker restarts.
     pub restarts: u64,
 }
 
@@ -89,7 +98,7 @@ pub(crate) struct DevState {
     /// Set when the worker's queue turned out disconnected; the monitor fails the device.
     pub lost: Option<String>,
     pub last_error: Option<String>,
-    pub c: Counters,
+    pub counters: DeviceCounters,
 }
 
 impl DevState {
@@ -109,7 +118,7 @@ impl DevState {
 }
 
 /// Everything behind the lock.
-pub(crate) struct State {
+pub(crate) struct RoutingState {
     /// Admitted batches not at a device, one queue per priority class.
     pub pending: [VecDeque<Job>; 3],
     /// Admitted and not delivered (pending + at devices).
@@ -120,12 +129,12 @@ pub(crate) struct State {
     pub next_id: u64,
     pub max_pending_seen: usize,
     /// Dispatches in strict priority order since the last one of an aged lower-class batch
-    /// (anti-starvation share, see [`scan_order`]).
+    /// (anti-starvation share, see [`router::scan_order`]).
     pub strict_since_aged: u32,
     pub devs: Vec<DevState>,
 }
 
-impl State {
+impl RoutingState {
     /// A hardware accelerator is HEALTHY and routable (the CPU is then only fallback/overflow).
     pub(crate) fn accelerator_up(&self) -> bool {
         self.devs
@@ -151,10 +160,10 @@ pub(crate) struct Core {
     pub head: Arc<FusionHead>,
     pub devices: Vec<Device>,
     pub max_pending: usize,
-    pub state: Mutex<State>,
+    pub state: Mutex<RoutingState>,
     /// Signalled when a device opened or failed to, and when the engine runs empty.
     pub cond: Condvar,
-    pub m: EngineMetrics,
+    pub metrics: EngineMetrics,
     pub duplicates: AtomicU64,
     pub late: AtomicU64,
     pub overloaded: AtomicU64,
@@ -189,12 +198,12 @@ impl Core {
                 opened: None,
                 lost: None,
                 last_error: None,
-                c: Counters::default(),
+                counters: DeviceCounters::default(),
             })
             .collect();
         Core {
             max_pending,
-            state: Mutex::new(State {
+            state: Mutex::new(RoutingState {
                 pending: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
                 admitted: 0,
                 accepting: true,
@@ -205,7 +214,7 @@ impl Core {
                 devs,
             }),
             cond: Condvar::new(),
-            m: EngineMetrics::new(),
+            metrics: EngineMetrics::new(),
             duplicates: AtomicU64::new(0),
             late: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
@@ -225,7 +234,7 @@ impl Core {
         }
         if st.admitted >= self.max_pending {
             self.overloaded.fetch_add(1, Ordering::Relaxed);
-            self.m.overloaded.increment(1);
+            self.metrics.overloaded.increment(1);
             return Err(Error::Overloaded(format!(
                 "{} batches pending in the engine (max_pending {})",
                 st.admitted, self.max_pending
@@ -243,8 +252,8 @@ impl Core {
 
     /// Sends what can be sent now: probes to SLOW devices that are due one, then the routing
     /// plan over the healthy devices (see `router.rs`).
-    pub(crate) fn dispatch(&self, st: &mut State, now: Instant) {
-        self.m.pending.set(st.pending_len() as f64);
+    pub(crate) fn dispatch(&self, st: &mut RoutingState, now: Instant) {
+        self.metrics.pending.set(st.pending_len() as f64);
         if st.stopped || st.pending_len() == 0 {
             return;
         }
@@ -337,12 +346,12 @@ impl Core {
         for (dev, job) in jobs.into_iter().rev() {
             self.send(st, dev, job);
         }
-        self.m.pending.set(st.pending_len() as f64);
+        self.metrics.pending.set(st.pending_len() as f64);
     }
 
     /// Hands `job` to device `d`'s worker queue, or puts it back at the front of the pending
     /// queue when the worker cannot take it.
-    fn send(&self, st: &mut State, d: usize, job: Job) {
+    fn send(&self, st: &mut RoutingState, d: usize, job: Job) {
         let s = &mut st.devs[d];
         let Some(tx) = &s.tx else {
             st.requeue_front(job);
@@ -358,8 +367,8 @@ impl Core {
                 s.out
                     .insert(job.inner.id, Outstanding { job, started: None });
                 s.max_out_seen = s.max_out_seen.max(s.out.len());
-                self.devices[d].m.in_flight.set(s.out.len() as f64);
-                self.devices[d].m.queue_depth.set(s.queued() as f64);
+                self.devices[d].metrics.in_flight.set(s.out.len() as f64);
+                self.devices[d].metrics.queue_depth.set(s.queued() as f64);
             }
             Err(TrySendError::Full(_)) => {
                 // Cannot happen (at most max_in_flight <= capacity outstanding); stay safe.
@@ -384,7 +393,7 @@ impl Core {
         match s.out.get_mut(&id) {
             Some(o) if o.started.is_none() => {
                 o.started = Some(Instant::now());
-                self.devices[d].m.queue_depth.set(s.queued() as f64);
+                self.devices[d].metrics.queue_depth.set(s.queued() as f64);
                 true
             }
             _ => false,
@@ -392,7 +401,7 @@ impl Core {
     }
 
     /// Changes device `d`'s state, logging and counting the transition.
-    pub(crate) fn set_state(&self, st: &mut State, d: usize, to: DeviceState, reason: &str) {
+    pub(crate) fn set_state(&self, st: &mut RoutingState, d: usize, to: DeviceState, reason: &str) {
         let s = &mut st.devs[d];
         let from = s.health.state;
         if from == to {
@@ -408,16 +417,18 @@ impl Core {
             _ => tracing::warn!(device = %name, %from, %to, reason, "device state change"),
         }
         if to == DeviceState::Slow {
-            s.c.slow_events += 1;
+            s.counters.slow_events += 1;
         }
-        self.devices[d].m.state_change(to);
+        self.devices[d].metrics.state_change(to);
     }
 
     /// Delivers results decided under the lock.
     pub(crate) fn deliver_all(&self, dl: Deliveries) {
         for (job, r) in dl {
             if let Ok(res) = &r {
-                self.m.batch_seconds.record(res.total_time.as_secs_f64());
+                self.metrics
+                    .batch_seconds
+                    .record(res.total_time.as_secs_f64());
             }
             job.deliver(r, &self.duplicates);
         }
@@ -426,54 +437,13 @@ impl Core {
 
 /// The probe batch for SLOW device `d`: the newest batch of the lowest class that may run on
 /// it, so a probe costs the latency of the least urgent work.
-fn take_probe(st: &mut State, d: usize) -> Option<Job> {
+fn take_probe(st: &mut RoutingState, d: usize) -> Option<Job> {
     for c in (0..3).rev() {
         if let Some(k) = st.pending[c].iter().rposition(|j| !j.avoid.contains(&d)) {
             return st.pending[c].remove(k);
         }
     }
     None
-}
-
-/// Anti-starvation share: at least one dispatch in `AGED_SHARE` goes to the oldest IMPORTANT or
-/// BULK batch that has waited `priority_aging`, when there is one; the others follow strict
-/// priority. Under sustained overload CRITICAL keeps at least 3/4 of the devices' dispatches
-/// (pure aging would turn every queue into one FIFO once all batches are older than the
-/// threshold, and CRITICAL would wait as long as BULK), and no batch waits forever.
-pub(crate) const AGED_SHARE: u32 = 4;
-
-/// The order the router looks at pending batches in (`(class, position)` pairs, at most
-/// `SCAN_LIMIT`). Normally strict priority order (each class in submission order). With
-/// `aged_first` (its turn in the [`AGED_SHARE`]), the IMPORTANT and BULK batches that have
-/// waited at least `aging` come first, oldest first, then the rest in strict priority order.
-/// Each class queue is in submission order (a retried batch goes back to the front), so its aged
-/// batches are a prefix.
-pub(crate) fn scan_order(
-    pending: &[VecDeque<Job>; 3],
-    now: Instant,
-    aging: Duration,
-    aged_first: bool,
-) -> Vec<(usize, usize)> {
-    let prefix: Vec<usize> = pending
-        .iter()
-        .enumerate()
-        .map(|(c, q)| {
-            if aged_first && c > 0 {
-                q.iter().take_while(|j| j.aged(now, aging)).count()
-            } else {
-                0
-            }
-        })
-        .collect();
-    let mut old: Vec<(usize, usize)> = (1..3)
-        .flat_map(|c| (0..prefix[c]).map(move |k| (c, k)))
-        .collect();
-    old.sort_by_key(|&(c, k)| pending[c][k].inner.submitted);
-    old.truncate(SCAN_LIMIT);
-    let rest = (0..3).flat_map(|c| (prefix[c]..pending[c].len()).map(move |k| (c, k)));
-    let room = SCAN_LIMIT - old.len();
-    old.extend(rest.take(room));
-    old
 }
 
 impl Core {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use super::config::{DeviceSpec, EngineConfig, FaultSpec};
-use super::core::{Core, Device};
+use super::core::{Core, Device, DeviceCounters};
 use super::fault::Faults;
 use super::health::DeviceState;
 use super::job::{Priority, Ticket};
@@ -34,26 +34,23 @@ pub struct DeviceStats {
     pub in_flight: usize,
     /// Highest `in_flight` seen.
     pub max_in_flight_seen: usize,
-    /// Batches completed successfully.
-    pub batches: u64,
-    /// Samples completed successfully.
-    pub samples: u64,
-    /// Batches rejected as bad input.
-    pub input_errors: u64,
-    /// HEALTHY -> SLOW transitions.
-    pub slow_events: u64,
-    /// Transitions to FAILED (errors, panics, hangs, open failures).
-    pub failures: u64,
-    /// Batches that were running when it failed and were retried elsewhere.
-    pub retried: u64,
-    /// Batches waiting at it when it failed or turned SLOW, moved back to the engine queue.
-    pub rerouted: u64,
-    /// Worker restarts.
-    pub restarts: u64,
+    /// Batches, samples, errors, state changes, retries, restarts (read through `Deref` too:
+    /// `stats.failures`).
+    #[serde(flatten)]
+    pub counters: DeviceCounters,
     /// Per-sample latency moving average, milliseconds.
     pub ms_per_sample: Option<f64>,
     /// The last failure.
     pub last_error: Option<String>,
+}
+
+impl std::ops::Deref for DeviceStats {
+    type Target = DeviceCounters;
+
+    /// `stats.failures` reads the counter, as it did when the counters were fields of the stats.
+    fn deref(&self) -> &DeviceCounters {
+        &self.counters
+    }
 }
 
 /// Engine-wide numbers.
@@ -99,7 +96,7 @@ impl Engine {
                 let name = format!("{}:{index}", spec.kind);
                 Device {
                     faults: Faults::new(&spec.faults, hang_default),
-                    m: DeviceMetrics::new(&name),
+                    metrics: DeviceMetrics::new(&name),
                     name,
                     spec,
                     index,
@@ -235,14 +232,7 @@ impl Engine {
                     queued: s.queued(),
                     in_flight: s.out.len(),
                     max_in_flight_seen: s.max_out_seen,
-                    batches: s.c.batches,
-                    samples: s.c.samples,
-                    input_errors: s.c.input_errors,
-                    slow_events: s.c.slow_events,
-                    failures: s.c.failures,
-                    retried: s.c.retried,
-                    rerouted: s.c.rerouted,
-                    restarts: s.c.restarts,
+                    counters: s.counters.clone(),
                     ms_per_sample: s.health.ewma.map(|e| e * 1e3),
                     last_error: s.last_error.clone(),
                 })

@@ -15,15 +15,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::core::{Core, Deliveries, State, Work};
+use super::core::{Core, Deliveries, RoutingState, Work};
 use super::health::{DeviceState, Verdict};
 use super::job::BatchResult;
-use super::worker;
-use crate::batch::Outputs;
+use super::worker::{self, RunResult};
 use crate::error::Error;
-
-/// How a run ended, as the worker reports it.
-pub(crate) type RunResult = std::result::Result<Outputs, (&'static str, Error)>;
 
 impl Core {
     /// A worker finished job `id`. Returns false when the worker must exit (its device
@@ -42,7 +38,7 @@ impl Core {
         let dev = &self.devices[d];
         if st.devs[d].gen != gen {
             self.late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.m.late_results.increment(1);
+            self.metrics.late_results.increment(1);
             tracing::info!(device = %dev.name, job = id, "discarded a late result of an abandoned worker");
             return false;
         }
@@ -52,15 +48,15 @@ impl Core {
         let rows = o.job.rows();
         let s = &mut st.devs[d];
         s.out_samples = s.out_samples.saturating_sub(rows);
-        dev.m.in_flight.set(s.out.len() as f64);
+        dev.metrics.in_flight.set(s.out.len() as f64);
         let keep_running = match res {
             Ok(outputs) => {
-                s.c.batches += 1;
-                s.c.samples += rows as u64;
+                s.counters.batches += 1;
+                s.counters.samples += rows as u64;
                 s.backoff = self.cfg.restart_backoff;
-                dev.m.batches.increment(1);
-                dev.m.samples.increment(rows as u64);
-                dev.m.batch_seconds.record(elapsed.as_secs_f64());
+                dev.metrics.batches.increment(1);
+                dev.metrics.samples.increment(rows as u64);
+                dev.metrics.batch_seconds.record(elapsed.as_secs_f64());
                 let best_other = best_other_average(&st, d);
                 let per_sample = elapsed.as_secs_f64() / rows.max(1) as f64;
                 let verdict = st.devs[d]
@@ -93,8 +89,8 @@ impl Core {
                 true
             }
             Err((_, e)) if e.is_input_error() => {
-                s.c.input_errors += 1;
-                dev.m.error("input");
+                s.counters.input_errors += 1;
+                dev.metrics.error("input");
                 dl.push((Arc::clone(&o.job.inner), Err(e)));
                 st.admitted -= 1;
                 true
@@ -118,7 +114,7 @@ impl Core {
     /// but left with nothing in flight is judged on its average against the best of the others
     /// (see `Health::observe_idle`). A CPU kept out of rotation beside a healthy accelerator
     /// (no `cpu_overflow`) is not judged: it is idle by configuration, not for being slow.
-    fn judge_idle(&self, st: &mut State, done: usize, now: Instant) {
+    fn judge_idle(&self, st: &mut RoutingState, done: usize, now: Instant) {
         let gpu_up = st.accelerator_up();
         for e in 0..st.devs.len() {
             let s = &st.devs[e];
@@ -135,7 +131,7 @@ impl Core {
     }
 
     /// Moves the batches waiting in device `d`'s worker queue back to the pending queue.
-    fn take_back_queued(&self, st: &mut State, d: usize) {
+    fn take_back_queued(&self, st: &mut RoutingState, d: usize) {
         let Some(rx) = st.devs[d].rx.clone() else {
             return;
         };
@@ -148,13 +144,13 @@ impl Core {
             let s = &mut st.devs[d];
             if let Some(o) = s.out.remove(&job.id) {
                 s.out_samples = s.out_samples.saturating_sub(o.job.rows());
-                s.c.rerouted += 1;
+                s.counters.rerouted += 1;
                 back.push(o.job);
             }
         }
         let s = &st.devs[d];
-        self.devices[d].m.in_flight.set(s.out.len() as f64);
-        self.devices[d].m.queue_depth.set(s.queued() as f64);
+        self.devices[d].metrics.in_flight.set(s.out.len() as f64);
+        self.devices[d].metrics.queue_depth.set(s.queued() as f64);
         for job in back.into_iter().rev() {
             st.requeue_front(job);
         }
@@ -164,7 +160,7 @@ impl Core {
     /// batches, and schedules the restart with exponential backoff.
     pub(crate) fn fail_device(
         &self,
-        st: &mut State,
+        st: &mut RoutingState,
         d: usize,
         kind: &'static str,
         reason: &str,
@@ -178,15 +174,15 @@ impl Core {
         s.rx = None;
         s.ready = false;
         s.lost = None;
-        s.c.failures += 1;
+        s.counters.failures += 1;
         s.last_error = Some(format!("{kind}: {reason}"));
         s.restart_at = Some(now + s.backoff);
         s.backoff = (s.backoff * 2).min(self.cfg.restart_backoff_max);
         s.out_samples = 0;
         let mut outs: Vec<_> = s.out.drain().map(|(_, o)| o).collect();
-        dev.m.error(kind);
-        dev.m.in_flight.set(0.0);
-        dev.m.queue_depth.set(0.0);
+        dev.metrics.error(kind);
+        dev.metrics.in_flight.set(0.0);
+        dev.metrics.queue_depth.set(0.0);
         self.set_state(st, d, DeviceState::Failed, &format!("{kind}: {reason}"));
         outs.sort_by_key(|o| std::cmp::Reverse(o.job.inner.id));
         for o in outs {
@@ -211,17 +207,17 @@ impl Core {
                     st.admitted -= 1;
                     continue;
                 }
-                st.devs[d].c.retried += 1;
-                dev.m.retries.increment(1);
+                st.devs[d].counters.retried += 1;
+                dev.metrics.retries.increment(1);
             } else {
-                st.devs[d].c.rerouted += 1;
+                st.devs[d].counters.rerouted += 1;
             }
             st.requeue_front(job);
         }
     }
 
     /// Starts a worker thread (new queue) for device `d` at its current generation.
-    pub(crate) fn spawn_worker(self: &Arc<Self>, st: &mut State, d: usize) {
+    pub(crate) fn spawn_worker(self: &Arc<Self>, st: &mut RoutingState, d: usize) {
         let cap = self.cfg.queue_capacity.max(self.cfg.max_in_flight);
         let (tx, rx) = crossbeam_channel::bounded(cap);
         let s = &mut st.devs[d];
@@ -233,7 +229,7 @@ impl Core {
         let name = format!("fusion-{}", self.devices[d].name);
         if let Err(e) = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker::run(core, d, gen, rx))
+            .spawn(move || worker::worker_loop(core, d, gen, rx))
         {
             tracing::error!(device = %self.devices[d].name, error = %e, "cannot start a worker thread");
             s.tx = None;
@@ -256,7 +252,7 @@ impl Core {
                 s.ready = true;
                 s.accelerator = accelerator;
                 s.opened.get_or_insert(Ok(()));
-                tracing::info!(device = %self.devices[d].name, restarts = s.c.restarts, "device worker ready");
+                tracing::info!(device = %self.devices[d].name, restarts = s.counters.restarts, "device worker ready");
                 self.set_state(&mut st, d, DeviceState::Healthy, "worker (re)started");
                 true
             }
@@ -299,8 +295,8 @@ impl Core {
         for d in 0..self.devices.len() {
             if st.devs[d].restart_at.is_some_and(|t| t <= now) {
                 st.devs[d].restart_at = None;
-                st.devs[d].c.restarts += 1;
-                self.devices[d].m.restarts.increment(1);
+                st.devs[d].counters.restarts += 1;
+                self.devices[d].metrics.restarts.increment(1);
                 tracing::info!(device = %self.devices[d].name, "restarting device worker");
                 self.spawn_worker(&mut st, d);
             }
@@ -356,7 +352,7 @@ impl Core {
             }
         }
         st.admitted = 0;
-        self.m.pending.set(0.0);
+        self.metrics.pending.set(0.0);
         self.cond.notify_all();
         drop(st);
         let n = dl.len();
@@ -367,7 +363,7 @@ impl Core {
 
 /// The lowest per-sample average among the HEALTHY, ready devices other than `d` (what `d`'s
 /// health is judged against), or `None` when there is no such device.
-fn best_other_average(st: &State, d: usize) -> Option<f64> {
+fn best_other_average(st: &RoutingState, d: usize) -> Option<f64> {
     st.devs
         .iter()
         .enumerate()

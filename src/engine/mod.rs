@@ -10,12 +10,18 @@
 //!        ──> completion ──> Ticket (a future, or a blocking wait) resolves once
 //! ```
 //!
+//! In flow order:
 //! - [`config`]: [`EngineConfig`] (every default in one place) and the device list syntax
 //!   ([`DeviceSpec`]: `cpu,cpu:threads=1:delay=50ms,cuda:0`).
-//! - [`fault`]: fault injection (latency, jitter, failures, hangs), changeable at run time.
+//! - `handle.rs`: [`Engine`], the handle callers use (start, submit, stats, faults, shutdown).
+//! - `core.rs`: the shared state behind one lock (`RoutingState`, [`DeviceCounters`]),
+//!   admission and dispatch.
+//! - `router.rs`: the dispatch plan (least expected completion time).
 //! - [`health`]: HEALTHY / SLOW / FAILED and the latency average behind them.
-//! - `router`: the dispatch plan. `core` / `lifecycle`: shared state, admission, completion,
-//!   failure, retry, restart, timeouts, shutdown. `worker`: the device thread.
+//! - `job.rs`: a submitted batch, its [`Priority`] and its [`Ticket`].
+//! - `worker.rs`: the device thread (`worker_loop`); it owns `RunResult`.
+//! - `lifecycle.rs`: completion, failure, retry, restart, timeouts, shutdown.
+//! - [`fault`]: fault injection (latency, jitter, failures, hangs), changeable at run time.
 //! - [`metrics`]: the metric names.
 //! - [`bench`]: the engine under synthetic load (`fusion-engine bench --devices`).
 //!
@@ -40,6 +46,7 @@ mod router;
 mod worker;
 
 pub use config::{DeviceSpec, EngineConfig, FaultSpec};
+pub use core::DeviceCounters;
 pub use handle::{DeviceStats, Engine, EngineStats};
 pub use health::DeviceState;
 pub use job::{BatchResult, Priority, Ticket};

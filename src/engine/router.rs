@@ -11,6 +11,11 @@
 //! device's virtual load, so under a deep backlog a slower device gets exactly the batches it
 //! finishes sooner than the fast one would.
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::job::Job;
+
 /// One routable device, as the router sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Candidate {
@@ -64,6 +69,47 @@ pub(crate) fn plan(pending: &[(usize, &[usize])], cands: &mut [Candidate]) -> Ve
         }
     }
     out
+}
+
+/// Anti-starvation share: at least one dispatch in `AGED_SHARE` goes to the oldest IMPORTANT or
+/// BULK batch that has waited `priority_aging`, when there is one; the others follow strict
+/// priority. Under sustained overload CRITICAL keeps at least 3/4 of the devices' dispatches
+/// (pure aging would turn every queue into one FIFO once all batches are older than the
+/// threshold, and CRITICAL would wait as long as BULK), and no batch waits forever.
+pub(crate) const AGED_SHARE: u32 = 4;
+
+/// The order the router looks at pending batches in (`(class, position)` pairs, at most
+/// `SCAN_LIMIT`). Normally strict priority order (each class in submission order). With
+/// `aged_first` (its turn in the [`AGED_SHARE`]), the IMPORTANT and BULK batches that have
+/// waited at least `aging` come first, oldest first, then the rest in strict priority order.
+/// Each class queue is in submission order (a retried batch goes back to the front), so its aged
+/// batches are a prefix.
+pub(crate) fn scan_order(
+    pending: &[VecDeque<Job>; 3],
+    now: Instant,
+    aging: Duration,
+    aged_first: bool,
+) -> Vec<(usize, usize)> {
+    let prefix: Vec<usize> = pending
+        .iter()
+        .enumerate()
+        .map(|(c, q)| {
+            if aged_first && c > 0 {
+                q.iter().take_while(|j| j.aged(now, aging)).count()
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut old: Vec<(usize, usize)> = (1..3)
+        .flat_map(|c| (0..prefix[c]).map(move |k| (c, k)))
+        .collect();
+    old.sort_by_key(|&(c, k)| pending[c][k].inner.submitted);
+    old.truncate(SCAN_LIMIT);
+    let rest = (0..3).flat_map(|c| (prefix[c]..pending[c].len()).map(move |k| (c, k)));
+    let room = SCAN_LIMIT - old.len();
+    old.extend(rest.take(room));
+    old
 }
 
 #[cfg(test)]

@@ -15,13 +15,16 @@ use crossbeam_channel::Receiver;
 
 use super::core::{Core, Work};
 use super::fault::Injected;
-use super::lifecycle::RunResult;
 use crate::backend::{self, AnyBackend, Backend, OpenOptions};
-use crate::batch::Batch;
+use crate::batch::{Batch, Outputs};
 use crate::error::Error;
 
+/// How a run ended, as the worker reports it to [`Core::complete`]: the outputs, or the failure
+/// kind (`"device"`, `"panic"`) and the error.
+pub(crate) type RunResult = std::result::Result<Outputs, (&'static str, Error)>;
+
 /// The worker thread's body.
-pub(crate) fn run(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work>) {
+pub(crate) fn worker_loop(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work>) {
     let dev = &core.devices[d];
     let opts = OpenOptions {
         threads: dev.spec.threads,

@@ -8,11 +8,11 @@ use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{result as dr, CudaContext};
 
 use super::libs::{self, guard, Lib};
-use crate::backend::{BackendKind, DeviceEntry, DeviceInfo};
+use crate::backend::api::{BackendKind, DeviceEntry, DeviceInfo};
 
 /// What discovery learnt about one GPU.
 #[derive(Debug, Clone)]
-pub(crate) struct Gpu {
+pub(crate) struct GpuProperties {
     /// Driver ordinal.
     pub ordinal: usize,
     /// Marketing name.
@@ -27,7 +27,7 @@ pub(crate) struct Gpu {
     pub smem_per_block: usize,
 }
 
-impl Gpu {
+impl GpuProperties {
     /// `sm_90`.
     pub fn arch(&self) -> String {
         format!("sm_{}{}", self.cc.0, self.cc.1)
@@ -48,7 +48,7 @@ pub(crate) fn driver_version() -> Result<(u32, u32), String> {
 }
 
 /// Lists the GPUs the driver sees, or why none can be listed.
-pub(crate) fn gpus() -> Result<Vec<Gpu>, String> {
+pub(crate) fn gpus() -> Result<Vec<GpuProperties>, String> {
     libs::driver()?;
     guard("libcuda", || {
         dr::init().map_err(|e| format!("cuInit failed: {e} (driver present, no usable GPU)"))?;
@@ -72,7 +72,7 @@ pub(crate) fn gpus() -> Result<Vec<Gpu>, String> {
             let mem = unsafe { dr::device::total_mem(dev) }
                 .map_err(|e| format!("cuDeviceTotalMem: {e}"))?;
             let name = dr::device::get_name(dev).map_err(|e| format!("cuDeviceGetName: {e}"))?;
-            out.push(Gpu {
+            out.push(GpuProperties {
                 ordinal: ordinal as usize,
                 name,
                 cc,
@@ -93,7 +93,7 @@ pub(crate) fn check_libs(driver_major: Option<u32>) -> Result<(), String> {
 }
 
 /// Device description for a GPU.
-pub(crate) fn info(gpu: &Gpu, driver: Option<(u32, u32)>) -> DeviceInfo {
+pub(crate) fn info(gpu: &GpuProperties, driver: Option<(u32, u32)>) -> DeviceInfo {
     let drv = driver.map_or(String::new(), |(a, b)| format!(", driver CUDA {a}.{b}"));
     DeviceInfo {
         kind: BackendKind::Cuda,

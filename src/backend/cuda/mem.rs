@@ -1,7 +1,7 @@
 //! Device buffers, pinned host staging buffers and events: thin owners of raw driver handles.
 //!
 //! Buffers only grow (a run sizes them for its chunk plan; steady state allocates nothing) and
-//! are reallocated only when every stream is idle: [`super::run`] synchronises before growing.
+//! are reallocated only when every stream is idle: [`super::pipeline`] synchronises before growing.
 //! Raw handles (rather than cudarc's `CudaSlice`) keep cudarc's per-use event tracking off the
 //! hot path; ordering between the copy and compute streams is explicit, with [`Event`]s.
 
@@ -47,25 +47,6 @@ impl DeviceBuf {
         self.ptr
     }
 
-    /// Makes the capacity at least `bytes`. The old contents are dropped. The caller guarantees
-    /// that no queued work uses the buffer.
-    pub fn reserve(&mut self, bytes: usize) -> Result<(), String> {
-        if bytes <= self.bytes {
-            return Ok(());
-        }
-        self.free();
-        let bytes = align256(bytes.max(256));
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| de("cuCtxSetCurrent", e))?;
-        // SAFETY: plain allocation in the bound context; the memory is only accessed through
-        // device pointers the caller bounds by `len()`.
-        self.ptr = unsafe { dr::malloc_sync(bytes) }
-            .map_err(|e| de(&format!("cuMemAlloc({bytes} B)"), e))?;
-        self.bytes = bytes;
-        Ok(())
-    }
-
     /// Uploads `data` synchronously at `offset` (weights, once per head).
     pub fn upload(&mut self, offset: usize, data: &[u8]) -> Result<(), String> {
         if offset + data.len() > self.bytes {
@@ -82,17 +63,6 @@ impl DeviceBuf {
         // is synchronous, so `data` outlives it.
         unsafe { dr::memcpy_htod_sync(self.ptr + offset as u64, data) }
             .map_err(|e| de("cuMemcpyHtoD", e))
-    }
-
-    fn free(&mut self) {
-        if self.ptr != 0 {
-            let _ = self.ctx.bind_to_thread();
-            // SAFETY: `ptr` came from cuMemAlloc and no queued work uses it (contract of
-            // `reserve` and of drop, which happens after the owner synchronised).
-            let _ = unsafe { dr::free_sync(self.ptr) };
-            self.ptr = 0;
-            self.bytes = 0;
-        }
     }
 }
 
@@ -130,24 +100,6 @@ impl PinnedBuf {
         }
     }
 
-    /// Makes the capacity at least `bytes` (contents dropped; no queued copy may use it).
-    pub fn reserve(&mut self, bytes: usize) -> Result<(), String> {
-        if bytes <= self.bytes {
-            return Ok(());
-        }
-        self.free();
-        let bytes = align256(bytes.max(256));
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| de("cuCtxSetCurrent", e))?;
-        // SAFETY: plain allocation; the pointer is only used within `bytes`.
-        let p = unsafe { dr::malloc_host(bytes, self.flags) }
-            .map_err(|e| de(&format!("cuMemHostAlloc({bytes} B)"), e))?;
-        self.ptr = p as *mut u8;
-        self.bytes = bytes;
-        Ok(())
-    }
-
     /// The first `n` bytes. No copy may be writing them (caller's contract, kept by waiting on
     /// the copy's event first). More than was reserved is an error, never a shorter slice.
     pub fn bytes(&self, n: usize) -> Result<&[u8], String> {
@@ -180,6 +132,91 @@ impl PinnedBuf {
         }
         Ok(())
     }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// Grow-only memory: both buffers keep their allocation until a larger one is asked for, and
+/// share [`GrowOnly::reserve`]; they differ only in how they allocate and free.
+pub(crate) trait GrowOnly {
+    /// Bytes allocated now.
+    fn capacity(&self) -> usize;
+
+    /// The context the memory belongs to.
+    fn context(&self) -> &CudaContext;
+
+    /// Allocates `bytes` (the context is bound) and records the allocation.
+    fn alloc(&mut self, bytes: usize) -> Result<(), String>;
+
+    /// Frees the allocation, if any. No queued work may use it.
+    fn free(&mut self);
+
+    /// Makes the capacity at least `bytes`. The old contents are dropped. The caller guarantees
+    /// that no queued work (kernel or copy) uses the buffer.
+    fn reserve(&mut self, bytes: usize) -> Result<(), String> {
+        if bytes <= self.capacity() {
+            return Ok(());
+        }
+        self.free();
+        let bytes = align256(bytes.max(256));
+        self.context()
+            .bind_to_thread()
+            .map_err(|e| de("cuCtxSetCurrent", e))?;
+        self.alloc(bytes)
+    }
+}
+
+impl GrowOnly for DeviceBuf {
+    fn capacity(&self) -> usize {
+        self.bytes
+    }
+
+    fn context(&self) -> &CudaContext {
+        &self.ctx
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<(), String> {
+        // SAFETY: plain allocation in the bound context; the memory is only accessed through
+        // device pointers the caller bounds by `len()`.
+        self.ptr = unsafe { dr::malloc_sync(bytes) }
+            .map_err(|e| de(&format!("cuMemAlloc({bytes} B)"), e))?;
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    fn free(&mut self) {
+        if self.ptr != 0 {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: `ptr` came from cuMemAlloc and no queued work uses it (contract of
+            // `reserve` and of drop, which happens after the owner synchronised).
+            let _ = unsafe { dr::free_sync(self.ptr) };
+            self.ptr = 0;
+            self.bytes = 0;
+        }
+    }
+}
+
+impl GrowOnly for PinnedBuf {
+    fn capacity(&self) -> usize {
+        self.bytes
+    }
+
+    fn context(&self) -> &CudaContext {
+        &self.ctx
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<(), String> {
+        // SAFETY: plain allocation; the pointer is only used within `bytes`.
+        let p = unsafe { dr::malloc_host(bytes, self.flags) }
+            .map_err(|e| de(&format!("cuMemHostAlloc({bytes} B)"), e))?;
+        self.ptr = p as *mut u8;
+        self.bytes = bytes;
+        Ok(())
+    }
 
     fn free(&mut self) {
         if !self.ptr.is_null() {
@@ -189,12 +226,6 @@ impl PinnedBuf {
             self.ptr = std::ptr::null_mut();
             self.bytes = 0;
         }
-    }
-}
-
-impl Drop for PinnedBuf {
-    fn drop(&mut self) {
-        self.free();
     }
 }
 

@@ -5,19 +5,23 @@
 //! ([`libs`]); a missing library is a reason in `devices` and a typed
 //! [`Error::BackendUnavailable`], never a panic.
 //!
+//! In flow order:
 //! - [`libs`]: finding libnvrtc/libcublas (also in pip wheels) and the panic guard.
-//! - [`device`]: discovery and context creation.
+//! - [`device`]: discovery ([`device::GpuProperties`]) and context creation.
 //! - [`kernels`]: `kernels/*.cu`, NVRTC compilation, per-device module cache, compile check.
 //! - [`blas`]: the cuBLAS handle and the projection GEMM.
-//! - [`mem`]: grow-only device and pinned buffers, events.
+//! - [`mem`]: grow-only device and pinned buffers ([`mem::GrowOnly`]), events.
 //! - [`weights`]: the head on the device.
-//! - [`run`]: the chunked, double-buffered pipeline.
+//! - [`plan`]: chunk sizes, chunk byte layout, epilogue launch shape.
+//! - [`pipeline`]: the chunked, double-buffered launch sequence ([`pipeline::Pipeline`]).
+//! - `mod.rs` (here): [`CudaBackend`] over a boxed `CudaDevice` (context, streams, cuBLAS
+//!   handle, kernels, pipeline, uploaded head).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 
-use crate::backend::{Backend, DeviceEntry, DeviceInfo, OpenOptions};
+use crate::backend::api::{Backend, DeviceEntry, DeviceInfo, OpenOptions};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -27,7 +31,8 @@ mod device;
 mod kernels;
 mod libs;
 mod mem;
-mod run;
+mod pipeline;
+mod plan;
 mod weights;
 
 pub use kernels::{compile_check, CompileReport, KernelSource, CHECK_ARCH, SOURCES};
@@ -56,16 +61,17 @@ fn device_error(reason: String) -> Error {
 pub struct CudaBackend {
     info: DeviceInfo,
     /// Boxed: keeps `AnyBackend` small.
-    gpu: Box<Gpu>,
+    device: Box<CudaDevice>,
 }
 
-/// The device state behind a [`CudaBackend`].
-struct Gpu {
+/// The device state behind a [`CudaBackend`]: context, streams, cuBLAS handle, kernels, the
+/// pipeline's buffers and the uploaded head.
+struct CudaDevice {
     smem_limit: usize,
     // Field order is drop order: everything that lives in the context goes before the streams
     // and the context itself (and `Drop` synchronises first).
     head: Option<weights::DeviceHead>,
-    pipeline: run::Pipeline,
+    pipeline: pipeline::Pipeline,
     blas: blas::Blas,
     kernels: Arc<kernels::Kernels>,
     h2d: Arc<CudaStream>,
@@ -98,10 +104,10 @@ impl CudaBackend {
         let kernels = kernels::load(&ctx, index, gpu.cc)
             .map_err(|e| unavailable(format!("{} ({}): {e}", gpu.name, gpu.arch())))?;
         let blas = blas::Blas::new(compute.cu_stream(), opts.allow_tf32).map_err(unavailable)?;
-        let pipeline = run::Pipeline::new(&ctx).map_err(unavailable)?;
+        let pipeline = pipeline::Pipeline::new(&ctx).map_err(unavailable)?;
         Ok(CudaBackend {
             info: device::info(&gpu, driver),
-            gpu: Box::new(Gpu {
+            device: Box::new(CudaDevice {
                 smem_limit: gpu.smem_per_block,
                 head: None,
                 pipeline,
@@ -116,9 +122,9 @@ impl CudaBackend {
     }
 }
 
-impl Gpu {
-    fn streams(&self) -> run::Streams {
-        run::Streams {
+impl CudaDevice {
+    fn streams(&self) -> pipeline::Streams {
+        pipeline::Streams {
             h2d: self.h2d.cu_stream(),
             compute: self.compute.cu_stream(),
             d2h: self.d2h.cu_stream(),
@@ -146,7 +152,7 @@ impl Gpu {
             .as_mut()
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         let r = libs::guard("cuda run", || {
-            self.pipeline.run(
+            self.pipeline.run_chunks(
                 dh,
                 &mut self.blas,
                 &self.kernels,
@@ -178,7 +184,7 @@ impl Gpu {
     }
 }
 
-impl Drop for Gpu {
+impl Drop for CudaDevice {
     fn drop(&mut self) {
         // Bind so that the buffers, events and handle are released in this context, and wait
         // for queued work that may still use them.
@@ -193,11 +199,11 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
-        self.gpu.upload(head)
+        self.device.upload(head)
     }
 
     fn head(&self) -> Option<&Arc<FusionHead>> {
-        self.gpu.head.as_ref().map(|h| &h.head)
+        self.device.head.as_ref().map(|h| &h.head)
     }
 
     fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
@@ -214,7 +220,7 @@ impl Backend for CudaBackend {
         batch.validate_mask(0..batch.rows)?;
         out.check(&head, batch.rows)?;
         let m = head.num_modalities();
-        self.gpu.execute(
+        self.device.execute(
             batch,
             Some(OutputsMut {
                 fused: &mut *out.fused,
@@ -233,10 +239,10 @@ impl Backend for CudaBackend {
             .cloned()
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         batch.validate_shapes(&head)?;
-        self.gpu.execute(batch, None).map(|_| true)
+        self.device.execute(batch, None).map(|_| true)
     }
 
-    fn take_run_stats(&mut self) -> Option<crate::backend::RunStats> {
-        Some(std::mem::take(&mut self.gpu.pipeline.stats))
+    fn take_run_stats(&mut self) -> Option<crate::backend::api::RunStats> {
+        Some(std::mem::take(&mut self.device.pipeline.stats))
     }
 }

@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::CudaContext;
 use half::{bf16, f16};
 
-use super::mem::{align256, DeviceBuf};
+use super::mem::{align256, DeviceBuf, GrowOnly};
 use crate::model::FusionHead;
 use crate::tensor::DType;
 

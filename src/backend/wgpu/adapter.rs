@@ -3,7 +3,7 @@
 //! it finds described as a [`DeviceEntry`], and the checks an adapter must pass to run the
 //! kernels. Nothing here panics when a driver is missing: no adapter is a reason, not an error.
 
-use crate::backend::{BackendKind, DeviceEntry, DeviceInfo};
+use crate::backend::api::{BackendKind, DeviceEntry, DeviceInfo};
 
 use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
 

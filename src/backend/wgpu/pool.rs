@@ -5,7 +5,7 @@
 
 use crate::error::Result;
 
-use super::gpu::{device_error, Gpu, MapState};
+use super::device::{device_error, MapState, WgpuDevice};
 
 /// Buffer sizes are rounded up to this, and grow by at least half their size.
 const GRANULE: u64 = 256;
@@ -28,7 +28,7 @@ impl GrowBuffer {
 
     /// Makes the buffer hold at least `need` bytes without exceeding `limit`; returns true when
     /// a new buffer was created (created mapped when `mapped` is set).
-    fn ensure(&mut self, gpu: &Gpu, need: u64, limit: u64, mapped: bool) -> Result<bool> {
+    fn ensure(&mut self, gpu: &WgpuDevice, need: u64, limit: u64, mapped: bool) -> Result<bool> {
         let need = need.max(4).div_ceil(GRANULE) * GRANULE;
         let have = self.buf.as_ref().map_or(0, |b| b.size());
         if have >= need {
@@ -133,7 +133,12 @@ impl Pool {
 
     /// Grows what is too small for a chunk of these sizes and leaves the upload staging
     /// buffer mapped for writing.
-    pub(super) fn prepare(&mut self, gpu: &Gpu, b: &ChunkBytes, params_bytes: u64) -> Result<()> {
+    pub(super) fn prepare(
+        &mut self,
+        gpu: &WgpuDevice,
+        b: &ChunkBytes,
+        params_bytes: u64,
+    ) -> Result<()> {
         let bind = gpu.max_binding;
         if self.readback_state.is_mapped() {
             // Left mapped by a chunk that failed after its map request.

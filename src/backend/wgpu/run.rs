@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::model::FusionHead;
 use crate::tensor::{bytes_to_f32, DType};
 
-use super::gpu::{device_error, Gpu};
+use super::device::{device_error, WgpuDevice};
 use super::kernels::{Tile, XType};
 use super::pool::ChunkBytes;
 
@@ -87,7 +87,7 @@ impl Layout {
 /// Rows per chunk: at most `cap`, and few enough that every buffer fits the adapter's binding
 /// and buffer limits and the epilogue grid fits one dispatch dimension.
 pub(super) fn chunk_rows(
-    gpu: &Gpu,
+    gpu: &WgpuDevice,
     head: &FusionHead,
     rows: usize,
     xt: XType,

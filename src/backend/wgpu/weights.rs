@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 use crate::error::Result;
 use crate::model::FusionHead;
 
-use super::gpu::{device_error, Gpu};
+use super::device::{device_error, WgpuDevice};
 use super::kernels::Tile;
 
 /// A head's parameters in device memory.
@@ -27,7 +27,11 @@ pub(super) struct DeviceHead {
 
 impl DeviceHead {
     /// Transposes and uploads `head`'s parameters.
-    pub(super) fn upload(gpu: &Gpu, head: Arc<FusionHead>, generation: u64) -> Result<DeviceHead> {
+    pub(super) fn upload(
+        gpu: &WgpuDevice,
+        head: Arc<FusionHead>,
+        generation: u64,
+    ) -> Result<DeviceHead> {
         let d = head.dim;
         let total: usize = head.total_width() * d;
         let bytes = (total as u64).saturating_mul(4);

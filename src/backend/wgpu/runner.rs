@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use crate::backend::{DeviceInfo, OpenOptions};
+use crate::backend::api::{DeviceInfo, OpenOptions};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 use crate::tensor::DType;
 
 use super::adapter;
-use super::gpu::{device_error, Gpu};
+use super::device::{device_error, WgpuDevice};
 use super::kernels::{self, Kernels, Tile, XType};
 use super::pool::Pool;
 use super::run::{self, Layout};
@@ -27,9 +27,9 @@ struct BindGroups {
 }
 
 /// Everything one opened adapter holds.
-pub(super) struct State {
+pub(super) struct WgpuRunner {
     pub(super) info: DeviceInfo,
-    gpu: Gpu,
+    gpu: WgpuDevice,
     kernels: Kernels,
     pool: Pool,
     pub(super) head: Option<DeviceHead>,
@@ -47,8 +47,8 @@ fn unavailable(reason: impl Into<String>) -> Error {
     }
 }
 
-impl State {
-    pub(super) fn new(index: usize, _opts: &OpenOptions) -> Result<State> {
+impl WgpuRunner {
+    pub(super) fn new(index: usize, _opts: &OpenOptions) -> Result<WgpuRunner> {
         // Held until the device and its kernels are created.
         let mut discovery = adapter::open_lock();
         let (_instance, adapters) = discovery.instance_and_adapters();
@@ -63,11 +63,11 @@ impl State {
             .ok_or_else(missing)?;
         let a = adapters.into_iter().nth(index).ok_or_else(missing)?;
         adapter::check(&a).map_err(|r| unavailable(format!("{}: {r}", info.name)))?;
-        let gpu = Gpu::open(&a)
+        let gpu = WgpuDevice::open(&a)
             .map_err(|e| unavailable(format!("requesting a device on {}: {e}", info.name)))?;
         let kernels = Kernels::new(&gpu.device);
         gpu.take_error()?;
-        Ok(State {
+        Ok(WgpuRunner {
             info,
             gpu,
             kernels,
@@ -285,7 +285,7 @@ fn no_head() -> Error {
     Error::Config("no head uploaded to the wgpu backend".into())
 }
 
-impl State {
+impl WgpuRunner {
     pub(super) fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
         self.uploads += 1;
         self.head = None;
@@ -304,7 +304,7 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn run(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
+    pub(super) fn run_batch(&mut self, batch: &BatchRef<'_>, out: OutputsMut<'_>) -> Result<()> {
         let head = self.head.as_ref().ok_or_else(no_head)?.head.clone();
         batch.validate(&head)?;
         out.check(&head, batch.rows)?;

@@ -17,7 +17,7 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(300);
 const BINDING_CAP: u64 = 1 << 31;
 
 /// The device, its queue, and what it can do.
-pub(super) struct Gpu {
+pub(super) struct WgpuDevice {
     pub(super) device: wgpu::Device,
     pub(super) queue: wgpu::Queue,
     /// SHADER_F16 was granted: f16 inputs stay f16 in storage.
@@ -31,9 +31,9 @@ pub(super) struct Gpu {
     errors: Arc<Mutex<Option<String>>>,
 }
 
-impl Gpu {
+impl WgpuDevice {
     /// Requests a device on `adapter` with its full limits and SHADER_F16 when offered.
-    pub(super) fn open(adapter: &wgpu::Adapter) -> std::result::Result<Gpu, String> {
+    pub(super) fn open(adapter: &wgpu::Adapter) -> std::result::Result<WgpuDevice, String> {
         let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
@@ -57,7 +57,7 @@ impl Gpu {
         device.set_device_lost_callback(move |reason, msg| {
             record(&sink, format!("device lost ({reason:?}): {msg}"))
         });
-        Ok(Gpu {
+        Ok(WgpuDevice {
             device,
             queue,
             f16,

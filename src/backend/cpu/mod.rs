@@ -9,72 +9,32 @@
 //! input poisons its whole row, so this replaces a separate sweep over the inputs; the input is
 //! only searched to name the offending column). The activations are produced and consumed while
 //! hot instead of being swept five more times as a layer-by-layer framework does.
+//!
+//! - `device.rs`: the CPU as a device (model, threads, SIMD level).
+//! - `mod.rs` (here): [`CpuBackend`]: the head prepared for the CPU, row blocks, projections.
+//! - `epilogue.rs`: the fused per-row epilogue (score, masked softmax, weighted sum, LayerNorm).
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::backend::{Backend, BackendKind, DeviceInfo};
+use crate::backend::api::{Backend, DeviceInfo};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 use crate::tensor::bytes_to_f32;
 
+mod device;
 mod epilogue;
+
+use device::default_threads;
+pub use device::device_info;
 
 /// Largest row block. 256 rows x 3 modalities x 512 x 4 B = 1.5 MiB of activations, which
 /// stays in a 2 MiB L2; larger blocks amortise the GEMM's weight packing better (measured:
 /// 64 rows 169, 128 rows 192, 256 rows 209 GFLOP/s whole head at B = 1024, docs/PERF.md).
 const MAX_BLOCK_ROWS: usize = 256;
-
-/// Device description of the CPU backend.
-pub fn device_info(index: usize, threads: Option<usize>) -> DeviceInfo {
-    let threads = threads.unwrap_or_else(default_threads);
-    DeviceInfo {
-        kind: BackendKind::Cpu,
-        index,
-        name: cpu_model(),
-        detail: format!("{threads} threads, gemm {}", simd_level()),
-        accelerator: false,
-    }
-}
-
-fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}
-
-fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "avx2+fma";
-        }
-        "sse2"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        "portable"
-    }
-}
 
 /// A head prepared for the CPU: projection weights transposed to `[d_m, D]` so each GEMM
 /// streams the weight rows contiguously.

@@ -1,0 +1,293 @@
+//! Chunk planning for the CUDA pipeline: how a batch is cut into chunks (about `CHUNK_BYTES` of
+//! input each, at least two once it holds `2 * SPLIT_BYTES`), the byte layout of a chunk's
+//! input and output slots, and how the epilogue kernel is launched for a head. Pure
+//! arithmetic: the launch sequence that follows the plan is `pipeline.rs`.
+
+use super::kernels::Kernels;
+use super::mem::align256;
+use super::weights::DeviceHead;
+use crate::batch::BatchRef;
+use crate::tensor::DType;
+
+/// Target input bytes per chunk. Measured on an H200 host (docs/PERF.md, 2026-11-27): the rate
+/// of one pinned host-to-device copy grew with its size there (8 MiB: 23-25 GB/s, 16 MiB:
+/// 44-46, 32 MiB: 49-50 against a 54 GB/s ceiling), and overlap buys little when the GPU's part
+/// of a chunk is a small fraction of its copies, so chunks are large: a batch of up to 32 MiB of
+/// input is one chunk. Tunable with `FUSION_CUDA_CHUNK_MIB` (read once; scripts/cuda-tune.sh
+/// sweeps it).
+const CHUNK_BYTES: usize = 32 << 20;
+
+/// A batch of at least twice this much input is cut into at least two chunks. Measured on the
+/// H200 host (docs/PERF.md, session 6): a B = 8192 f16 batch (31.5 MB) as one 32 MiB chunk ran
+/// at 4.2-4.4M samples/s host to host, as two 16 MiB chunks at 5.4-5.5M (its H2D copy of the
+/// second half then overlaps the first half's GEMMs and the D2H of its results).
+const SPLIT_BYTES: usize = 8 << 20;
+
+/// Rows per chunk for a batch of `rows` rows of `row_bytes` input each: chunks of about
+/// `chunk_bytes` (at least [`MIN_CHUNK_ROWS`] rows), at least two when the batch holds
+/// `2 * SPLIT_BYTES`, all of one size but the last.
+fn chunk_rows(rows: usize, row_bytes: usize, chunk_bytes: usize) -> usize {
+    let target = (chunk_bytes / row_bytes.max(1)).max(MIN_CHUNK_ROWS);
+    let mut nchunks = rows.div_ceil(target);
+    if rows.saturating_mul(row_bytes) >= 2 * SPLIT_BYTES && rows >= 2 * MIN_CHUNK_ROWS {
+        nchunks = nchunks.max(2);
+    }
+    rows.div_ceil(nchunks.max(1)).max(1)
+}
+
+/// [`CHUNK_BYTES`], or `FUSION_CUDA_CHUNK_MIB` MiB when set to a positive number.
+fn chunk_bytes() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("FUSION_CUDA_CHUNK_MIB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&v| v > 0)
+            .map_or(CHUNK_BYTES, |v| v << 20)
+    })
+}
+/// Fewest rows per chunk (GEMM efficiency).
+const MIN_CHUNK_ROWS: usize = 128;
+/// Epilogue flags (kernels/fusion_epilogue.cu).
+pub(super) const Z_IN_SHARED: i32 = 1;
+pub(super) const H_IN_SHARED: i32 = 2;
+
+/// Byte layout of one chunk of `n` rows.
+pub(super) struct Layout {
+    /// Per modality: offset in the input slot.
+    pub(super) x_off: Vec<usize>,
+    pub(super) mask_off: usize,
+    pub(super) in_bytes: usize,
+    pub(super) w_off: usize,
+    pub(super) out_bytes: usize,
+}
+
+/// Per-batch plan.
+pub(super) struct Plan {
+    pub(super) chunk: usize,
+    /// Per modality: the dtype staged and multiplied (the input's, or f32 when the weights do
+    /// not fit the input's dtype; then the host widens while staging).
+    pub(super) gemm_dtype: Vec<DType>,
+}
+
+impl Plan {
+    /// The plan for `batch`: each modality's GEMM dtype (uploading the head's weights in that
+    /// dtype when they fit it) and the rows per chunk.
+    pub(super) fn for_batch(dh: &mut DeviceHead, batch: &BatchRef<'_>) -> Result<Plan, String> {
+        let mut gemm_dtype = Vec::with_capacity(batch.inputs.len());
+        for x in &batch.inputs {
+            gemm_dtype.push(if dh.ensure(x.dtype)? {
+                x.dtype
+            } else {
+                DType::F32
+            });
+        }
+        let head = &dh.head;
+        let row_bytes: usize = head
+            .modalities
+            .iter()
+            .zip(&gemm_dtype)
+            .map(|(m, t)| m.width * t.size())
+            .sum::<usize>()
+            + head.num_modalities();
+        let chunk = chunk_rows(batch.rows, row_bytes, chunk_bytes());
+        Ok(Plan { chunk, gemm_dtype })
+    }
+
+    /// Chunk `k` of a batch of `rows`: its first row, its row count and its byte layout.
+    pub(super) fn chunk_at(
+        &self,
+        k: usize,
+        rows: usize,
+        widths: &[usize],
+        dim: usize,
+    ) -> (usize, usize, Layout) {
+        let r0 = k * self.chunk;
+        let n = self.chunk.min(rows - r0);
+        (r0, n, layout(n, widths, &self.gemm_dtype, dim))
+    }
+}
+
+pub(super) fn layout(n: usize, widths: &[usize], dtypes: &[DType], dim: usize) -> Layout {
+    let mut off = 0;
+    let mut x_off = Vec::with_capacity(widths.len());
+    for (w, t) in widths.iter().zip(dtypes) {
+        x_off.push(off);
+        off += align256(n * w * t.size());
+    }
+    let mask_off = off;
+    let in_bytes = mask_off + n * widths.len();
+    let w_off = align256(n * dim * 4);
+    Layout {
+        x_off,
+        mask_off,
+        in_bytes,
+        w_off,
+        out_bytes: w_off + n * widths.len() * 4,
+    }
+}
+
+/// How the epilogue is launched for one head.
+pub(super) struct EpiloguePlan {
+    pub(super) func: cudarc::driver::sys::CUfunction,
+    pub(super) name: &'static str,
+    pub(super) rows_per_block: u32,
+    pub(super) block: u32,
+    pub(super) smem: u32,
+    pub(super) flags: i32,
+}
+
+/// Warps (rows) per block of the warp-per-row epilogue.
+pub(super) const WARP_ROWS: usize = 8;
+
+/// The block-per-row epilogue (the one verified on a GPU: the H200 runs of docs/PERF.md), or,
+/// with `FUSION_CUDA_EPILOGUE=warp`, the warp-per-row one when D fits its registers (D <= 1024)
+/// and its M scores fit shared memory. The warp-per-row kernel agrees with the reference under
+/// host emulation (tests/cuda_emulation.rs) and passed `selftest` and tests/cuda_backend.rs on an
+/// H200 (docs/PERF.md, session 6), but was not faster there overall (its epilogue 9-14% faster
+/// at B = 8192, 0.021 against 0.012 ms at B = 1024), so it stays opt-in.
+pub(super) fn epilogue_plan(
+    kernels: &Kernels,
+    d: usize,
+    m: usize,
+    smem_limit: usize,
+) -> Result<EpiloguePlan, String> {
+    let want_warp = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("warp");
+    if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| want_warp) {
+        if let Some((_, f)) = kernels.epilogue_warp.get(i) {
+            return Ok(EpiloguePlan {
+                func: f.cu_function(),
+                name: super::kernels::EPILOGUE_WARP_F32[i].1,
+                rows_per_block: WARP_ROWS as u32,
+                block: (32 * WARP_ROWS) as u32,
+                smem: (4 * WARP_ROWS * m) as u32,
+                flags: 0,
+            });
+        }
+    }
+    let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+    Ok(EpiloguePlan {
+        func: kernels.epilogue.cu_function(),
+        name: super::kernels::EPILOGUE_F32,
+        rows_per_block: 1,
+        block,
+        smem,
+        flags,
+    })
+}
+
+/// Index into `EPILOGUE_WARP_F32` of the smallest warp-per-row variant for D, if one fits.
+pub(super) fn warp_variant(d: usize, m: usize, smem_limit: usize) -> Option<usize> {
+    if 4 * WARP_ROWS * m > smem_limit {
+        return None;
+    }
+    super::kernels::EPILOGUE_WARP_F32
+        .iter()
+        .position(|&(per_lane, _)| d <= 32 * per_lane)
+}
+
+/// Block size, dynamic shared memory and flags for the block-per-row epilogue.
+pub(super) fn epilogue_shape(
+    d: usize,
+    m: usize,
+    smem_limit: usize,
+) -> Result<(u32, u32, i32), String> {
+    // About 4 elements per thread, 1 to 8 warps.
+    let block = (d.div_ceil(4).div_ceil(32) * 32).clamp(32, 256) as u32;
+    let base = 4 * (32 + 2 * m);
+    if base > smem_limit {
+        return Err(format!(
+            "{m} modalities need {base} B of shared memory, the GPU has {smem_limit}"
+        ));
+    }
+    let mut smem = base;
+    let mut flags = 0;
+    if base + 4 * d <= smem_limit {
+        smem += 4 * d;
+        flags |= Z_IN_SHARED;
+        if smem + 4 * m * d <= smem_limit {
+            smem += 4 * m * d;
+            flags |= H_IN_SHARED;
+        }
+    }
+    Ok((block, smem as u32, flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_about_the_target_and_big_batches_are_split() {
+        // The default head: 1920 inputs + 3 mask bytes per row.
+        let (f32_row, f16_row) = (1920 * 4 + 3, 1920 * 2 + 3);
+        // Small batches: one chunk.
+        assert_eq!(chunk_rows(1, f32_row, CHUNK_BYTES), 1);
+        assert_eq!(chunk_rows(1024, f32_row, CHUNK_BYTES), 1024);
+        // B = 8192 f16 (31.5 MB, under one 32 MiB chunk): two halves.
+        assert_eq!(chunk_rows(8192, f16_row, CHUNK_BYTES), 4096);
+        // B = 8192 f32 (63 MB): two chunks of 32 MiB or less.
+        let c = chunk_rows(8192, f32_row, CHUNK_BYTES);
+        assert_eq!(c, 4096);
+        assert!(c * f32_row <= CHUNK_BYTES);
+        // Big batches: chunks under the target, all but the last of one size.
+        let c = chunk_rows(100_000, f32_row, CHUNK_BYTES);
+        assert!(
+            c * f32_row <= CHUNK_BYTES && c * f32_row > CHUNK_BYTES / 2,
+            "{c}"
+        );
+        // Just under twice SPLIT_BYTES: not split; a batch too few rows to split: one chunk.
+        let rows = (2 * SPLIT_BYTES - 1) / f32_row;
+        assert_eq!(chunk_rows(rows, f32_row, CHUNK_BYTES), rows);
+        // Two even chunks.
+        assert_eq!(chunk_rows(200, 1 << 20, CHUNK_BYTES), 100);
+        // A tiny target still gives MIN_CHUNK_ROWS rows per chunk.
+        assert_eq!(
+            chunk_rows(1000, f32_row, 1),
+            1000usize.div_ceil(1000usize.div_ceil(MIN_CHUNK_ROWS))
+        );
+    }
+
+    #[test]
+    fn layout_is_aligned_and_tight() {
+        let l = layout(
+            33,
+            &[37, 5, 129],
+            &[DType::F32, DType::F16, DType::BF16],
+            67,
+        );
+        assert_eq!(l.x_off[0], 0);
+        assert!(l.x_off.iter().all(|o| o % 256 == 0));
+        assert_eq!(l.x_off[1], align256(33 * 37 * 4));
+        assert_eq!(l.mask_off, l.x_off[2] + align256(33 * 129 * 2));
+        assert_eq!(l.in_bytes, l.mask_off + 33 * 3);
+        assert_eq!(l.w_off % 256, 0);
+        assert_eq!(l.out_bytes, l.w_off + 33 * 3 * 4);
+    }
+
+    #[test]
+    fn warp_variant_is_the_smallest_that_holds_d() {
+        assert_eq!(warp_variant(512, 3, 48 << 10), Some(2));
+        assert_eq!(warp_variant(513, 3, 48 << 10), Some(3));
+        assert_eq!(warp_variant(1, 1, 48 << 10), Some(0));
+        assert_eq!(warp_variant(128, 1, 48 << 10), Some(0));
+        assert_eq!(warp_variant(1024, 8, 48 << 10), Some(3));
+        assert_eq!(warp_variant(1025, 3, 48 << 10), None);
+        // Too many modalities for the scores in shared memory: block-per-row.
+        assert_eq!(warp_variant(64, 2000, 48 << 10), None);
+    }
+
+    #[test]
+    fn epilogue_shape_fits_shared_memory() {
+        // Default head: everything in shared memory.
+        let (b, s, f) = epilogue_shape(512, 3, 48 << 10).expect("fits");
+        assert_eq!((b, f), (128, Z_IN_SHARED | H_IN_SHARED));
+        assert_eq!(s as usize, 4 * (32 + 6 + 512 + 3 * 512));
+        // Huge D: z falls back to the output row, h is re-read.
+        let (b, s, f) = epilogue_shape(20_000, 3, 48 << 10).expect("fits");
+        assert_eq!((b, f), (256, 0));
+        assert_eq!(s as usize, 4 * 38);
+        // Tiny D: one warp.
+        assert_eq!(epilogue_shape(8, 1, 48 << 10).expect("fits").0, 32);
+    }
+}
