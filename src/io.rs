@@ -1,4 +1,4 @@
-//! Offline mode files (SPEC section 3): reading a features file into a [`Batch`] and writing the
+//! Offline mode files (docs/DESIGN.md section 3): reading a features file into a [`Batch`] and writing the
 //! `fused` / `weights` result file. Output is written to a temporary file and renamed into place
 //! only after everything succeeded, so an error never leaves an output behind.
 

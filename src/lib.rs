@@ -2,24 +2,27 @@
 //!
 //! Producers stream per-modality feature vectors; the engine joins the modalities of each sample,
 //! batches them, runs a learned attention fusion head on a device, and returns fused vectors.
-//! SPEC.md (shared) is the contract; this crate is organised in the order data flows through it:
+//! docs/DESIGN.md is what the code relies on (the head's math, streaming, priorities, routing,
+//! limits); docs/PROTOCOL.md is the wire format. One line per room, in the order data flows:
 //!
 //! - [`error`]: the crate [`Error`] with a stable machine code per variant.
-//! - [`tensor`]: element types and borrowed/owned views of little-endian feature matrices.
+//! - [`tensor`]: element types, views of little-endian feature matrices, safetensors writing.
 //! - [`model`]: the fusion head's parameters: safetensors loading, validation, the embedded head.
 //! - [`batch`]: a batch of samples (inputs + presence mask) and the caller-provided outputs.
-//! - [`backend`]: the device boundary ([`backend::Backend`], [`backend::AnyBackend`]), device
-//!   discovery, and the CPU, wgpu and CUDA backends.
-//! - [`engine`]: device workers on bounded queues, latency-aware routing, slow-device detection,
-//!   retries and restarts (SPEC section 6).
-//! - [`server`]: the WebSocket streaming server (aligner, batcher, prioritised backpressured
-//!   fan-out); the protocol is docs/PROTOCOL.md. [`client`]: its Rust client.
-//! - [`loadgen`]: end-to-end load scenarios over loopback WebSocket with a report and a plot;
-//!   [`demo`]: a ten-second live view of the server under load.
 //! - [`reference`]: the float64 reference every backend is checked against.
 //! - [`io`]: offline-mode files (`fuse`): reading features, writing results atomically.
+//! - [`backend`]: the device boundary ([`backend::Backend`], [`backend::AnyBackend`]), device
+//!   discovery, and the CPU, wgpu and CUDA backends.
 //! - [`selftest`]: agreement of every available backend with the reference on random inputs.
-//! - [`bench`]: kernel timing shared by the `bench` command and the criterion benches.
+//! - [`engine`]: device workers on bounded queues, latency-aware routing, slow-device detection,
+//!   retries and restarts (docs/DESIGN.md section 6).
+//! - [`protocol`]: the wire format (frames, control messages, notices, error codes), shared by
+//!   the server, the client, the load generator and the fuzz targets.
+//! - [`server`]: the WebSocket streaming server: listener and connections, ingest (aligner,
+//!   batcher), fan-out (replay, per-class queues, writers).
+//! - [`client`]: the Rust client of the protocol.
+//! - `tools` (cargo feature `tools`, on by default): the commands' arguments and reports,
+//!   `loadgen`, `demo`, the bench drivers. Embedders build without it.
 
 pub mod backend;
 pub mod batch;

@@ -1,4 +1,4 @@
-//! The fusion head's parameters (SPEC section 2): loading and validating a `.safetensors` file,
+//! The fusion head's parameters (docs/DESIGN.md section 2): loading and validating a `.safetensors` file,
 //! the embedded default head, and random heads for tests and `selftest`.
 //!
 //! Parameters are kept as f32 in the PyTorch layout (`proj.<m>.weight` is `[D, d_m]`), whatever

@@ -1,4 +1,4 @@
-//! The float64 reference of the fusion head (SPEC section 2), written for clarity, not speed.
+//! The float64 reference of the fusion head (docs/DESIGN.md section 2), written for clarity, not speed.
 //! Every backend is checked against it by the tests and by `fusion-engine selftest`.
 
 use crate::batch::BatchRef;

@@ -1,5 +1,5 @@
 //! Agreement of backends with the float64 reference on fresh random heads and inputs, over a set
-//! of cases covering the SPEC's edge cases (odd sizes, B = 1, one modality, all-but-one absent,
+//! of cases covering the edge cases of docs/DESIGN.md section 2.6 (odd sizes, B = 1, one modality, all-but-one absent,
 //! f16/bf16 inputs and weights, a large eps). Used by `fusion-engine selftest` and the tests.
 
 use std::sync::Arc;
@@ -88,7 +88,7 @@ pub struct Case {
 }
 
 impl Case {
-    /// SPEC tolerance for this case on a backend: f32 everything: 1e-5 CPU, 1e-4 GPU; otherwise 1e-2.
+    /// Tolerance (docs/DESIGN.md section 2.4) for this case on a backend: f32 everything: 1e-5 CPU, 1e-4 GPU; otherwise 1e-2.
     pub fn tolerance(&self, kind: BackendKind) -> f64 {
         if self.input == DType::F32 && self.weights == DType::F32 {
             if kind == BackendKind::Cpu {

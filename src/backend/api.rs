@@ -104,7 +104,7 @@ pub struct DeviceEntry {
 pub struct OpenOptions {
     /// CPU worker threads (default: all cores).
     pub threads: Option<usize>,
-    /// Allow TF32 tensor-core math for f32 on CUDA (off by default: SPEC accuracy needs f32).
+    /// Allow TF32 tensor-core math for f32 on CUDA (off by default: the tolerances of docs/DESIGN.md section 2.4 need f32).
     pub allow_tf32: bool,
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::Event;
+use super::event::Event;
 use crate::engine::Priority;
 
 /// Where a subscription resumes: the epoch of the server the seqs are from and the last stream

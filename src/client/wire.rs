@@ -9,7 +9,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{ClientError, ClientResult, Event, FuseResult};
+use super::event::{ClientError, ClientResult, Event};
+use crate::protocol::DecodedResult as FuseResult;
 use crate::protocol::{self, decode_result};
 
 /// Opens the WebSocket and starts its writer and reader tasks.

@@ -1,5 +1,5 @@
 //! Device health: HEALTHY / SLOW / FAILED and the latency bookkeeping behind the transitions of
-//! SPEC section 6. Pure logic, driven by the engine core on every completion:
+//! docs/DESIGN.md section 6.4. Pure logic, driven by the engine core on every completion:
 //!
 //! - HEALTHY -> SLOW: the device's per-sample latency moving average is over `slow_ratio` (2x)
 //!   the best healthy device's for `slow_batches` (5) batches in a row, or one of its batches

@@ -1,4 +1,4 @@
-//! The engine core (SPEC section 6): device workers, bounded queues, latency-aware routing,
+//! The engine core (docs/DESIGN.md section 6): device workers, bounded queues, latency-aware routing,
 //! slow-device detection, retries.
 //!
 //! ```text

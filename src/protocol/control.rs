@@ -6,8 +6,9 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::code::{Code, ProtoError};
+use super::frame::{priority_named, VERSION, VERSION_2};
 use super::produce::Produce;
-use super::{priority_named, Code, ProtoError, VERSION, VERSION_2};
 use crate::engine::Priority;
 use crate::tensor::DType;
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Code, VERSION_2};
+use super::code::Code;
+use super::frame::VERSION_2;
 use crate::model::FusionHead;
 
 /// Names of the send classes, index = class (PROTOCOL 5: CONTROL, then the three priorities).
@@ -145,6 +146,11 @@ pub fn device(name: &str, state: &str) -> Message {
     Message::text(
         json!({"type": "notice", "kind": "device", "device": name, "state": state}).to_string(),
     )
+}
+
+/// A `heartbeat` (PROTOCOL 3): the server's clock, ms since the Unix epoch.
+pub fn heartbeat(ts_ms: u64) -> Message {
+    Message::text(format!("{{\"type\":\"heartbeat\",\"ts_ms\":{ts_ms}}}"))
 }
 
 /// The `shutdown` notice.

@@ -7,9 +7,10 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{
-    dtype_code, dtype_of, priority_code, priority_of, u16_at, u32_at, Code, ProtoError, FLAG_ACK,
-    FLAG_LAST, KIND_PRODUCE, MAGIC, PRODUCE_HEADER, VERSION,
+use super::code::{Code, ProtoError};
+use super::frame::{
+    dtype_code, dtype_of, priority_code, priority_of, u16_at, u32_at, FLAG_ACK, FLAG_LAST,
+    KIND_PRODUCE, MAGIC, PRODUCE_HEADER, VERSION,
 };
 use crate::engine::Priority;
 use crate::tensor::DType;

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::{
+use super::frame::{
     priority_code, priority_name, priority_of, u16_at, u32_at, KIND_RESULT, MAGIC,
     RESULT_FLAG_REPLAYED, RESULT_HEADER, RESULT_HEADER_V2, VERSION, VERSION_2,
 };

@@ -1,7 +1,7 @@
 //! The `results` frame (docs/PROTOCOL.md section 4.5): the binary results of one send burst
 //! in one WebSocket frame, each record a whole binary result (4.2).
 
-use super::{KIND_RESULTS, MAGIC};
+use super::frame::{KIND_RESULTS, MAGIC};
 
 /// Header of a `results` frame (PROTOCOL 4.5): magic, version, kind, then the record count.
 pub const RESULTS_HEADER: usize = 8;

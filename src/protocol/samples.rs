@@ -12,9 +12,9 @@ use bytes::Bytes;
 
 use super::produce::client_header;
 
-use super::{
-    dtype_code, priority_code, u16_at, u32_at, Code, ProtoError, FLAG_ACK, MAGIC, PRODUCE_HEADER,
-    VERSION,
+use super::code::{Code, ProtoError};
+use super::frame::{
+    dtype_code, priority_code, u16_at, u32_at, FLAG_ACK, MAGIC, PRODUCE_HEADER, VERSION,
 };
 use crate::engine::Priority;
 use crate::tensor::DType;
@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(&s.blocks[0][..], &f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[..]);
         assert_eq!(&s.blocks[1][..], &f32s(&[7.0, 8.0])[..]);
         // The request id sits where a produce frame's does.
-        assert_eq!(super::super::produce_id(&f), 9);
+        assert_eq!(crate::protocol::produce::produce_id(&f), 9);
     }
 
     #[test]

@@ -35,8 +35,6 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use crate::protocol::notices::CLASS_NAMES;
 use crate::protocol::Code;
 
-/// Class names, CONTROL first (the outbound queue index).
-
 /// Metric handles of the server.
 #[derive(Debug)]
 pub(crate) struct ServerMetrics {

@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::outbound::{Encoding, Next, Outbound, CONTROL};
-use crate::protocol;
+use super::outbound::{Encoding, Item, Next, Outbound, CONTROL};
+use crate::protocol::{self, notices};
 use crate::server::metrics::ServerMetrics;
 
 /// Writer settings (from the server config).
@@ -74,128 +74,192 @@ async fn drain<S>(
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    let mut last_seq: u64 = 0;
-    let mut slow_run: u32 = 0;
-    let mut next_heartbeat = Instant::now() + cfg.heartbeat;
-    let close = |code: u16, why: &str, last: u64| Some((code, format!("{why} last_seq={last}")));
+    let mut w = Writer {
+        out,
+        cfg,
+        m,
+        last_seq: 0,
+        slow_run: 0,
+        next_heartbeat: Instant::now() + cfg.heartbeat,
+    };
     loop {
         match out.next() {
-            Next::Send(first) => {
-                let t0 = Instant::now();
-                let mut burst_seq = 0u64;
-                let mut sent = [0u64; 4];
-                let mut bytes = 0usize;
-                let mut n = 0usize;
-                let mut item = Some(first);
-                let mut then = None;
-                // With `batch_results`, the burst's binary results go out as `results` frames
-                // (PROTOCOL 4.5): the same records in the same order, a frame per run of them
-                // between other messages.
-                let batch = match (out.batch_results(), out.encoding()) {
-                    (true, Encoding::Binary(v)) => Some(v),
-                    _ => None,
-                };
-                let mut records: Option<Vec<u8>> = None;
-                let fed = timeout(cfg.send_timeout, async {
-                    while let Some(it) = item.take() {
-                        bytes += it.msg.len();
-                        n += 1;
-                        sent[it.class] += 1;
-                        burst_seq = burst_seq.max(it.seq);
-                        match (batch, &it.msg) {
-                            (Some(v), Message::Binary(b)) if it.class != CONTROL => {
-                                let frame = records.get_or_insert_with(|| {
-                                    protocol::results_frame_start(v, BURST_BYTES + 4096)
-                                });
-                                if !protocol::results_frame_push(frame, b) {
-                                    // Not framable (over 4 GiB): alone, after what precedes it.
-                                    if let Some(frame) = records.take() {
-                                        sink.feed(Message::binary(frame)).await?;
-                                    }
-                                    sink.feed(it.msg).await?;
-                                }
-                            }
-                            _ => {
-                                if let Some(frame) = records.take() {
-                                    sink.feed(Message::binary(frame)).await?;
-                                }
-                                sink.feed(it.msg).await?;
-                            }
+            Next::Send(first) => match w.burst(sink, first).await {
+                Ok(None) => {}
+                Ok(Some(Next::Close(code, why))) => return w.close(code, why),
+                Ok(Some(Next::Stop)) | Err(None) => return None,
+                Ok(Some(_)) => {}
+                Err(Some(close)) => return Some(close),
+            },
+            Next::Close(code, why) => return w.close(code, why),
+            Next::Stop => return None,
+            Next::Idle(due) => w.idle(due).await,
+        }
+    }
+}
+
+/// One connection's writer between bursts.
+struct Writer<'a> {
+    out: &'a Outbound,
+    cfg: &'a WriterConfig,
+    m: &'a ServerMetrics,
+    /// The highest seq whose burst was flushed.
+    last_seq: u64,
+    /// Bursts in a row slower than `slow_send`.
+    slow_run: u32,
+    next_heartbeat: Instant,
+}
+
+/// What one burst fed and its clock.
+struct Burst {
+    t0: Instant,
+    /// Highest seq in the burst (0: no result).
+    seq: u64,
+    /// Messages per class.
+    sent: [u64; 4],
+    bytes: usize,
+    n: usize,
+}
+
+impl Writer<'_> {
+    fn close(&self, code: u16, why: &str) -> Option<(u16, String)> {
+        Some((code, format!("{why} last_seq={}", self.last_seq)))
+    }
+
+    /// Sends one burst starting with `first`. `Ok(then)`: what `Outbound::next` said after the
+    /// burst when it was not another message to send (`None`: the burst was full); `Err`: the
+    /// connection ends (with the close to send, if any).
+    async fn burst<S>(
+        &mut self,
+        sink: &mut S,
+        first: Item,
+    ) -> Result<Option<Next>, Option<(u16, String)>>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+    {
+        let mut b = Burst {
+            t0: Instant::now(),
+            seq: 0,
+            sent: [0; 4],
+            bytes: 0,
+            n: 0,
+        };
+        let mut then = None;
+        let fed = timeout(
+            self.cfg.send_timeout,
+            self.feed(sink, first, &mut b, &mut then),
+        )
+        .await;
+        match fed {
+            Err(_) => {
+                self.m.slow_consumer("send_timeout");
+                tracing::warn!(conn = self.out.id, "send timed out: closing with 1013");
+                return Err(self.close(1013, "send_timeout"));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(conn = self.out.id, "send failed: {e}");
+                return Err(None);
+            }
+            Ok(Ok(())) => {}
+        }
+        let dt = b.t0.elapsed();
+        self.m.send_seconds.record(dt.as_secs_f64());
+        for (c, k) in b.sent.iter().enumerate() {
+            if *k > 0 {
+                self.m.sent[c].increment(*k);
+            }
+        }
+        if b.seq > 0 {
+            self.last_seq = b.seq;
+        }
+        if dt > self.cfg.slow_send {
+            self.slow_run += 1;
+            if self.slow_run >= self.cfg.slow_sends {
+                self.m.slow_consumer("slow_consumer");
+                tracing::warn!(conn = self.out.id, "slow consumer: closing with 1013");
+                return Err(self.close(1013, "slow_consumer"));
+            }
+        } else {
+            self.slow_run = 0;
+        }
+        Ok(then)
+    }
+
+    /// Feeds the burst into the sink and flushes it. With `batch_results`, the burst's binary
+    /// results go out as `results` frames (PROTOCOL 4.5): the same records in the same order, a
+    /// frame per run of them between other messages.
+    async fn feed<S>(
+        &self,
+        sink: &mut S,
+        first: Item,
+        b: &mut Burst,
+        then: &mut Option<Next>,
+    ) -> Result<(), WsError>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+    {
+        let out = self.out;
+        let batch = match (out.batch_results(), out.encoding()) {
+            (true, Encoding::Binary(v)) => Some(v),
+            _ => None,
+        };
+        let mut records: Option<Vec<u8>> = None;
+        let mut item = Some(first);
+        while let Some(it) = item.take() {
+            b.bytes += it.msg.len();
+            b.n += 1;
+            b.sent[it.class] += 1;
+            b.seq = b.seq.max(it.seq);
+            match (batch, &it.msg) {
+                (Some(v), Message::Binary(bin)) if it.class != CONTROL => {
+                    let frame = records.get_or_insert_with(|| {
+                        protocol::results_frame_start(v, BURST_BYTES + 4096)
+                    });
+                    if !protocol::results_frame_push(frame, bin) {
+                        // Not framable (over 4 GiB): alone, after what precedes it.
+                        if let Some(frame) = records.take() {
+                            sink.feed(Message::binary(frame)).await?;
                         }
-                        if n >= BURST_MESSAGES || bytes >= BURST_BYTES {
-                            break;
-                        }
-                        match out.next() {
-                            Next::Send(it) => item = Some(it),
-                            other => then = Some(other),
-                        }
+                        sink.feed(it.msg).await?;
                     }
+                }
+                _ => {
                     if let Some(frame) = records.take() {
                         sink.feed(Message::binary(frame)).await?;
                     }
-                    sink.flush().await
-                })
-                .await;
-                match fed {
-                    Err(_) => {
-                        m.slow_consumer("send_timeout");
-                        tracing::warn!(conn = out.id, "send timed out: closing with 1013");
-                        return close(1013, "send_timeout", last_seq);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(conn = out.id, "send failed: {e}");
-                        return None;
-                    }
-                    Ok(Ok(())) => {}
-                }
-                let dt = t0.elapsed();
-                m.send_seconds.record(dt.as_secs_f64());
-                for (c, k) in sent.iter().enumerate() {
-                    if *k > 0 {
-                        m.sent[c].increment(*k);
-                    }
-                }
-                if burst_seq > 0 {
-                    last_seq = burst_seq;
-                }
-                if dt > cfg.slow_send {
-                    slow_run += 1;
-                    if slow_run >= cfg.slow_sends {
-                        m.slow_consumer("slow_consumer");
-                        tracing::warn!(conn = out.id, "slow consumer: closing with 1013");
-                        return close(1013, "slow_consumer", last_seq);
-                    }
-                } else {
-                    slow_run = 0;
-                }
-                match then {
-                    Some(Next::Close(code, why)) => return close(code, why, last_seq),
-                    Some(Next::Stop) => return None,
-                    // Idle, or the burst was full: look at the queues again.
-                    _ => {}
+                    sink.feed(it.msg).await?;
                 }
             }
-            Next::Close(code, why) => return close(code, why, last_seq),
-            Next::Stop => return None,
-            Next::Idle(due) => {
-                let now = Instant::now();
-                if now >= next_heartbeat {
-                    next_heartbeat = now + cfg.heartbeat;
-                    let ts = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
-                    out.push_control(Message::text(format!(
-                        "{{\"type\":\"heartbeat\",\"ts_ms\":{ts}}}"
-                    )));
-                    continue;
-                }
-                let until = due.map_or(next_heartbeat, |d| d.min(next_heartbeat));
-                tokio::select! {
-                    _ = out.wait() => {}
-                    _ = sleep_until(until.into()) => {}
-                }
+            if b.n >= BURST_MESSAGES || b.bytes >= BURST_BYTES {
+                break;
             }
+            match out.next() {
+                Next::Send(it) => item = Some(it),
+                other => *then = Some(other),
+            }
+        }
+        if let Some(frame) = records.take() {
+            sink.feed(Message::binary(frame)).await?;
+        }
+        sink.flush().await
+    }
+
+    /// Nothing to send: a heartbeat when one is due, else wait for a message or a deadline.
+    async fn idle(&mut self, due: Option<Instant>) {
+        let now = Instant::now();
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.cfg.heartbeat;
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            self.out.push_control(notices::heartbeat(ts));
+            return;
+        }
+        let until = due.map_or(self.next_heartbeat, |d| d.min(self.next_heartbeat));
+        tokio::select! {
+            _ = self.out.wait() => {}
+            _ = sleep_until(until.into()) => {}
         }
     }
 }

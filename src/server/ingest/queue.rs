@@ -108,6 +108,9 @@ impl IngestQueue {
 
     /// Queues `msg` if there is room now; gives it back otherwise (`Full`), or when the
     /// pipeline is gone (`Closed`).
+    // The message is handed back whole in `Full` so that the caller can retry it without a
+    // copy; boxing it would cost an allocation per produce message on the hot path.
+    #[allow(clippy::result_large_err)]
     pub fn try_push(&self, msg: IngestMsg) -> Result<(), TrySendError<IngestMsg>> {
         let rows = match &msg {
             IngestMsg::One(_) => return self.tx.try_send(msg),

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::LoadgenError;
+use super::options::LoadgenError;
 
 /// A load generator connection.
 pub(crate) type Ws = WebSocketStream<TcpStream>;

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::conn::{connect, hello, Ws};
+use super::options::LoadgenError;
 use super::stats::{make_key, now_us, parse_key};
-use super::LoadgenError;
 use crate::engine::Priority;
 use crate::protocol::{encode_produce, encode_samples, FLAG_LAST};
 use crate::tensor::DType;

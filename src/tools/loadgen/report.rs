@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::options::Options;
 use super::producer::ProducerRecord;
 use super::scenario::Plan;
 use super::scrape::Scrape;
 use super::stats::{gaps, ConnRecord, GapStats, Latency, Role};
-use super::Options;
 
 /// One value per data class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]

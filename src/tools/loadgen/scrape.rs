@@ -8,8 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::options::LoadgenError;
 use super::stats::now_us;
-use super::LoadgenError;
 
 /// One scrape.
 #[derive(Debug, Clone, Default, serde::Serialize)]

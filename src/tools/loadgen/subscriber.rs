@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::conn::{connect, hello, peek_result, Ws};
+use super::options::LoadgenError;
 use super::stats::{gaps, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
-use super::LoadgenError;
 use crate::protocol::split_results;
 
 /// One subscriber's settings.

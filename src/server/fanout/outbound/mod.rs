@@ -261,26 +261,10 @@ impl Outbound {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let mut tag = None;
-        if p == Priority::Bulk {
-            if let Some(mode) = st.conflate.get(&**r.stream).copied() {
-                let t = Tag {
-                    stream: Arc::clone(r.stream),
-                    key: (mode == Conflate::Key).then(|| r.key.into()),
-                };
-                if let Some(i) = st.q[BULK]
-                    .iter()
-                    .rposition(|it| it.tag.as_ref() == Some(&t))
-                {
-                    if let Some(old) = st.q[BULK].remove(i) {
-                        self.m.queue_depth[BULK].decrement(1.0);
-                        self.m.conflated.increment(1);
-                        self.record_drop(&mut st, None, old.seq);
-                    }
-                }
-                tag = Some(t);
-            }
-        }
+        let tag = match p {
+            Priority::Bulk => self.conflate_bulk(&mut st, r),
+            _ => None,
+        };
         let total = Self::data_len(&st);
         let own = st.q[c].len();
         let own_full = no_room || own >= self.caps[c];
@@ -319,6 +303,27 @@ impl Outbound {
         drop(st);
         self.wake.notify_one();
         true
+    }
+
+    /// A BULK result of a conflated stream (PROTOCOL 7.5) replaces the queued one of the same
+    /// key (or stream), which is recorded as dropped; returns the tag the new one carries.
+    fn conflate_bulk(&self, st: &mut State, r: &Live<'_>) -> Option<Tag> {
+        let mode = st.conflate.get(&**r.stream).copied()?;
+        let t = Tag {
+            stream: Arc::clone(r.stream),
+            key: (mode == Conflate::Key).then(|| r.key.into()),
+        };
+        if let Some(i) = st.q[BULK]
+            .iter()
+            .rposition(|it| it.tag.as_ref() == Some(&t))
+        {
+            if let Some(old) = st.q[BULK].remove(i) {
+                self.m.queue_depth[BULK].decrement(1.0);
+                self.m.conflated.increment(1);
+                self.record_drop(st, None, old.seq);
+            }
+        }
+        Some(t)
     }
 
     /// BACKPRESSURE on when the fill (the larger of the data queues' fill and class `c`'s
