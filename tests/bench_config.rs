@@ -8,7 +8,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_fusion-engine");
 
 fn bench(config: &std::path::Path) -> std::process::Output {
     Command::new(BIN)
-        .args(["bench", "--devices", "cpu:threads=1", "--samples", "512", "--batch", "64"])
+        .args([
+            "bench",
+            "--devices",
+            "cpu:threads=1",
+            "--samples",
+            "512",
+            "--batch",
+            "64",
+        ])
         .args(["--json", "--config"])
         .arg(config)
         .output()
@@ -26,7 +34,11 @@ fn bench_reads_the_engine_table_of_the_serve_config() {
     )
     .unwrap();
     let out = bench(&good);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(report["delivered"], 512, "{report}");
