@@ -14,6 +14,10 @@
 //! println!("fused {} values, weights {:?}", r.fused.len(), r.weights);
 //! # Ok(()) }
 //! ```
+//!
+//! Rooms: `wire` (the socket: connect, hello, the reader task turning frames into events),
+//! `event` ([`Event`], [`ClientError`]), `resume` (resume points, subscribe options,
+//! conflation), `batch` ([`Client::fuse_batch`]); this file: [`Client`] itself.
 
 mod batch;
 mod event;

@@ -83,7 +83,10 @@ async fn connection(
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
         // Bursts of the writer (writer.rs) fit the buffer: one flush writes them out.
-        .write_buffer_size(writer::BURST_BYTES + (32 << 10));
+        .write_buffer_size(writer::BURST_BYTES + (32 << 10))
+        // Bounded (tungstenite's default is unbounded): the writer flushes every burst, so the
+        // buffer holds at most one burst and one message, and no message is over a frame.
+        .max_write_buffer_size(writer::BURST_BYTES + (32 << 10) + max);
     let hs = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_cfg));
     let ws = match tokio::time::timeout(Duration::from_secs(10), hs).await {
         Ok(Ok(ws)) => ws,

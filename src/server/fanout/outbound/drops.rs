@@ -7,11 +7,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::protocol::notices;
 
-use super::{Outbound, State, BULK, CONTROL, MAX_DROP_RANGES};
+use super::{Outbound, QueueState, BULK, CONTROL, MAX_DROP_RANGES};
 
 impl Outbound {
     /// Records a dropped seq: class `c` when its queue had no room, None when conflated.
-    pub(super) fn record_drop(&self, st: &mut State, c: Option<usize>, seq: u64) {
+    pub(super) fn record_drop(&self, st: &mut QueueState, c: Option<usize>, seq: u64) {
         st.total_dropped += 1;
         let log = match c {
             Some(c) => {
@@ -38,7 +38,7 @@ impl Outbound {
         }
     }
 
-    pub(super) fn take_drop_notices(&self, st: &mut State) -> Vec<Message> {
+    pub(super) fn take_drop_notices(&self, st: &mut QueueState) -> Vec<Message> {
         let total = st.total_dropped;
         let mut out = Vec::new();
         for c in 1..5 {

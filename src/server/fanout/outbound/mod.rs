@@ -111,8 +111,9 @@ struct DropLog {
     ranges: Vec<(u64, u64)>,
 }
 
+/// A connection's queues and their accounting, all under the one lock of [`Outbound`].
 #[derive(Debug)]
-struct State {
+struct QueueState {
     q: [VecDeque<Item>; 4],
     next_seq: u64,
     backpressure: bool,
@@ -143,7 +144,7 @@ pub(crate) struct Outbound {
     data_cap: usize,
     pending_cap: usize,
     drop_interval: Duration,
-    state: Mutex<State>,
+    state: Mutex<QueueState>,
     wake: Notify,
     done: AtomicBool,
     done_notify: Notify,
@@ -174,7 +175,7 @@ impl Outbound {
             data_cap: q.data(),
             pending_cap: replay_messages + q.critical + q.important,
             drop_interval,
-            state: Mutex::new(State {
+            state: Mutex::new(QueueState {
                 q: Default::default(),
                 next_seq: 1,
                 backpressure: false,
@@ -200,11 +201,11 @@ impl Outbound {
         }
     }
 
-    fn data_len(st: &State) -> usize {
+    fn data_len(st: &QueueState) -> usize {
         st.q[1].len() + st.q[2].len() + st.q[3].len()
     }
 
-    fn push_item(&self, st: &mut State, item: Item) {
+    fn push_item(&self, st: &mut QueueState, item: Item) {
         self.m.queue_depth[item.class].increment(1.0);
         st.q[item.class].push_back(item);
     }
@@ -217,7 +218,7 @@ impl Outbound {
         self.wake.notify_one();
     }
 
-    fn push_control_locked(&self, st: &mut State, msg: Message) {
+    fn push_control_locked(&self, st: &mut QueueState, msg: Message) {
         if st.fatal.is_some() || st.stop {
             return;
         }
@@ -307,7 +308,7 @@ impl Outbound {
 
     /// A BULK result of a conflated stream (PROTOCOL 7.5) replaces the queued one of the same
     /// key (or stream), which is recorded as dropped; returns the tag the new one carries.
-    fn conflate_bulk(&self, st: &mut State, r: &Live<'_>) -> Option<Tag> {
+    fn conflate_bulk(&self, st: &mut QueueState, r: &Live<'_>) -> Option<Tag> {
         let mode = st.conflate.get(&**r.stream).copied()?;
         let t = Tag {
             stream: Arc::clone(r.stream),
@@ -328,7 +329,7 @@ impl Outbound {
 
     /// BACKPRESSURE on when the fill (the larger of the data queues' fill and class `c`'s
     /// queue fill) went above 70%.
-    fn check_backpressure(&self, st: &mut State, c: usize) {
+    fn check_backpressure(&self, st: &mut QueueState, c: usize) {
         if st.backpressure {
             return;
         }
@@ -343,7 +344,7 @@ impl Outbound {
     }
 
     /// BACKPRESSURE off once the data queues and every class queue are at most half full.
-    fn backpressure_off(&self, st: &State) -> bool {
+    fn backpressure_off(&self, st: &QueueState) -> bool {
         st.backpressure
             && Self::data_len(st) * 2 <= self.data_cap
             && (1..4).all(|c| st.q[c].len() * 2 <= self.caps[c])

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{class_of, Conflate, Encoding, Item, Outbound, State};
+use super::{class_of, Conflate, Encoding, Item, Outbound, QueueState};
 use crate::protocol::{self, VERSION, VERSION_2};
 use crate::server::fanout::stored::Entry;
 
@@ -84,7 +84,7 @@ impl Outbound {
     }
 
     /// Moves set-aside results into their class queues while those have room.
-    pub(super) fn refill(&self, st: &mut State) {
+    pub(super) fn refill(&self, st: &mut QueueState) {
         while let Some((e, _)) = st.pending.front() {
             let c = class_of(e.priority);
             if st.q[c].len() >= self.caps[c] {
