@@ -3,13 +3,19 @@
 //
 // Grid: x = column tile (BN columns of D), y = row tile (BM samples), z = modality.
 // Each workgroup stages a [BM, BK] tile of x and a [BK, BN] tile of W^T in workgroup memory
-// per step of K and accumulates a TM x TN register tile per invocation in f32. When the tile is
-// done it adds the bias, writes h (once), and reduces q . tanh(h) over its BN columns into one
-// partial score per (modality, row, column tile), so the epilogue never re-reads h to score it.
+// per step of K, both read from storage as vec4, and accumulates a TM x TN register block per
+// invocation in f32. When the tile is done it adds the bias, writes h (once), and reduces
+// q . tanh(h) over its BN columns into one partial score per (modality, row, column tile), so
+// the epilogue never re-reads h to score it.
 //
-// The host prepends a prelude defining BM, BN, BK, TM, TN, SH (workgroup floats) and the input
-// element type `xin_t` (f32, or f16 behind `enable f16;` on adapters with SHADER_F16; the
-// accumulation is f32 either way).
+// No bounds checks in the K loop: the host pads every operand so that each tile is in range.
+// x_m is [rows_pad, ks] (rows_pad a multiple of 128, ks = d_m rounded up to 16, padding zero)
+// and W_m^T is [ks, DP] (DP = D rounded up to 128, padding zero). Only the stores of h and of
+// the partial scores are guarded, once per output after the K loop.
+//
+// The host prepends a prelude defining BM, BN, BK, TM, TN, SH (workgroup floats), the input
+// element type `xin_t` and the weight element type `win_t` (f32, or f16 behind `enable f16;` on
+// adapters with SHADER_F16; the accumulation is f32 either way).
 
 const WGX: u32 = BN / TN;
 const WGY: u32 = BM / TM;
@@ -18,6 +24,8 @@ const NT: u32 = WGX * WGY;
 // (consecutive invocations write consecutive k) does not hit one memory bank.
 const XS: u32 = BM + 1u;
 const WOFF: u32 = BK * XS;
+const BK4: u32 = BK / 4u;
+const BN4: u32 = BN / 4u;
 
 struct Params {
     rows: u32,
@@ -26,10 +34,12 @@ struct Params {
     ntn: u32,
     eps: f32,
     gx: u32,
-    pad0: u32,
+    // Row stride of W^T (D rounded up to 128).
+    dp: u32,
     pad1: u32,
 }
 
+// k: padded width ks; x_off, w_off: element offsets (multiples of 16).
 struct ModInfo {
     k: u32,
     x_off: u32,
@@ -39,9 +49,9 @@ struct ModInfo {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> mods: array<ModInfo>;
-@group(0) @binding(2) var<storage, read> x: array<xin_t>;
-// W_m^T, [d_m, D] row-major per modality, at mods[m].w_off.
-@group(0) @binding(3) var<storage, read> wt: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<vec4<xin_t>>;
+// W_m^T, [ks, DP] row-major per modality, at mods[m].w_off.
+@group(0) @binding(3) var<storage, read> wt: array<vec4<win_t>>;
 // bias [M, D], then gate q [D], gamma [D], beta [D].
 @group(0) @binding(4) var<storage, read> vecs: array<f32>;
 // h [M, rows, D] (bias included).
@@ -87,34 +97,38 @@ fn fusion_proj(
     let k_len = workgroupUniformLoad(&kdim);
     let rows = p.rows;
     let dim = p.dim;
+    let dp = p.dp;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
+    // vec4 indices of this tile's first x row and first W^T column.
+    let x_base = (info.x_off + row0 * k_len) / 4u;
+    let w_base = (info.w_off + col0) / 4u;
+    let k4 = k_len / 4u;
+    let dp4 = dp / 4u;
 
     var acc: array<f32, TM * TN>;
     for (var k0 = 0u; k0 < k_len; k0 += BK) {
-        for (var i = 0u; i < BM * BK / NT; i++) {
+        for (var i = 0u; i < BM * BK4 / NT; i++) {
             let e = tid + i * NT;
-            let r = e / BK;
-            let kk = e % BK;
-            let gr = row0 + r;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if gr < rows && gk < k_len {
-                v = f32(x[info.x_off + gr * k_len + gk]);
-            }
-            sh[kk * XS + r] = v;
+            let r = e / BK4;
+            let kq = e % BK4;
+            let v = vec4<f32>(x[x_base + r * k4 + k0 / 4u + kq]);
+            let s = kq * 4u * XS + r;
+            sh[s] = v.x;
+            sh[s + XS] = v.y;
+            sh[s + 2u * XS] = v.z;
+            sh[s + 3u * XS] = v.w;
         }
-        for (var i = 0u; i < BN * BK / NT; i++) {
+        for (var i = 0u; i < BN4 * BK / NT; i++) {
             let e = tid + i * NT;
-            let kk = e / BN;
-            let c = e % BN;
-            let gk = k0 + kk;
-            let gc = col0 + c;
-            var v = 0.0;
-            if gk < k_len && gc < dim {
-                v = wt[info.w_off + gk * dim + gc];
-            }
-            sh[WOFF + kk * BN + c] = v;
+            let kk = e / BN4;
+            let cq = e % BN4;
+            let v = vec4<f32>(wt[w_base + (k0 + kk) * dp4 + cq]);
+            let s = WOFF + kk * BN + cq * 4u;
+            sh[s] = v.x;
+            sh[s + 1u] = v.y;
+            sh[s + 2u] = v.z;
+            sh[s + 3u] = v.w;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
@@ -134,7 +148,6 @@ fn fusion_proj(
         }
         workgroupBarrier();
     }
-
     // Bias, store h, and this invocation's share of q . tanh(h) per row.
     let gate = p.nmod * dim;
     for (var i = 0u; i < TM; i++) {

@@ -5,7 +5,9 @@
 
 use crate::backend::api::{BackendKind, DeviceEntry, DeviceInfo};
 
-use super::kernels::{EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
+use super::device::coop_f16_16;
+use super::kernels::{Path, Tile, EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
+use super::runner::{env_choices, KERNEL_ENV, TILE_ENV};
 
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;
@@ -134,17 +136,50 @@ fn device_info(index: usize, adapter: &wgpu::Adapter) -> DeviceInfo {
         (true, false) => format!("driver {}", info.driver_info),
         (false, false) => format!("driver {} ({})", info.driver, info.driver_info),
     };
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let coop = f16 && coop_f16_16(adapter);
+    let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
     DeviceInfo {
         kind: BackendKind::Wgpu,
         index,
         name: info.name.clone(),
         detail: format!(
-            "{}, {kind}, {driver}, shader-f16 {}",
+            "{}, {kind}, {driver}, shader-f16 {}, coop-matrix f16 16x16 {}, timestamps {}; {}",
             info.backend,
-            if f16 { "yes" } else { "no" }
+            yes(f16),
+            yes(coop),
+            yes(timestamps),
+            path_line(f16, coop, Tile::Large.fits(&adapter.limits())),
         ),
         accelerator: info.device_type != wgpu::DeviceType::Cpu,
     }
+}
+
+/// Which projection path and tile a device with these capabilities uses under the current
+/// environment (`FUSION_WGPU_KERNEL`, `FUSION_WGPU_TILE`).
+fn path_line(f16: bool, coop: bool, large_ok: bool) -> String {
+    let (tile, choice) = match env_choices() {
+        Ok(c) => c,
+        Err(e) => return format!("path: invalid environment ({e})"),
+    };
+    let (path, fallback) = Path::resolve(choice, f16, coop);
+    let tiles = match (path, tile) {
+        (Path::Coop, _) => "workgroup tile 32x32 of 16x16x16 fragments".to_string(),
+        (_, Some(Tile::Large)) if !large_ok => format!(
+            "tile {} ({TILE_ENV} asks for {}, beyond this adapter's limits)",
+            Tile::Small.shape(),
+            Tile::Large.shape()
+        ),
+        (_, Some(t)) => format!("tile {} ({TILE_ENV})", t.shape()),
+        (_, None) if large_ok => format!(
+            "tile {} (< 512 rows or D < 256), else {}",
+            Tile::Small.shape(),
+            Tile::Large.shape()
+        ),
+        (_, None) => format!("tile {}", Tile::Small.shape()),
+    };
+    let why = fallback.map_or(String::new(), |w| format!(" [{KERNEL_ENV}: {w}]"));
+    format!("path {}, {tiles}{why}", path.name())
 }
 
 /// Checks that the adapter can run the kernels; the reason when it cannot.

@@ -22,6 +22,15 @@ pub(super) struct WgpuDevice {
     pub(super) queue: wgpu::Queue,
     /// SHADER_F16 was granted: f16 inputs stay f16 in storage.
     pub(super) f16: bool,
+    /// TIMESTAMP_QUERY was granted: the GEMM and epilogue passes are timed on the device.
+    pub(super) timestamps: bool,
+    /// The experimental cooperative-matrix feature was granted and the adapter reports f16
+    /// 16 x 16 x 16 matrices with an f32 accumulator.
+    pub(super) coop: bool,
+    /// Subgroup size the cooperative-matrix kernel's workgroup is sized to.
+    pub(super) subgroup: u32,
+    /// The device's limits (the adapter's).
+    pub(super) limits: wgpu::Limits,
     /// Largest storage binding, in bytes.
     pub(super) max_binding: u64,
     /// Largest buffer, in bytes.
@@ -32,19 +41,40 @@ pub(super) struct WgpuDevice {
 }
 
 impl WgpuDevice {
-    /// Requests a device on `adapter` with its full limits and SHADER_F16 when offered.
+    /// Requests a device on `adapter` with its full limits, and SHADER_F16, TIMESTAMP_QUERY and
+    /// (experimental) cooperative matrices when offered.
     pub(super) fn open(adapter: &wgpu::Adapter) -> std::result::Result<WgpuDevice, String> {
-        let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        let offered = adapter.features();
+        let f16 = offered.contains(wgpu::Features::SHADER_F16);
+        let timestamps = offered.contains(wgpu::Features::TIMESTAMP_QUERY);
+        let coop = f16 && coop_f16_16(adapter);
+        let mut features = wgpu::Features::empty();
+        for (on, f) in [
+            (f16, wgpu::Features::SHADER_F16),
+            (timestamps, wgpu::Features::TIMESTAMP_QUERY),
+            (coop, wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        ] {
+            if on {
+                features |= f;
+            }
+        }
+        let experimental = if coop {
+            // SAFETY: only EXPERIMENTAL_COOPERATIVE_MATRIX is requested among the experimental
+            // features, and only its shader (fusion_proj_coop.wgsl, naga-validated in the tests)
+            // uses it: f16 16x16 fragments the adapter reported, loads and stores kept in
+            // bounds by the host's padding, run by whole subgroups in uniform control flow.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let limits = adapter.limits();
+        let info = adapter.get_info();
+        let subgroup = info.subgroup_max_size.clamp(1, 128);
         let desc = wgpu::DeviceDescriptor {
             label: Some("fusion-engine"),
-            required_features: if f16 {
-                wgpu::Features::SHADER_F16
-            } else {
-                wgpu::Features::empty()
-            },
+            required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::default(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
@@ -61,6 +91,10 @@ impl WgpuDevice {
             device,
             queue,
             f16,
+            timestamps,
+            coop,
+            subgroup,
+            limits: limits.clone(),
             max_binding: limits.max_storage_buffer_binding_size.min(BINDING_CAP),
             max_buffer: limits.max_buffer_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
@@ -77,14 +111,14 @@ impl WgpuDevice {
         }
     }
 
-    /// Submits `cmd` and blocks until it and the map requests made by `after_submit` are done.
-    pub(super) fn submit_and_wait(
-        &self,
-        cmd: wgpu::CommandBuffer,
-        after_submit: impl FnOnce(),
-    ) -> Result<()> {
-        let idx = self.queue.submit([cmd]);
-        after_submit();
+    /// Submits `cmd` without waiting.
+    pub(super) fn submit(&self, cmd: wgpu::CommandBuffer) -> wgpu::SubmissionIndex {
+        self.queue.submit([cmd])
+    }
+
+    /// Blocks until submission `idx` is done (its map callbacks have run), then reports any
+    /// error wgpu recorded.
+    pub(super) fn wait_for(&self, idx: wgpu::SubmissionIndex) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(idx),
@@ -93,6 +127,24 @@ impl WgpuDevice {
             .map_err(|e| device_error(format!("waiting for the device: {e}")))?;
         self.take_error()
     }
+}
+
+/// True when the adapter offers the experimental cooperative-matrix feature with f16 A/B and an
+/// f32 accumulator in 16 x 16 x 16 (what `fusion_proj_coop.wgsl` uses).
+pub(super) fn coop_f16_16(adapter: &wgpu::Adapter) -> bool {
+    if !adapter
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        return false;
+    }
+    adapter.cooperative_matrix_properties().iter().any(|p| {
+        p.m_size == 16
+            && p.n_size == 16
+            && p.k_size == 16
+            && p.ab_type == wgpu::CooperativeScalarType::F16
+            && p.cr_type == wgpu::CooperativeScalarType::F32
+    })
 }
 
 fn record(sink: &Mutex<Option<String>>, msg: String) {
@@ -150,20 +202,40 @@ impl MapState {
         });
     }
 
+    /// True while a mapping is requested and not yet complete.
+    pub(super) fn is_pending(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::PENDING
+    }
+
     /// True when the buffer is mapped.
     pub(super) fn is_mapped(&self) -> bool {
         self.0.load(Ordering::Acquire) == Self::MAPPED
     }
 
-    /// Ensures the mapping completed, polling the device once more if the callback has not run.
-    pub(super) fn wait(&self, device: &wgpu::Device, what: &str) -> Result<()> {
+    /// Ensures the mapping completed, polling the device (up to submission `after`, the last
+    /// one using the buffer, or everything when unknown) if the callback has not run.
+    pub(super) fn wait(
+        &self,
+        device: &wgpu::Device,
+        what: &str,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<()> {
         if self.0.load(Ordering::Acquire) == Self::PENDING {
             device
                 .poll(wgpu::PollType::Wait {
-                    submission_index: None,
+                    submission_index: after,
                     timeout: Some(WAIT_TIMEOUT),
                 })
                 .map_err(|e| device_error(format!("waiting to map {what}: {e}")))?;
+            if self.0.load(Ordering::Acquire) == Self::PENDING {
+                // Requested after `after` was submitted: completes with the next poll.
+                device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: None,
+                        timeout: Some(WAIT_TIMEOUT),
+                    })
+                    .map_err(|e| device_error(format!("waiting to map {what}: {e}")))?;
+            }
         }
         match self.0.load(Ordering::Acquire) {
             Self::MAPPED => Ok(()),

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 const PROJ_SRC: &str = include_str!("../../../shaders/fusion_proj.wgsl");
+const COOP_SRC: &str = include_str!("../../../shaders/fusion_proj_coop.wgsl");
 const EPILOGUE_SRC: &str = include_str!("../../../shaders/fusion_epilogue.wgsl");
 
 /// Invocations per projection workgroup (16 x 16).
@@ -19,10 +20,25 @@ pub(super) const SHARED_BYTES: u32 = {
     (if a > b { a } else { b }) * 4 + 4
 };
 
+/// Rows of x are padded to a multiple of this (the largest BM), so no row tile reads past x.
+pub(super) const ROW_PAD: usize = 128;
+/// Each modality's width is padded (with zeros, in x and W^T) to a multiple of this (the
+/// largest BK, and the cooperative matrices' K), so no K step reads past its row.
+pub(super) const K_PAD: usize = 16;
+/// W^T's row stride: D rounded up to this (the largest BN).
+pub(super) const COL_PAD: usize = 128;
+
+/// Cooperative-matrix fragments per workgroup tile (rows x columns of 16 x 16 fragments).
+const COOP_FM: u32 = 2;
+const COOP_FN: u32 = 2;
+
 // WebGPU's default (and minimum) workgroup memory is 16 KiB: every variant fits it.
 const _: () = assert!(SHARED_BYTES <= 16384);
+const _: () = assert!(
+    ROW_PAD.is_multiple_of(16 * COOP_FM as usize) && COL_PAD.is_multiple_of(16 * COOP_FN as usize)
+);
 
-/// A projection GEMM tile shape.
+/// A projection GEMM tile shape of the tiled (register-blocked) kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tile {
     /// 64 x 64 output tile, 4 x 4 per invocation, K step 16: small batches and narrow heads.
@@ -32,6 +48,9 @@ pub enum Tile {
 }
 
 impl Tile {
+    /// Every tile shape.
+    pub const ALL: [Tile; 2] = [Tile::Small, Tile::Large];
+
     /// `(BM, BN, BK, TM, TN)`.
     pub(super) const fn dims(self) -> (u32, u32, u32, u32, u32) {
         match self {
@@ -50,6 +69,26 @@ impl Tile {
         self.dims().1
     }
 
+    /// `BMxBNxBK`, as `FUSION_WGPU_TILE` accepts it and `devices` prints it.
+    pub fn shape(self) -> String {
+        let (bm, bn, bk, tm, tn) = self.dims();
+        format!("{bm}x{bn}x{bk}/{tm}x{tn}")
+    }
+
+    /// Parses `small`, `large`, or a shape `BMxBNxBK` (`64x64x16`, `128x128x8`); `auto` and
+    /// the empty string are `Ok(None)`.
+    pub fn parse(s: &str) -> Result<Option<Tile>, String> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "" | "auto" => Ok(None),
+            "small" | "64x64x16" => Ok(Some(Tile::Small)),
+            "large" | "128x128x8" => Ok(Some(Tile::Large)),
+            _ => Err(format!(
+                "FUSION_WGPU_TILE={s:?}: expected auto, small (64x64x16) or large (128x128x8)"
+            )),
+        }
+    }
+
     /// Floats of workgroup memory: the staged x (padded rows) and W tiles, or the score
     /// reduction, whichever is larger (they share the array).
     const fn shared_floats(self) -> u32 {
@@ -63,10 +102,20 @@ impl Tile {
         }
     }
 
+    /// True when the adapter's limits run this tile.
+    pub(super) fn fits(self, limits: &wgpu::Limits) -> bool {
+        let (bm, bn, _, tm, tn) = self.dims();
+        let (x, y) = (bn / tn, bm / tm);
+        limits.max_compute_workgroup_storage_size >= self.shared_floats() * 4 + 4
+            && limits.max_compute_invocations_per_workgroup >= x * y
+            && limits.max_compute_workgroup_size_x >= x
+            && limits.max_compute_workgroup_size_y >= y
+    }
+
     /// The tile for a chunk of `rows` samples of width `dim`: the large tile only where it
-    /// fills the device without wasting most of a tile.
-    pub(super) fn choose(rows: usize, dim: usize) -> Tile {
-        if rows >= 512 && dim >= 256 {
+    /// fills the device without wasting most of a tile, and the adapter allows it.
+    pub(super) fn choose(rows: usize, dim: usize, large_ok: bool) -> Tile {
+        if large_ok && rows >= 512 && dim >= 256 {
             Tile::Large
         } else {
             Tile::Small
@@ -74,12 +123,126 @@ impl Tile {
     }
 }
 
-/// Input element type of the projection kernel.
+/// Which projection kernel a device runs, as asked for (`FUSION_WGPU_KERNEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KernelChoice {
+    /// f32 weights, f32 accumulation (the documented f32 tolerances); f16 inputs stay f16 on
+    /// devices with SHADER_F16. The default.
+    #[default]
+    Auto,
+    /// Same as `Auto`.
+    F32,
+    /// f16 weights and f16 inputs (f32 and bf16 inputs are narrowed on the host), f32
+    /// accumulation; needs SHADER_F16, else falls back to f32. Tolerance 1e-2.
+    F16,
+    /// As `F16`, on cooperative matrices (f16 16 x 16 x 16, f32 accumulator) where the adapter
+    /// reports them; else falls back to `F16`, then f32.
+    Coop,
+}
+
+impl KernelChoice {
+    /// Parses `auto`, `f32`, `f16`, `coop` (empty: auto).
+    pub fn parse(s: &str) -> Result<KernelChoice, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(KernelChoice::Auto),
+            "f32" => Ok(KernelChoice::F32),
+            "f16" => Ok(KernelChoice::F16),
+            "coop" | "coop-matrix" => Ok(KernelChoice::Coop),
+            other => Err(format!(
+                "FUSION_WGPU_KERNEL={other:?}: expected auto, f32, f16 or coop"
+            )),
+        }
+    }
+}
+
+/// The projection path a device actually runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Register-blocked tiled GEMM, f32 weights (f16 inputs read as f16 where allowed).
+    TiledF32,
+    /// Register-blocked tiled GEMM, f16 weights and inputs, f32 accumulation.
+    TiledF16,
+    /// Cooperative matrices, f16 weights and inputs, f32 accumulation.
+    Coop,
+}
+
+impl Path {
+    /// Resolves a choice against what the device has; the path and, on a fallback, why.
+    pub(super) fn resolve(choice: KernelChoice, f16: bool, coop: bool) -> (Path, Option<String>) {
+        match choice {
+            KernelChoice::Auto | KernelChoice::F32 => (Path::TiledF32, None),
+            KernelChoice::F16 if f16 => (Path::TiledF16, None),
+            KernelChoice::Coop if f16 && coop => (Path::Coop, None),
+            KernelChoice::Coop if f16 => (
+                Path::TiledF16,
+                Some("no f16 16x16 cooperative matrices: tiled f16 instead".into()),
+            ),
+            KernelChoice::F16 | KernelChoice::Coop => (
+                Path::TiledF32,
+                Some("no SHADER_F16: tiled f32 instead".into()),
+            ),
+        }
+    }
+
+    /// True when weights are f16 on the device (inputs are then f16 too).
+    pub(super) fn f16_weights(self) -> bool {
+        self != Path::TiledF32
+    }
+
+    /// Short name for `devices` and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::TiledF32 => "tiled f32",
+            Path::TiledF16 => "tiled f16",
+            Path::Coop => "coop-matrix f16",
+        }
+    }
+}
+
+/// One compiled projection kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum ProjVariant {
+    /// The tiled kernel with this tile and input / weight types.
+    Tiled(Tile, XType, XType),
+    /// The cooperative-matrix kernel, one subgroup of `sg` invocations per workgroup.
+    Coop { sg: u32 },
+}
+
+impl ProjVariant {
+    /// `(BM, BN)` of one workgroup's output tile.
+    pub(super) fn tile_mn(self) -> (u32, u32) {
+        match self {
+            ProjVariant::Tiled(t, _, _) => (t.bm(), t.bn()),
+            ProjVariant::Coop { .. } => (16 * COOP_FM, 16 * COOP_FN),
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            ProjVariant::Tiled(t, x, w) => {
+                format!("fusion_proj_{t:?}_x{}_w{}", x.name(), w.name())
+            }
+            ProjVariant::Coop { sg } => format!("fusion_proj_coop_sg{sg}"),
+        }
+    }
+
+    fn source(self) -> String {
+        match self {
+            ProjVariant::Tiled(t, x, w) => proj_source(t, x, w),
+            ProjVariant::Coop { sg } => format!(
+                "enable f16;\nenable wgpu_cooperative_matrix;\nconst FM: u32 = {COOP_FM}u;\n\
+                 const FN: u32 = {COOP_FN}u;\nconst SG: u32 = {sg}u;\n{COOP_SRC}"
+            ),
+        }
+    }
+}
+
+/// Input (or weight) element type of the projection kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum XType {
-    /// f32 inputs (f32 on the wire, or f16/bf16 widened on the host).
+    /// f32 (f32 on the wire, or f16/bf16 widened on the host).
     F32,
-    /// f16 inputs read as f16 from storage (needs SHADER_F16), accumulated in f32.
+    /// f16 read as f16 from storage (needs SHADER_F16), accumulated in f32.
     F16,
 }
 
@@ -91,16 +254,26 @@ impl XType {
             XType::F16 => 2,
         }
     }
+
+    const fn name(self) -> &'static str {
+        match self {
+            XType::F32 => "f32",
+            XType::F16 => "f16",
+        }
+    }
 }
 
-fn proj_source(tile: Tile, x: XType) -> String {
+fn proj_source(tile: Tile, x: XType, w: XType) -> String {
     let (bm, bn, bk, tm, tn) = tile.dims();
     let mut s = String::new();
-    if x == XType::F16 {
-        s.push_str("enable f16;\nalias xin_t = f16;\n");
-    } else {
-        s.push_str("alias xin_t = f32;\n");
+    if x == XType::F16 || w == XType::F16 {
+        s.push_str("enable f16;\n");
     }
+    s.push_str(&format!(
+        "alias xin_t = {};\nalias win_t = {};\n",
+        x.name(),
+        w.name()
+    ));
     s.push_str(&format!(
         "const BM: u32 = {bm}u;\nconst BN: u32 = {bn}u;\nconst BK: u32 = {bk}u;\n\
          const TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\nconst SH: u32 = {}u;\n",
@@ -108,6 +281,31 @@ fn proj_source(tile: Tile, x: XType) -> String {
     ));
     s.push_str(PROJ_SRC);
     s
+}
+
+/// Every shader variant this backend can compile, as `(label, WGSL)`: the tiled kernel for
+/// each tile and type pair, the cooperative-matrix kernel (subgroups of 32 and 64), and the
+/// epilogue for a few widths. For validation without a device (tests run naga on them).
+pub fn shader_sources() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for t in Tile::ALL {
+        for (x, w) in [
+            (XType::F32, XType::F32),
+            (XType::F16, XType::F32),
+            (XType::F16, XType::F16),
+        ] {
+            let p = ProjVariant::Tiled(t, x, w);
+            v.push((p.label(), p.source()));
+        }
+    }
+    for sg in [32, 64] {
+        let p = ProjVariant::Coop { sg };
+        v.push((p.label(), p.source()));
+    }
+    for vpt in [1, 2, 4] {
+        v.push((format!("fusion_epilogue_vpt{vpt}"), epilogue_source(vpt)));
+    }
+    v
 }
 
 fn epilogue_source(vpt: u32) -> String {
@@ -153,7 +351,7 @@ pub(super) struct Kernels {
     pub(super) epilogue_layout: wgpu::BindGroupLayout,
     proj_pipeline_layout: wgpu::PipelineLayout,
     epilogue_pipeline_layout: wgpu::PipelineLayout,
-    proj: HashMap<(Tile, XType), wgpu::ComputePipeline>,
+    proj: HashMap<ProjVariant, wgpu::ComputePipeline>,
     epilogue: HashMap<u32, wgpu::ComputePipeline>,
 }
 
@@ -200,29 +398,24 @@ impl Kernels {
         }
     }
 
-    /// The projection pipeline for a tile and input type, compiled on first use.
+    /// The projection pipeline of a variant, compiled on first use.
     pub(super) fn proj(
         &mut self,
         device: &wgpu::Device,
-        tile: Tile,
-        x: XType,
+        v: ProjVariant,
     ) -> Result<&wgpu::ComputePipeline, String> {
-        if !self.proj.contains_key(&(tile, x)) {
-            let label = format!(
-                "fusion_proj_{}_{tile:?}",
-                if x == XType::F16 { "f16" } else { "f32" }
-            );
+        if !self.proj.contains_key(&v) {
             let p = compile(
                 device,
                 &self.proj_pipeline_layout,
-                &label,
-                &proj_source(tile, x),
+                &v.label(),
+                &v.source(),
                 "fusion_proj",
             )?;
-            self.proj.insert((tile, x), p);
+            self.proj.insert(v, p);
         }
         self.proj
-            .get(&(tile, x))
+            .get(&v)
             .ok_or_else(|| "projection pipeline missing from its cache".to_string())
     }
 

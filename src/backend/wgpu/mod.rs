@@ -6,18 +6,26 @@
 //!   is a reason, never a panic.
 //! - [`device`]: [`device::WgpuDevice`], the opened device and queue (full adapter limits,
 //!   SHADER_F16 when offered) and its error capture.
-//! - [`kernels`]: `shaders/fusion_proj.wgsl` (tiled GEMM for every modality in one dispatch, with
-//!   bias and the score's partial sums fused in) and `shaders/fusion_epilogue.wgsl` (masked
-//!   softmax, weighted sum, LayerNorm), compiled once per variant and cached.
-//! - [`weights`]: the head's parameters, uploaded once per head.
-//! - [`pool`]: grow-only device and staging buffers reused by every batch.
+//! - [`kernels`]: `shaders/fusion_proj.wgsl` (register-blocked tiled GEMM for every modality in
+//!   one dispatch, vec4 loads, no bounds checks in the K loop, with bias and the score's partial
+//!   sums fused in; f32 or f16 inputs and weights), `shaders/fusion_proj_coop.wgsl` (the same on
+//!   cooperative matrices, where the adapter has them) and `shaders/fusion_epilogue.wgsl`
+//!   (masked softmax, weighted sum, LayerNorm), compiled once per variant and cached.
+//! - [`weights`]: the head's parameters, padded to whole tiles, uploaded once per head.
+//! - [`pool`]: grow-only device buffers and the ring of staging slots, reused by every batch.
 //! - [`run`]: chunk sizing, packing and readback helpers.
+//! - [`stream`]: a batch's chunks through the staging ring, overlapped.
 //! - [`runner`]: [`runner::WgpuRunner`], everything one opened adapter holds: head upload,
 //!   chunked runs, bind group cache.
 //! - `mod.rs` (here): [`WgpuBackend`], the [`Backend`] over a boxed runner.
 //!
 //! Inputs: f32 as is; f16 stays f16 in device memory when the adapter has SHADER_F16 (accumulation
 //! is f32), otherwise it is widened on the host like bf16.
+//!
+//! Environment: `FUSION_WGPU_KERNEL` = `auto` | `f32` (tiled, f32 weights: the default) | `f16`
+//! (tiled, f16 weights and inputs, f32 accumulation, tolerance 1e-2; needs SHADER_F16) | `coop`
+//! (f16 on cooperative matrices; falls back to `f16`, then `f32`); `FUSION_WGPU_TILE` = `auto` |
+//! `small` (`64x64x16`) | `large` (`128x128x8`). `devices` prints the path each adapter uses.
 
 use std::sync::Arc;
 
@@ -32,10 +40,11 @@ mod kernels;
 mod pool;
 mod run;
 mod runner;
+mod stream;
 mod weights;
 
 pub use adapter::discover;
-pub use kernels::Tile;
+pub use kernels::{shader_sources, KernelChoice, Path, Tile};
 
 use runner::WgpuRunner;
 
@@ -71,6 +80,37 @@ impl WgpuBackend {
     pub fn f16_storage(&self) -> bool {
         self.0.f16_storage()
     }
+
+    /// Chooses the projection path (as `FUSION_WGPU_KERNEL` does); returns the path the device
+    /// runs, which falls back when the choice needs what the adapter lacks.
+    pub fn set_kernel(&mut self, choice: KernelChoice) -> Path {
+        let r = &mut self.0;
+        let (path, fallback) = Path::resolve(choice, r.gpu_f16(), r.gpu_coop());
+        r.path = path;
+        r.fallback = fallback;
+        path
+    }
+
+    /// The projection path in use.
+    pub fn path(&self) -> Path {
+        self.0.path
+    }
+
+    /// Why the chosen path fell back, when it did.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.0.fallback.as_deref()
+    }
+
+    /// True when the device times its passes (TIMESTAMP_QUERY).
+    pub fn timestamps(&self) -> bool {
+        self.0.gpu_timestamps()
+    }
+
+    /// Buffers and query sets created since the device was opened: constant once batches of a
+    /// size have run (steady state allocates nothing).
+    pub fn buffers_created(&self) -> u64 {
+        self.0.buffers_created()
+    }
 }
 
 impl Backend for WgpuBackend {
@@ -92,5 +132,9 @@ impl Backend for WgpuBackend {
 
     fn run_projections_only(&mut self, batch: &BatchRef<'_>) -> Result<bool> {
         self.0.run_projections_only(batch)
+    }
+
+    fn take_run_stats(&mut self) -> Option<crate::backend::api::RunStats> {
+        self.0.take_run_stats()
     }
 }

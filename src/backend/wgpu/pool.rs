@@ -1,7 +1,11 @@
 //! The buffer pool: grow-only device buffers for one chunk's inputs, activations and outputs,
-//! plus the mapped staging buffers that carry them across the bus. A buffer is only replaced
-//! when a chunk needs more than it holds, so steady-state batches allocate nothing; every
-//! replacement bumps [`Pool::generation`] so cached bind groups are rebuilt.
+//! plus a ring of [`RING`] staging slots (an upload buffer mapped at creation and re-mapped
+//! right after each use, a readback buffer, and a timestamp query set) so that consecutive
+//! chunks overlap: the host packs chunk i + 1 while the device runs chunk i and the results of
+//! chunk i - 1 wait in their slot. A buffer is only replaced when a batch needs more than it
+//! holds, and only between batches (never under a chunk in flight), so steady-state batches
+//! create nothing ([`Pool::created`] counts every buffer and query set ever created); every
+//! replacement of a device buffer bumps [`Pool::generation`] so cached bind groups are rebuilt.
 
 use crate::error::Result;
 
@@ -100,14 +104,67 @@ pub(super) struct Pool {
     pub(super) h: GrowBuffer,
     pub(super) part: GrowBuffer,
     pub(super) out: GrowBuffer,
-    /// MAP_WRITE staging for inputs, kept mapped between chunks.
+    /// The staging ring.
+    pub(super) slots: Vec<Slot>,
+    /// Bumped whenever a device buffer is replaced.
+    pub(super) generation: u64,
+    /// Buffers and query sets created so far (tests: constant in steady state).
+    pub(super) created: u64,
+}
+
+/// Staging slots in the ring: one being packed, one running, one being drained.
+pub(super) const RING: usize = 3;
+
+/// Timestamps per chunk: GEMM pass begin/end, epilogue pass begin/end.
+pub(super) const TIMESTAMPS: u32 = 4;
+
+/// A chunk submitted from a slot and not yet drained.
+pub(super) struct Pending {
+    /// Its submission.
+    pub(super) index: wgpu::SubmissionIndex,
+    /// First sample of the chunk in its batch, and its samples.
+    pub(super) start: usize,
+    pub(super) rows: usize,
+    /// Bytes of results in the readback buffer (0: projections only).
+    pub(super) out_bytes: u64,
+    /// Where the resolved timestamps sit in the readback buffer, when timed.
+    pub(super) ts_at: Option<u64>,
+}
+
+/// One staging slot of the ring.
+pub(super) struct Slot {
+    /// MAP_WRITE staging for inputs, mapped at creation and re-mapped after each use.
     pub(super) upload: GrowBuffer,
     pub(super) upload_state: MapState,
-    /// MAP_READ staging for outputs.
+    /// The submission that last used `upload` (its re-mapping completes with it).
+    pub(super) upload_index: Option<wgpu::SubmissionIndex>,
+    /// MAP_READ staging for outputs (and the chunk's timestamps after them).
     pub(super) readback: GrowBuffer,
     pub(super) readback_state: MapState,
-    /// Bumped whenever a buffer is replaced.
-    pub(super) generation: u64,
+    /// Timestamp queries and their resolve buffer (devices with TIMESTAMP_QUERY).
+    pub(super) query: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    /// The chunk in flight from this slot.
+    pub(super) pending: Option<Pending>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        use wgpu::BufferUsages as U;
+        Slot {
+            upload: GrowBuffer::new("upload", U::MAP_WRITE | U::COPY_SRC),
+            upload_state: MapState::default(),
+            upload_index: None,
+            readback: GrowBuffer::new("readback", U::MAP_READ | U::COPY_DST),
+            readback_state: MapState::default(),
+            query: None,
+            pending: None,
+        }
+    }
+}
+
+/// Byte offset of the timestamps in a readback buffer holding `out` bytes of results.
+pub(super) fn ts_offset(out: u64) -> u64 {
+    out.div_ceil(GRANULE) * GRANULE
 }
 
 impl Pool {
@@ -123,16 +180,29 @@ impl Pool {
             h: GrowBuffer::new("h", U::STORAGE),
             part: GrowBuffer::new("part", U::STORAGE),
             out: GrowBuffer::new("out", U::STORAGE | U::COPY_SRC),
-            upload: GrowBuffer::new("upload", U::MAP_WRITE | U::COPY_SRC),
-            upload_state: MapState::default(),
-            readback: GrowBuffer::new("readback", U::MAP_READ | U::COPY_DST),
-            readback_state: MapState::default(),
+            slots: (0..RING).map(|_| Slot::new()).collect(),
             generation: 0,
+            created: 0,
         }
     }
 
-    /// Grows what is too small for a chunk of these sizes and leaves the upload staging
-    /// buffer mapped for writing.
+    /// Waits for every chunk still in flight (left by a batch that failed) and unmaps what it
+    /// left mapped for reading; afterwards no slot is pending.
+    pub(super) fn drain(&mut self, gpu: &WgpuDevice) -> Result<()> {
+        for slot in &mut self.slots {
+            if let Some(p) = slot.pending.take() {
+                gpu.wait_for(p.index)?;
+            }
+            if slot.readback_state.is_mapped() {
+                slot.readback.get()?.unmap();
+                slot.readback_state.set_unmapped();
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows what is too small for chunks of these sizes (called between batches, after
+    /// [`Pool::drain`]) and leaves every upload staging buffer mapped or being mapped.
     pub(super) fn prepare(
         &mut self,
         gpu: &WgpuDevice,
@@ -140,35 +210,54 @@ impl Pool {
         params_bytes: u64,
     ) -> Result<()> {
         let bind = gpu.max_binding;
-        if self.readback_state.is_mapped() {
-            // Left mapped by a chunk that failed after its map request.
-            self.readback.get()?.unmap();
-            self.readback_state.set_unmapped();
+        let mut grown = 0u64;
+        for (buf, need) in [
+            (&mut self.params, params_bytes),
+            (&mut self.mods, b.mods),
+            (&mut self.x, b.x),
+            (&mut self.mask, b.mask),
+            (&mut self.h, b.h),
+            (&mut self.part, b.part),
+            (&mut self.out, b.out),
+        ] {
+            grown += u64::from(buf.ensure(gpu, need, bind, false)?);
         }
-        let mut grown = false;
-        grown |= self.params.ensure(gpu, params_bytes, bind, false)?;
-        grown |= self.mods.ensure(gpu, b.mods, bind, false)?;
-        grown |= self.x.ensure(gpu, b.x, bind, false)?;
-        grown |= self.mask.ensure(gpu, b.mask, bind, false)?;
-        grown |= self.h.ensure(gpu, b.h, bind, false)?;
-        grown |= self.part.ensure(gpu, b.part, bind, false)?;
-        grown |= self.out.ensure(gpu, b.out, bind, false)?;
-        if grown {
+        if grown > 0 {
             self.generation += 1;
         }
-        if self.readback.ensure(gpu, b.out, gpu.max_buffer, false)? {
-            self.readback_state = MapState::default();
+        let readback = ts_offset(b.out) + u64::from(TIMESTAMPS) * 8;
+        for slot in &mut self.slots {
+            if slot.readback.ensure(gpu, readback, gpu.max_buffer, false)? {
+                slot.readback_state = MapState::default();
+                grown += 1;
+            }
+            if slot.upload.ensure(gpu, b.upload, gpu.max_buffer, true)? {
+                slot.upload_state = MapState::mapped();
+                slot.upload_index = None;
+                grown += 1;
+            } else if !slot.upload_state.is_mapped() && !slot.upload_state.is_pending() {
+                // Normally re-mapped right after its chunk; this covers a failed chunk.
+                let buf = slot.upload.get()?;
+                slot.upload_state
+                    .request(buf, wgpu::MapMode::Write, 0..buf.size());
+            }
+            if gpu.timestamps && slot.query.is_none() {
+                let q = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("fusion timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: TIMESTAMPS,
+                });
+                let r = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("timestamp resolve"),
+                    size: u64::from(TIMESTAMPS) * 8,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                slot.query = Some((q, r));
+                grown += 2;
+            }
         }
-        if self.upload.ensure(gpu, b.upload, gpu.max_buffer, true)? {
-            self.upload_state = MapState::mapped();
-        } else if !self.upload_state.is_mapped() {
-            // Normally re-mapped right after the previous chunk; this covers a failed chunk.
-            let buf = self.upload.get()?;
-            self.upload_state
-                .request(buf, wgpu::MapMode::Write, 0..buf.size());
-            self.upload_state
-                .wait(&gpu.device, "the upload staging buffer")?;
-        }
+        self.created += grown;
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use crate::model::FusionHead;
 use crate::tensor::{bytes_to_f32, DType};
 
 use super::device::{device_error, WgpuDevice};
-use super::kernels::{Tile, XType};
+use super::kernels::{XType, COL_PAD, K_PAD, ROW_PAD};
 use super::pool::ChunkBytes;
 
 /// Bytes of the `Params` uniform (8 words).
@@ -29,9 +29,11 @@ pub(super) struct Layout {
     pub(super) rows: usize,
     /// Column tiles of the GEMM.
     pub(super) ntn: u32,
+    /// Row stride of W^T (D rounded up to [`COL_PAD`]).
+    pub(super) dp: usize,
     /// Byte sizes.
     pub(super) bytes: ChunkBytes,
-    /// Byte offset of each modality's rows in `x`.
+    /// Byte offset of each modality's rows in `x` (each `[rows_pad, ks_m]`).
     pub(super) x_off: Vec<u64>,
     /// Offset of the mask in the upload staging buffer (params and mods come first).
     pub(super) mask_at: u64,
@@ -39,28 +41,41 @@ pub(super) struct Layout {
     pub(super) x_at: u64,
 }
 
+/// Rows of x a chunk of `rows` samples holds (padded so no row tile reads past it).
+pub(super) fn rows_pad(rows: usize) -> usize {
+    rows.div_ceil(ROW_PAD) * ROW_PAD
+}
+
+/// A modality's row stride in x: its width rounded up to [`K_PAD`].
+pub(super) fn k_pad(width: usize) -> usize {
+    width.div_ceil(K_PAD) * K_PAD
+}
+
 impl Layout {
-    /// The layout of a chunk of `rows` samples.
-    pub(super) fn new(head: &FusionHead, rows: usize, xt: XType, tile: Tile) -> Layout {
+    /// The layout of a chunk of `rows` samples for a GEMM of `bn`-column tiles.
+    pub(super) fn new(head: &FusionHead, rows: usize, xt: XType, bn: u32) -> Layout {
         let (m, d) = (head.num_modalities() as u64, head.dim as u64);
         let n = rows as u64;
-        let ntn = head.dim.div_ceil(tile.bn() as usize) as u32;
+        let np = rows_pad(rows) as u64;
+        let ntn = head.dim.div_ceil(bn as usize) as u32;
         let mut x_off = Vec::with_capacity(head.num_modalities());
         let mut x = 0u64;
         for md in &head.modalities {
             x_off.push(x);
-            x += align4(n * md.width as u64 * xt.size() as u64);
+            x += np * k_pad(md.width) as u64 * xt.size() as u64;
         }
         let mods = m * MOD_BYTES;
         let mask = align4(n * m);
         let mask_at = PARAMS_BYTES + mods;
-        let x_at = mask_at + mask;
+        // x is read as vec4 (16 bytes): keep its staging offset 16-aligned too.
+        let x_at = (mask_at + mask).div_ceil(16) * 16;
         Layout {
             rows,
             ntn,
+            dp: head.dim.div_ceil(COL_PAD) * COL_PAD,
             bytes: ChunkBytes {
                 mods,
-                x,
+                x: x.max(16),
                 mask,
                 h: m * n * d * 4,
                 part: m * n * ntn as u64 * 4,
@@ -91,16 +106,16 @@ pub(super) fn chunk_rows(
     head: &FusionHead,
     rows: usize,
     xt: XType,
-    tile: Tile,
+    bn: u32,
     cap: usize,
 ) -> Result<usize> {
     let fits = |n: usize| {
-        let (binding, buffer) = Layout::new(head, n, xt, tile).largest();
+        let (binding, buffer) = Layout::new(head, n, xt, bn).largest();
         binding <= gpu.max_binding && buffer <= gpu.max_buffer
     };
     let mut n = rows.min(cap).min(gpu.max_groups as usize).max(1);
     if !fits(1) {
-        let (binding, _) = Layout::new(head, 1, xt, tile).largest();
+        let (binding, _) = Layout::new(head, 1, xt, bn).largest();
         return Err(device_error(format!(
             "one sample of this head needs a {binding}-byte binding, the adapter allows {}",
             gpu.max_binding
@@ -114,7 +129,7 @@ pub(super) fn chunk_rows(
 }
 
 /// The `Params` uniform of a chunk (see the shaders).
-pub(super) fn params(head: &FusionHead, rows: usize, ntn: u32) -> [u32; 8] {
+pub(super) fn params(head: &FusionHead, rows: usize, ntn: u32, dp: usize) -> [u32; 8] {
     [
         rows as u32,
         head.dim as u32,
@@ -122,12 +137,14 @@ pub(super) fn params(head: &FusionHead, rows: usize, ntn: u32) -> [u32; 8] {
         ntn,
         (head.eps as f32).to_bits(),
         rows as u32,
-        0,
+        dp as u32,
         0,
     ]
 }
 
-/// Writes params, modality records, mask and inputs of `batch` into the mapped staging view.
+/// Writes params, modality records, mask and inputs of `batch` into the mapped staging view:
+/// each modality as `[rows_pad, ks]` of `xt`, converted on the host where its dtype differs,
+/// with the padding columns and rows zeroed.
 pub(super) fn pack(
     view: &mut wgpu::BufferViewMut,
     layout: &Layout,
@@ -137,12 +154,12 @@ pub(super) fn pack(
     xt: XType,
 ) -> Result<()> {
     let es = xt.size() as u64;
-    let p = params(head, layout.rows, layout.ntn);
+    let p = params(head, layout.rows, layout.ntn, layout.dp);
     view.slice(0..PARAMS_BYTES as usize)
         .copy_from_slice(bytemuck::cast_slice(&p));
     for (i, md) in head.modalities.iter().enumerate() {
         let rec = [
-            md.width as u32,
+            k_pad(md.width) as u32,
             (layout.x_off[i] / es) as u32,
             w_off[i],
             0u32,
@@ -154,35 +171,70 @@ pub(super) fn pack(
     let mask_at = layout.mask_at as usize;
     view.slice(mask_at..mask_at + batch.mask.len())
         .copy_from_slice(batch.mask);
-    let pad = layout.bytes.mask as usize - batch.mask.len();
-    view.slice(mask_at + batch.mask.len()..mask_at + batch.mask.len() + pad)
+    view.slice(mask_at + batch.mask.len()..layout.x_at as usize)
         .fill(0);
-    for (i, x) in batch.inputs.iter().enumerate() {
+    let np = rows_pad(layout.rows);
+    for (i, (x, md)) in batch.inputs.iter().zip(&head.modalities).enumerate() {
+        let (k, ks) = (md.width, k_pad(md.width));
         let at = (layout.x_at + layout.x_off[i]) as usize;
-        match (xt, x.dtype) {
-            (XType::F32, DType::F32) | (XType::F16, DType::F16) => {
+        let es = xt.size();
+        if x.dtype == DType::F32 && xt == XType::F32 || x.dtype == DType::F16 && xt == XType::F16 {
+            if k == ks {
                 view.slice(at..at + x.bytes.len()).copy_from_slice(x.bytes);
-            }
-            (XType::F32, dt) => {
-                // Widen on the host in small steps through a stack buffer (no allocation).
-                let mut tmp = [0f32; CONVERT_STEP];
-                let es_in = dt.size();
-                for (j, src) in x.bytes.chunks(CONVERT_STEP * es_in).enumerate() {
-                    let n = src.len() / es_in;
-                    bytes_to_f32(dt, src, &mut tmp[..n]);
-                    let o = at + j * CONVERT_STEP * 4;
-                    view.slice(o..o + n * 4)
-                        .copy_from_slice(bytemuck::cast_slice(&tmp[..n]));
+            } else {
+                let (rs, rd) = (k * es, ks * es);
+                for (r, src) in x.bytes.chunks_exact(rs).enumerate() {
+                    let o = at + r * rd;
+                    view.slice(o..o + rs).copy_from_slice(src);
+                    view.slice(o + rs..o + rd).fill(0);
                 }
             }
-            (XType::F16, dt) => {
-                return Err(device_error(format!(
-                    "internal: {dt} input packed for the f16 kernel (it is chosen only when every input is f16)"
-                )))
-            }
+        } else {
+            convert_rows(view, at, x.bytes, x.dtype, xt, (k, ks), layout.rows);
         }
+        view.slice(at + layout.rows * ks * es..at + np * ks * es)
+            .fill(0);
     }
     Ok(())
+}
+
+/// Converts `rows` rows of `k` values of `dt` into rows of `ks` values of `xt` (zero-padded)
+/// at byte `at` of the view, in small steps through a stack buffer (no allocation).
+fn convert_rows(
+    view: &mut wgpu::BufferViewMut,
+    at: usize,
+    src: &[u8],
+    dt: DType,
+    xt: XType,
+    (k, ks): (usize, usize),
+    rows: usize,
+) {
+    let mut tmp = [0f32; CONVERT_STEP];
+    let mut tmp16 = [half::f16::ZERO; CONVERT_STEP];
+    let es_in = dt.size();
+    let es = xt.size();
+    for r in 0..rows {
+        let srow = &src[r * k * es_in..(r + 1) * k * es_in];
+        let row_at = at + r * ks * es;
+        for (j, piece) in srow.chunks(CONVERT_STEP * es_in).enumerate() {
+            let n = piece.len() / es_in;
+            bytes_to_f32(dt, piece, &mut tmp[..n]);
+            let o = row_at + j * CONVERT_STEP * es;
+            match xt {
+                XType::F32 => view
+                    .slice(o..o + n * 4)
+                    .copy_from_slice(bytemuck::cast_slice(&tmp[..n])),
+                XType::F16 => {
+                    for (d, v) in tmp16.iter_mut().zip(&tmp[..n]) {
+                        *d = half::f16::from_f32(*v);
+                    }
+                    view.slice(o..o + n * 2)
+                        .copy_from_slice(bytemuck::cast_slice(&tmp16[..n]));
+                }
+            }
+        }
+        view.slice(row_at + k * es..row_at + ks * es).fill(0);
+    }
 }
 
 /// Copies `n` little-endian f32 values from `src` into `dst`.

@@ -1,9 +1,10 @@
-//! The device state behind [`WgpuBackend`](super::WgpuBackend): head upload, chunked runs
-//! (copies in, `fusion_proj`, `fusion_epilogue`, copy out), and the bind group cache.
+//! The device state behind [`WgpuBackend`](super::WgpuBackend): kernel path and tile choice,
+//! head upload, chunked runs through the staging ring ([`stream`](super::stream)), run
+//! statistics, and the bind group cache.
 
 use std::sync::Arc;
 
-use crate::backend::api::{DeviceInfo, OpenOptions};
+use crate::backend::api::{DeviceInfo, OpenOptions, RunStats};
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -11,17 +12,30 @@ use crate::tensor::DType;
 
 use super::adapter;
 use super::device::{device_error, WgpuDevice};
-use super::kernels::{self, Kernels, Tile, XType};
-use super::pool::Pool;
+use super::kernels::{self, KernelChoice, Kernels, Path, ProjVariant, Tile, XType};
+use super::pool::{Pool, RING};
 use super::run::{self, Layout};
+use super::stream::ChunkJob;
 use super::weights::DeviceHead;
+
+/// Environment variable forcing a tile shape (`small`, `large`, `64x64x16`, `128x128x8`).
+pub(super) const TILE_ENV: &str = "FUSION_WGPU_TILE";
+/// Environment variable choosing the kernel path (`auto`, `f32`, `f16`, `coop`).
+pub(super) const KERNEL_ENV: &str = "FUSION_WGPU_KERNEL";
+
+/// The tile and kernel choices of the environment.
+pub(super) fn env_choices() -> std::result::Result<(Option<Tile>, KernelChoice), String> {
+    let tile = Tile::parse(&std::env::var(TILE_ENV).unwrap_or_default())?;
+    let kernel = KernelChoice::parse(&std::env::var(KERNEL_ENV).unwrap_or_default())?;
+    Ok((tile, kernel))
+}
 
 /// Default cap on samples per chunk (the adapter's limits may impose fewer).
 const DEFAULT_MAX_CHUNK_ROWS: usize = 65_536;
 
 /// Bind groups for the current pool buffers and head.
 struct BindGroups {
-    key: (u64, u64),
+    key: (u64, u64, bool),
     proj: wgpu::BindGroup,
     epilogue: wgpu::BindGroup,
 }
@@ -38,6 +52,14 @@ pub(super) struct WgpuRunner {
     pub(super) max_chunk_rows: usize,
     pub(super) tile: Option<Tile>,
     pub(super) f16_storage: bool,
+    /// The projection path in use (resolved from the choice against the device).
+    pub(super) path: Path,
+    /// Why the chosen path was not available, when it fell back.
+    pub(super) fallback: Option<String>,
+    /// The large tile fits the adapter's limits.
+    large_ok: bool,
+    /// Times of the whole-head runs since the last `take_run_stats`.
+    stats: RunStats,
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -63,11 +85,21 @@ impl WgpuRunner {
             .ok_or_else(missing)?;
         let a = adapters.into_iter().nth(index).ok_or_else(missing)?;
         adapter::check(&a).map_err(|r| unavailable(format!("{}: {r}", info.name)))?;
+        let (tile, choice) = env_choices().map_err(Error::Config)?;
         let gpu = WgpuDevice::open(&a)
             .map_err(|e| unavailable(format!("requesting a device on {}: {e}", info.name)))?;
         let kernels = Kernels::new(&gpu.device);
         gpu.take_error()?;
+        let large_ok = Tile::Large.fits(&gpu.limits);
+        let (path, fallback) = Path::resolve(choice, gpu.f16, gpu.coop);
+        if let Some(why) = &fallback {
+            tracing::warn!(device = %info.name, "{KERNEL_ENV}={choice:?}: {why}");
+        }
         Ok(WgpuRunner {
+            path,
+            fallback,
+            large_ok,
+            stats: RunStats::default(),
             info,
             gpu,
             kernels,
@@ -76,9 +108,21 @@ impl WgpuRunner {
             uploads: 0,
             binds: None,
             max_chunk_rows: DEFAULT_MAX_CHUNK_ROWS,
-            tile: None,
+            tile: tile.filter(|t| *t != Tile::Large || large_ok),
             f16_storage: true,
         })
+    }
+
+    pub(super) fn gpu_f16(&self) -> bool {
+        self.gpu.f16
+    }
+
+    pub(super) fn gpu_coop(&self) -> bool {
+        self.gpu.coop
+    }
+
+    pub(super) fn gpu_timestamps(&self) -> bool {
+        self.gpu.timestamps
     }
 
     pub(super) fn f16_storage(&self) -> bool {
@@ -86,79 +130,67 @@ impl WgpuRunner {
     }
 
     fn xtype(&self, batch: &BatchRef<'_>) -> XType {
-        if self.f16_storage() && batch.inputs.iter().all(|x| x.dtype == DType::F16) {
+        if self.path.f16_weights() {
+            // The f16 paths read f16 inputs whatever the wire dtype (narrowed on the host).
+            XType::F16
+        } else if self.f16_storage() && batch.inputs.iter().all(|x| x.dtype == DType::F16) {
             XType::F16
         } else {
             XType::F32
         }
     }
 
-    /// Runs `batch` chunk by chunk; with `out`, the whole head, otherwise the GEMMs only.
+    /// The projection kernel for a chunk of `rows` samples.
+    fn variant(&self, rows: usize, xt: XType) -> ProjVariant {
+        match self.path {
+            Path::Coop => ProjVariant::Coop {
+                sg: self.gpu.subgroup,
+            },
+            p => {
+                let w = if p.f16_weights() {
+                    XType::F16
+                } else {
+                    XType::F32
+                };
+                let dim = self.head.as_ref().map_or(0, |h| h.head.dim);
+                let tile = self
+                    .tile
+                    .unwrap_or_else(|| Tile::choose(rows, dim, self.large_ok));
+                ProjVariant::Tiled(tile, xt, w)
+            }
+        }
+    }
+
+    /// Runs `batch` chunk by chunk through the staging ring; with `out`, the whole head,
+    /// otherwise the GEMMs only.
     fn run_chunks(&mut self, batch: &BatchRef<'_>, mut out: Option<OutputsMut<'_>>) -> Result<()> {
-        let dh = self.head.as_ref().ok_or_else(no_head)?;
-        let head = dh.head.clone();
+        let head = self.head.as_ref().ok_or_else(no_head)?.head.clone();
         let xt = self.xtype(batch);
-        let (d, m) = (head.dim, head.num_modalities());
-        // Size chunks for the small tile unless one is forced: it has more column tiles, so its
-        // partial-score buffer is the larger one and the plan holds whichever tile a chunk picks.
-        let plan_tile = self.tile.unwrap_or(Tile::Small);
+        // Plan chunks for the narrowest column tile a chunk may pick: it has the most column
+        // tiles, so its partial-score buffer is the largest, and the buffers hold any choice.
+        let plan_bn = match self.path {
+            Path::Coop => self.variant(1, xt).tile_mn().1,
+            _ => self.tile.unwrap_or(Tile::Small).bn(),
+        };
         let chunk = run::chunk_rows(
             &self.gpu,
             &head,
             batch.rows,
             xt,
-            plan_tile,
+            plan_bn,
             self.max_chunk_rows,
         )?;
-        let mut start = 0;
-        while start < batch.rows {
-            let n = chunk.min(batch.rows - start);
-            let tile = self.tile.unwrap_or_else(|| Tile::choose(n, d));
-            let sub = batch.slice(start, n);
-            let dst = out.as_mut().map(|o| {
-                (
-                    &mut o.fused[start * d..(start + n) * d],
-                    &mut o.weights[start * m..(start + n) * m],
-                )
-            });
-            self.run_chunk(&head, &sub, xt, tile, dst)?;
-            start += n;
-        }
-        Ok(())
-    }
-
-    fn run_chunk(
-        &mut self,
-        head: &FusionHead,
-        batch: &BatchRef<'_>,
-        xt: XType,
-        tile: Tile,
-        out: Option<(&mut [f32], &mut [f32])>,
-    ) -> Result<()> {
-        let layout = Layout::new(head, batch.rows, xt, tile);
+        // Everything a chunk needs exists before the first is submitted: nothing is replaced
+        // under a chunk in flight.
+        self.pool.drain(&self.gpu)?;
+        let most = Layout::new(&head, chunk.min(batch.rows), xt, plan_bn);
         self.pool
-            .prepare(&self.gpu, &layout.bytes, run::PARAMS_BYTES)?;
-        self.bind_groups()?;
-        let dh = self.head.as_ref().ok_or_else(no_head)?;
-        {
-            let upload = self.pool.upload.get()?;
-            let mut view = upload
-                .get_mapped_range_mut(0..layout.bytes.upload)
-                .map_err(|e| device_error(format!("staging inputs: {e}")))?;
-            run::pack(&mut view, &layout, head, &dh.w_off, batch, xt)?;
-        }
-        let upload = self.pool.upload.get()?;
-        upload.unmap();
-        self.pool.upload_state.set_unmapped();
-
-        let vpt = kernels::values_per_thread(head.dim);
+            .prepare(&self.gpu, &most.bytes, run::PARAMS_BYTES)?;
+        let f16w = self.path.f16_weights();
+        self.bind_groups(f16w)?;
         let full = out.is_some();
         let dev = &self.gpu.device;
-        let proj = self
-            .kernels
-            .proj(dev, tile, xt)
-            .map_err(device_error)?
-            .clone();
+        let vpt = kernels::values_per_thread(head.dim);
         let epilogue = if full {
             Some(
                 self.kernels
@@ -169,73 +201,126 @@ impl WgpuRunner {
         } else {
             None
         };
+        let mut variants = Vec::new();
+        let mut pipes: Vec<wgpu::ComputePipeline> = Vec::new();
+        let mut start = 0;
+        while start < batch.rows {
+            let n = chunk.min(batch.rows - start);
+            let v = self.variant(n, xt);
+            variants.push((start, n, v));
+            pipes.push(self.kernels.proj(dev, v).map_err(device_error)?.clone());
+            start += n;
+        }
         let binds = self
             .binds
             .as_ref()
             .ok_or_else(|| device_error("bind groups missing"))?;
+        let dh = self.head.as_ref().ok_or_else(no_head)?;
         let p = &self.pool;
-        let b = &layout.bytes;
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("fusion chunk"),
-        });
-        enc.copy_buffer_to_buffer(upload, 0, p.params.get()?, 0, run::PARAMS_BYTES);
-        enc.copy_buffer_to_buffer(upload, run::PARAMS_BYTES, p.mods.get()?, 0, b.mods);
-        enc.copy_buffer_to_buffer(upload, layout.mask_at, p.mask.get()?, 0, b.mask);
-        enc.copy_buffer_to_buffer(upload, layout.x_at, p.x.get()?, 0, b.x);
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("fusion"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&proj);
-            pass.set_bind_group(0, &binds.proj, &[]);
-            pass.dispatch_workgroups(
-                layout.ntn,
-                batch.rows.div_ceil(tile.bm() as usize) as u32,
-                head.num_modalities() as u32,
-            );
-            if let Some(e) = &epilogue {
-                pass.set_pipeline(e);
-                pass.set_bind_group(0, &binds.epilogue, &[]);
-                pass.dispatch_workgroups(batch.rows as u32, 1, 1);
+        let (params, mods, mask, x, outb) = (
+            p.params.get()?.clone(),
+            p.mods.get()?.clone(),
+            p.mask.get()?.clone(),
+            p.x.get()?.clone(),
+            p.out.get()?.clone(),
+        );
+        let mut stats = RunStats::default();
+        let mut res = Ok(());
+        for (i, ((start, n, v), pipe)) in variants.iter().zip(&pipes).enumerate() {
+            let job = ChunkJob {
+                gpu: &self.gpu,
+                head: &head,
+                w_off: &dh.w_off,
+                xt,
+                proj: pipe,
+                proj_bind: &binds.proj,
+                epilogue: epilogue.as_ref().map(|e| (e, &binds.epilogue)),
+                params: &params,
+                mods: &mods,
+                mask: &mask,
+                x: &x,
+                out: &outb,
+            };
+            let s = i % RING;
+            res = job
+                .drain(&mut self.pool, s, out.as_mut(), &mut stats)
+                .and_then(|_| {
+                    job.submit(
+                        &mut self.pool,
+                        s,
+                        &batch.slice(*start, *n),
+                        *start,
+                        *v,
+                        &mut stats,
+                    )
+                });
+            if res.is_err() {
+                break;
             }
         }
-        let readback = p.readback.get()?;
+        if res.is_ok() {
+            let last = pipes.len();
+            for k in 0..RING {
+                let s = (last + k) % RING;
+                let job = ChunkJob {
+                    gpu: &self.gpu,
+                    head: &head,
+                    w_off: &dh.w_off,
+                    xt,
+                    proj: pipes.first().ok_or_else(|| device_error("no chunk"))?,
+                    proj_bind: &binds.proj,
+                    epilogue: epilogue.as_ref().map(|e| (e, &binds.epilogue)),
+                    params: &params,
+                    mods: &mods,
+                    mask: &mask,
+                    x: &x,
+                    out: &outb,
+                };
+                res = job.drain(&mut self.pool, s, out.as_mut(), &mut stats);
+                if res.is_err() {
+                    break;
+                }
+            }
+        }
+        if res.is_err() {
+            // Best effort: leave no chunk in flight; the first error is the one reported.
+            let _ = self.pool.drain(&self.gpu);
+            return res;
+        }
         if full {
-            enc.copy_buffer_to_buffer(p.out.get()?, 0, readback, 0, b.out);
-        }
-        let upload_size = upload.size();
-        self.gpu.submit_and_wait(enc.finish(), || {
-            if full {
-                p.readback_state
-                    .request(readback, wgpu::MapMode::Read, 0..b.out);
-            }
-            // Re-map the staging buffer now so the next chunk can write into it at once.
-            p.upload_state
-                .request(upload, wgpu::MapMode::Write, 0..upload_size);
-        })?;
-        if let Some((fused, weights)) = out {
-            p.readback_state.wait(dev, "the readback buffer")?;
-            let res = (|| {
-                let view = readback
-                    .get_mapped_range(0..b.out)
-                    .map_err(|e| device_error(format!("reading results: {e}")))?;
-                let split = fused.len() * 4;
-                run::read_f32(&view[..split], fused);
-                run::read_f32(&view[split..split + weights.len() * 4], weights);
-                Ok(())
-            })();
-            readback.unmap();
-            p.readback_state.set_unmapped();
-            res?;
+            self.stats.runs += 1;
+            self.stats.gemm_ms += stats.gemm_ms;
+            self.stats.epilogue_ms += stats.epilogue_ms;
+            self.stats.host_stage_ms += stats.host_stage_ms;
+            self.stats.host_wait_ms += stats.host_wait_ms;
+            self.stats.host_drain_ms += stats.host_drain_ms;
         }
         Ok(())
     }
 
+    /// The run statistics since the last call (device times need TIMESTAMP_QUERY: None
+    /// without it).
+    pub(super) fn take_run_stats(&mut self) -> Option<RunStats> {
+        let s = std::mem::take(&mut self.stats);
+        (self.gpu.timestamps && s.runs > 0).then_some(s)
+    }
+
+    /// Buffers and query sets created since the device was opened.
+    pub(super) fn buffers_created(&self) -> u64 {
+        self.pool.created
+    }
+
     /// (Re)builds the bind groups when a pool buffer or the head changed.
-    fn bind_groups(&mut self) -> Result<()> {
+    fn bind_groups(&mut self, f16_weights: bool) -> Result<()> {
         let dh = self.head.as_ref().ok_or_else(no_head)?;
-        let key = (self.pool.generation, dh.generation);
+        let key = (self.pool.generation, dh.generation, f16_weights);
+        let wt = if f16_weights {
+            dh.wt16
+                .as_ref()
+                .ok_or_else(|| device_error("f16 weights missing (no SHADER_F16)"))?
+        } else {
+            &dh.wt
+        };
         if self.binds.as_ref().is_some_and(|b| b.key == key) {
             return Ok(());
         }
@@ -254,7 +339,7 @@ impl WgpuRunner {
                 e(0, p.params.get()?),
                 e(1, p.mods.get()?),
                 e(2, p.x.get()?),
-                e(3, &dh.wt),
+                e(3, wt),
                 e(4, &dh.vecs),
                 e(5, p.h.get()?),
                 e(6, p.part.get()?),
@@ -296,8 +381,13 @@ impl WgpuRunner {
         self.kernels
             .epilogue(&self.gpu.device, vpt)
             .map_err(device_error)?;
+        let v = self.variant(1, XType::F32);
+        let v = match v {
+            ProjVariant::Tiled(t, _, w) if w == XType::F16 => ProjVariant::Tiled(t, XType::F16, w),
+            v => v,
+        };
         self.kernels
-            .proj(&self.gpu.device, Tile::Small, XType::F32)
+            .proj(&self.gpu.device, v)
             .map_err(device_error)?;
         self.gpu.take_error()?;
         self.head = Some(dh);

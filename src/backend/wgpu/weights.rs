@@ -1,6 +1,8 @@
-//! A head on the device: projection weights transposed to `[d_m, D]` and concatenated (so the
-//! GEMM reads W^T tiles along D, coalesced), and the small vectors (biases, gate, LayerNorm
-//! affine) in one buffer. Uploaded once per head.
+//! A head on the device: projection weights transposed to `[ks_m, DP]` and concatenated (so the
+//! GEMM reads W^T tiles along D, coalesced, as vec4), zero-padded so that every GEMM tile is in
+//! range (`ks_m` = d_m rounded up to [`K_PAD`], `DP` = D rounded up to [`COL_PAD`]); in f32, and
+//! also in f16 on devices with SHADER_F16 (the f16 paths); and the small vectors (biases, gate,
+//! LayerNorm affine) in one f32 buffer. Uploaded once per head.
 
 use std::sync::Arc;
 
@@ -10,13 +12,15 @@ use crate::error::Result;
 use crate::model::FusionHead;
 
 use super::device::{device_error, WgpuDevice};
-use super::kernels::Tile;
+use super::kernels::{COL_PAD, K_PAD};
 
 /// A head's parameters in device memory.
 pub(super) struct DeviceHead {
     pub(super) head: Arc<FusionHead>,
-    /// All W_m^T, `[d_m, D]` each.
+    /// All W_m^T, `[ks_m, DP]` each, f32.
     pub(super) wt: wgpu::Buffer,
+    /// The same in f16 (devices with SHADER_F16 only).
+    pub(super) wt16: Option<wgpu::Buffer>,
     /// bias `[M, D]`, gate `[D]`, gamma `[D]`, beta `[D]`.
     pub(super) vecs: wgpu::Buffer,
     /// Element offset of each W_m^T in `wt`.
@@ -33,7 +37,12 @@ impl DeviceHead {
         generation: u64,
     ) -> Result<DeviceHead> {
         let d = head.dim;
-        let total: usize = head.total_width() * d;
+        let dp = d.div_ceil(COL_PAD) * COL_PAD;
+        let total: usize = head
+            .modalities
+            .iter()
+            .map(|m| m.width.div_ceil(K_PAD) * K_PAD * dp)
+            .sum();
         let bytes = (total as u64).saturating_mul(4);
         if bytes > gpu.max_binding {
             return Err(device_error(format!(
@@ -42,7 +51,7 @@ impl DeviceHead {
                 gpu.max_binding
             )));
         }
-        let col_tiles = d.div_ceil(Tile::Small.bn() as usize);
+        let col_tiles = d.div_ceil(32);
         if u32::try_from(total).is_err()
             || head.num_modalities() > gpu.max_groups as usize
             || col_tiles > gpu.max_groups as usize
@@ -51,19 +60,19 @@ impl DeviceHead {
                 "the head is too large for this adapter's dispatch limits",
             ));
         }
-        let mut wt = vec![0f32; total.max(1)];
+        let mut wt = vec![0f32; total.max(K_PAD)];
         let mut w_off = Vec::with_capacity(head.num_modalities());
         let mut off = 0usize;
         for (md, w) in head.modalities.iter().zip(&head.proj_weight) {
             let k = md.width;
             w_off.push(off as u32);
-            let dst = &mut wt[off..off + k * d];
+            let dst = &mut wt[off..off + k * dp];
             for (o, wrow) in w.chunks_exact(k.max(1)).enumerate().take(d) {
                 for (c, v) in wrow.iter().enumerate() {
-                    dst[c * d + o] = *v;
+                    dst[c * dp + o] = *v;
                 }
             }
-            off += k * d;
+            off += k.div_ceil(K_PAD) * K_PAD * dp;
         }
         let mut vecs = Vec::with_capacity((head.num_modalities() + 3) * d);
         for b in &head.proj_bias {
@@ -87,12 +96,22 @@ impl DeviceHead {
                 contents: bytemuck::cast_slice(&vecs),
                 usage: wgpu::BufferUsages::STORAGE,
             });
+        let wt16_buf = gpu.f16.then(|| {
+            let h: Vec<half::f16> = wt.iter().map(|v| half::f16::from_f32(*v)).collect();
+            gpu.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("wt16"),
+                    contents: bytemuck::cast_slice(&h),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_error(format!("uploading the head: {e}")));
         }
         Ok(DeviceHead {
             head,
             wt: wt_buf,
+            wt16: wt16_buf,
             vecs: vecs_buf,
             w_off,
             generation,
