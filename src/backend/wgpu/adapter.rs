@@ -5,9 +5,9 @@
 
 use crate::backend::api::{BackendKind, DeviceEntry, DeviceInfo};
 
+use super::choice::{env_choices, KERNEL_ENV, TILE_ENV};
 use super::device::coop_f16_16;
 use super::kernels::{Path, Tile, EPILOGUE_THREADS, PROJ_THREADS, PROJ_WG_DIM, SHARED_BYTES};
-use super::runner::{env_choices, KERNEL_ENV, TILE_ENV};
 
 /// Storage buffers bound by the widest kernel (the projection GEMM).
 const STORAGE_BUFFERS: u32 = 6;

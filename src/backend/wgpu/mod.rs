@@ -6,6 +6,7 @@
 //!   is a reason, never a panic.
 //! - [`device`]: [`device::WgpuDevice`], the opened device and queue (full adapter limits,
 //!   SHADER_F16 when offered) and its error capture.
+//! - [`choice`]: the kernel path and tile the environment asks for.
 //! - [`kernels`]: `shaders/fusion_proj.wgsl` (register-blocked tiled GEMM for every modality in
 //!   one dispatch, vec4 loads, no bounds checks in the K loop, with bias and the score's partial
 //!   sums fused in; f32 or f16 inputs and weights), `shaders/fusion_proj_coop.wgsl` (the same on
@@ -35,6 +36,7 @@ use crate::error::Result;
 use crate::model::FusionHead;
 
 mod adapter;
+mod choice;
 mod device;
 mod kernels;
 mod pool;

@@ -11,24 +11,13 @@ use crate::model::FusionHead;
 use crate::tensor::DType;
 
 use super::adapter;
+use super::choice::{env_choices, KERNEL_ENV};
 use super::device::{device_error, WgpuDevice};
-use super::kernels::{self, KernelChoice, Kernels, Path, ProjVariant, Tile, XType};
+use super::kernels::{self, Kernels, Path, ProjVariant, Tile, XType};
 use super::pool::{Pool, RING};
 use super::run::{self, Layout};
 use super::stream::ChunkJob;
 use super::weights::DeviceHead;
-
-/// Environment variable forcing a tile shape (`small`, `large`, `64x64x16`, `128x128x8`).
-pub(super) const TILE_ENV: &str = "FUSION_WGPU_TILE";
-/// Environment variable choosing the kernel path (`auto`, `f32`, `f16`, `coop`).
-pub(super) const KERNEL_ENV: &str = "FUSION_WGPU_KERNEL";
-
-/// The tile and kernel choices of the environment.
-pub(super) fn env_choices() -> std::result::Result<(Option<Tile>, KernelChoice), String> {
-    let tile = Tile::parse(&std::env::var(TILE_ENV).unwrap_or_default())?;
-    let kernel = KernelChoice::parse(&std::env::var(KERNEL_ENV).unwrap_or_default())?;
-    Ok((tile, kernel))
-}
 
 /// Default cap on samples per chunk (the adapter's limits may impose fewer).
 const DEFAULT_MAX_CHUNK_ROWS: usize = 65_536;
