@@ -1,12 +1,17 @@
 //! A producer connection: sends every modality of its samples (binary F32, F16 or BF16, `last` on the final
 //! one) into its own stream, at a target rate or as fast as the server reads (flood), with a
-//! fixed class mix; reads its socket for errors and `shed` notices.
+//! fixed class mix; reads its socket for errors and `shed` notices. A producer with a target
+//! rate honours `ingest_backpressure` (PROTOCOL 5.1): it pauses while the server says `on` and
+//! resumes on `off` (or after [`MAX_PAUSE`]), continuing its schedule from where it paused
+//! rather than sending the missed samples in a burst. A flooding producer does not: it is
+//! there to overload the server.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -35,6 +40,10 @@ pub(crate) struct ProducerCfg {
     pub samples_per_frame: usize,
 }
 
+/// Longest pause for one `ingest_backpressure` `on` without an `off` (a lost `off` must not
+/// stop a producer for the rest of the run).
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
 /// What one producer saw.
 #[derive(Debug, Default)]
 pub struct ProducerRecord {
@@ -52,6 +61,10 @@ pub struct ProducerRecord {
     pub critical_refused: HashSet<String>,
     /// Close code and reason, if the server closed it.
     pub close: Option<(Option<u16>, String)>,
+    /// `ingest_backpressure` `on` notices received.
+    pub backpressure_on: u64,
+    /// Time spent paused by them.
+    pub paused: Duration,
 }
 
 /// The class of sample `i`: 10% CRITICAL, 30% IMPORTANT, 60% BULK.
@@ -70,9 +83,10 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
     let ws = connect(&cfg.url, None).await?;
     let (mut tx, rx) = ws.split();
     hello(&mut tx, 1, false).await?;
-    let reader = tokio::spawn(read_replies(rx));
+    let (pressure_tx, mut pressure) = watch::channel(false);
+    let reader = tokio::spawn(read_replies(rx, pressure_tx));
     let mut rec = ProducerRecord::default();
-    let start = Instant::now();
+    let mut start = Instant::now();
     let mut i: u64 = 0;
     // `samples` frames' payload blocks, `samples_per_frame` rows each, built once: a frame of
     // n samples sends the first n rows (a producer holding its batches in memory does not
@@ -86,6 +100,18 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
         Vec::new()
     };
     while Instant::now() < cfg.until {
+        if cfg.rate.is_some() && *pressure.borrow() {
+            // Paused by the server: nothing we fed may wait in our buffer meanwhile, and the
+            // schedule moves on by the pause instead of catching up in a burst.
+            tx.flush().await?;
+            let t = Instant::now();
+            let until = cfg.until.min(t + MAX_PAUSE);
+            let _ = tokio::time::timeout_at(until, pressure.wait_for(|on| !*on)).await;
+            let paused = t.elapsed();
+            rec.paused += paused;
+            start += paused;
+            continue;
+        }
         if let Some(rate) = cfg.rate {
             let due = start + Duration::from_secs_f64(i as f64 / rate.max(0.001));
             if due >= cfg.until {
@@ -164,6 +190,7 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
     rec.shed = seen.shed;
     rec.critical_refused = seen.critical_refused;
     rec.close = seen.close;
+    rec.backpressure_on = seen.backpressure_on;
     Ok(rec)
 }
 
@@ -222,9 +249,15 @@ struct Replies {
     shed: u64,
     critical_refused: HashSet<String>,
     close: Option<(Option<u16>, String)>,
+    backpressure_on: u64,
 }
 
-async fn read_replies(mut rx: futures_util::stream::SplitStream<Ws>) -> Replies {
+/// Reads the producer's socket: errors, `shed` notices, and `ingest_backpressure` into
+/// `pressure` (true while `on`).
+async fn read_replies(
+    mut rx: futures_util::stream::SplitStream<Ws>,
+    pressure: watch::Sender<bool>,
+) -> Replies {
     let mut r = Replies::default();
     while let Some(m) = rx.next().await {
         match m {
@@ -237,6 +270,11 @@ async fn read_replies(mut rx: futures_util::stream::SplitStream<Ws>) -> Replies 
                 } else if v["type"] == "notice" && v["kind"] == "shed" {
                     r.shed += 1;
                     true
+                } else if v["type"] == "notice" && v["kind"] == "ingest_backpressure" {
+                    let on = v["state"] == "on";
+                    r.backpressure_on += u64::from(on);
+                    pressure.send_replace(on);
+                    false
                 } else {
                     false
                 };
