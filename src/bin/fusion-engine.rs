@@ -48,14 +48,18 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let res = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // `demo` draws log events in its live view and installs its own subscriber.
+    if !matches!(cli.cmd, Cmd::Demo(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let res = match cli.cmd {
         Cmd::Serve(o) => serve_until_signal(o).map(|()| ExitCode::SUCCESS),
         Cmd::Fuse(a) => a.run(),
         Cmd::Bench(a) => a.run(),

@@ -30,63 +30,81 @@
 //! | `fusion_process_resident_bytes` | gauge | process RSS (VmRSS), set at each `/metrics` scrape |
 //! | `fusion_process_peak_resident_bytes` | gauge | process peak RSS (VmHWM), same |
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
+use super::readings::{KeptCounter, KeptGauge, Latencies};
 use crate::protocol::notices::CLASS_NAMES;
 use crate::protocol::Code;
 
-/// Metric handles of the server.
+/// Metric handles of the server. The `Kept*` ones are read back by `GET /status.json`
+/// (`readings.rs`), as are `refused_total`, `slow_consumer_total` and `latency`.
 #[derive(Debug)]
 pub(crate) struct ServerMetrics {
-    pub connections: Gauge,
-    pub connections_total: Counter,
-    pub queue_depth: [Gauge; 4],
-    pub sent: [Counter; 4],
-    pub dropped: [Counter; 4],
-    pub backpressure: Counter,
-    pub conflated: Counter,
+    pub connections: KeptGauge,
+    pub connections_total: KeptCounter,
+    pub queue_depth: [KeptGauge; 4],
+    pub sent: [KeptCounter; 4],
+    pub dropped: [KeptCounter; 4],
+    pub backpressure: KeptCounter,
+    pub conflated: KeptCounter,
     pub replayed: Counter,
     pub unrecoverable: Counter,
     pub replay_evicted: Counter,
     pub replay_bytes: Gauge,
     pub send_seconds: Histogram,
     pub produce: Counter,
-    pub open_samples: Gauge,
+    pub open_samples: KeptGauge,
     pub align_timeouts: Counter,
-    pub samples: Counter,
+    pub samples: KeptCounter,
     pub batch_size: Histogram,
+    /// Refused connections, every reason.
+    pub refused_total: AtomicU64,
+    /// 1013 closes, every reason.
+    pub slow_consumer_total: AtomicU64,
+    /// Recent result latencies per class (critical, important, bulk).
+    pub latency: Latencies,
 }
 
 impl ServerMetrics {
     pub fn new() -> ServerMetrics {
         ServerMetrics {
-            connections: gauge!("fusion_server_connections"),
-            connections_total: counter!("fusion_server_connections_total"),
-            queue_depth: CLASS_NAMES.map(|c| gauge!("fusion_server_queue_depth", "class" => c)),
-            sent: CLASS_NAMES.map(|c| counter!("fusion_server_sent_total", "class" => c)),
-            dropped: CLASS_NAMES.map(|c| counter!("fusion_server_dropped_total", "class" => c)),
-            backpressure: counter!("fusion_server_backpressure_events_total"),
-            conflated: counter!("fusion_server_conflated_total"),
+            connections: KeptGauge::new(gauge!("fusion_server_connections")),
+            connections_total: KeptCounter::new(counter!("fusion_server_connections_total")),
+            queue_depth: CLASS_NAMES
+                .map(|c| KeptGauge::new(gauge!("fusion_server_queue_depth", "class" => c))),
+            sent: CLASS_NAMES
+                .map(|c| KeptCounter::new(counter!("fusion_server_sent_total", "class" => c))),
+            dropped: CLASS_NAMES
+                .map(|c| KeptCounter::new(counter!("fusion_server_dropped_total", "class" => c))),
+            backpressure: KeptCounter::new(counter!("fusion_server_backpressure_events_total")),
+            conflated: KeptCounter::new(counter!("fusion_server_conflated_total")),
             replayed: counter!("fusion_server_replayed_total"),
             unrecoverable: counter!("fusion_server_unrecoverable_total"),
             replay_evicted: counter!("fusion_server_replay_evicted_total"),
             replay_bytes: gauge!("fusion_server_replay_bytes"),
             send_seconds: histogram!("fusion_server_send_seconds"),
             produce: counter!("fusion_server_produce_total"),
-            open_samples: gauge!("fusion_server_open_samples"),
+            open_samples: KeptGauge::new(gauge!("fusion_server_open_samples")),
             align_timeouts: counter!("fusion_server_aligner_timeouts_total"),
-            samples: counter!("fusion_server_samples_total"),
+            samples: KeptCounter::new(counter!("fusion_server_samples_total")),
             batch_size: histogram!("fusion_server_batch_size"),
+            refused_total: AtomicU64::new(0),
+            slow_consumer_total: AtomicU64::new(0),
+            latency: Latencies::default(),
         }
     }
 
     /// Counts a refused connection.
     pub fn refused(&self, reason: &'static str) {
+        self.refused_total.fetch_add(1, Ordering::Relaxed);
         counter!("fusion_server_refused_total", "reason" => reason).increment(1);
     }
 
     /// Counts a 1013 close.
     pub fn slow_consumer(&self, reason: &'static str) {
+        self.slow_consumer_total.fetch_add(1, Ordering::Relaxed);
         counter!("fusion_server_slow_consumer_total", "reason" => reason).increment(1);
     }
 

@@ -14,7 +14,8 @@
 //!   pipeline (the task that runs them).
 //! - `fanout/`: deliver, replay, registry (subscriptions), outbound (per-class queues, drops,
 //!   resume), writer.
-//! - `http` (`/metrics`, `/healthz`), `metrics`; [`serve`]: the `serve` command.
+//! - `http` (`/metrics`, `/healthz`, `/` the status page, `/status.json`: `status`), `metrics`
+//!   (and `readings`: the values the status page reads back); [`serve`]: the `serve` command.
 //! - This file: [`Server`] (start, shutdown) and the state its tasks share.
 //!
 //! Shutdown (mini-redis style): a watch signal stops the listener and makes every connection
@@ -28,8 +29,10 @@ mod http;
 mod ingest;
 mod listener;
 mod metrics;
+mod readings;
 pub mod serve;
 mod shared;
+mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -131,7 +134,7 @@ impl Server {
             stop_rx.clone(),
         ));
         if let Some(l) = http {
-            tokio::spawn(http::serve(l, prometheus, Arc::downgrade(&engine), stop_rx));
+            tokio::spawn(http::serve(l, prometheus, Arc::downgrade(&shared), stop_rx));
         }
         tracing::info!(%addr, "fusion-engine serving");
         Ok(Server {

@@ -132,6 +132,19 @@ impl Replay {
         }
     }
 
+    /// Every stream with a log: (name, last stream seq given, results held), by name
+    /// (`GET /status.json`).
+    pub fn streams(&self) -> Vec<(Arc<str>, u64, usize)> {
+        let g = self.inner.lock();
+        let mut v: Vec<(Arc<str>, u64, usize)> = g
+            .logs
+            .iter()
+            .map(|(k, l)| (Arc::clone(k), l.next.saturating_sub(1), l.buf.len()))
+            .collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Fans one result out: gives it the stream's next stream seq, keeps it (CRITICAL,
     /// IMPORTANT) and try-pushes it to every subscriber of the stream.
     pub fn deliver(&self, registry: &Registry, stream: &Arc<str>, r: &ResultView<'_>) {

@@ -18,7 +18,8 @@ use crate::tensor::{bytes_to_f32, DType, HostMat};
 /// Samples waiting for a batch, per class, and the batches in flight.
 #[derive(Default)]
 pub(crate) struct Batcher {
-    pending: [VecDeque<Sample>; 3],
+    /// Each with when it was queued (the start of its latency on the status page).
+    pending: [VecDeque<(Instant, Sample)>; 3],
     /// When the oldest waiting sample was queued (None: nothing waits).
     oldest: Option<Instant>,
     inflight: JoinSet<()>,
@@ -28,7 +29,7 @@ impl Batcher {
     /// Queues a complete sample.
     pub fn enqueue(&mut self, s: Sample, now: Instant) {
         self.oldest.get_or_insert(now);
-        self.pending[s.priority as usize].push_back(s);
+        self.pending[s.priority as usize].push_back((now, s));
     }
 
     /// When the oldest waiting sample is due (`max_batch_delay` after it was queued).
@@ -79,7 +80,8 @@ impl Batcher {
 
     /// Builds the batch (each modality in its wire dtype when all rows agree, else f32) and hands
     /// it to the engine.
-    fn submit(&mut self, shared: &Arc<Shared>, samples: Vec<Sample>) {
+    fn submit(&mut self, shared: &Arc<Shared>, samples: Vec<(Instant, Sample)>) {
+        let (queued, samples): (Vec<Instant>, Vec<Sample>) = samples.into_iter().unzip();
         let head = &shared.head;
         let (rows, m) = (samples.len(), head.num_modalities());
         let mut inputs = Vec::with_capacity(m);
@@ -126,6 +128,7 @@ impl Batcher {
         }
         let mask: Vec<u8> = samples.iter().flat_map(|s| s.mask()).collect();
         let priority = samples.iter().map(|s| s.priority).min().unwrap_or_default();
+        let classes: Vec<usize> = samples.iter().map(|s| s.priority as usize).collect();
         let metas: Vec<Meta> = samples
             .into_iter()
             .map(|s| Meta {
@@ -143,10 +146,28 @@ impl Batcher {
                 let sh = Arc::clone(shared);
                 self.inflight.spawn(async move {
                     let r = ticket.await;
+                    let ok = r.is_ok();
                     fan_out(&sh, metas, r);
+                    if ok {
+                        record_latency(&sh, &classes, &queued);
+                    }
                 });
             }
             Err(e) => fan_out(shared, metas, Err(e)),
         }
+    }
+}
+
+/// Records each result's latency, queued for a batch -> handed to its subscribers, per class
+/// (`GET /status.json`, docs/DESIGN.md section 8).
+fn record_latency(shared: &Shared, classes: &[usize], queued: &[Instant]) {
+    let now = Instant::now();
+    for c in 0..3 {
+        let lat = classes
+            .iter()
+            .zip(queued)
+            .filter(|(k, _)| **k == c)
+            .map(|(_, t)| now.saturating_duration_since(*t));
+        shared.m.latency.record(c, now, lat);
     }
 }

@@ -59,6 +59,12 @@ impl IngestPressure {
         }
     }
 
+    /// Whether ingest backpressure is on, and the fill sampled last (`GET /status.json`).
+    pub fn state(&self) -> (bool, f64) {
+        let g = self.inner.lock();
+        (g.on, g.fill)
+    }
+
     fn update(&self, g: &mut Inner, fill: f64) {
         g.fill = fill;
         if !g.on && fill > ON {

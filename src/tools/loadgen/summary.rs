@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::report::Report;
+use super::report::{PerClass, Report};
 use super::scenario::Plan;
 use super::stats::Role;
 
@@ -72,8 +72,8 @@ impl Report {
         let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
         let _ = writeln!(
             t,
-            "loadgen {}: {:.1} s, {} producers, subscribers {:?}; sent critical {} important {} bulk {}",
-            self.scenario, self.duration_s, self.producers, self.subscribers,
+            "loadgen {}: {:.1} s, {} producers, subscribers {}; sent critical {} important {} bulk {}",
+            self.scenario, self.duration_s, self.producers, counts(&self.subscribers),
             self.samples_sent.critical, self.samples_sent.important, self.samples_sent.bulk
         );
         let _ = writeln!(
@@ -106,18 +106,27 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "  drops announced {:?}, gaps seen {:?}, unannounced gaps {}, lost with a close {}",
-            self.drops_announced, self.gaps_seen, self.gaps_unannounced, self.lost_with_close
+            "  drops announced {}; gaps seen {}; unannounced gaps {}, lost with a close {}",
+            per_class(&self.drops_announced),
+            per_class(&self.gaps_seen),
+            self.gaps_unannounced,
+            self.lost_with_close
         );
         let _ = writeln!(
             t,
-            "  closes {:?} {:?}; critical lost without close {}",
-            self.closes, self.overload_close_reasons, self.critical_lost_without_close
+            "  closes {}{}; critical lost without close {}",
+            closes(&self.closes),
+            if self.overload_close_reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" (1013: {})", self.overload_close_reasons.join("; "))
+            },
+            self.critical_lost_without_close
         );
         let _ = writeln!(
             t,
-            "  producer errors {:?}, shed {}; server peak RSS {} MiB (bound {})",
-            self.producer_errors,
+            "  producer errors {}, shed {}; server peak RSS {} MiB (bound {})",
+            counts(&self.producer_errors),
             self.producer_shed,
             ms(self.server_peak_rss_mb),
             self.max_rss_mb
@@ -125,10 +134,11 @@ impl Report {
         if let Some(code) = self.stalled_close_code {
             let _ = writeln!(
                 t,
-                "  stalled subscriber: closed {code} {:?} after {} s (last seq read {:?})",
+                "  stalled subscriber: closed {code} \"{}\" after {} s (last seq read {})",
                 self.stalled_close_reason.as_deref().unwrap_or(""),
                 ms(self.stalled_close_after_s),
                 self.stalled_last_seq_read
+                    .map_or("-".to_string(), |n| n.to_string())
             );
         }
         for (k, ok) in &self.checks {
@@ -136,4 +146,33 @@ impl Report {
         }
         t
     }
+}
+
+/// `critical 0, important 3, bulk 12`.
+fn per_class(p: &PerClass<u64>) -> String {
+    format!(
+        "critical {}, important {}, bulk {}",
+        p.critical, p.important, p.bulk
+    )
+}
+
+/// `fast 1, slow 1` (`none` when empty).
+fn counts(m: &BTreeMap<String, impl std::fmt::Display>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    let v: Vec<String> = m.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    v.join(", ")
+}
+
+/// `4 with 1000, 1 with 1013` (`none` when empty).
+fn closes(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    let v: Vec<String> = m
+        .iter()
+        .map(|(code, n)| format!("{n} with {code}"))
+        .collect();
+    v.join(", ")
 }
