@@ -63,7 +63,7 @@ fn slow_consumer_scenario_passes_against_a_separate_server_without_metrics() {
             "--scenario",
             "slow-consumer",
             "--duration",
-            "6",
+            "10",
             "--json",
             "--plot",
         ])

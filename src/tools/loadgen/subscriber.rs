@@ -33,8 +33,8 @@ pub(crate) struct SubscriberCfg {
     /// Scrape time (µs) of the latest 1013 close the server counted (only with the server's
     /// `/metrics`; without them it never changes).
     pub probe: watch::Receiver<u64>,
-    /// Without the server's `/metrics` there is no probe: a stalled subscriber then looks for
-    /// its close this often (the server's `send_timeout` plus its close linger and a margin),
+    /// Without the server's `/metrics` there is no probe: a slow or stalled subscriber then
+    /// looks for its close this often (the server's `send_timeout` plus its close linger and a margin),
     /// reading only what was produced before it looked, so that it stalls again if alive.
     pub close_check_every: Option<Duration>,
     /// Live numbers for the demo.
@@ -248,8 +248,15 @@ impl Sub {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe = self.cfg.probe.clone();
         probe.mark_unchanged();
+        let mut next_check = self.cfg.close_check_every.map(|d| Instant::now() + d);
         while !self.draining() {
             let mut drain = self.cfg.drain.clone();
+            let check = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tick.tick() => {
                     let mut drain2 = self.cfg.drain.clone();
@@ -260,6 +267,12 @@ impl Sub {
                 }
                 _ = probe.changed() => {
                     if self.quick_drain().await {
+                        return;
+                    }
+                }
+                _ = check => {
+                    next_check = self.cfg.close_check_every.map(|d| Instant::now() + d);
+                    if self.look_for_close().await {
                         return;
                     }
                 }
