@@ -9,7 +9,8 @@
 //! ```
 //!
 //! - [`config`]: [`ServerConfig`], every default in one place (TOML).
-//! - `listener`: accept, handshake, auth; `conn`: the per-connection reader (validation).
+//! - `listener`: accept, handshake, auth; `tls`: wss:// (rustls); `conn`: the per-connection
+//!   reader (validation).
 //! - `ingest/`: queue (its row accounting), aligner, batcher, pressure (producer flow control),
 //!   pipeline (the task that runs them).
 //! - `fanout/`: deliver, replay, registry (subscriptions), outbound (per-class queues, drops,
@@ -30,6 +31,7 @@ mod listener;
 mod metrics;
 pub mod serve;
 mod shared;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,6 +78,7 @@ impl Server {
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Server> {
         cfg.validate()?;
+        let tls = tls::acceptor(&cfg)?;
         let bind_err = |what: &str, a: SocketAddr, e: std::io::Error| {
             Error::Config(format!("cannot listen for {what} on {a}: {e}"))
         };
@@ -123,6 +126,7 @@ impl Server {
             Arc::clone(&shared),
             listener,
             Arc::clone(&permits),
+            tls,
             stop_rx.clone(),
         ));
         tokio::spawn(fanout::registry::watch_devices(
