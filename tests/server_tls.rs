@@ -7,11 +7,13 @@
 mod server_util;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use fusion_engine::client::{Client, ClientError, ConnectOptions};
 use fusion_engine::engine::Priority;
 use fusion_engine::server::{start_with_head, ServerConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use server_util::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -101,16 +103,37 @@ async fn wss_round_trip_matches_the_reference_and_reconnects() {
     s.shutdown().await;
 }
 
+/// This test binary's Prometheus recorder (installed once: it is process-wide).
+fn prometheus() -> PrometheusHandle {
+    static H: OnceLock<PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| PrometheusBuilder::new().install_recorder().unwrap())
+        .clone()
+}
+
+/// `fusion_server_refused_total{reason="REASON"}` in `text` (0 when absent).
+fn refused(text: &str, reason: &str) -> f64 {
+    let label = format!("fusion_server_refused_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&label))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_untrusted_clients_fail_clearly_and_the_server_keeps_serving() {
     let certs = certs();
     let h = small_head();
-    let (s, url) = start_wss(h.clone(), tls_config(&certs)).await;
+    let prom = prometheus();
+    let s = start_with_head(tls_config(&certs), h.clone(), Some(prom.clone()))
+        .await
+        .unwrap();
     let addr = s.local_addr();
+    let url = format!("wss://{addr}/");
 
     // ws:// to the TLS port: the server answers in plain HTTP that it speaks TLS.
     let plain = format!("ws://{addr}/");
     let m = connect_error(Client::connect(&plain, None).await);
+    eprintln!("ws:// on the TLS port: {m}");
     assert!(m.contains("400") && m.contains("wss://"), "{m}");
 
     // Plain HTTP by hand: the same answer, then the server closes.
@@ -136,6 +159,7 @@ async fn plain_and_untrusted_clients_fail_clearly_and_the_server_keeps_serving()
 
     // wss:// without the CA file: the self-signed certificate is not trusted.
     let m = connect_error(Client::connect(&url, None).await);
+    eprintln!("wss:// without the CA file: {m}");
     assert!(m.to_lowercase().contains("certificate"), "{m}");
 
     // A CA file that is not one: a clear error naming it, before any connection.
@@ -143,6 +167,20 @@ async fn plain_and_untrusted_clients_fail_clearly_and_the_server_keeps_serving()
     std::fs::write(&junk, "not a certificate").unwrap();
     let m = connect_error(Client::connect_with_options(&url, &with_ca(&junk)).await);
     assert!(m.contains("junk.pem"), "{m}");
+
+    // Each refusal is counted: plain text (the ws:// client, the HTTP request) as not_tls, the
+    // garbage and the client that did not trust the certificate as tls.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = prom.render();
+        let (plain, tls) = (refused(&text, "not_tls"), refused(&text, "tls"));
+        if plain >= 2.0 && tls >= 2.0 {
+            break;
+        }
+        let late = tokio::time::Instant::now() > deadline;
+        assert!(!late, "refused_total not_tls {plain}, tls {tls}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // And the server still serves a client that trusts it.
     let mut c = Client::connect_with_options(&url, &with_ca(&certs.cert))
