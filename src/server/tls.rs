@@ -47,16 +47,15 @@ pub(crate) fn acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>> {
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+/// The file of setting `what` (`tls_cert` or `tls_key`).
+fn read_file(what: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::Config(format!("{what} {}: cannot read it: {e}", path.display())))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let bad = |why: String| Error::Config(format!("tls_cert {}: {why}", path.display()));
-    let pem = read_file(path)?;
+    let pem = read_file("tls_cert", path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("not a PEM certificate file ({e})")))?;
@@ -67,7 +66,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    let pem = read_file(path)?;
+    let pem = read_file("tls_key", path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         Error::Config(format!(
             "tls_key {}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}",
