@@ -21,6 +21,10 @@ Streaming:
         async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights,
             ...                          #        stream_seq, replayed)
 
+TLS (PROTOCOL.md 1): a server started with `--tls-cert/--tls-key` is `wss://HOST:PORT`; pass
+`ca_file="cert.pem"` to `connect`/`fuse` to trust a self-signed certificate (or a private CA)
+instead of the system's CA store.
+
 Resuming (PROTOCOL.md 7.4): the client keeps the server epoch and, per subscribed stream, the
 last CRITICAL and IMPORTANT stream seq it received. After the connection was lost (a subscription
 raises ConnectionClosed), `await c.reconnect()` opens a new connection and resubscribes every
@@ -38,6 +42,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import ssl
 import struct
 import uuid
 from dataclasses import dataclass
@@ -79,6 +85,7 @@ RESULT_FLAG_REPLAYED = 1
 Json = dict[str, Any]  # a decoded JSON message
 Features = Mapping[str, npt.ArrayLike]  # modality name -> array
 F32 = npt.NDArray[np.float32]
+PathLike = Union[str, "os.PathLike[str]"]  # a file name (the TLS CA file)
 _T = TypeVar("_T")
 
 
@@ -297,9 +304,11 @@ class FusionClient:
     """
 
     def __init__(self, ws: ClientConnection, welcome: Json, max_buffered: int, url: str = "",
-                 token: Optional[str] = None, open_timeout: float = 10.0, batch_results: bool = False):
+                 token: Optional[str] = None, open_timeout: float = 10.0, batch_results: bool = False,
+                 ca_file: Optional[PathLike] = None):
         self._ws = ws
         self._url, self._token, self._open_timeout = url, token, open_timeout
+        self._ca_file = ca_file
         self._set_welcome(welcome)
         self._max_buffered = max_buffered
         self._subs: dict[str, asyncio.Queue[Union[Result, BaseException]]] = {}
@@ -324,11 +333,15 @@ class FusionClient:
 
     @staticmethod
     async def _open(url: str, token: Optional[str], open_timeout: float,
-                    batch_results: bool = False) -> tuple[ClientConnection, Json]:
+                    batch_results: bool = False,
+                    ca_file: Optional[PathLike] = None) -> tuple[ClientConnection, Json]:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         kwargs: dict[str, Any] = {"max_size": 64 * 1024 * 1024, "open_timeout": open_timeout}
         if headers:
             kwargs["additional_headers"] = headers
+        if ca_file is not None and url.lower().startswith("wss:"):
+            # Only the CA file's certificates are trusted (ssl's rule for `cafile`).
+            kwargs["ssl"] = ssl.create_default_context(cafile=os.fspath(ca_file))
         ws = await _ws_connect(url, **kwargs)
         await ws.send(json.dumps({"type": "hello", "version": PROTOCOL_VERSION, "results": "binary",
                                   "batch_results": batch_results, "client": "fusion_client.py"}))
@@ -344,12 +357,15 @@ class FusionClient:
 
     @classmethod
     async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
-                      open_timeout: float = 10.0, batch_results: bool = False) -> FusionClient:
+                      open_timeout: float = 10.0, batch_results: bool = False,
+                      ca_file: Optional[PathLike] = None) -> FusionClient:
         """Connects, says hello (protocol 2, binary results), waits for `welcome`.
         `batch_results`: the server may send several results in one frame (PROTOCOL.md 4.5);
-        subscriptions yield the same results either way, with less work per result."""
-        ws, welcome = await cls._open(url, token, open_timeout, batch_results)
-        return cls(ws, welcome, max_buffered, url, token, open_timeout, batch_results)
+        subscriptions yield the same results either way, with less work per result.
+        `ca_file`: for `wss://` URLs, a PEM file of the CA certificates to trust (a self-signed
+        server certificate) instead of the system's; ignored for `ws://`."""
+        ws, welcome = await cls._open(url, token, open_timeout, batch_results, ca_file)
+        return cls(ws, welcome, max_buffered, url, token, open_timeout, batch_results, ca_file)
 
     def resume_point(self, stream: str) -> Optional[ResumePoint]:
         """Where `stream` would resume now (None when not subscribed)."""
@@ -375,7 +391,8 @@ class FusionClient:
         in an `unrecoverable` notice (in `notices`)."""
         if not self._reader.done():
             await self.disconnect()
-        ws, welcome = await self._open(self._url, self._token, self._open_timeout, self._batch_results)
+        ws, welcome = await self._open(self._url, self._token, self._open_timeout, self._batch_results,
+                                       self._ca_file)
         self._ws = ws
         self._set_welcome(welcome)
         self.closed = None
@@ -564,10 +581,11 @@ def _put_nowait_drop_oldest(q: asyncio.Queue[_T], item: _T) -> None:
 
 async def fuse_async(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
                      priority: str = "important", token: Optional[str] = None,
-                     timeout: float = 60.0) -> tuple[F32, F32]:
+                     timeout: float = 60.0, ca_file: Optional[PathLike] = None) -> tuple[F32, F32]:
     """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
-    weights [B, M]) with weights in the order of `features`' keys."""
+    weights [B, M]) with weights in the order of `features`' keys. `ca_file`: see
+    `FusionClient.connect`."""
     names = list(features)
     arrays = {n: np.asarray(features[n]) for n in names}
     single = all(a.ndim == 1 for a in arrays.values())
@@ -584,7 +602,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
     tag = uuid.uuid4().hex[:12]
     keys = [f"{tag}-{i}" for i in range(b)]
     index = {k: i for i, k in enumerate(keys)}
-    async with await FusionClient.connect(url, token=token, batch_results=True) as c:
+    async with await FusionClient.connect(url, token=token, batch_results=True, ca_file=ca_file) as c:
         unknown = [n for n in names if n not in c.widths]
         if unknown:
             raise FusionError("unknown_modality", f"the server's head has no modality {unknown[0]!r} "
@@ -687,9 +705,10 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
 
 
 def fuse(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
-         priority: str = "important", token: Optional[str] = None, timeout: float = 60.0) -> tuple[F32, F32]:
+         priority: str = "important", token: Optional[str] = None, timeout: float = 60.0,
+         ca_file: Optional[PathLike] = None) -> tuple[F32, F32]:
     """Blocking request/response: see fuse_async."""
-    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout))
+    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout, ca_file))
 
 
 async def _demo(url: str) -> None:  # pragma: no cover - manual use

@@ -3,6 +3,8 @@
 //! [`Event`]s (results, errors, notices, the close). It speaks protocol version 2, tracks the
 //! server epoch and the last stream seq received per subscribed stream, and
 //! [`Client::reconnect`] resumes every subscription where it stopped (replay, section 7.4).
+//! `wss://` URLs connect over TLS; [`Client::connect_with_options`] takes a CA file for a
+//! self-signed server certificate ([`ConnectOptions`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), fusion_engine::client::ClientError> {
@@ -25,6 +27,7 @@ mod resume;
 mod wire;
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -37,6 +40,7 @@ use crate::protocol::{self, encode_produce, encode_samples, FLAG_ACK, FLAG_LAST}
 use crate::tensor::DType;
 pub use event::{ClientError, ClientResult, Event};
 pub use resume::{Conflate, ResumePoint, SubscribeOptions};
+pub use wire::ConnectOptions;
 
 /// What the server said in `welcome`.
 #[derive(Debug, Clone)]
@@ -64,6 +68,7 @@ pub struct Client {
     tracker: resume::Tracker,
     url: String,
     token: Option<String>,
+    ca_file: Option<PathBuf>,
     binary: bool,
     batch: bool,
     /// How long [`Client::fuse`] and the acknowledged calls wait. Default 30 s.
@@ -94,7 +99,22 @@ impl Client {
         binary: bool,
         batch: bool,
     ) -> ClientResult<Client> {
-        let (tx, events) = wire::open(url, token).await?;
+        let token = token.map(str::to_string);
+        let o = ConnectOptions {
+            token,
+            binary,
+            batch,
+            ca_file: None,
+        };
+        Self::connect_with_options(url, &o).await
+    }
+
+    /// Connects with [`ConnectOptions`]: `url` is `ws://host:port/` or `wss://host:port/`; a
+    /// `wss://` server is checked against `o.ca_file` when given (docs/PROTOCOL.md section 1).
+    pub async fn connect_with_options(url: &str, o: &ConnectOptions) -> ClientResult<Client> {
+        let (token, ca_file) = (o.token.clone(), o.ca_file.clone());
+        let (tx, events) = wire::open(url, token.as_deref(), ca_file.as_deref()).await?;
+        let (binary, batch) = (o.binary, o.batch);
         let prefix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -115,7 +135,8 @@ impl Client {
             subscribed: HashMap::new(),
             tracker: resume::Tracker::default(),
             url: url.to_string(),
-            token: token.map(str::to_string),
+            token,
+            ca_file,
             binary,
             batch: batch && binary,
             timeout: Duration::from_secs(30),
@@ -162,7 +183,8 @@ impl Client {
     /// or an `unrecoverable` notice (section 7.4). Events received on the old connection and
     /// not yet read stay readable first; a `Closed` event of the old connection is dropped.
     pub async fn reconnect(&mut self) -> ClientResult<()> {
-        let (tx, events) = wire::open(&self.url, self.token.as_deref()).await?;
+        let ca = self.ca_file.as_deref();
+        let (tx, events) = wire::open(&self.url, self.token.as_deref(), ca).await?;
         let _ = self.tx.try_send(Message::Close(None));
         self.tx = tx;
         let mut old = std::mem::replace(&mut self.events, events);

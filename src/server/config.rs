@@ -18,6 +18,10 @@ use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::protocol::notices::Limits;
 
+/// The validation message for a half-configured TLS (docs/DESIGN.md section 7).
+pub(crate) const TLS_BOTH_OR_NEITHER: &str =
+    "server: tls_cert and tls_key go together (give both, or neither for plain ws://)";
+
 /// Capacities of one connection's send queues (messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -63,6 +67,11 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// Fusion head file; none = the embedded head.
     pub model: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for `wss://`; with `tls_key`, or neither for plain `ws://`
+    /// (docs/DESIGN.md section 7).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Concurrent connections. Default 1024.
     pub max_connections: usize,
     /// Distinct streams one connection may produce into or subscribe to. Default 256.
@@ -131,6 +140,8 @@ impl Default for ServerConfig {
             metrics: None,
             token: None,
             model: None,
+            tls_cert: None,
+            tls_key: None,
             max_connections: 1024,
             max_streams_per_connection: 256,
             max_name_bytes: 256,
@@ -233,6 +244,9 @@ impl ServerConfig {
         if self.replay_messages > 0 && (self.replay_age.is_zero() || self.replay_max_bytes == 0) {
             return bad("replay_age and replay_max_bytes must be positive (or replay_messages 0)");
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::Config(TLS_BOTH_OR_NEITHER.to_string()));
+        }
         if self.token.as_deref() == Some("") {
             return bad("token must not be empty");
         }
@@ -263,5 +277,17 @@ mod tests {
         assert_eq!(p.engine.devices.len(), 1);
         assert!(ServerConfig::from_toml("nope = 1").is_err());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        let t = ServerConfig::from_toml("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n").unwrap();
+        assert_eq!(t.tls_cert.as_deref(), Some(Path::new("c.pem")));
+        assert_eq!(t.tls_key.as_deref(), Some(Path::new("k.pem")));
+        t.validate().unwrap();
+        assert_eq!(ServerConfig::from_toml(&t.to_toml().unwrap()).unwrap(), t);
+        let half = ServerConfig::from_toml("tls_key = \"k.pem\"\n").unwrap();
+        let e = half.validate().unwrap_err().to_string();
+        assert!(e.contains("tls_cert and tls_key"), "{e}");
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc::error::TrySendError, watch};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -21,6 +20,7 @@ use super::fanout::writer;
 use super::ingest::pipeline::{refuse, refuse_samples};
 use super::ingest::queue::{Ingest, IngestMsg, IngestSamples};
 use super::shared::Shared;
+use super::tls::Stream;
 use crate::engine::Priority;
 use crate::protocol::notices::{self, About};
 use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
@@ -38,7 +38,7 @@ struct Conn {
 /// Serves one upgraded connection until it closes.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<Stream>,
     out: Arc<Outbound>,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -1,5 +1,5 @@
 //! The listener (docs/DESIGN.md section 7): accepts connections under the connection
-//! semaphore, does the WebSocket handshake (a full server answers 503, a missing or wrong
+//! semaphore, does the TLS handshake when configured (`tls.rs`), the WebSocket handshake (a full server answers 503, a missing or wrong
 //! bearer token 401), bounds frames at `max_frame_bytes`, and hands each connection to its
 //! reader ([`conn::handle`]) with a fresh set of send queues ([`Outbound`]).
 
@@ -11,19 +11,27 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
 
 use super::conn;
 use super::fanout::outbound::Outbound;
 use super::fanout::writer;
 use super::shared::Shared;
+use super::tls::{self, Refusal, Stream};
 
-/// Accepts connections until the stop signal.
+/// How long a connection may take from accept to an open WebSocket (the TLS handshake
+/// included, docs/DESIGN.md section 7).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the stop signal; with `tls`, every connection is `wss://`.
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -32,7 +40,8 @@ pub(crate) async fn accept_loop(
                 Ok((tcp, peer)) => {
                     let sh = Arc::clone(&shared);
                     let permit = Arc::clone(&permits).try_acquire_owned().ok();
-                    tokio::spawn(connection(sh, tcp, peer, permit, stop.clone()));
+                    let tls = tls.clone();
+                    tokio::spawn(connection(sh, tcp, peer, permit, tls, stop.clone()));
                 }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.
@@ -45,18 +54,64 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Handshake (limit, auth, frame size) then the connection handler.
-// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
-#[allow(clippy::result_large_err)]
+/// Handshakes (TLS, then the WebSocket upgrade: limit, auth, frame size), then the
+/// connection handler.
 async fn connection(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    tls: Option<TlsAcceptor>,
     stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let full = permit.is_none();
+    let hs = upgrade(&shared, tcp, permit.is_none(), tls);
+    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err((reason, why))) => {
+            shared.m.refused(reason);
+            tracing::debug!(%peer, "handshake refused ({reason}): {why}");
+            return;
+        }
+        Err(_) => {
+            shared.m.refused("handshake");
+            return;
+        }
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let q = &shared.cfg.send_queue;
+    let out = Arc::new(Outbound::new(
+        id,
+        q,
+        shared.cfg.drop_notice_interval,
+        shared.cfg.replay_messages,
+        Arc::clone(&shared.m),
+    ));
+    shared.conns.lock().insert(id, Arc::clone(&out));
+    shared.m.connections.increment(1.0);
+    shared.m.connections_total.increment(1);
+    tracing::debug!(%peer, conn = id, "connected");
+    conn::handle(Arc::clone(&shared), ws, out, stop).await;
+    shared.conns.lock().remove(&id);
+    shared.m.connections.decrement(1.0);
+    tracing::debug!(%peer, conn = id, "closed");
+    drop(permit);
+}
+
+/// The TLS handshake (with `tls`) and the WebSocket upgrade; a refusal is its
+/// `refused_total` reason and a line for the log.
+// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
+#[allow(clippy::result_large_err)]
+async fn upgrade(
+    shared: &Shared,
+    tcp: TcpStream,
+    full: bool,
+    tls: Option<TlsAcceptor>,
+) -> Result<WebSocketStream<Stream>, Refusal> {
+    let stream = match tls {
+        Some(acceptor) => tls::accept(&acceptor, tcp).await?,
+        None => Stream::Plain(tcp),
+    };
     let token = shared.cfg.token.clone();
     let refused: Arc<Mutex<Option<&'static str>>> = Arc::default();
     let why = Arc::clone(&refused);
@@ -87,38 +142,9 @@ async fn connection(
         // Bounded (tungstenite's default is unbounded): the writer flushes every burst, so the
         // buffer holds at most one burst and one message, and no message is over a frame.
         .max_write_buffer_size(writer::BURST_BYTES + (32 << 10) + max);
-    let hs = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_cfg));
-    let ws = match tokio::time::timeout(Duration::from_secs(10), hs).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            let reason = refused.lock().unwrap_or("handshake");
-            shared.m.refused(reason);
-            tracing::debug!(%peer, "handshake refused ({reason}): {e}");
-            return;
-        }
-        Err(_) => {
-            shared.m.refused("handshake");
-            return;
-        }
-    };
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let q = &shared.cfg.send_queue;
-    let out = Arc::new(Outbound::new(
-        id,
-        q,
-        shared.cfg.drop_notice_interval,
-        shared.cfg.replay_messages,
-        Arc::clone(&shared.m),
-    ));
-    shared.conns.lock().insert(id, Arc::clone(&out));
-    shared.m.connections.increment(1.0);
-    shared.m.connections_total.increment(1);
-    tracing::debug!(%peer, conn = id, "connected");
-    conn::handle(Arc::clone(&shared), ws, out, stop).await;
-    shared.conns.lock().remove(&id);
-    shared.m.connections.decrement(1.0);
-    tracing::debug!(%peer, conn = id, "closed");
-    drop(permit);
+    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(ws_cfg))
+        .await
+        .map_err(|e| (refused.lock().unwrap_or("handshake"), e.to_string()))
 }
 
 fn http_status(code: u16) -> tokio_tungstenite::tungstenite::http::StatusCode {

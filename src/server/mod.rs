@@ -9,14 +9,15 @@
 //! ```
 //!
 //! - [`config`]: [`ServerConfig`], every default in one place (TOML).
-//! - `listener`: accept, handshake, auth; `conn`: the per-connection reader (validation).
+//! - `listener`: accept, handshake, auth; `tls`: wss:// (rustls); `conn`: the per-connection
+//!   reader (validation).
 //! - `ingest/`: queue (its row accounting), aligner, batcher, pressure (producer flow control),
 //!   pipeline (the task that runs them).
 //! - `fanout/`: deliver, replay, registry (subscriptions), outbound (per-class queues, drops,
 //!   resume), writer.
 //! - `http` (`/metrics`, `/healthz`, `/` the status page, `/status.json`: `status`), `metrics`
 //!   (and `readings`: the values the status page reads back); [`serve`]: the `serve` command.
-//! - This file: [`Server`] (start, shutdown) and the state its tasks share.
+//! - `shared`: the state every task shares; this file: [`Server`] (start, shutdown).
 //!
 //! Shutdown (mini-redis style): a watch signal stops the listener and makes every connection
 //! refuse new produce messages; the pipeline fuses what is open and waits for in-flight batches;
@@ -33,6 +34,7 @@ mod readings;
 pub mod serve;
 mod shared;
 mod status;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,6 +81,7 @@ impl Server {
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Server> {
         cfg.validate()?;
+        let tls = tls::acceptor(&cfg)?;
         let bind_err = |what: &str, a: SocketAddr, e: std::io::Error| {
             Error::Config(format!("cannot listen for {what} on {a}: {e}"))
         };
@@ -126,6 +129,7 @@ impl Server {
             Arc::clone(&shared),
             listener,
             Arc::clone(&permits),
+            tls,
             stop_rx.clone(),
         ));
         tokio::spawn(fanout::registry::watch_devices(

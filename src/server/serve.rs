@@ -33,6 +33,12 @@ pub struct ServeOptions {
     /// Require `Authorization: Bearer TOKEN` at the handshake.
     #[arg(long)]
     pub token: Option<String>,
+    /// TLS certificate chain (PEM): serve `wss://` (with --tls-key).
+    #[arg(long, value_name = "CERT.pem")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "KEY.pem")]
+    pub tls_key: Option<PathBuf>,
     /// Devices, e.g. `cpu`, `cuda:0,cpu` (default: every usable GPU, else the CPU).
     #[arg(long)]
     pub devices: Option<String>,
@@ -59,6 +65,12 @@ pub fn effective_config(o: &ServeOptions) -> Result<ServerConfig> {
     if o.token.is_some() {
         cfg.token = o.token.clone();
     }
+    if o.tls_cert.is_some() {
+        cfg.tls_cert = o.tls_cert.clone();
+    }
+    if o.tls_key.is_some() {
+        cfg.tls_key = o.tls_key.clone();
+    }
     if let Some(d) = &o.devices {
         cfg.engine.devices = DeviceSpec::parse_list(d)?;
     }
@@ -73,6 +85,8 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
+    // Bad TLS files fail here, before any device opens (docs/DESIGN.md section 7).
+    super::tls::acceptor(&cfg)?;
     let rt = runtime("fusion-server")?;
     rt.block_on(async move {
         let prom = match PrometheusBuilder::new().install_recorder() {
@@ -84,10 +98,11 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
         };
         let head = Arc::new(FusionHead::load_or_embedded(cfg.model.as_deref())?);
         let token = cfg.token.is_some();
+        let scheme = if cfg.tls_cert.is_some() { "wss" } else { "ws" };
         let server = start_with_head(cfg, Arc::clone(&head), prom).await?;
         let devices = server.engine().device_names().join(", ");
         eprintln!(
-            "fusion-engine serving {} ({} modalities, D={}) on ws://{} with {devices}{}",
+            "fusion-engine serving {} ({} modalities, D={}) on {scheme}://{} with {devices}{}",
             head.source,
             head.num_modalities(),
             head.dim,

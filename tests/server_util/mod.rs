@@ -43,6 +43,16 @@ pub async fn start(head: Arc<FusionHead>, cfg: ServerConfig) -> (Server, String)
     (s, url)
 }
 
+/// [`start`] for a config with `tls_cert` / `tls_key`: the URL is `wss://127.0.0.1:PORT/`
+/// (the test certificate names 127.0.0.1).
+pub async fn start_wss(head: Arc<FusionHead>, cfg: ServerConfig) -> (Server, String) {
+    let s = start_with_head(cfg, head, None)
+        .await
+        .expect("TLS server starts");
+    let url = format!("wss://{}/", s.local_addr());
+    (s, url)
+}
+
 /// Next event within `secs`, panicking on timeout.
 pub async fn next(c: &mut Client, secs: f64) -> Event {
     tokio::time::timeout(Duration::from_secs_f64(secs), c.next_event())
