@@ -21,12 +21,15 @@
 //! - [`server`]: the WebSocket streaming server: listener and connections, ingest (aligner,
 //!   batcher), fan-out (replay, per-class queues, writers).
 //! - [`client`]: the Rust client of the protocol.
+//! - [`cluster`]: scale-out on NATS JetStream (first slice): `serve --nats` as a gateway,
+//!   `fusion-engine worker` as a device host (docs/DESIGN.md section 11).
 //! - `tools` (cargo feature `tools`, on by default): the commands' arguments and reports,
 //!   `loadgen`, `demo`, the bench drivers. Embedders build without it.
 
 pub mod backend;
 pub mod batch;
 pub mod client;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod io;

@@ -1,11 +1,12 @@
 //! The `fusion-engine` command line: `serve`, `fuse`, `bench`, `devices`, `selftest`,
-//! `loadgen`, `demo`. Dispatch only: each command owns its arguments and its report
+//! `loadgen`, `demo`, `worker`. Dispatch only: each command owns its arguments and its report
 //! (`fusion_engine::server::serve`, `fusion_engine::tools`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use fusion_engine::cluster::worker::WorkerArgs;
 use fusion_engine::server::serve::{serve_until_signal, ServeOptions};
 use fusion_engine::tools::bench::cli::BenchArgs;
 use fusion_engine::tools::commands::{
@@ -43,6 +44,9 @@ enum Cmd {
     /// Ten seconds of the server under synthetic load, with a live view of streams, devices,
     /// queues, drops and latency (periodic lines when stdout is not a terminal).
     Demo(DemoArgs),
+    /// A device host of the NATS JetStream scale-out: pull batches, run them, publish the
+    /// results (docs/DESIGN.md section 11; the gateway is `serve --nats`).
+    Worker(WorkerArgs),
     /// Check every available backend against the float64 reference on fresh random inputs.
     Selftest(SelftestArgs),
 }
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Loadgen(a) => a.run(),
         Cmd::Demo(a) => a.run(),
         Cmd::Selftest(a) => a.run(),
+        Cmd::Worker(a) => a.run(),
     };
     match res {
         Ok(code) => code,

@@ -56,6 +56,7 @@ use self::fanout::replay;
 use self::ingest::{pressure, queue::IngestQueue};
 use self::metrics::ServerMetrics;
 pub(crate) use self::shared::Shared;
+use crate::cluster::gateway::Gateway;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -79,6 +80,17 @@ impl Server {
         cfg: ServerConfig,
         engine: Engine,
         prometheus: Option<PrometheusHandle>,
+    ) -> Result<Server> {
+        Self::start_with(cfg, engine, prometheus, None).await
+    }
+
+    /// [`Server::start`] with the batches dispatched to NATS through `nats` when given
+    /// (`serve --nats`, docs/DESIGN.md section 11); `engine` then only backs the status pages.
+    pub async fn start_with(
+        cfg: ServerConfig,
+        engine: Engine,
+        prometheus: Option<PrometheusHandle>,
+        nats: Option<Arc<Gateway>>,
     ) -> Result<Server> {
         cfg.validate()?;
         let tls = tls::acceptor(&cfg)?;
@@ -110,6 +122,7 @@ impl Server {
             welcome: notices::welcome_base(&cfg.limits(), &head, replay.epoch),
             head,
             engine: Arc::clone(&engine),
+            nats,
             registry: Arc::new(Registry::default()),
             replay,
             ingest,
@@ -216,11 +229,21 @@ pub async fn start_with_head(
     head: Arc<FusionHead>,
     prometheus: Option<PrometheusHandle>,
 ) -> Result<Server> {
+    start_gateway(cfg, head, prometheus, None).await
+}
+
+/// [`start_with_head`] dispatching batches to NATS through `nats` when given.
+pub async fn start_gateway(
+    cfg: ServerConfig,
+    head: Arc<FusionHead>,
+    prometheus: Option<PrometheusHandle>,
+    nats: Option<Arc<Gateway>>,
+) -> Result<Server> {
     let ecfg = cfg.engine.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::start(ecfg, head))
         .await
         .map_err(|e| Error::Runtime(format!("engine start task failed: {e}")))??;
-    Server::start(cfg, engine, prometheus).await
+    Server::start_with(cfg, engine, prometheus, nats).await
 }
 
 /// Waits for Ctrl-C or SIGTERM.

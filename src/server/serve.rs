@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-use super::{shutdown_signal, start_with_head, ServerConfig};
+use super::{shutdown_signal, start_gateway, ServerConfig};
+use crate::cluster::gateway::{Gateway, GatewayConfig};
 use crate::engine::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -42,6 +43,10 @@ pub struct ServeOptions {
     /// Devices, e.g. `cpu`, `cuda:0,cpu` (default: every usable GPU, else the CPU).
     #[arg(long)]
     pub devices: Option<String>,
+    /// Run as a gateway: batches go to NATS JetStream (nats://HOST:PORT, `nats-server -js`)
+    /// and `fusion-engine worker`s run them (docs/DESIGN.md section 11).
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -99,8 +104,18 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
         let head = Arc::new(FusionHead::load_or_embedded(cfg.model.as_deref())?);
         let token = cfg.token.is_some();
         let scheme = if cfg.tls_cert.is_some() { "wss" } else { "ws" };
-        let server = start_with_head(cfg, Arc::clone(&head), prom).await?;
-        let devices = server.engine().device_names().join(", ");
+        // NATS before the devices: an unreachable URL exits non-zero naming it (section 11).
+        let nats = match &o.nats {
+            Some(url) => Some(Arc::new(
+                Gateway::connect(&GatewayConfig::new(url), &head).await?,
+            )),
+            None => None,
+        };
+        let server = start_gateway(cfg, Arc::clone(&head), prom, nats).await?;
+        let devices = match &o.nats {
+            Some(url) => format!("batches on NATS {url}"),
+            None => server.engine().device_names().join(", "),
+        };
         eprintln!(
             "fusion-engine serving {} ({} modalities, D={}) on {scheme}://{} with {devices}{}",
             head.source,

@@ -14,6 +14,7 @@ use super::fanout::registry::Registry;
 use super::fanout::{replay, writer};
 use super::ingest::{pressure, queue::IngestQueue};
 use super::metrics::ServerMetrics;
+use crate::cluster::gateway::Gateway;
 use crate::engine::Engine;
 use crate::model::FusionHead;
 
@@ -22,6 +23,9 @@ pub(crate) struct Shared {
     pub cfg: ServerConfig,
     pub head: Arc<FusionHead>,
     pub engine: Arc<Engine>,
+    /// `serve --nats`: batches go to JetStream through this gateway instead of `engine`
+    /// (docs/DESIGN.md section 11); None: the local engine, as without the flag.
+    pub nats: Option<Arc<Gateway>>,
     pub registry: Arc<Registry>,
     pub replay: replay::Replay,
     /// Connection readers to the pipeline task.

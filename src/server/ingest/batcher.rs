@@ -4,6 +4,8 @@
 //! is fanned out by a task of its own ([`fan_out`]).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +13,8 @@ use tokio::task::JoinSet;
 
 use super::aligner::Sample;
 use crate::batch::Batch;
+use crate::engine::{BatchResult, Priority};
+use crate::error::Result;
 use crate::server::fanout::deliver::{fan_out, Meta};
 use crate::server::shared::Shared;
 use crate::tensor::{bytes_to_f32, DType, HostMat};
@@ -141,7 +145,7 @@ impl Batcher {
             .collect();
         shared.m.samples.increment(rows as u64);
         shared.m.batch_size.record(rows as f64);
-        match shared.engine.submit(Batch { rows, inputs, mask }, priority) {
+        match dispatch(shared, Batch { rows, inputs, mask }, priority, &metas) {
             Ok(ticket) => {
                 let sh = Arc::clone(shared);
                 self.inflight.spawn(async move {
@@ -154,6 +158,22 @@ impl Batcher {
                 });
             }
             Err(e) => fan_out(shared, metas, Err(e)),
+        }
+    }
+}
+
+/// A batch's result to come, from the local engine or from NATS.
+type Pending = Pin<Box<dyn Future<Output = Result<BatchResult>> + Send>>;
+
+/// Hands the batch to the local engine, or to the NATS gateway under `serve --nats`
+/// (docs/DESIGN.md section 11).
+fn dispatch(shared: &Shared, batch: Batch, priority: Priority, metas: &[Meta]) -> Result<Pending> {
+    match &shared.nats {
+        None => Ok(Box::pin(shared.engine.submit(batch, priority)?)),
+        Some(gw) => {
+            let streams = metas.iter().map(|m| m.stream.to_string()).collect();
+            let keys = metas.iter().map(|m| m.key.clone()).collect();
+            Ok(Box::pin(gw.submit(batch, priority, streams, keys)))
         }
     }
 }

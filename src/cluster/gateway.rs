@@ -1,0 +1,214 @@
+//! `serve --nats` (docs/DESIGN.md section 11): the server's batches go to the JetStream
+//! work-queue stream instead of the local engine, and each batch's results come back on this
+//! gateway's results subject. A batch id is delivered at most once: the first result for an id
+//! completes its waiting batch, any later copy (a batch computed twice after a redelivery) finds
+//! no waiter and is dropped and counted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::fingerprint::{fingerprint, hex};
+use super::streams::{batch_subject, connect, ensure_streams, nats_err, result_subject};
+use super::wire::{WireBatch, WireResult};
+use crate::batch::Batch;
+use crate::engine::{BatchResult, Priority};
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+
+type Waiters = Mutex<HashMap<String, oneshot::Sender<Result<BatchResult>>>>;
+
+/// The gateway's side of the cluster: cheap to share (`Arc`).
+pub struct Gateway {
+    js: jetstream::Context,
+    id: String,
+    reply: String,
+    fingerprint: u64,
+    seq: AtomicU64,
+    waiters: Arc<Waiters>,
+    duplicates: Arc<AtomicU64>,
+    timeout: Duration,
+    /// `(D, M)` of the head: a result of another shape is refused, never fanned out.
+    shape: (usize, usize),
+}
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `nats://HOST:PORT`.
+    pub url: String,
+    /// How long a batch may wait for its results before its producers get `timeout`.
+    pub result_timeout: Duration,
+    /// The batch stream's bound (`discard: new` beyond it: producers get `overloaded`).
+    pub max_bytes: i64,
+}
+
+impl GatewayConfig {
+    /// Defaults for `url`: 60 s result timeout, 1 GiB of queued batches.
+    pub fn new(url: &str) -> GatewayConfig {
+        GatewayConfig {
+            url: url.to_string(),
+            result_timeout: Duration::from_secs(60),
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Gateway {
+    /// Connects, creates the streams when needed and subscribes to this gateway's results.
+    pub async fn connect(cfg: &GatewayConfig, head: &FusionHead) -> Result<Gateway> {
+        let (client, js) = connect(&cfg.url).await?;
+        ensure_streams(&js, cfg.max_bytes).await?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let id = format!("gw{:x}p{}", nanos, std::process::id());
+        let reply = result_subject(&id);
+        let mut sub = client
+            .subscribe(reply.clone())
+            .await
+            .map_err(|e| Error::Config(format!("NATS at {}: subscribe: {e}", cfg.url)))?;
+        let waiters: Arc<Waiters> = Arc::default();
+        let duplicates = Arc::new(AtomicU64::new(0));
+        let (w, d) = (Arc::clone(&waiters), Arc::clone(&duplicates));
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                deliver(&w, &d, &msg.payload);
+            }
+        });
+        let fp = fingerprint(head);
+        tracing::info!(gateway = %id, fingerprint = %hex(fp), url = %cfg.url, "NATS gateway up");
+        Ok(Gateway {
+            js,
+            id,
+            reply,
+            fingerprint: fp,
+            seq: AtomicU64::new(0),
+            waiters,
+            duplicates,
+            timeout: cfg.result_timeout,
+            shape: (head.dim, head.num_modalities()),
+        })
+    }
+
+    /// This gateway's id (the prefix of its batch ids).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Result copies dropped because their batch id was already delivered.
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the batch and returns the future of its results. Each row's stream and key
+    /// travel with it (for the workers' logs).
+    pub fn submit(
+        &self,
+        batch: Batch,
+        priority: Priority,
+        streams: Vec<String>,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<BatchResult>> + Send + 'static {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}.{n}", self.id);
+        let wire = WireBatch {
+            id: id.clone(),
+            reply: self.reply.clone(),
+            fingerprint: self.fingerprint,
+            priority,
+            streams,
+            keys,
+            inputs: batch.inputs,
+            mask: batch.mask,
+        };
+        let payload = wire.encode();
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().insert(id.clone(), tx);
+        let (js, waiters, timeout) = (self.js.clone(), Arc::clone(&self.waiters), self.timeout);
+        let start = Instant::now();
+        let (rows, (d, m)) = (batch.rows, self.shape);
+        async move {
+            let r = publish_and_wait(js, &id, payload, priority, rx, timeout).await;
+            // Whatever happened, the id has no waiter any more: a late copy is a duplicate.
+            waiters.lock().remove(&id);
+            let mut res = r?;
+            if res.outputs.fused.len() != rows * d || res.outputs.weights.len() != rows * m {
+                return Err(Error::Runtime(format!(
+                    "worker {} returned outputs of the wrong size for batch {id}",
+                    res.device
+                )));
+            }
+            res.total_time = start.elapsed();
+            Ok(res)
+        }
+    }
+}
+
+async fn publish_and_wait(
+    js: jetstream::Context,
+    id: &str,
+    payload: Vec<u8>,
+    priority: Priority,
+    rx: oneshot::Receiver<Result<BatchResult>>,
+    timeout: Duration,
+) -> Result<BatchResult> {
+    // The batch id is also the batch's Nats-Msg-Id: a publish retried by NATS is stored once.
+    let msg = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(id);
+    let ack = js
+        .send_publish(batch_subject(priority), msg)
+        .await
+        .map_err(|e| nats_err("publishing a batch", e))?;
+    ack.await.map_err(|e| nats_err("batch not stored", e))?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(Error::Shutdown("the NATS gateway stopped".into())),
+        Err(_) => Err(Error::Timeout(format!(
+            "no worker returned batch {id} within {timeout:?}"
+        ))),
+    }
+}
+
+/// Hands a result to its waiting batch; a result whose id has no waiter was already delivered
+/// (or timed out) and is dropped.
+fn deliver(waiters: &Waiters, duplicates: &AtomicU64, payload: &[u8]) {
+    let r = match WireResult::decode(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("NATS gateway: dropped an undecodable result: {e}");
+            return;
+        }
+    };
+    let Some(tx) = waiters.lock().remove(&r.id) else {
+        duplicates.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(batch = %r.id, "NATS gateway: duplicate result dropped");
+        return;
+    };
+    let res = match r.outcome {
+        Ok(c) => Ok(BatchResult {
+            outputs: c.outputs,
+            device: c.device,
+            device_index: 0,
+            retries: c.retries,
+            device_time: c.device_time,
+            total_time: Duration::ZERO,
+        }),
+        Err((code, msg)) => Err(match code.as_str() {
+            "overloaded" => Error::Overloaded(msg),
+            "timeout" => Error::Timeout(msg),
+            "shutdown" => Error::Shutdown(msg),
+            _ => Error::Runtime(format!("worker: {code}: {msg}")),
+        }),
+    };
+    let _ = tx.send(res);
+}

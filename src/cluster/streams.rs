@@ -1,0 +1,114 @@
+//! The JetStream layout both sides agree on (docs/DESIGN.md section 11): the work-queue stream
+//! of batches (one subject, hence one durable pull consumer, per priority class) and the
+//! results stream (whose duplicate window drops a second publish of the same batch id), and the
+//! connection with a clear error naming the URL.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::engine::Priority;
+use crate::error::{Error, Result};
+
+/// The batches' work-queue stream.
+pub const BATCH_STREAM: &str = "FUSION_BATCHES";
+/// The results' stream.
+pub const RESULT_STREAM: &str = "FUSION_RESULTS";
+/// JetStream's duplicate window on both streams: a batch id published twice within it is
+/// stored once (docs/DESIGN.md section 11 states what this does and does not cover).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The subject of a class's batches: `fusion.batches.critical` etc.
+pub fn batch_subject(p: Priority) -> String {
+    format!("fusion.batches.{}", class_name(p))
+}
+
+/// The results subject of one gateway.
+pub fn result_subject(gateway: &str) -> String {
+    format!("fusion.results.{gateway}")
+}
+
+/// The durable pull consumer every worker shares for a class.
+pub fn consumer_name(p: Priority) -> String {
+    format!("fusion-workers-{}", class_name(p))
+}
+
+fn class_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Critical => "critical",
+        Priority::Important => "important",
+        Priority::Bulk => "bulk",
+    }
+}
+
+/// Connects to `url` (one attempt, then reconnects forever in the background) and opens
+/// JetStream; an unreachable server is an error naming the URL.
+pub async fn connect(url: &str) -> Result<(async_nats::Client, jetstream::Context)> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| Error::Config(format!("cannot connect to NATS at {url}: {e}")))?;
+    let js = jetstream::new(client.clone());
+    Ok((client, js))
+}
+
+/// Creates the two streams when they do not exist yet (an existing stream is used as it is).
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    max_bytes: i64,
+) -> Result<jetstream::stream::Stream> {
+    let batches = js
+        .get_or_create_stream(stream::Config {
+            name: BATCH_STREAM.into(),
+            subjects: vec!["fusion.batches.*".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_bytes,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("creating the batch stream", e))?;
+    js.get_or_create_stream(stream::Config {
+        name: RESULT_STREAM.into(),
+        subjects: vec!["fusion.results.>".into()],
+        storage: stream::StorageType::File,
+        max_age: DUPLICATE_WINDOW,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_err("creating the result stream", e))?;
+    Ok(batches)
+}
+
+/// The class's shared durable pull consumer (created by the first worker).
+pub async fn class_consumer(
+    batches: &jetstream::stream::Stream,
+    p: Priority,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> Result<consumer::PullConsumer> {
+    let name = consumer_name(p);
+    batches
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: batch_subject(p),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats_err("creating a consumer", e))
+}
+
+/// A NATS failure as the engine's retryable error (producers see `overloaded`).
+pub fn nats_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Overloaded(format!("NATS: {what}: {e}"))
+}

@@ -1,0 +1,93 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn sample(rows: usize) -> WireBatch {
+    WireBatch {
+        id: "gw-1.7".into(),
+        reply: "fusion.results.gw-1".into(),
+        fingerprint: 0xdead_beef_0123_4567,
+        priority: Priority::Bulk,
+        streams: (0..rows).map(|i| format!("s{i}")).collect(),
+        keys: (0..rows).map(|i| format!("k{i}")).collect(),
+        inputs: vec![
+            HostMat {
+                dtype: DType::F32,
+                rows,
+                cols: 3,
+                bytes: vec![7; rows * 12],
+            },
+            HostMat {
+                dtype: DType::F16,
+                rows,
+                cols: 2,
+                bytes: vec![1; rows * 4],
+            },
+        ],
+        mask: vec![1; rows * 2],
+    }
+}
+
+#[test]
+fn batch_round_trip() {
+    let b = sample(5);
+    assert_eq!(WireBatch::decode(&b.encode()).unwrap(), b);
+}
+
+#[test]
+fn result_round_trip() {
+    let ok = WireResult {
+        id: "x.1".into(),
+        outcome: Ok(Computed {
+            outputs: Outputs {
+                fused: vec![1.5, -2.0],
+                weights: vec![0.25],
+            },
+            device: "w/cpu:0".into(),
+            retries: 2,
+            device_time: Duration::from_micros(1234),
+        }),
+    };
+    assert_eq!(WireResult::decode(&ok.encode()).unwrap(), ok);
+    let err = WireResult {
+        id: "x.2".into(),
+        outcome: Err(("overloaded".into(), "busy".into())),
+    };
+    assert_eq!(WireResult::decode(&err.encode()).unwrap(), err);
+}
+
+#[test]
+fn inconsistent_sizes_are_errors() {
+    let mut b = sample(2);
+    b.mask.pop();
+    assert!(WireBatch::decode(&b.encode()).is_err());
+    let mut b = sample(2);
+    b.inputs[0].cols = 4;
+    assert!(WireBatch::decode(&b.encode()).is_err());
+    assert!(WireBatch::decode(b"FER1").is_err());
+    let mut e = sample(1).encode();
+    e.push(0);
+    assert!(WireBatch::decode(&e).is_err());
+}
+
+proptest! {
+    #[test]
+    fn truncations_never_panic(rows in 0usize..4, cut in 0usize..400) {
+        let e = sample(rows).encode();
+        let cut = cut.min(e.len());
+        let r = WireBatch::decode(&e[..cut]);
+        prop_assert_eq!(r.is_ok(), cut == e.len());
+    }
+
+    #[test]
+    fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = WireBatch::decode(&b);
+        let _ = WireResult::decode(&b);
+        let mut m = b"FEB1".to_vec();
+        m.extend_from_slice(&b);
+        let _ = WireBatch::decode(&m);
+        let mut m = b"FER1".to_vec();
+        m.extend_from_slice(&b);
+        let _ = WireResult::decode(&m);
+    }
+}

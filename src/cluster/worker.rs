@@ -1,0 +1,237 @@
+//! `fusion-engine worker --nats URL` (docs/DESIGN.md section 11): a device host. It pulls
+//! batches from the work-queue stream through the shared durable consumer of each class,
+//! CRITICAL first (a class is fetched only when every higher class had nothing), runs them on
+//! its local [`Engine`], publishes the results with the batch id as `Nats-Msg-Id`, and acks a
+//! batch only once that publish is acknowledged by JetStream. A worker that dies leaves its
+//! unacked batches to be redelivered to another after `ack_wait`.
+//!
+//! A batch whose head fingerprint differs from this worker's is refused with an error log line
+//! and a NAK delayed by [`REFUSE_DELAY`], so that a compatible worker can take it; when no
+//! worker is compatible, the gateway's producers get `timeout` after its result timeout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, consumer::PullConsumer, message::PublishMessage, AckKind, Message,
+};
+use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::fingerprint::{fingerprint, hex};
+use super::streams::{class_consumer, connect, ensure_streams};
+use super::wire::{Computed, WireBatch, WireResult};
+use crate::batch::Batch;
+use crate::engine::{DeviceSpec, Engine, EngineConfig, Priority};
+use crate::error::{Error, Result};
+use crate::model::FusionHead;
+
+/// How long a refused batch (other head) waits before it is offered again.
+pub const REFUSE_DELAY: Duration = Duration::from_secs(1);
+/// How long a batch the engine had no room for waits before it is offered again.
+const BUSY_DELAY: Duration = Duration::from_millis(50);
+
+/// Run a GPU worker: pull batches from NATS JetStream, run them, publish the results.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// NATS server, e.g. nats://127.0.0.1:4222 (JetStream enabled: `nats-server -js`).
+    #[arg(long, value_name = "URL")]
+    pub nats: String,
+    /// Devices, e.g. `cpu`, `cuda:0,cpu`, `cpu:threads=1` (default: every usable GPU, else the CPU).
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Fusion head (.safetensors); the embedded default head when omitted. Must be the
+    /// gateway's (same fingerprint).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Batches pulled and not yet acked by this worker.
+    #[arg(long, default_value_t = 8)]
+    pub max_in_flight: usize,
+    /// Seconds before an unacked batch (a dead worker's) is redelivered.
+    #[arg(long, default_value_t = 10.0)]
+    pub ack_wait: f64,
+    /// This worker's name in results and logs [default: worker-PID].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+struct Ctx {
+    js: jetstream::Context,
+    engine: Engine,
+    fingerprint: u64,
+    name: String,
+    permits: Arc<Semaphore>,
+}
+
+impl WorkerArgs {
+    /// Runs until Ctrl-C / SIGTERM.
+    pub fn run(self) -> Result<ExitCode> {
+        let head = Arc::new(FusionHead::load_or_embedded(self.model.as_deref())?);
+        let mut ecfg = EngineConfig::default();
+        if let Some(d) = &self.devices {
+            ecfg.devices = DeviceSpec::parse_list(d)?;
+        }
+        if !(self.ack_wait.is_finite() && self.ack_wait > 0.0) || self.max_in_flight == 0 {
+            return Err(Error::Config(
+                "--ack-wait and --max-in-flight must be > 0".into(),
+            ));
+        }
+        let rt = crate::server::serve::runtime("fusion-worker")?;
+        rt.block_on(async move {
+            // NATS first: an unreachable server fails before any device opens.
+            let (_client, js) = connect(&self.nats).await?;
+            let batches = ensure_streams(&js, 1 << 30).await?;
+            let ack_wait = Duration::from_secs_f64(self.ack_wait);
+            let mut consumers = Vec::new();
+            for p in Priority::ALL {
+                consumers.push(class_consumer(&batches, p, ack_wait, 10_000).await?);
+            }
+            let h = Arc::clone(&head);
+            let engine = tokio::task::spawn_blocking(move || Engine::start(ecfg, h))
+                .await
+                .map_err(|e| Error::Runtime(format!("engine start task failed: {e}")))??;
+            let name = self
+                .name
+                .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+            let fp = fingerprint(&head);
+            eprintln!(
+                "fusion-engine worker {name} on {} with {}; head fingerprint {}",
+                self.nats,
+                engine.device_names().join(", "),
+                hex(fp)
+            );
+            let ctx = Arc::new(Ctx {
+                js,
+                engine,
+                fingerprint: fp,
+                name,
+                permits: Arc::new(Semaphore::new(self.max_in_flight)),
+            });
+            tokio::select! {
+                _ = pull_loop(Arc::clone(&ctx), consumers) => {}
+                _ = crate::server::shutdown_signal() => eprintln!("worker stopping"),
+            }
+            Ok(ExitCode::SUCCESS)
+        })
+    }
+}
+
+/// Fetches up to the free in-flight slots, highest class first, and runs each batch in a task.
+async fn pull_loop(ctx: Arc<Ctx>, consumers: Vec<PullConsumer>) {
+    loop {
+        let Ok(first) = Arc::clone(&ctx.permits).acquire_owned().await else {
+            return;
+        };
+        let mut first = Some(first);
+        let mut got = 0usize;
+        for c in &consumers {
+            let want = ctx.permits.available_permits() + usize::from(first.is_some());
+            let mut msgs = match c.fetch().max_messages(want).messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("worker {}: fetch failed: {e}", ctx.name);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            };
+            while let Some(m) = msgs.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("worker {}: fetch: {e}", ctx.name);
+                        break;
+                    }
+                };
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match Arc::clone(&ctx.permits).acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                got += 1;
+                tokio::spawn(handle(Arc::clone(&ctx), m, permit));
+            }
+            if got > 0 {
+                break; // something taken: look at CRITICAL again before a lower class
+            }
+        }
+        drop(first);
+        if got == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Runs one batch and publishes its result; acks only after the publish is acknowledged.
+async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
+    let wb = match WireBatch::decode(&msg.payload) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("worker {}: dropping an undecodable batch: {e}", ctx.name);
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    if wb.fingerprint != ctx.fingerprint {
+        tracing::error!(
+            "worker {}: refusing batch {}: its head fingerprint {} is not this worker's {} \
+             (start the worker with the gateway's --model)",
+            ctx.name,
+            wb.id,
+            hex(wb.fingerprint),
+            hex(ctx.fingerprint)
+        );
+        let _ = msg.ack_with(AckKind::Nak(Some(REFUSE_DELAY))).await;
+        return;
+    }
+    let rows = wb.streams.len();
+    let batch = Batch {
+        rows,
+        inputs: wb.inputs,
+        mask: wb.mask,
+    };
+    let outcome = match ctx.engine.submit(batch, wb.priority) {
+        Ok(ticket) => ticket.await,
+        Err(e) => Err(e),
+    };
+    if let Err(Error::Overloaded(_)) = &outcome {
+        let _ = msg.ack_with(AckKind::Nak(Some(BUSY_DELAY))).await;
+        return;
+    }
+    let res = WireResult {
+        id: wb.id.clone(),
+        outcome: outcome
+            .map(|r| Computed {
+                outputs: r.outputs,
+                device: format!("{}/{}", ctx.name, r.device),
+                retries: r.retries,
+                device_time: r.device_time,
+            })
+            .map_err(|e| (e.code().to_string(), e.to_string())),
+    };
+    let payload = res.encode();
+    if let Ok(c) = res.outcome {
+        ctx.engine.recycle(c.outputs);
+    }
+    let publish = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(&wb.id);
+    let stored = match ctx.js.send_publish(wb.reply, publish).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match stored {
+        Ok(()) => {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!("worker {}: ack of {} failed: {e}", ctx.name, wb.id);
+            }
+        }
+        Err(e) => {
+            tracing::warn!("worker {}: results of {} not stored: {e}", ctx.name, wb.id);
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+}
