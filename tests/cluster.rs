@@ -146,9 +146,6 @@ async fn round_trip_through_two_workers_matches_the_reference() {
     server.shutdown().await;
 }
 
-// UNFINISHED: 1 run in 2 ends with 40-160 of 3000 results missing after the kill (being
-// investigated); run with `cargo test --profile ci --test cluster -- --ignored`.
-#[ignore = "unfinished: some results go missing after the SIGKILL (issue 20)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +154,7 @@ async fn a_killed_worker_loses_and_duplicates_nothing() {
     };
     let mut sub = Client::connect(&url, None).await.unwrap();
     sub.subscribe("cam").await.unwrap();
-    let prod = Client::connect(&url, None).await.unwrap();
+    let mut prod = Client::connect(&url, None).await.unwrap();
     let (total, chunk) = (3000, 100);
     let x = rows(&h, chunk, 2);
     let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
@@ -172,13 +169,25 @@ async fn a_killed_worker_loses_and_duplicates_nothing() {
     let mut killed = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     while seen.len() < total {
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = (0..total)
+                .filter(|i| !seen.contains_key(&format!("k{i}")))
+                .collect();
+            eprintln!(
+                "missing {} samples: k{:?}..=k{:?}",
+                missing.len(),
+                missing.first(),
+                missing.last()
+            );
+        }
         assert!(
             Instant::now() < deadline,
-            "only {} of {total} results",
+            "only {} of {total} results ({sent} sent, killed: {killed})",
             seen.len()
         );
-        // Keep at most 5 chunks unanswered (within the send queue), then read.
-        if sent < total && sent - seen.len() < 5 * chunk {
+        // At most one chunk unanswered: the subscriber's IMPORTANT send queue holds 300 results
+        // and a burst beyond it is dropped by design (docs/DESIGN.md section 5.2).
+        if sent < total && sent - seen.len() < chunk {
             let keys: Vec<String> = (sent..sent + chunk).map(|i| format!("k{i}")).collect();
             let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
             prod.produce_samples("cam", &kr, &feats, Priority::Important, 0)
@@ -191,7 +200,14 @@ async fn a_killed_worker_loses_and_duplicates_nothing() {
             procs.0[1].kill().unwrap(); // SIGKILL: its unacked batches are redelivered
             killed = true;
         }
-        match next(&mut sub, 30.0).await {
+        let ev = tokio::select! {
+            e = next(&mut sub, 30.0) => e,
+            e = prod.next_event() => match e {
+                Some(Event::Error { code, raw, .. }) => panic!("producer got {code}: {raw}"),
+                _ => continue,
+            },
+        };
+        match ev {
             Event::Result(r) => {
                 let i: usize = r.key[1..].parse().unwrap();
                 let (ef, ew) = check(&h, &x[i % chunk], &[1, 1, 1], &r.fused, &r.weights);
