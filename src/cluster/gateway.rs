@@ -16,7 +16,11 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::fingerprint::{fingerprint, hex};
-use super::streams::{batch_subject, connect, ensure_streams, nats_err, result_subject};
+use super::metrics::class_label;
+use super::streams::{
+    batch_subject, connect, ensure_streams, nats_err, result_subject, HEARTBEAT_EVERY,
+    WORKER_HEARTBEAT,
+};
 use super::wire::{WireBatch, WireResult};
 use crate::batch::Batch;
 use crate::engine::{BatchResult, Priority};
@@ -24,6 +28,8 @@ use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
 type Waiters = Mutex<HashMap<String, oneshot::Sender<Result<BatchResult>>>>;
+/// Worker name -> (its head fingerprint, when its last heartbeat came).
+type Workers = Mutex<HashMap<String, (u64, Instant)>>;
 
 /// The gateway's side of the cluster: cheap to share (`Arc`).
 pub struct Gateway {
@@ -34,6 +40,7 @@ pub struct Gateway {
     seq: AtomicU64,
     waiters: Arc<Waiters>,
     duplicates: Arc<AtomicU64>,
+    workers: Arc<Workers>,
     timeout: Duration,
     /// `(D, M)` of the head: a result of another shape is refused, never fanned out.
     shape: (usize, usize),
@@ -84,6 +91,17 @@ impl Gateway {
                 deliver(&w, &d, &msg.payload);
             }
         });
+        let mut beats = client
+            .subscribe(WORKER_HEARTBEAT)
+            .await
+            .map_err(|e| Error::Config(format!("NATS at {}: subscribe: {e}", cfg.url)))?;
+        let workers: Arc<Workers> = Arc::default();
+        let w = Arc::clone(&workers);
+        tokio::spawn(async move {
+            while let Some(msg) = beats.next().await {
+                heartbeat(&w, &msg.payload);
+            }
+        });
         let fp = fingerprint(head);
         tracing::info!(gateway = %id, fingerprint = %hex(fp), url = %cfg.url, "NATS gateway up");
         Ok(Gateway {
@@ -94,6 +112,7 @@ impl Gateway {
             seq: AtomicU64::new(0),
             waiters,
             duplicates,
+            workers,
             timeout: cfg.result_timeout,
             shape: (head.dim, head.num_modalities()),
         })
@@ -107,6 +126,38 @@ impl Gateway {
     /// Result copies dropped because their batch id was already delivered.
     pub fn duplicates_dropped(&self) -> u64 {
         self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// This gateway's head fingerprint (every batch carries it).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Workers heard from within three heartbeats: (same head as this gateway, another head).
+    pub fn live_workers(&self) -> (usize, usize) {
+        let mut w = self.workers.lock();
+        w.retain(|_, (_, t)| t.elapsed() <= 3 * HEARTBEAT_EVERY);
+        let same = w.values().filter(|(f, _)| *f == self.fingerprint).count();
+        (same, w.len() - same)
+    }
+
+    /// `/healthz` under `serve --nats`: healthy while a worker with this gateway's head is
+    /// alive; the answer names the fingerprint (docs/DESIGN.md section 11).
+    pub fn health(&self) -> (bool, String) {
+        let (same, other) = self.live_workers();
+        let fp = hex(self.fingerprint);
+        if same > 0 {
+            (
+                true,
+                format!("ok {same} compatible workers (head fingerprint {fp})\n"),
+            )
+        } else {
+            let msg = format!(
+                "no compatible worker: none alive with head fingerprint {fp} \
+                 ({other} alive with another head)\n"
+            );
+            (false, msg)
+        }
     }
 
     /// Publishes the batch and returns the future of its results. Each row's stream and key
@@ -138,6 +189,9 @@ impl Gateway {
         let (rows, (d, m)) = (batch.rows, self.shape);
         async move {
             let r = publish_and_wait(js, &id, payload, priority, rx, timeout).await;
+            if r.is_ok() {
+                metrics::histogram!("fusion_nats_round_trip_seconds").record(start.elapsed());
+            }
             // Whatever happened, the id has no waiter any more: a late copy is a duplicate.
             waiters.lock().remove(&id);
             let mut res = r?;
@@ -168,8 +222,16 @@ async fn publish_and_wait(
     let ack = js
         .send_publish(batch_subject(priority), msg)
         .await
-        .map_err(|e| nats_err("publishing a batch", e))?;
-    ack.await.map_err(|e| nats_err("batch not stored", e))?;
+        .map_err(|e| {
+            metrics::counter!("fusion_nats_publish_refused_total").increment(1);
+            nats_err("publishing a batch", e)
+        })?;
+    if let Err(e) = ack.await {
+        metrics::counter!("fusion_nats_publish_refused_total").increment(1);
+        return Err(nats_err("batch not stored", e));
+    }
+    metrics::counter!("fusion_nats_batches_published_total", "class" => class_label(priority))
+        .increment(1);
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Shutdown("the NATS gateway stopped".into())),
@@ -191,6 +253,7 @@ fn deliver(waiters: &Waiters, duplicates: &AtomicU64, payload: &[u8]) {
     };
     let Some(tx) = waiters.lock().remove(&r.id) else {
         duplicates.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("fusion_nats_duplicates_dropped_total").increment(1);
         tracing::debug!(batch = %r.id, "NATS gateway: duplicate result dropped");
         return;
     };
@@ -211,4 +274,21 @@ fn deliver(waiters: &Waiters, duplicates: &AtomicU64, payload: &[u8]) {
         }),
     };
     let _ = tx.send(res);
+}
+
+/// Records a worker's heartbeat, `NAME FINGERPRINT-HEX` (a malformed one is ignored).
+fn heartbeat(workers: &Workers, payload: &[u8]) {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return;
+    };
+    let Some((name, fp)) = text.rsplit_once(' ') else {
+        return;
+    };
+    let Ok(fp) = u64::from_str_radix(fp, 16) else {
+        return;
+    };
+    let mut w = workers.lock();
+    if w.len() < 10_000 || w.contains_key(name) {
+        w.insert(name.to_string(), (fp, Instant::now()));
+    }
 }

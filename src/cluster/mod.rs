@@ -8,6 +8,7 @@
 //!   shared durable pull consumer per class), the results stream and its duplicate window.
 //! - [`gateway`]: `serve --nats`: the server's batcher publishes batches here instead of to its
 //!   local engine and awaits each batch's results from NATS, delivering each batch id once.
+//! - [`metrics`]: the gateway's and workers' metrics names; a worker's `/metrics` listener.
 //! - [`worker`]: `fusion-engine worker`: pulls batches (CRITICAL first), runs them on a local
 //!   engine, publishes the results, acks after the results publish is acknowledged.
 //!
@@ -16,6 +17,7 @@
 
 pub mod fingerprint;
 pub mod gateway;
+pub mod metrics;
 pub mod streams;
 pub mod wire;
 pub mod worker;

@@ -18,6 +18,12 @@ pub const RESULT_STREAM: &str = "FUSION_RESULTS";
 /// stored once (docs/DESIGN.md section 11 states what this does and does not cover).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// Core NATS subject of the workers' heartbeats, `NAME FINGERPRINT-HEX`: a worker announces its
+/// head; the gateway's `/healthz` counts the compatible ones (docs/DESIGN.md section 11).
+pub const WORKER_HEARTBEAT: &str = "fusion.workers.heartbeat";
+/// How often a worker sends its heartbeat; the gateway forgets it after three missed.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
 /// The subject of a class's batches: `fusion.batches.critical` etc.
 pub fn batch_subject(p: Priority) -> String {
     format!("fusion.batches.{}", class_name(p))

@@ -9,10 +9,11 @@
 //! and a NAK delayed by [`REFUSE_DELAY`], so that a compatible worker can take it; when no
 //! worker is compatible, the gateway's producers get `timeout` after its result timeout.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
     self, consumer::PullConsumer, message::PublishMessage, AckKind, Message,
@@ -21,7 +22,8 @@ use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::fingerprint::{fingerprint, hex};
-use super::streams::{class_consumer, connect, ensure_streams};
+use super::metrics::{class_label, serve_worker_metrics};
+use super::streams::{class_consumer, connect, ensure_streams, HEARTBEAT_EVERY, WORKER_HEARTBEAT};
 use super::wire::{Computed, WireBatch, WireResult};
 use crate::batch::Batch;
 use crate::engine::{DeviceSpec, Engine, EngineConfig, Priority};
@@ -30,6 +32,8 @@ use crate::model::FusionHead;
 
 /// How long a refused batch (other head) waits before it is offered again.
 pub const REFUSE_DELAY: Duration = Duration::from_secs(1);
+/// Fetch rounds that took CRITICAL work before one starts at the lower classes.
+const AGED_SHARE: u32 = 4;
 /// How long a batch the engine had no room for waits before it is offered again.
 const BUSY_DELAY: Duration = Duration::from_millis(50);
 
@@ -46,15 +50,19 @@ pub struct WorkerArgs {
     /// gateway's (same fingerprint).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Batches pulled and not yet acked by this worker.
-    #[arg(long, default_value_t = 8)]
-    pub max_in_flight: usize,
+    /// Batches pulled and not yet acked by this worker [default: what its devices hold in
+    /// flight: devices x the engine's per-device max_in_flight (4)].
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
     /// Seconds before an unacked batch (a dead worker's) is redelivered.
     #[arg(long, default_value_t = 10.0)]
     pub ack_wait: f64,
     /// This worker's name in results and logs [default: worker-PID].
     #[arg(long)]
     pub name: Option<String>,
+    /// Prometheus `/metrics` (and `/healthz`) address of this worker, e.g. 127.0.0.1:9899.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 struct Ctx {
@@ -73,7 +81,7 @@ impl WorkerArgs {
         if let Some(d) = &self.devices {
             ecfg.devices = DeviceSpec::parse_list(d)?;
         }
-        if !(self.ack_wait.is_finite() && self.ack_wait > 0.0) || self.max_in_flight == 0 {
+        if !(self.ack_wait.is_finite() && self.ack_wait > 0.0) || self.max_in_flight == Some(0) {
             return Err(Error::Config(
                 "--ack-wait and --max-in-flight must be > 0".into(),
             ));
@@ -81,7 +89,7 @@ impl WorkerArgs {
         let rt = crate::server::serve::runtime("fusion-worker")?;
         rt.block_on(async move {
             // NATS first: an unreachable server fails before any device opens.
-            let (_client, js) = connect(&self.nats).await?;
+            let (client, js) = connect(&self.nats).await?;
             let batches = ensure_streams(&js, 1 << 30).await?;
             let ack_wait = Duration::from_secs_f64(self.ack_wait);
             let mut consumers = Vec::new();
@@ -89,6 +97,7 @@ impl WorkerArgs {
                 consumers.push(class_consumer(&batches, p, ack_wait, 10_000).await?);
             }
             let h = Arc::clone(&head);
+            let per_device = ecfg.max_in_flight;
             let engine = tokio::task::spawn_blocking(move || Engine::start(ecfg, h))
                 .await
                 .map_err(|e| Error::Runtime(format!("engine start task failed: {e}")))??;
@@ -96,6 +105,23 @@ impl WorkerArgs {
                 .name
                 .unwrap_or_else(|| format!("worker-{}", std::process::id()));
             let fp = fingerprint(&head);
+            // Fetch no more than the devices can hold in flight: a slow worker takes few batches.
+            let in_flight = self
+                .max_in_flight
+                .unwrap_or(engine.device_names().len() * per_device)
+                .max(1);
+            if let Some(addr) = self.metrics_listen {
+                let bound = serve_worker_metrics(addr).await?;
+                eprintln!("metrics: http://{bound}/metrics");
+            }
+            // Announce the head: the gateway's /healthz counts the compatible workers.
+            let beat = format!("{name} {}", hex(fp));
+            tokio::spawn(async move {
+                loop {
+                    let _ = client.publish(WORKER_HEARTBEAT, beat.clone().into()).await;
+                    tokio::time::sleep(HEARTBEAT_EVERY).await;
+                }
+            });
             eprintln!(
                 "fusion-engine worker {name} on {} with {}; head fingerprint {}",
                 self.nats,
@@ -107,7 +133,7 @@ impl WorkerArgs {
                 engine,
                 fingerprint: fp,
                 name,
-                permits: Arc::new(Semaphore::new(self.max_in_flight)),
+                permits: Arc::new(Semaphore::new(in_flight)),
             });
             tokio::select! {
                 _ = pull_loop(Arc::clone(&ctx), consumers) => {}
@@ -119,15 +145,22 @@ impl WorkerArgs {
 }
 
 /// Fetches up to the free in-flight slots, highest class first, and runs each batch in a task.
+/// One fetch round in [`AGED_SHARE`] (when CRITICAL work was taken in the others) starts at the
+/// lower classes, one batch, oldest class first (IMPORTANT, then BULK): the local engine's
+/// guaranteed share for waiting lower-class work (docs/DESIGN.md section 11).
 async fn pull_loop(ctx: Arc<Ctx>, consumers: Vec<PullConsumer>) {
+    let mut strict = 0u32;
     loop {
         let Ok(first) = Arc::clone(&ctx.permits).acquire_owned().await else {
             return;
         };
         let mut first = Some(first);
         let mut got = 0usize;
-        for c in &consumers {
-            let want = ctx.permits.available_permits() + usize::from(first.is_some());
+        let share = strict + 1 >= AGED_SHARE;
+        let order: [usize; 3] = if share { [1, 2, 0] } else { [0, 1, 2] };
+        for (n, c) in order.iter().map(|i| &consumers[*i]).enumerate() {
+            let free = ctx.permits.available_permits() + usize::from(first.is_some());
+            let want = if share && n < 2 { 1 } else { free };
             let mut msgs = match c.fetch().max_messages(want).messages().await {
                 Ok(m) => m,
                 Err(e) => {
@@ -155,7 +188,13 @@ async fn pull_loop(ctx: Arc<Ctx>, consumers: Vec<PullConsumer>) {
                 tokio::spawn(handle(Arc::clone(&ctx), m, permit));
             }
             if got > 0 {
-                break; // something taken: look at CRITICAL again before a lower class
+                // Something taken: look at CRITICAL again before a lower class.
+                strict = if share || order[n] != 0 {
+                    0
+                } else {
+                    strict + 1
+                };
+                break;
             }
         }
         drop(first);
@@ -175,7 +214,13 @@ async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
             return;
         }
     };
+    metrics::counter!("fusion_worker_batches_pulled_total", "class" => class_label(wb.priority))
+        .increment(1);
+    if msg.info().is_ok_and(|i| i.delivered > 1) {
+        metrics::counter!("fusion_worker_redelivered_total").increment(1);
+    }
     if wb.fingerprint != ctx.fingerprint {
+        metrics::counter!("fusion_worker_refused_total").increment(1);
         tracing::error!(
             "worker {}: refusing batch {}: its head fingerprint {} is not this worker's {} \
              (start the worker with the gateway's --model)",
@@ -198,6 +243,7 @@ async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
         Err(e) => Err(e),
     };
     if let Err(Error::Overloaded(_)) = &outcome {
+        metrics::counter!("fusion_worker_busy_naks_total").increment(1);
         let _ = msg.ack_with(AckKind::Nak(Some(BUSY_DELAY))).await;
         return;
     }
@@ -219,12 +265,15 @@ async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
     let publish = PublishMessage::build()
         .payload(payload.into())
         .message_id(&wb.id);
+    let sent = Instant::now();
     let stored = match ctx.js.send_publish(wb.reply, publish).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     match stored {
         Ok(()) => {
+            metrics::histogram!("fusion_worker_publish_seconds").record(sent.elapsed());
+            metrics::counter!("fusion_worker_results_published_total").increment(1);
             if let Err(e) = msg.ack().await {
                 tracing::warn!("worker {}: ack of {} failed: {e}", ctx.name, wb.id);
             }

@@ -1,6 +1,7 @@
 //! A deliberately tiny HTTP/1.1 endpoint on its own address (docs/DESIGN.md section 8,
 //! docs/PROTOCOL.md section 9): `GET /metrics` (Prometheus text), `GET /healthz` (200 when at
-//! least one device is healthy, else 503), `GET /` (the live status page) and
+//! least one device is healthy, else 503; under `serve --nats`: a worker with the gateway's head
+//! is alive, docs/DESIGN.md section 11), `GET /` (the live status page) and
 //! `GET /status.json` (what the page draws; `status.rs`). One request per connection, bounded
 //! request size and time; an unknown path is 404, another method on a known path 405, a
 //! malformed or oversized request 400.
@@ -123,6 +124,11 @@ fn route(ctx: &Ctx, path: &str) -> Reply {
             (200, "text/plain; version=0.0.4", body.into())
         }
         _ => {
+            // `serve --nats`: the workers run the batches; healthy while one has this head.
+            if let Some(gw) = ctx.shared.upgrade().and_then(|s| s.nats.clone()) {
+                let (ok, body) = gw.health();
+                return (if ok { 200 } else { 503 }, "text/plain", body.into());
+            }
             let healthy = ctx.shared.upgrade().map(|s| {
                 s.engine
                     .stats()

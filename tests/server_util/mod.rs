@@ -142,3 +142,4 @@ pub async fn raw_subscriber_with(url: &str, version: u8, subscribe: &str) -> Ws 
         }
     }
 }
+pub mod nats;
