@@ -16,23 +16,25 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::fingerprint::{fingerprint, hex};
+use super::inbox::{Inbox, Waiters};
 use super::metrics::class_label;
 use super::streams::{
-    batch_subject, connect, ensure_streams, nats_err, result_subject, HEARTBEAT_EVERY,
+    batch_subject, connect, ensure_streams, nats_err, result_subject, NatsAccess, HEARTBEAT_EVERY,
     WORKER_HEARTBEAT,
 };
-use super::wire::{WireBatch, WireResult};
+use super::wire::WireBatch;
 use crate::batch::Batch;
 use crate::engine::{BatchResult, Priority};
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
 
-type Waiters = Mutex<HashMap<String, oneshot::Sender<Result<BatchResult>>>>;
 /// Worker name -> (its head fingerprint, when its last heartbeat came).
 type Workers = Mutex<HashMap<String, (u64, Instant)>>;
 
 /// The gateway's side of the cluster: cheap to share (`Arc`).
 pub struct Gateway {
+    client: async_nats::Client,
+    url: String,
     js: jetstream::Context,
     id: String,
     reply: String,
@@ -49,8 +51,8 @@ pub struct Gateway {
 /// The gateway's settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// `nats://HOST:PORT`.
-    pub url: String,
+    /// `nats://HOST:PORT`, TLS CA and credentials.
+    pub nats: NatsAccess,
     /// How long a batch may wait for its results before its producers get `timeout`.
     pub result_timeout: Duration,
     /// The batch stream's bound (`discard: new` beyond it: producers get `overloaded`).
@@ -61,7 +63,7 @@ impl GatewayConfig {
     /// Defaults for `url`: 60 s result timeout, 1 GiB of queued batches.
     pub fn new(url: &str) -> GatewayConfig {
         GatewayConfig {
-            url: url.to_string(),
+            nats: NatsAccess::plain(url),
             result_timeout: Duration::from_secs(60),
             max_bytes: 1 << 30,
         }
@@ -71,7 +73,7 @@ impl GatewayConfig {
 impl Gateway {
     /// Connects, creates the streams when needed and subscribes to this gateway's results.
     pub async fn connect(cfg: &GatewayConfig, head: &FusionHead) -> Result<Gateway> {
-        let (client, js) = connect(&cfg.url).await?;
+        let (client, js) = connect(&cfg.nats).await?;
         ensure_streams(&js, cfg.max_bytes).await?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -79,22 +81,14 @@ impl Gateway {
             .unwrap_or_default();
         let id = format!("gw{:x}p{}", nanos, std::process::id());
         let reply = result_subject(&id);
-        let mut sub = client
-            .subscribe(reply.clone())
-            .await
-            .map_err(|e| Error::Config(format!("NATS at {}: subscribe: {e}", cfg.url)))?;
         let waiters: Arc<Waiters> = Arc::default();
         let duplicates = Arc::new(AtomicU64::new(0));
-        let (w, d) = (Arc::clone(&waiters), Arc::clone(&duplicates));
-        tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                deliver(&w, &d, &msg.payload);
-            }
-        });
+        let inbox = Inbox::open(&js, &reply, &waiters, &duplicates).await?;
+        tokio::spawn(inbox.run());
         let mut beats = client
             .subscribe(WORKER_HEARTBEAT)
             .await
-            .map_err(|e| Error::Config(format!("NATS at {}: subscribe: {e}", cfg.url)))?;
+            .map_err(|e| Error::Config(format!("NATS at {}: subscribe: {e}", cfg.nats.url)))?;
         let workers: Arc<Workers> = Arc::default();
         let w = Arc::clone(&workers);
         tokio::spawn(async move {
@@ -103,8 +97,10 @@ impl Gateway {
             }
         });
         let fp = fingerprint(head);
-        tracing::info!(gateway = %id, fingerprint = %hex(fp), url = %cfg.url, "NATS gateway up");
+        tracing::info!(gateway = %id, fingerprint = %hex(fp), url = %cfg.nats.url, "NATS gateway up");
         Ok(Gateway {
+            client,
+            url: cfg.nats.url.clone(),
             js,
             id,
             reply,
@@ -185,10 +181,20 @@ impl Gateway {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().insert(id.clone(), tx);
         let (js, waiters, timeout) = (self.js.clone(), Arc::clone(&self.waiters), self.timeout);
+        // NATS away (the client reconnects in the background): refuse at once, retryable.
+        let away = self.client.connection_state() != async_nats::connection::State::Connected;
+        let url = self.url.clone();
         let start = Instant::now();
         let (rows, (d, m)) = (batch.rows, self.shape);
         async move {
-            let r = publish_and_wait(js, &id, payload, priority, rx, timeout).await;
+            let r = if away {
+                metrics::counter!("fusion_nats_publish_refused_total").increment(1);
+                Err(Error::Overloaded(format!(
+                    "NATS at {url} is unreachable; the gateway is reconnecting"
+                )))
+            } else {
+                publish_and_wait(js, &id, payload, priority, rx, timeout).await
+            };
             if r.is_ok() {
                 metrics::histogram!("fusion_nats_round_trip_seconds").record(start.elapsed());
             }
@@ -239,41 +245,6 @@ async fn publish_and_wait(
             "no worker returned batch {id} within {timeout:?}"
         ))),
     }
-}
-
-/// Hands a result to its waiting batch; a result whose id has no waiter was already delivered
-/// (or timed out) and is dropped.
-fn deliver(waiters: &Waiters, duplicates: &AtomicU64, payload: &[u8]) {
-    let r = match WireResult::decode(payload) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("NATS gateway: dropped an undecodable result: {e}");
-            return;
-        }
-    };
-    let Some(tx) = waiters.lock().remove(&r.id) else {
-        duplicates.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("fusion_nats_duplicates_dropped_total").increment(1);
-        tracing::debug!(batch = %r.id, "NATS gateway: duplicate result dropped");
-        return;
-    };
-    let res = match r.outcome {
-        Ok(c) => Ok(BatchResult {
-            outputs: c.outputs,
-            device: c.device,
-            device_index: 0,
-            retries: c.retries,
-            device_time: c.device_time,
-            total_time: Duration::ZERO,
-        }),
-        Err((code, msg)) => Err(match code.as_str() {
-            "overloaded" => Error::Overloaded(msg),
-            "timeout" => Error::Timeout(msg),
-            "shutdown" => Error::Shutdown(msg),
-            _ => Error::Runtime(format!("worker: {code}: {msg}")),
-        }),
-    };
-    let _ = tx.send(res);
 }
 
 /// Records a worker's heartbeat, `NAME FINGERPRINT-HEX` (a malformed one is ignored).

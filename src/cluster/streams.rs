@@ -3,6 +3,7 @@
 //! results stream (whose duplicate window drops a second publish of the same batch id), and the
 //! connection with a clear error naming the URL.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -47,11 +48,51 @@ fn class_name(p: Priority) -> &'static str {
     }
 }
 
-/// Connects to `url` (one attempt, then reconnects forever in the background) and opens
-/// JetStream; an unreachable server is an error naming the URL.
-pub async fn connect(url: &str) -> Result<(async_nats::Client, jetstream::Context)> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
+/// How to reach NATS: `nats://HOST:PORT`, and optionally the CA file that signed the server's
+/// TLS certificate (`--nats-tls-ca`: TLS required) and a credentials file (`--nats-creds`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatsAccess {
+    /// `nats://HOST:PORT`.
+    pub url: String,
+    /// PEM CA certificate(s) trusted for the server's certificate; TLS is then required.
+    pub tls_ca: Option<PathBuf>,
+    /// NATS credentials file (user JWT and NKey seed).
+    pub creds: Option<PathBuf>,
+}
+
+impl NatsAccess {
+    /// Plain `url`, no TLS, no credentials.
+    pub fn plain(url: &str) -> NatsAccess {
+        NatsAccess {
+            url: url.to_string(),
+            ..NatsAccess::default()
+        }
+    }
+}
+
+fn readable(flag: &str, p: &Path) -> Result<()> {
+    std::fs::metadata(p)
+        .map(|_| ())
+        .map_err(|e| Error::Config(format!("{flag} {}: {e}", p.display())))
+}
+
+/// Connects (one attempt, then reconnects forever in the background) and opens JetStream; an
+/// unreachable server is an error naming the URL, an unreadable file one naming the file.
+pub async fn connect(a: &NatsAccess) -> Result<(async_nats::Client, jetstream::Context)> {
+    let url = &a.url;
+    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    if let Some(ca) = &a.tls_ca {
+        readable("--nats-tls-ca", ca)?;
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(creds) = &a.creds {
+        readable("--nats-creds", creds)?;
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| Error::Config(format!("--nats-creds {}: {e}", creds.display())))?;
+    }
+    let client = opts
         .connect(url)
         .await
         .map_err(|e| Error::Config(format!("cannot connect to NATS at {url}: {e}")))?;

@@ -23,7 +23,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::fingerprint::{fingerprint, hex};
 use super::metrics::{class_label, serve_worker_metrics};
-use super::streams::{class_consumer, connect, ensure_streams, HEARTBEAT_EVERY, WORKER_HEARTBEAT};
+use super::streams::{
+    class_consumer, connect, ensure_streams, NatsAccess, HEARTBEAT_EVERY, WORKER_HEARTBEAT,
+};
 use super::wire::{Computed, WireBatch, WireResult};
 use crate::batch::Batch;
 use crate::engine::{DeviceSpec, Engine, EngineConfig, Priority};
@@ -43,6 +45,12 @@ pub struct WorkerArgs {
     /// NATS server, e.g. nats://127.0.0.1:4222 (JetStream enabled: `nats-server -js`).
     #[arg(long, value_name = "URL")]
     pub nats: String,
+    /// PEM CA certificate of the NATS server's TLS certificate (TLS is then required).
+    #[arg(long, value_name = "CA.pem")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// NATS credentials file (`.creds`: user JWT and NKey seed).
+    #[arg(long, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
     /// Devices, e.g. `cpu`, `cuda:0,cpu`, `cpu:threads=1` (default: every usable GPU, else the CPU).
     #[arg(long)]
     pub devices: Option<String>,
@@ -89,7 +97,12 @@ impl WorkerArgs {
         let rt = crate::server::serve::runtime("fusion-worker")?;
         rt.block_on(async move {
             // NATS first: an unreachable server fails before any device opens.
-            let (client, js) = connect(&self.nats).await?;
+            let access = NatsAccess {
+                url: self.nats.clone(),
+                tls_ca: self.nats_tls_ca.clone(),
+                creds: self.nats_creds.clone(),
+            };
+            let (client, js) = connect(&access).await?;
             let batches = ensure_streams(&js, 1 << 30).await?;
             let ack_wait = Duration::from_secs_f64(self.ack_wait);
             let mut consumers = Vec::new();

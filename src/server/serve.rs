@@ -47,6 +47,12 @@ pub struct ServeOptions {
     /// and `fusion-engine worker`s run them (docs/DESIGN.md section 11).
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
+    /// PEM CA certificate of the NATS server's TLS certificate (TLS is then required).
+    #[arg(long, value_name = "CA.pem", requires = "nats")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// NATS credentials file (`.creds`: user JWT and NKey seed).
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -106,9 +112,12 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
         let scheme = if cfg.tls_cert.is_some() { "wss" } else { "ws" };
         // NATS before the devices: an unreachable URL exits non-zero naming it (section 11).
         let nats = match &o.nats {
-            Some(url) => Some(Arc::new(
-                Gateway::connect(&GatewayConfig::new(url), &head).await?,
-            )),
+            Some(url) => {
+                let mut gc = GatewayConfig::new(url);
+                gc.nats.tls_ca = o.nats_tls_ca.clone();
+                gc.nats.creds = o.nats_creds.clone();
+                Some(Arc::new(Gateway::connect(&gc, &head).await?))
+            }
             None => None,
         };
         let server = start_gateway(cfg, Arc::clone(&head), prom, nats).await?;
