@@ -31,7 +31,7 @@ trap cleanup EXIT
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing listens on $1" >&2; exit 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-metric() { curl -sf "127.0.0.1:$M/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 { s += $NF } END { print s + 0 }'; }
+metric() { curl -sf "127.0.0.1:${2:-$M}/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 { s += $NF } END { print s + 0 }'; }
 [ -x "$BIN" ] || { echo "no $BIN: cargo build --release first" >&2; exit 2; }
 P=$(free_port); M=$(free_port)
 echo "max_batch = $MAX_BATCH" > "$WORK/serve.toml"
@@ -41,9 +41,11 @@ if [ "$MODE" = nats ]; then
   NP=$(free_port); NATS="nats://127.0.0.1:$NP"
   nats-server -a 127.0.0.1 -p "$NP" -js -sd "$WORK/js" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
   wait_port "$NP"
-  WPIDS=()
+  WPIDS=(); WPORTS=()
   for i in $(seq "$WORKERS"); do
-    "$BIN" worker --nats "$NATS" --devices "$DEVICES" --ack-wait 2 --name "w$i" >"$WORK/w$i.log" 2>&1 &
+    WM=$(free_port); WPORTS+=("$WM")
+    "$BIN" worker --nats "$NATS" --devices "$DEVICES" --ack-wait 2 --name "w$i" \
+      --metrics-listen "127.0.0.1:$WM" >"$WORK/w$i.log" 2>&1 &
     WPIDS+=($!); PIDS+=($!)
   done
   # The gateway's own engine only backs its status pages (DESIGN section 11).
@@ -65,7 +67,7 @@ s0=$(metric fusion_server_samples_total); c0=$(cpu_ticks "$GP")
   --duration "$SECS" --plot "$WORK/loadgen.svg" ${LOADGEN_ARGS:-} >"$WORK/report" 2>"$WORK/loadgen.err" & LG=$!
 if [ "$MODE" = nats ] && [ "$KILL" = 1 ]; then
   sleep "$(python3 -c "print($SECS / 2)")"
-  kill -9 "${WPIDS[0]}" && echo "SIGKILLed worker w1 at $(date -u +%T) (halfway); its unacked batches go to another after ack_wait (2 s)"
+  kill -9 "${WPIDS[0]}" 2>/dev/null && echo "SIGKILLed worker w1 at $(date -u +%T) (halfway); its unacked batches go to another after ack_wait (2 s)"
 fi
 wait "$LG"; rc=$?
 c1=$(cpu_ticks "$GP"); s1=$(metric fusion_server_samples_total)
@@ -79,6 +81,11 @@ print(f"server samples batched: {n:.0f}; server CPU {(c1 - c0) / tck:.2f} s"
       + (f" = {(c1 - c0) / tck / n * 1e6:.1f} us per sample" if n else ""))
 PY
 if [ "$MODE" = nats ]; then
+  for i in $(seq "$WORKERS"); do
+    if [ "$KILL" = 1 ] && [ "$i" = 1 ]; then continue; fi
+    wp=${WPORTS[$((i - 1))]}
+    echo "worker w$i: batches pulled $(metric fusion_worker_batches_pulled_total "$wp"), redelivered to it $(metric fusion_worker_redelivered_total "$wp"), results stored $(metric fusion_worker_results_published_total "$wp")"
+  done
   echo "gateway: duplicates dropped $(metric fusion_nats_duplicates_dropped_total), batches published $(metric fusion_nats_batches_published_total), publishes refused $(metric fusion_nats_publish_refused_total)"
 fi
 exit "$rc"
