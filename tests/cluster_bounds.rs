@@ -1,5 +1,6 @@
 //! The NATS scale-out under bad conditions (docs/DESIGN.md section 11), each with a clear answer:
-//! NATS unreachable at start (`serve --nats` and `worker --nats` exit non-zero naming the URL);
+//! NATS unreachable at start (`serve --nats` and `worker --nats` exit non-zero naming the URL;
+//! an unreadable `--nats-creds` or `--nats-tls-ca` file is named);
 //! JetStream's bound on queued batches (a tiny `max_bytes`, no worker) answered to producers as
 //! `overloaded` (IMPORTANT) and `shed` (BULK), the batches it held computed once a worker comes;
 //! a worker with another head refuses the work, logs why, and the gateway's `/healthz` says no
@@ -66,6 +67,26 @@ fn unreachable_nats_fails_at_start_naming_the_url() {
             err.contains(&format!("cannot connect to NATS at {url}")),
             "{args:?}: {err}"
         );
+    }
+}
+
+#[test]
+fn unreadable_nats_credentials_and_ca_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let garbage = dir.path().join("garbage.creds");
+    std::fs::write(&garbage, "not a credentials file\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let (g, m) = (garbage.to_str().unwrap(), missing.to_str().unwrap());
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (flag, file) in [("--nats-creds", g), ("--nats-tls-ca", m)] {
+        let serve = ["serve", "--nats", &url, "--listen", &listen, flag, file];
+        let worker = ["worker", "--nats", &url, flag, file];
+        for args in [&serve[..], &worker[..]] {
+            let (ok, err) = run_cli(args);
+            assert!(!ok, "{args:?} exited 0");
+            assert!(err.contains(&format!("{flag} {file}")), "{args:?}: {err}");
+        }
     }
 }
 

@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 /// Batch id -> the batch waiting for its results.
 pub type Waiters = Mutex<HashMap<String, oneshot::Sender<Result<BatchResult>>>>;
 
+/// Silence, with batches waiting, after which the inbox makes its consumer again.
+const IDLE: Duration = Duration::from_secs(3);
 /// How long the inbox waits before making its consumer again after an error.
 const RETRY: Duration = Duration::from_millis(250);
 
@@ -88,8 +90,18 @@ impl Inbox {
             .await
             .map_err(|e| e.to_string())?;
         let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(m) = msgs.next().await {
-            let m = m.map_err(|e| e.to_string())?;
+        loop {
+            // A consumer cut off by a NATS restart may wait forever: when batches are waiting
+            // and nothing came for a while, make it again (from `next`: nothing is skipped).
+            let m = match tokio::time::timeout(IDLE, msgs.next()).await {
+                Ok(Some(m)) => m.map_err(|e| e.to_string())?,
+                Ok(None) => break,
+                Err(_) if self.waiters.lock().is_empty() => continue,
+                Err(_) => {
+                    tracing::debug!("NATS gateway: no result for {IDLE:?}; remaking the consumer");
+                    return Ok(());
+                }
+            };
             if let Ok(i) = m.info() {
                 self.next = self.next.max(i.stream_sequence + 1);
             }

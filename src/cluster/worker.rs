@@ -34,6 +34,8 @@ use crate::model::FusionHead;
 
 /// How long a refused batch (other head) waits before it is offered again.
 pub const REFUSE_DELAY: Duration = Duration::from_secs(1);
+/// The longest wait for a fetch request's answer (the server answers at once: no_wait).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Fetch rounds that took CRITICAL work before one starts at the lower classes.
 const AGED_SHARE: u32 = 4;
 /// How long a batch the engine had no room for waits before it is offered again.
@@ -174,15 +176,30 @@ async fn pull_loop(ctx: Arc<Ctx>, consumers: Vec<PullConsumer>) {
         for (n, c) in order.iter().map(|i| &consumers[*i]).enumerate() {
             let free = ctx.permits.available_permits() + usize::from(first.is_some());
             let want = if share && n < 2 { 1 } else { free };
-            let mut msgs = match c.fetch().max_messages(want).messages().await {
-                Ok(m) => m,
-                Err(e) => {
+            // A fetch whose request or answer was lost (NATS restarting) would wait forever:
+            // each step is bounded; what a dropped fetch was sent is redelivered after ack_wait.
+            let fetch = c.fetch().max_messages(want).messages();
+            let mut msgs = match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
                     tracing::warn!("worker {}: fetch failed: {e}", ctx.name);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break;
                 }
+                Err(_) => {
+                    tracing::warn!("worker {}: fetch timed out (NATS away?)", ctx.name);
+                    break;
+                }
             };
-            while let Some(m) = msgs.next().await {
+            loop {
+                let m = match tokio::time::timeout(FETCH_TIMEOUT, msgs.next()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!("worker {}: fetch answer timed out (NATS away?)", ctx.name);
+                        break;
+                    }
+                };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {

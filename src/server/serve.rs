@@ -8,6 +8,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use super::{shutdown_signal, start_gateway, ServerConfig};
+use crate::cluster::fingerprint::hex;
 use crate::cluster::gateway::{Gateway, GatewayConfig};
 use crate::engine::DeviceSpec;
 use crate::error::{Error, Result};
@@ -120,10 +121,12 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
             }
             None => None,
         };
+        // The gateway announces its head's fingerprint; workers must have the same (section 11).
+        let announce = nats.as_ref().map(|g| hex(g.fingerprint()));
         let server = start_gateway(cfg, Arc::clone(&head), prom, nats).await?;
-        let devices = match &o.nats {
-            Some(url) => format!("batches on NATS {url}"),
-            None => server.engine().device_names().join(", "),
+        let devices = match (&o.nats, announce) {
+            (Some(url), Some(fp)) => format!("batches on NATS {url}, head fingerprint {fp}"),
+            _ => server.engine().device_names().join(", "),
         };
         eprintln!(
             "fusion-engine serving {} ({} modalities, D={}) on {scheme}://{} with {devices}{}",

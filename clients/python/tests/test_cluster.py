@@ -74,11 +74,14 @@ class Cluster:
         for name in ("py-w1", "py-w2"):
             self.procs.append(subprocess.Popen([BIN, "worker", "--nats", nats, "--devices", "cpu:threads=1",
                                                 "--name", name], **quiet))  # type: ignore[call-overload]
-        self._start([BIN, "serve", "--nats", nats, "--listen", f"127.0.0.1:{self.port}", "--devices",
-                     "cpu:threads=1", "--metrics", f"127.0.0.1:{self.metrics}"], self.port, "gateway", **quiet)
+        self.log = tmp / "gateway.log"
+        with open(self.log, "wb") as log:
+            self._start([BIN, "serve", "--nats", nats, "--listen", f"127.0.0.1:{self.port}", "--devices",
+                         "cpu:threads=1", "--metrics", f"127.0.0.1:{self.metrics}"], self.port, "gateway",
+                        stdout=subprocess.DEVNULL, stderr=log)
         self.url = f"ws://127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], port: int, what: str, **kw: int) -> None:
+    def _start(self, args: list[str], port: int, what: str, **kw: object) -> None:
         p = subprocess.Popen(args, **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         wait_port(port, p, what)
@@ -146,6 +149,9 @@ def test_round_trip_through_a_gateway_and_two_workers(cluster: Cluster) -> None:
     for i in range(b):
         assert rel(fused[i], ref_f[i]) <= 1e-5 and rel(weights[i], ref_w[i]) <= 1e-5, i
     # The gateway's /metrics: the batches went through JetStream, each answered.
+    # The gateway announced its head's fingerprint, the one /healthz names.
+    fp = body.split("head fingerprint ")[1].split(")")[0]
+    assert f"head fingerprint {fp}" in cluster.log.read_text(), cluster.log.read_text()
     _, text = http_get(cluster.metrics, "/metrics")
     published = metric(text, "fusion_nats_batches_published_total")
     assert published >= 1, text
