@@ -230,6 +230,7 @@ impl Backend for CudaBackend {
         out.check(&head, batch.rows)?;
         let m = head.num_modalities();
         let mut path = plan::HPath::from_env().map_err(Error::Config)?;
+        // At most two passes: the second runs with `HPath::F32`, whose `h` is always f32.
         loop {
             let h = self.device.execute(
                 batch,
