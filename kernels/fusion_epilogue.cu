@@ -1,8 +1,11 @@
 // Fused epilogue of the attention fusion head (docs/DESIGN.md section 2), CUDA twin of
 // shaders/fusion_epilogue.wgsl.
 //
-// Input: the projections h_m = W_m x_m of a chunk of n samples, as cuBLAS wrote them (f32,
-// [M, n, D], no bias). One block per sample row walks the row once:
+// Input: the projections h_m = W_m x_m of a chunk of n samples, as cuBLAS wrote them ([M, n, D],
+// no bias), in f32, or in f16/bf16 for half-precision inputs (docs/DESIGN.md section 2.5: the
+// GEMMs accumulate in f32 and round once on output; the kernel widens each element to f32 in
+// registers, and all math below is f32 whatever h's dtype). One block per sample row walks the
+// row once:
 //
 //   pass 1  v_m = h_m + b_m (kept in shared memory), s_m = q . tanh(v_m)   (present m only)
 //   pass 2  a = softmax(s) over present modalities (absent get exactly 0); a row with a
@@ -13,10 +16,16 @@
 // h is read from global memory exactly once; z lives in shared memory (or, for a D too large for
 // shared memory, in the output row itself). Reductions: warp shuffles, then one float per warp.
 //
-// Compiled at run time by NVRTC (no headers needed). Symbols are extern "C" <op>_<dtype>; the
-// dtype is that of h (always f32: the GEMMs accumulate and write f32 whatever the inputs were).
+// Compiled at run time by NVRTC (no headers needed: half values are read as raw bits). Symbols
+// are extern "C" <op>_<dtype>, the dtype being that of h: _f32, _f16, _bf16.
 //
-// Launch contract (checked by the host, src/backend/cuda/run.rs):
+// Half h and overflow: a half h element that is +-Inf, NaN or the largest finite magnitude
+// (f16 65504, bf16 0x7f7f) reads as NaN, so its row gets NaN weights like any non-finite
+// projection. The largest finite value counts because a GEMM that saturates on conversion would
+// write it instead of Inf; the host then recomputes the batch with f32 h (docs/DESIGN.md
+// section 2.5), so an f16 overflow costs time, never accuracy.
+//
+// Launch contract (checked by the host, src/backend/cuda/plan.rs):
 //   grid = (n, 1, 1), block = (T, 1, 1) with T a multiple of 32 and at most 1024,
 //   dynamic shared memory = 4 * (32 + 2*M + (flags & 1 ? D : 0) + (flags & 2 ? M*D : 0)) bytes.
 //   mask values are 0 or 1 and every row has at least one 1 (validated on the host). Present
@@ -31,6 +40,50 @@
 // True unless v is NaN or +-Inf (all exponent bits set); needs no header.
 __device__ __forceinline__ bool fusion_is_finite(float v) {
     return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// Half-precision h elements, as raw bits (distinct types so that the loaders overload).
+struct fusion_f16 {
+    unsigned short bits;
+};
+struct fusion_bf16 {
+    unsigned short bits;
+};
+
+// f16 bits to f32, exactly (every f16 is an f32).
+__device__ __forceinline__ float fusion_f16_to_f32(unsigned short b) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+#else
+    // Host emulation (tests/cuda_emulation): the same conversion in integer arithmetic.
+    const unsigned sign = ((unsigned)b & 0x8000u) << 16;
+    const unsigned e = ((unsigned)b >> 10) & 0x1fu;
+    const unsigned m = (unsigned)b & 0x3ffu;
+    if (e == 0x1fu) {
+        return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    }
+    if (e != 0) {
+        return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+    }
+    const float sub = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
+    return sign ? -sub : sub;
+#endif
+}
+
+// One element of h as f32. Half elements at the top of their range (see the header) read as NaN.
+__device__ __forceinline__ float fusion_load_h(const float* __restrict__ h, size_t i) {
+    return h[i];
+}
+__device__ __forceinline__ float fusion_load_h(const fusion_f16* __restrict__ h, size_t i) {
+    const unsigned short b = h[i].bits;
+    return ((b & 0x7fffu) >= 0x7bffu) ? __int_as_float(0x7fc00000) : fusion_f16_to_f32(b);
+}
+__device__ __forceinline__ float fusion_load_h(const fusion_bf16* __restrict__ h, size_t i) {
+    const unsigned short b = h[i].bits;
+    return ((b & 0x7fffu) >= 0x7f7fu) ? __int_as_float(0x7fc00000)
+                                      : __uint_as_float((unsigned)b << 16);
 }
 
 __device__ __forceinline__ float fusion_warp_sum(float v) {
@@ -57,8 +110,9 @@ __device__ __forceinline__ float fusion_block_sum(float v, float* red) {
     return fusion_warp_sum(t);
 }
 
-extern "C" __global__ void fusion_epilogue_f32(
-    const float* __restrict__ h,             // [M, n, D] projections without bias
+template <typename H>
+__device__ __forceinline__ void fusion_epilogue_block(
+    const H* __restrict__ h,                 // [M, n, D] projections without bias
     const float* __restrict__ bias,          // [M, D]
     const float* __restrict__ gate,          // [D] attention query q
     const float* __restrict__ gamma,         // [D] LayerNorm weight
@@ -88,11 +142,11 @@ extern "C" __global__ void fusion_epilogue_f32(
         if (mrow[m] == 0) {
             continue;  // uniform over the block: the row is the block's
         }
-        const float* hr = h + ((size_t)m * n + r) * D;
+        const H* hr = h + ((size_t)m * n + r) * D;
         const float* b = bias + (size_t)m * D;
         float acc = 0.0f;
         for (int d = tid; d < D; d += nt) {
-            const float v = hr[d] + b[d];
+            const float v = fusion_load_h(hr, d) + b[d];
             if (hc) {
                 hc[(size_t)m * D + d] = v;
             }
@@ -137,7 +191,8 @@ extern "C" __global__ void fusion_epilogue_f32(
             const float a = aw[m];
             if (a != 0.0f) {
                 const float v = hc ? hc[(size_t)m * D + d]
-                                   : h[((size_t)m * n + r) * D + d] + bias[(size_t)m * D + d];
+                                   : fusion_load_h(h, ((size_t)m * n + r) * D + d) +
+                                         bias[(size_t)m * D + d];
                 zd = fmaf(a, v, zd);
             }
         }
@@ -160,6 +215,21 @@ extern "C" __global__ void fusion_epilogue_f32(
     }
 }
 
+// The block-per-row kernels, one per dtype of h; one parameter list for all (the host's argument
+// block serves every epilogue).
+#define FUSION_EPILOGUE_BLOCK(HT, DT)                                                            \
+    extern "C" __global__ void fusion_epilogue_##DT(                                            \
+        const HT* __restrict__ h, const float* __restrict__ bias,                               \
+        const float* __restrict__ gate, const float* __restrict__ gamma,                        \
+        const float* __restrict__ beta, const unsigned char* __restrict__ mask,                 \
+        float* __restrict__ y, float* __restrict__ w, int n, int D, int M, float eps,           \
+        int flags) {                                                                            \
+        fusion_epilogue_block<HT>(h, bias, gate, gamma, beta, mask, y, w, n, D, M, eps, flags); \
+    }
+FUSION_EPILOGUE_BLOCK(float, f32)
+FUSION_EPILOGUE_BLOCK(fusion_f16, f16)
+FUSION_EPILOGUE_BLOCK(fusion_bf16, bf16)
+
 // ---------------------------------------------------------------------------------------------
 // Warp-per-row variant for D <= 32 * PER_LANE (the common case: every D up to 1024).
 //
@@ -168,13 +238,13 @@ extern "C" __global__ void fusion_epilogue_f32(
 // barrier, no shared memory but the M scores. The softmax is computed online while h is read
 // (running max and sum; z rescaled when the max grows), so h is read exactly once and the row
 // is written once. Same math and the same non-finite rule as fusion_epilogue_f32 (a non-finite
-// present projection makes the row's weights NaN).
+// present projection makes the row's weights NaN); one instantiation per dtype of h as well.
 //
 // Launch contract: grid = (ceil(n / W), 1, 1), block = (32 W, 1, 1),
 // dynamic shared memory = 4 * W * M bytes; D <= 32 * PER_LANE.
-template <int PER_LANE>
+template <int PER_LANE, typename H>
 __device__ __forceinline__ void fusion_epilogue_warp(
-    const float* __restrict__ h, const float* __restrict__ bias, const float* __restrict__ gate,
+    const H* __restrict__ h, const float* __restrict__ bias, const float* __restrict__ gate,
     const float* __restrict__ gamma, const float* __restrict__ beta,
     const unsigned char* __restrict__ mask, float* __restrict__ y, float* __restrict__ w, int n,
     int D, int M, float eps) {
@@ -199,7 +269,7 @@ __device__ __forceinline__ void fusion_epilogue_warp(
         if (mrow[m] == 0) {
             continue;  // uniform over the warp: the row is the warp's
         }
-        const float* hr = h + ((size_t)m * n + r) * D;
+        const H* hr = h + ((size_t)m * n + r) * D;
         const float* b = bias + (size_t)m * D;
         float v[PER_LANE];
         float acc = 0.0f;
@@ -208,7 +278,7 @@ __device__ __forceinline__ void fusion_epilogue_warp(
             const int d = lane + 32 * j;
             v[j] = 0.0f;
             if (d < D) {
-                const float t = hr[d] + b[d];
+                const float t = fusion_load_h(hr, d) + b[d];
                 v[j] = t;
                 acc = fusion_is_finite(t) ? fmaf(gate[d], tanhf(t), acc)
                                           : __int_as_float(0x7fc00000);
@@ -266,19 +336,24 @@ __device__ __forceinline__ void fusion_epilogue_warp(
     }
 }
 
-// The instantiations the host picks from (smallest PER_LANE with D <= 32 * PER_LANE). Same
-// parameter list as fusion_epilogue_f32 (flags unused) so that one argument block serves all.
-#define FUSION_EPILOGUE_WARP(PL)                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) fusion_epilogue_warp##PL##_f32(           \
-        const float* __restrict__ h, const float* __restrict__ bias,                            \
+// The instantiations the host picks from (smallest PER_LANE with D <= 32 * PER_LANE), per dtype
+// of h. Same parameter list as fusion_epilogue_f32 (flags unused) so that one argument block
+// serves all.
+#define FUSION_EPILOGUE_WARP(PL, HT, DT)                                                         \
+    extern "C" __global__ void __launch_bounds__(256) fusion_epilogue_warp##PL##_##DT(          \
+        const HT* __restrict__ h, const float* __restrict__ bias,                               \
         const float* __restrict__ gate, const float* __restrict__ gamma,                        \
         const float* __restrict__ beta, const unsigned char* __restrict__ mask,                 \
         float* __restrict__ y, float* __restrict__ w, int n, int D, int M, float eps,           \
         int flags) {                                                                            \
         (void)flags;                                                                            \
-        fusion_epilogue_warp<PL>(h, bias, gate, gamma, beta, mask, y, w, n, D, M, eps);         \
+        fusion_epilogue_warp<PL, HT>(h, bias, gate, gamma, beta, mask, y, w, n, D, M, eps);     \
     }
-FUSION_EPILOGUE_WARP(4)
-FUSION_EPILOGUE_WARP(8)
-FUSION_EPILOGUE_WARP(16)
-FUSION_EPILOGUE_WARP(32)
+#define FUSION_EPILOGUE_WARP_ALL(PL)                                                             \
+    FUSION_EPILOGUE_WARP(PL, float, f32)                                                        \
+    FUSION_EPILOGUE_WARP(PL, fusion_f16, f16)                                                   \
+    FUSION_EPILOGUE_WARP(PL, fusion_bf16, bf16)
+FUSION_EPILOGUE_WARP_ALL(4)
+FUSION_EPILOGUE_WARP_ALL(8)
+FUSION_EPILOGUE_WARP_ALL(16)
+FUSION_EPILOGUE_WARP_ALL(32)

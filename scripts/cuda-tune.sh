@@ -2,7 +2,8 @@
 # Tuning sweep for the CUDA pipeline on a GPU machine, from a carried release binary:
 # FUSION_CUDA_CHUNK_MIB (chunk size of the copy/compute pipeline) over CHUNKS, REPS times
 # interleaved (host noise hits every setting alike), then the warp-per-row epilogue (opt-in,
-# FUSION_CUDA_EPILOGUE=warp; its selftest first) against the default block-per-row one. One
+# FUSION_CUDA_EPILOGUE=warp; its selftest first) against the default block-per-row one, and
+# f32 projections for half inputs (FUSION_CUDA_H=f32) against the default half ones. One
 # line per run (bench's human output, with its device/host breakdown).
 #
 #   scripts/cuda-tune.sh [BINARY]   env: CHUNKS (default "8 16 24 32"), REPS (2), ITERS (30),
@@ -27,3 +28,5 @@ FUSION_CUDA_EPILOGUE=warp timeout 90 "$BIN" selftest --backend cuda 2>&1 | tail 
 FUSION_CUDA_EPILOGUE=warp bench
 echo "== block-per-row epilogue (default), default chunks"
 bench
+echo "== projections h in f32 for half inputs too (FUSION_CUDA_H=f32; default: h in the inputs' f16/bf16)"
+FUSION_CUDA_H=f32 bench

@@ -11,6 +11,10 @@
 #        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
 #        throughput checks on this host's cores, into $OUT/cpu-check.txt)
 #
+# After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
+# paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
+# f32 (FUSION_CUDA_H=f32), at B = 1024 and 8192.
+#
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
 # projections alone (fusion-engine's run_projections_only; PyTorch's F.linear = cuBLAS), and the
@@ -84,8 +88,40 @@ if ! FUSION_CUDA_EPILOGUE=warp T "$BIN" selftest --backend cuda 2>&1 | tee "$WOR
   echo "selftest --backend cuda with FUSION_CUDA_EPILOGUE=warp FAILED"
   status=1
 fi
+echo "== selftest cuda, projections h in f32 for half inputs too (FUSION_CUDA_H=f32, the path before f16 h)"
+if ! FUSION_CUDA_H=f32 T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selftest-cuda-h-f32.txt"; then
+  echo "selftest --backend cuda with FUSION_CUDA_H=f32 FAILED"
+  status=1
+fi
 echo "== bench cuda"
 case " $BACKENDS " in *" cuda "*) run_bench cuda ;; esac
+echo "== f16 head on the device vs its cuBLAS GEMMs: h in f16 (default) and in f32 (FUSION_CUDA_H=f32)"
+case " $BACKENDS " in *" cuda "*)
+  for hp in auto f32; do
+    FUSION_CUDA_H=$hp T "$BIN" bench --backend cuda --batch 1024,8192 --dtype f16 --iters "$ITERS" --json \
+      >"$WORK/bench-cuda-h-$hp.jsonl" 2>"$WORK/bench-cuda-h-$hp.err" \
+      || echo "bench with FUSION_CUDA_H=$hp failed: $(tail -3 "$WORK/bench-cuda-h-$hp.err")"
+  done
+  python3 - "$WORK" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+print("| FUSION_CUDA_H | B | dtype | device head ms | device GEMMs ms | head/GEMMs | runs with half h | f32 reruns | samples/s (host to host) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for hp in ("auto", "f32"):
+    p = os.path.join(work, f"bench-cuda-h-{hp}.jsonl")
+    for l in (open(p) if os.path.exists(p) else []):
+        if not l.startswith("{"):
+            continue
+        try:
+            r = json.loads(l)
+        except ValueError:
+            continue
+        g = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
+        print(f"| {hp} | {r.get('batch')} | {r.get('dtype')} | {g('device_head_ms', '{:.3f}')} | {g('device_proj_ms', '{:.3f}')} "
+              f"| {g('device_head_over_proj', '{:.2f}x')} | {g('half_h_runs', '{}')} | {g('h_f32_reruns', '{}')} | {g('samples_per_s', '{:.0f}')} |")
+PY
+  ;;
+esac
 echo "== PyTorch eager (same head, same shapes) and the copy ceiling"
 T python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
   --compile eager >"$WORK/torch.jsonl" 2>"$WORK/torch.err" || echo "torch_head.py failed: $(tail -3 "$WORK/torch.err")"

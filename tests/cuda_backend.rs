@@ -237,3 +237,126 @@ fn warp_per_row_epilogue_passes_selftest() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Half inputs get half projections, f32 inputs f32 ones (docs/DESIGN.md section 2.5), and both
+/// agree with the reference; skipped without a GPU. (`FUSION_CUDA_H` is not set by the tests.)
+#[test]
+fn half_h_is_chosen_by_input_dtype() {
+    use fusion_engine::Backend;
+    let Some(mut b) = open_cuda() else { return };
+    if std::env::var("FUSION_CUDA_H").is_ok() {
+        eprintln!("skipping: FUSION_CUDA_H is set");
+        return;
+    }
+    for (dtype, half, tol) in [
+        (DType::F32, 0, 1e-4),
+        (DType::F16, 1, 1e-2),
+        (DType::BF16, 1, 1e-2),
+    ] {
+        let (head, batch) = common::setup(&[96, 40], 80, 300, dtype, MaskMode::Random, 5);
+        b.upload(head.clone()).expect("upload");
+        let _ = b.take_run_stats();
+        let mut out = fusion_engine::Outputs::zeros(&head, 300);
+        b.run(&batch.view(), out.as_mut()).expect("run");
+        let st = b.take_run_stats().expect("cuda keeps run stats");
+        assert_eq!(
+            (st.runs, st.half_h_runs, st.h_f32_reruns),
+            (1, half, 0),
+            "{dtype:?}"
+        );
+        let r = fusion_engine::reference::reference(&head, &batch.view());
+        let (ef, ew) = (
+            fusion_engine::reference::rel_error(&out.fused, &r.fused),
+            fusion_engine::reference::rel_error(&out.weights, &r.weights),
+        );
+        assert!(
+            ef <= tol && ew <= tol,
+            "{dtype:?}: fused {ef:e} weights {ew:e}"
+        );
+    }
+}
+
+/// f16 inputs whose projection exceeds f16's 65504 (finite in f32): the half-h run sees the
+/// overflow (NaN weights on the device), the batch is recomputed with f32 h, and the result
+/// agrees with the reference; skipped without a GPU.
+#[test]
+fn half_h_overflow_is_recomputed_in_f32() {
+    use fusion_engine::Backend;
+    let Some(mut b) = open_cuda() else { return };
+    if std::env::var("FUSION_CUDA_H").is_ok() {
+        eprintln!("skipping: FUSION_CUDA_H is set");
+        return;
+    }
+    let (rows, k) = (6, 16);
+    let (head, mut batch) = common::setup(&[k, 8], 12, rows, DType::F16, MaskMode::All, 3);
+    // Row 4 of m0: 60000 * sign(W[0, c]), so h[0] = 60000 * sum |W[0, c]| (about 1.2e5).
+    let mut v = vec![0f32; rows * k];
+    fusion_engine::tensor::bytes_to_f32(DType::F16, &batch.inputs[0].bytes, &mut v);
+    for c in 0..k {
+        v[4 * k + c] = 60000f32.copysign(head.proj_weight[0][c]);
+    }
+    let h0: f32 = (0..k).map(|c| head.proj_weight[0][c] * v[4 * k + c]).sum();
+    assert!(
+        h0 > 70000.0,
+        "the test's projection must overflow f16: {h0}"
+    );
+    batch.inputs[0] = fusion_engine::tensor::HostMat::from_f32_as(DType::F16, rows, k, &v);
+    b.upload(head.clone()).expect("upload");
+    let _ = b.take_run_stats();
+    let mut out = fusion_engine::Outputs::zeros(&head, rows);
+    b.run(&batch.view(), out.as_mut())
+        .expect("recomputed with f32 h");
+    let st = b.take_run_stats().expect("cuda keeps run stats");
+    assert_eq!((st.runs, st.half_h_runs, st.h_f32_reruns), (2, 1, 1));
+    let r = fusion_engine::reference::reference(&head, &batch.view());
+    let (ef, ew) = (
+        fusion_engine::reference::rel_error(&out.fused, &r.fused),
+        fusion_engine::reference::rel_error(&out.weights, &r.weights),
+    );
+    assert!(ef <= 1e-2 && ew <= 1e-2, "fused {ef:e} weights {ew:e}");
+    // A NaN input is still named after the rerun.
+    let mut bad = batch.clone();
+    v[2 * k + 5] = f32::NAN;
+    bad.inputs[0] = fusion_engine::tensor::HostMat::from_f32_as(DType::F16, rows, k, &v);
+    match b.run(&bad.view(), out.as_mut()) {
+        Err(fusion_engine::Error::InputNonFinite { name, row, col }) => {
+            assert_eq!((name.as_str(), row, col), ("m0", 2, 5))
+        }
+        other => panic!("expected InputNonFinite at m0 row 2 col 5, got {other:?}"),
+    }
+}
+
+/// The f32-h path for half inputs (`FUSION_CUDA_H=f32`, kept for comparison) passes the whole
+/// selftest, and a wrong value is a clear error; skipped without a GPU.
+#[test]
+fn half_h_forced_f32_passes_selftest() {
+    if !gpu_present() {
+        eprintln!("skipping: no usable CUDA device");
+        return;
+    }
+    let out = bin()
+        .args(["selftest", "--backend", "cuda"])
+        .env("FUSION_CUDA_H", "f32")
+        .output()
+        .expect("run selftest");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args(["selftest", "--backend", "cuda"])
+        .env("FUSION_CUDA_H", "f8")
+        .output()
+        .expect("run selftest");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && text.contains("FUSION_CUDA_H=f8"),
+        "{text}"
+    );
+}

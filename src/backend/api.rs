@@ -131,6 +131,12 @@ pub struct RunStats {
     pub host_wait_ms: f64,
     /// Host time spent copying results out of staging memory (ms).
     pub host_drain_ms: f64,
+    /// CUDA: runs (of `runs`) whose projections were written in the inputs' half dtype
+    /// (docs/DESIGN.md section 2.5).
+    pub half_h_runs: u64,
+    /// CUDA: batches recomputed with f32 projections after their half projections overflowed
+    /// (each also counted in `runs`).
+    pub h_f32_reruns: u64,
 }
 
 /// One opened device with an uploaded head.

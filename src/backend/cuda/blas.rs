@@ -1,4 +1,5 @@
-//! cuBLAS: one handle per backend, on the compute stream, and the projection GEMM.
+//! cuBLAS: one handle per backend, on the compute stream, and the projection GEMM (writing `h`
+//! in f32, or in the inputs' half dtype: docs/DESIGN.md section 2.5).
 //!
 //! PyTorch's `nn.Linear` layout makes the projection a "TN" GEMM in cuBLAS's column-major terms:
 //! row-major `H[n, D] = X[n, k] W^T` is column-major `H^T[D, n] = W^T(op T) . X^T`, where the
@@ -50,17 +51,20 @@ impl Blas {
         })
     }
 
-    /// `h[n, d_out] (f32) = x[n, k] . w[d_out, k]^T`, both operands in `dtype`, f32 accumulation
-    /// (tensor cores for f16/bf16; TF32 for f32 only if allowed). Queued on the handle's stream.
+    /// `h[n, d_out] = x[n, k] . w[d_out, k]^T`, both operands in `dtype`, f32 accumulation
+    /// (tensor cores for f16/bf16; TF32 for f32 only if allowed), `h` written in `h_dtype`: f32,
+    /// or `dtype` itself when that is f16/bf16 (the f32 sum rounded once on output; docs/DESIGN.md
+    /// section 2.5). Queued on the handle's stream.
     ///
     /// # Safety
     /// `w` holds `d_out * k` and `x` holds `n * k` elements of `dtype`, `h` holds `n * d_out`
-    /// f32, all device memory of the current context that stays allocated until the stream
-    /// has executed the GEMM.
+    /// elements of `h_dtype`, all device memory of the current context that stays allocated
+    /// until the stream has executed the GEMM.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn project(
         &mut self,
         dtype: DType,
+        h_dtype: DType,
         n: usize,
         d_out: usize,
         k: usize,
@@ -85,6 +89,17 @@ impl Blas {
                 cudaDataType::CUDA_R_16BF,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ),
+        };
+        let h_ty = match h_dtype {
+            DType::F32 => cudaDataType::CUDA_R_32F,
+            // cuBLAS offers f16/bf16 output with CUBLAS_COMPUTE_32F (f32 alpha/beta) only for
+            // operands of the same dtype.
+            t if t == dtype => ty,
+            t => {
+                return Err(format!(
+                    "GEMM of {dtype:?} operands cannot write h in {t:?}"
+                ))
+            }
         };
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| format!("GEMM {what} = {v} exceeds i32"))
@@ -113,13 +128,15 @@ impl Blas {
                     kk,
                     &beta as *const f32 as *const c_void,
                     h as *mut c_void,
-                    cudaDataType::CUDA_R_32F,
+                    h_ty,
                     m,
                     compute,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-            .map_err(|e| format!("cublasGemmEx ({dtype:?}, D={d_out}, n={n}, k={k}): {e}"))
+            .map_err(|e| {
+                format!("cublasGemmEx ({dtype:?} -> h {h_dtype:?}, D={d_out}, n={n}, k={k}): {e}")
+            })
         })
     }
 }

@@ -18,6 +18,7 @@ use cudarc::nvrtc::{result as nr, sys as ns, Ptx};
 
 use super::libs::{self, guard, Lib};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// One kernel file.
 #[derive(Debug, Clone, Copy)]
@@ -35,23 +36,66 @@ pub const SOURCES: &[KernelSource] = &[KernelSource {
     stem: "fusion_epilogue",
     src: include_str!("../../../kernels/fusion_epilogue.cu"),
     symbols: &[
-        EPILOGUE_F32,
-        EPILOGUE_WARP_F32[0].1,
-        EPILOGUE_WARP_F32[1].1,
-        EPILOGUE_WARP_F32[2].1,
-        EPILOGUE_WARP_F32[3].1,
+        EPILOGUE[0],
+        EPILOGUE[1],
+        EPILOGUE[2],
+        EPILOGUE_WARP[0][0],
+        EPILOGUE_WARP[0][1],
+        EPILOGUE_WARP[0][2],
+        EPILOGUE_WARP[1][0],
+        EPILOGUE_WARP[1][1],
+        EPILOGUE_WARP[1][2],
+        EPILOGUE_WARP[2][0],
+        EPILOGUE_WARP[2][1],
+        EPILOGUE_WARP[2][2],
+        EPILOGUE_WARP[3][0],
+        EPILOGUE_WARP[3][1],
+        EPILOGUE_WARP[3][2],
     ],
 }];
 
-/// The fused epilogue over f32 projections, one block per row (any D).
-pub(crate) const EPILOGUE_F32: &str = "fusion_epilogue_f32";
+/// Index of the dtype of the projections `h` (f32, or the inputs' half dtype: docs/DESIGN.md
+/// section 2.5) in the symbol tables below.
+pub(crate) fn h_index(h: DType) -> usize {
+    match h {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
 
-/// The warp-per-row epilogues: (elements per lane, symbol), for D <= 32 x elements per lane.
-pub(crate) const EPILOGUE_WARP_F32: [(usize, &str); 4] = [
-    (4, "fusion_epilogue_warp4_f32"),
-    (8, "fusion_epilogue_warp8_f32"),
-    (16, "fusion_epilogue_warp16_f32"),
-    (32, "fusion_epilogue_warp32_f32"),
+/// The fused epilogue, one block per row (any D), per dtype of `h`.
+pub(crate) const EPILOGUE: [&str; 3] = [
+    "fusion_epilogue_f32",
+    "fusion_epilogue_f16",
+    "fusion_epilogue_bf16",
+];
+
+/// Elements per lane of each warp-per-row epilogue (D <= 32 x elements per lane).
+pub(crate) const WARP_PER_LANE: [usize; 4] = [4, 8, 16, 32];
+
+/// The warp-per-row epilogues: per entry of [`WARP_PER_LANE`], per dtype of `h`.
+pub(crate) const EPILOGUE_WARP: [[&str; 3]; 4] = [
+    [
+        "fusion_epilogue_warp4_f32",
+        "fusion_epilogue_warp4_f16",
+        "fusion_epilogue_warp4_bf16",
+    ],
+    [
+        "fusion_epilogue_warp8_f32",
+        "fusion_epilogue_warp8_f16",
+        "fusion_epilogue_warp8_bf16",
+    ],
+    [
+        "fusion_epilogue_warp16_f32",
+        "fusion_epilogue_warp16_f16",
+        "fusion_epilogue_warp16_bf16",
+    ],
+    [
+        "fusion_epilogue_warp32_f32",
+        "fusion_epilogue_warp32_f16",
+        "fusion_epilogue_warp32_bf16",
+    ],
 ];
 
 /// Architecture the compile check targets (H100/H200).
@@ -257,10 +301,11 @@ pub fn compile_check(include: Option<&Path>) -> Result<CompileReport> {
 pub(crate) struct Kernels {
     /// Keeps the module (and through it the context) alive.
     _module: Arc<CudaModule>,
-    /// `fusion_epilogue_f32`.
-    pub epilogue: CudaFunction,
-    /// The warp-per-row epilogues, as (elements per lane, function), smallest first.
-    pub epilogue_warp: Vec<(usize, CudaFunction)>,
+    /// The block-per-row epilogues, indexed like [`EPILOGUE`] (by [`h_index`]).
+    pub epilogue: Vec<CudaFunction>,
+    /// The warp-per-row epilogues, indexed like [`EPILOGUE_WARP`]: per elements per lane
+    /// (smallest first), per dtype of `h`.
+    pub epilogue_warp: Vec<Vec<CudaFunction>>,
 }
 
 /// Compiled images per architecture, shared by devices of the same kind.
@@ -284,20 +329,21 @@ pub(crate) fn load(
         ctx.load_module(Ptx::from_binary(image.as_ref().clone()))
             .map_err(|e| format!("loading the kernels on GPU {ordinal}: {e}"))
     })?;
-    let epilogue = guard("cuModuleGetFunction", || {
-        module
-            .load_function(EPILOGUE_F32)
-            .map_err(|e| format!("kernel {EPILOGUE_F32}: {e}"))
-    })?;
-    let mut epilogue_warp = Vec::with_capacity(EPILOGUE_WARP_F32.len());
-    for (per_lane, sym) in EPILOGUE_WARP_F32 {
-        let f = guard("cuModuleGetFunction", || {
+    let function = |sym: &str| {
+        guard("cuModuleGetFunction", || {
             module
                 .load_function(sym)
                 .map_err(|e| format!("kernel {sym}: {e}"))
-        })?;
-        epilogue_warp.push((per_lane, f));
-    }
+        })
+    };
+    let epilogue = EPILOGUE
+        .iter()
+        .map(|s| function(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let epilogue_warp = EPILOGUE_WARP
+        .iter()
+        .map(|syms| syms.iter().map(|s| function(s)).collect())
+        .collect::<Result<Vec<Vec<_>>, _>>()?;
     let k = Arc::new(Kernels {
         _module: module,
         epilogue,

@@ -144,7 +144,14 @@ impl CudaDevice {
             .map_err(|e| device_error(format!("cuCtxSetCurrent: {e}")))
     }
 
-    fn execute(&mut self, batch: &BatchRef<'_>, out: Option<OutputsMut<'_>>) -> Result<()> {
+    /// Runs `batch` (into `out`, or only the projections) with `h` as `path` says; returns the
+    /// dtype `h` was written in.
+    fn execute(
+        &mut self,
+        batch: &BatchRef<'_>,
+        out: Option<OutputsMut<'_>>,
+        path: plan::HPath,
+    ) -> Result<crate::tensor::DType> {
         self.bind()?;
         let streams = self.streams();
         let dh = self
@@ -160,13 +167,13 @@ impl CudaDevice {
                 self.smem_limit,
                 batch,
                 out,
+                path,
             )
         });
-        if let Err(reason) = r {
+        r.map_err(|reason| {
             self.sync_all();
-            return Err(device_error(reason));
-        }
-        Ok(())
+            device_error(reason)
+        })
     }
 
     fn upload(&mut self, head: Arc<FusionHead>) -> Result<()> {
@@ -214,22 +221,33 @@ impl Backend for CudaBackend {
         // Shapes and mask here; non-finite values are caught on the device instead of by a
         // host pass over every input (which cost more than the whole head at B = 8192): the
         // epilogue turns a row whose present projections are not all finite (a NaN/Inf input,
-        // or an f32 overflow of the projection) into NaN attention weights, and the host looks
-        // only at the weights, then at that row's inputs for the precise error.
+        // an f32 overflow of the projection, or a half `h` at the top of its range) into NaN
+        // attention weights, and the host looks only at the weights. After a run with half `h`
+        // the batch is recomputed with f32 `h` (an f16 overflow costs time, not accuracy:
+        // docs/DESIGN.md section 2.5); after an f32 run, that row's inputs give the precise error.
         batch.validate_shapes(&head)?;
         batch.validate_mask(0..batch.rows)?;
         out.check(&head, batch.rows)?;
         let m = head.num_modalities();
-        self.device.execute(
-            batch,
-            Some(OutputsMut {
-                fused: &mut *out.fused,
-                weights: &mut *out.weights,
-            }),
-        )?;
-        match out.weights.iter().position(|w| !w.is_finite()) {
-            Some(i) => Err(batch.non_finite_error(&head, i / m)),
-            None => Ok(()),
+        let mut path = plan::HPath::from_env().map_err(Error::Config)?;
+        // At most two passes: the second runs with `HPath::F32`, whose `h` is always f32.
+        loop {
+            let h = self.device.execute(
+                batch,
+                Some(OutputsMut {
+                    fused: &mut *out.fused,
+                    weights: &mut *out.weights,
+                }),
+                path,
+            )?;
+            let Some(i) = out.weights.iter().position(|w| !w.is_finite()) else {
+                return Ok(());
+            };
+            if h == crate::tensor::DType::F32 {
+                return Err(batch.non_finite_error(&head, i / m));
+            }
+            self.device.pipeline.stats.h_f32_reruns += 1;
+            path = plan::HPath::F32;
         }
     }
 
@@ -239,7 +257,8 @@ impl Backend for CudaBackend {
             .cloned()
             .ok_or_else(|| Error::Config("no head uploaded to the cuda backend".into()))?;
         batch.validate_shapes(&head)?;
-        self.device.execute(batch, None).map(|_| true)
+        let path = plan::HPath::from_env().map_err(Error::Config)?;
+        self.device.execute(batch, None, path).map(|_| true)
     }
 
     fn take_run_stats(&mut self) -> Option<crate::backend::api::RunStats> {

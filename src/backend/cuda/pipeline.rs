@@ -9,7 +9,7 @@
 //! ```text
 //! host:     stage k (memcpy into pinned, all cores)      drain k-1 (pinned -> caller's outputs)
 //! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask)
-//! compute:  wait h2d(k); M cuBLAS GEMMs -> h; fused epilogue -> out slot
+//! compute:  wait h2d(k); M cuBLAS GEMMs -> h (f32, or the inputs' half dtype); epilogue -> out
 //! d2h:      wait compute(k); copy out slot (fused + weights) to pinned
 //! ```
 //!
@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use super::blas::Blas;
 use super::kernels::Kernels;
 use super::mem::{de, DeviceBuf, Event, GrowOnly, PinnedBuf};
-use super::plan::{epilogue_plan, layout, Plan};
+use super::plan::{epilogue_plan, layout, HPath, Plan};
 use super::weights::DeviceHead;
 use crate::backend::api::RunStats;
 use crate::batch::{BatchRef, OutputsMut};
@@ -149,11 +149,12 @@ impl Pipeline {
             s.dev_out.reserve(l.out_bytes)?;
         }
         self.h
-            .reserve(head.num_modalities() * plan.chunk * head.dim * 4)
+            .reserve(head.num_modalities() * plan.chunk * head.dim * plan.h_dtype.size())
     }
 
     /// Runs the head on `batch` into `out` (`with_epilogue`), or only the projections
-    /// (`out == None`). The batch was validated by the caller. Returns when everything is done.
+    /// (`out == None`), with `h` in the dtype `path` gives. The batch was validated by the
+    /// caller. Returns, when everything is done, the dtype `h` was written in.
     #[allow(clippy::too_many_arguments)]
     pub fn run_chunks(
         &mut self,
@@ -164,15 +165,17 @@ impl Pipeline {
         smem_limit: usize,
         batch: &BatchRef<'_>,
         mut out: Option<OutputsMut<'_>>,
-    ) -> Result<(), String> {
-        let plan = Plan::for_batch(dh, batch)?;
+        path: HPath,
+    ) -> Result<DType, String> {
+        let plan = Plan::for_batch(dh, batch, path)?;
+        let hsize = plan.h_dtype.size();
         self.reserve(dh, &plan)?;
         let head = dh.head.clone();
         let (d, m) = (head.dim, head.num_modalities());
         let widths: Vec<usize> = head.modalities.iter().map(|md| md.width).collect();
         let nchunks = batch.rows.div_ceil(plan.chunk);
         let [bias, gate, gamma, beta] = dh.params();
-        let epi = epilogue_plan(kernels, d, m, smem_limit)?;
+        let epi = epilogue_plan(kernels, d, m, smem_limit, plan.h_dtype)?;
         let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
 
         for k in 0..nchunks + 1 {
@@ -239,18 +242,19 @@ impl Pipeline {
                         .weight(dt, i)
                         .ok_or_else(|| format!("weights of modality {i} not uploaded in {dt:?}"))?;
                     // SAFETY: w is D x d_m of `dt` (DeviceHead), x is n x d_m of `dt` at its
-                    // layout offset inside dev_in, h's modality block is n x D f32 inside `h`
-                    // (sized M * chunk * D * 4); all stay allocated until the streams are
-                    // synchronised (end of this run or the error path).
+                    // layout offset inside dev_in, h's modality block is n x D of `h_dtype`
+                    // inside `h` (sized M * chunk * D * hsize); all stay allocated until the
+                    // streams are synchronised (end of this run or the error path).
                     unsafe {
                         blas.project(
                             dt,
+                            plan.h_dtype,
                             n,
                             d,
                             md.width,
                             w,
                             s.dev_in.ptr() + l.x_off[i] as u64,
-                            self.h.ptr() + (i * n * d * 4) as u64,
+                            self.h.ptr() + (i * n * d * hsize) as u64,
                         )?;
                     }
                 }
@@ -277,7 +281,8 @@ impl Pipeline {
                     let mut params = args.params();
                     // SAFETY: the argument list matches the signature every epilogue kernel
                     // shares (8 pointers, 3 ints, a float, an int); every pointer addresses a
-                    // live buffer of the size the kernel indexes for n rows (h: M*n*D f32,
+                    // live buffer of the size the kernel indexes for n rows (h: M*n*D elements
+                    // of `plan.h_dtype`, the dtype the chosen kernel reads,
                     // params: M*D + 3D f32, mask: n*M bytes, y/w: n*D and n*M f32). The grid
                     // covers n rows at `rows_per_block`; block and shared memory are what
                     // `epilogue_plan` computed for this kernel within the device's limit, and
@@ -350,11 +355,12 @@ impl Pipeline {
         } else {
             let st = &mut self.stats;
             st.runs += 1;
+            st.half_h_runs += u64::from(plan.h_dtype != DType::F32);
             st.host_stage_ms += stage_ms;
             st.host_wait_ms += wait_ms;
             st.host_drain_ms += drain_ms;
         }
-        Ok(())
+        Ok(plan.h_dtype)
     }
 }
 

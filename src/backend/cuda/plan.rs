@@ -62,18 +62,63 @@ pub(super) struct Layout {
     pub(super) out_bytes: usize,
 }
 
+/// Which dtype the GEMMs write the projections `h` in (docs/DESIGN.md section 2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HPath {
+    /// The inputs' half dtype when every modality's GEMM runs in the same half dtype, else f32.
+    Auto,
+    /// Always f32 (the path before half `h`; the host's rerun after a half overflow).
+    F32,
+}
+
+impl HPath {
+    /// `FUSION_CUDA_H`: unset, empty or `auto` is [`HPath::Auto`], `f32` forces f32 (for
+    /// comparing the two paths on a GPU, docs/PERF.md "GPU"); anything else is an error.
+    pub(super) fn from_env() -> Result<HPath, String> {
+        HPath::parse(std::env::var("FUSION_CUDA_H").ok().as_deref())
+    }
+
+    /// [`HPath::from_env`] for the variable's value (`None`: unset).
+    fn parse(v: Option<&str>) -> Result<HPath, String> {
+        match v.map(str::trim) {
+            None | Some("") | Some("auto") => Ok(HPath::Auto),
+            Some("f32") => Ok(HPath::F32),
+            Some(other) => Err(format!("FUSION_CUDA_H={other}: expected auto or f32")),
+        }
+    }
+}
+
+/// The dtype of `h` for GEMMs in `gemm_dtype`: a half dtype only when every modality's GEMM
+/// runs in it (one epilogue reads all of `h`), so mixed or f32 inputs keep f32 `h`.
+pub(super) fn h_dtype(gemm_dtype: &[DType], path: HPath) -> DType {
+    match gemm_dtype.first() {
+        Some(&t)
+            if path == HPath::Auto && t != DType::F32 && gemm_dtype.iter().all(|&g| g == t) =>
+        {
+            t
+        }
+        _ => DType::F32,
+    }
+}
+
 /// Per-batch plan.
 pub(super) struct Plan {
     pub(super) chunk: usize,
     /// Per modality: the dtype staged and multiplied (the input's, or f32 when the weights do
     /// not fit the input's dtype; then the host widens while staging).
     pub(super) gemm_dtype: Vec<DType>,
+    /// The dtype the GEMMs write `h` in and the epilogue reads ([`h_dtype`]).
+    pub(super) h_dtype: DType,
 }
 
 impl Plan {
     /// The plan for `batch`: each modality's GEMM dtype (uploading the head's weights in that
-    /// dtype when they fit it) and the rows per chunk.
-    pub(super) fn for_batch(dh: &mut DeviceHead, batch: &BatchRef<'_>) -> Result<Plan, String> {
+    /// dtype when they fit it), the dtype of `h` and the rows per chunk.
+    pub(super) fn for_batch(
+        dh: &mut DeviceHead,
+        batch: &BatchRef<'_>,
+        path: HPath,
+    ) -> Result<Plan, String> {
         let mut gemm_dtype = Vec::with_capacity(batch.inputs.len());
         for x in &batch.inputs {
             gemm_dtype.push(if dh.ensure(x.dtype)? {
@@ -91,7 +136,12 @@ impl Plan {
             .sum::<usize>()
             + head.num_modalities();
         let chunk = chunk_rows(batch.rows, row_bytes, chunk_bytes());
-        Ok(Plan { chunk, gemm_dtype })
+        let h_dtype = h_dtype(&gemm_dtype, path);
+        Ok(Plan {
+            chunk,
+            gemm_dtype,
+            h_dtype,
+        })
     }
 
     /// Chunk `k` of a batch of `rows`: its first row, its row count and its byte layout.
@@ -142,22 +192,25 @@ pub(super) const WARP_ROWS: usize = 8;
 
 /// The block-per-row epilogue (the one verified on a GPU: the H200 runs of docs/PERF.md), or,
 /// with `FUSION_CUDA_EPILOGUE=warp`, the warp-per-row one when D fits its registers (D <= 1024)
-/// and its M scores fit shared memory. The warp-per-row kernel agrees with the reference under
-/// host emulation (tests/cuda_emulation.rs) and passed `selftest` and tests/cuda_backend.rs on an
-/// H200 (docs/PERF.md, session 6), but was not faster there overall (its epilogue 9-14% faster
-/// at B = 8192, 0.021 against 0.012 ms at B = 1024), so it stays opt-in.
+/// and its M scores fit shared memory; either reading `h` in `h_dtype`. The warp-per-row kernel
+/// agrees with the reference under host emulation (tests/cuda_emulation.rs) and passed `selftest`
+/// and tests/cuda_backend.rs on an H200 (docs/PERF.md, session 6), but was not faster there
+/// overall (its epilogue 9-14% faster at B = 8192, 0.021 against 0.012 ms at B = 1024), so it
+/// stays opt-in.
 pub(super) fn epilogue_plan(
     kernels: &Kernels,
     d: usize,
     m: usize,
     smem_limit: usize,
+    h_dtype: DType,
 ) -> Result<EpiloguePlan, String> {
+    let hi = super::kernels::h_index(h_dtype);
     let want_warp = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("warp");
     if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| want_warp) {
-        if let Some((_, f)) = kernels.epilogue_warp.get(i) {
+        if let Some(f) = kernels.epilogue_warp.get(i).and_then(|v| v.get(hi)) {
             return Ok(EpiloguePlan {
                 func: f.cu_function(),
-                name: super::kernels::EPILOGUE_WARP_F32[i].1,
+                name: super::kernels::EPILOGUE_WARP[i][hi],
                 rows_per_block: WARP_ROWS as u32,
                 block: (32 * WARP_ROWS) as u32,
                 smem: (4 * WARP_ROWS * m) as u32,
@@ -166,9 +219,13 @@ pub(super) fn epilogue_plan(
         }
     }
     let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
+    let func = kernels
+        .epilogue
+        .get(hi)
+        .ok_or_else(|| format!("no epilogue kernel for h in {h_dtype:?}"))?;
     Ok(EpiloguePlan {
-        func: kernels.epilogue.cu_function(),
-        name: super::kernels::EPILOGUE_F32,
+        func: func.cu_function(),
+        name: super::kernels::EPILOGUE[hi],
         rows_per_block: 1,
         block,
         smem,
@@ -176,14 +233,14 @@ pub(super) fn epilogue_plan(
     })
 }
 
-/// Index into `EPILOGUE_WARP_F32` of the smallest warp-per-row variant for D, if one fits.
+/// Index into `EPILOGUE_WARP` of the smallest warp-per-row variant for D, if one fits.
 pub(super) fn warp_variant(d: usize, m: usize, smem_limit: usize) -> Option<usize> {
     if 4 * WARP_ROWS * m > smem_limit {
         return None;
     }
-    super::kernels::EPILOGUE_WARP_F32
+    super::kernels::WARP_PER_LANE
         .iter()
-        .position(|&(per_lane, _)| d <= 32 * per_lane)
+        .position(|&per_lane| d <= 32 * per_lane)
 }
 
 /// Block size, dynamic shared memory and flags for the block-per-row epilogue.
@@ -275,6 +332,52 @@ mod tests {
         assert_eq!(warp_variant(1025, 3, 48 << 10), None);
         // Too many modalities for the scores in shared memory: block-per-row.
         assert_eq!(warp_variant(64, 2000, 48 << 10), None);
+    }
+
+    #[test]
+    fn h_is_half_only_when_every_gemm_is_that_half() {
+        use DType::*;
+        assert_eq!(h_dtype(&[F16, F16, F16], HPath::Auto), F16);
+        assert_eq!(h_dtype(&[BF16], HPath::Auto), BF16);
+        // Forced f32, f32 inputs, mixed dtypes, weights that did not fit f16 (f32 GEMM).
+        assert_eq!(h_dtype(&[F16, F16], HPath::F32), F32);
+        assert_eq!(h_dtype(&[BF16], HPath::F32), F32);
+        assert_eq!(h_dtype(&[F32, F32], HPath::Auto), F32);
+        assert_eq!(h_dtype(&[F16, BF16], HPath::Auto), F32);
+        assert_eq!(h_dtype(&[F16, F32], HPath::Auto), F32);
+        assert_eq!(h_dtype(&[], HPath::Auto), F32);
+    }
+
+    #[test]
+    fn fusion_cuda_h_values() {
+        assert_eq!(HPath::parse(None), Ok(HPath::Auto));
+        assert_eq!(HPath::parse(Some("")), Ok(HPath::Auto));
+        assert_eq!(HPath::parse(Some("auto")), Ok(HPath::Auto));
+        assert_eq!(HPath::parse(Some(" f32\n")), Ok(HPath::F32));
+        let e = HPath::parse(Some("f16")).expect_err("f16 is not a setting");
+        assert!(
+            e.contains("FUSION_CUDA_H=f16") && e.contains("auto or f32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_h_dtype_has_its_kernels() {
+        use super::super::kernels::{h_index, EPILOGUE, EPILOGUE_WARP, WARP_PER_LANE};
+        for (i, t) in [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(h_index(t), i);
+            let suffix = format!("_{}", t.name());
+            assert!(EPILOGUE[i].ends_with(&suffix), "{}", EPILOGUE[i]);
+            for (j, pl) in WARP_PER_LANE.iter().enumerate() {
+                assert_eq!(
+                    EPILOGUE_WARP[j][i],
+                    format!("fusion_epilogue_warp{pl}{suffix}")
+                );
+            }
+        }
     }
 
     #[test]

@@ -191,6 +191,12 @@ fn print_backend_result(r: &BenchResult) {
             s.host_wait_ms,
             s.host_drain_ms
         );
+        if s.half_h_runs > 0 || s.h_f32_reruns > 0 {
+            println!(
+                "      projections written in {}: {} runs; recomputed with f32 after an overflow: {}",
+                r.dtype, s.half_h_runs, s.h_f32_reruns
+            );
+        }
     }
 }
 

@@ -78,6 +78,10 @@ pub struct StageTimes {
     pub host_wait_ms: f64,
     /// Host ms per batch copying results out of staging memory.
     pub host_drain_ms: f64,
+    /// Runs whose projections the GPU wrote in the inputs' half dtype (CUDA; docs/DESIGN.md
+    /// section 2.5), and batches recomputed with f32 projections after a half overflow.
+    pub half_h_runs: u64,
+    pub h_f32_reruns: u64,
 }
 
 impl StageTimes {
@@ -105,6 +109,8 @@ impl StageTimes {
             host_stage_ms: s.host_stage_ms / n,
             host_wait_ms: s.host_wait_ms / n,
             host_drain_ms: s.host_drain_ms / n,
+            half_h_runs: s.half_h_runs,
+            h_f32_reruns: s.h_f32_reruns,
         })
     }
 }
@@ -221,6 +227,8 @@ mod tests {
             host_stage_ms: 8.0,
             host_wait_ms: 1.0,
             host_drain_ms: 4.0,
+            half_h_runs: 3,
+            h_f32_reruns: 1,
         };
         let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
@@ -233,6 +241,7 @@ mod tests {
         assert!(close(t.host_stage_ms, 2.0));
         assert!(close(t.host_wait_ms, 0.25));
         assert!(close(t.host_drain_ms, 1.0));
+        assert_eq!((t.half_h_runs, t.h_f32_reruns), (3, 1));
         // No copy timed: the rate is NaN, not a division by zero passed off as a number.
         let none = RunStats {
             runs: 1,
