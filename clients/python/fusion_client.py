@@ -954,9 +954,10 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                     await progress.wait()
                 pid, part = work[0]
                 n_part = part.stop - part.start if isinstance(part, slice) else part.size
-                while in_flight() > 0 and in_flight() + n_part > window:
+                if in_flight() > 0 and in_flight() + n_part > window:
                     progress.clear()
                     await progress.wait()
+                    continue  # resends may have been queued in front meanwhile
                 work.popleft()
                 if isinstance(part, slice):
                     if got[part].any():  # answered meanwhile (a resend): send only what is missing
@@ -1024,7 +1025,9 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                 recover()
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
-                    raise asyncio.TimeoutError(f"{left_n} of {b} results missing after {timeout}s")
+                    raise asyncio.TimeoutError(f"{left_n} of {b} results missing after {timeout}s (samples sent "
+                                               f"{acct['sent']}, results {acct['received']}, announced dropped "
+                                               f"or refused {acct['lost']}, queued to send {len(work)} frames)")
                 ra: Optional[ResultArrays]
                 try:
                     ra = await sub.get(timeout=min(left, 0.05))

@@ -699,7 +699,7 @@ def _dropped(metrics: str, cls_: str) -> int:
 def test_fuse_recovers_results_the_server_drops():
     """A send queue far smaller than fuse()'s window: the server drops IMPORTANT results
     (announced in `dropped` notices), fuse() sends those samples again, and every result is
-    still the reference's, bit for bit the same as with a window that never overflows."""
+    still the reference's, as with a window that never overflows."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "serve.toml"
         # Batches of 64 into an IMPORTANT queue of 40: every batch overflows it.
@@ -718,12 +718,16 @@ def test_fuse_recovers_results_the_server_drops():
             assert _dropped(metrics, "important") == 0
             fused, weights = fc.fuse(s.url, "py-drops", feats, mask=mask, window=4096, timeout=120)
             assert _dropped(metrics, "important") > 0  # the recovery was used
+            # A window the sender waits on (resends are queued in front of it meanwhile).
+            small_f, small_w = fc.fuse(s.url, "py-drops", feats, mask=mask, window=200, timeout=120)
             bulk_f, bulk_w = fc.fuse(s.url, "py-drops", feats, mask=mask, priority="bulk", window=4096, timeout=120)
             assert _dropped(metrics, "bulk") > 0
             ref_f, ref_w = offline_fuse(feats, mask, ["vision", "text", "audio"], None)
-            assert rel(fused, ref_f) <= 1e-5 and rel(weights, ref_w) <= 1e-5
-            # The same numbers whichever way they came (one-sample batches of resends included).
-            assert fused.tobytes() == safe_f.tobytes() == bulk_f.tobytes()
-            assert weights.tobytes() == safe_w.tobytes() == bulk_w.tobytes()
+            # Every row answered, with the reference's numbers, whichever way it came (resends
+            # are fused in other batches: the CPU kernel's last bits may differ with a row's
+            # place in its batch, so the runs are compared with the reference, not bit for bit).
+            for f, w in ((safe_f, safe_w), (fused, weights), (small_f, small_w), (bulk_f, bulk_w)):
+                assert rel(f, ref_f) <= 1e-5 and rel(w, ref_w) <= 1e-5
+                assert np.abs(f).sum(1).min() > 0 and np.all(w[mask == 0] == 0)
         finally:
             s.stop()
