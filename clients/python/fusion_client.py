@@ -21,6 +21,13 @@ Streaming:
         async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights,
             ...                          #        stream_seq, replayed)
 
+Many results at a time, as arrays (`connect(..., batch_results=True)`: a results frame whose
+records share one layout is decoded with one np.frombuffer):
+
+        rs = await c.subscribe_arrays("cam-1")
+        async for ra in rs:              # ResultArrays: keys(), seq, priority, mask [n, M],
+            ...                          #   fused [n, D], weights [n, M], stream_seq, replayed
+
 TLS (PROTOCOL.md 1): a server started with `--tls-cert/--tls-key` is `wss://HOST:PORT`; pass
 `ca_file="cert.pem"` to `connect`/`fuse` to trust a self-signed certificate (or a private CA)
 instead of the system's CA store.
@@ -84,9 +91,10 @@ _RESULTS_HEADER = struct.Struct("<2sBBI")  # 8 bytes: magic, version, kind 4, re
 _RECORD_LEN = struct.Struct("<I")
 RESULT_FLAG_REPLAYED = 1
 # fuse(): samples unanswered at most (IMPORTANT and BULK; results the server drops are sent
-# again), and samples per frame at most.
-FUSE_WINDOW = int(os.environ.get("FUSION_FUSE_WINDOW", "4096"))
-FUSE_FRAME = int(os.environ.get("FUSION_FUSE_FRAME", "512"))
+# again), and bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
+# ~250 KB stay in cache through websockets' copies; 2 MB frames doubled the client's CPU).
+FUSE_WINDOW = 1024
+FUSE_FRAME_BYTES = 256 << 10
 
 Json = dict[str, Any]  # a decoded JSON message
 Features = Mapping[str, npt.ArrayLike]  # modality name -> array
@@ -882,24 +890,29 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         sent = np.zeros(b, bool)
 
         # Whole samples in samples frames (PROTOCOL.md 4.4), one pattern of present modalities
-        # per frame, at most ~8 MiB each, with at most `window` samples sent and not yet
-        # accounted for. The server queues results for this connection in a bounded per-class
+        # per frame, with at most `window` samples sent and not yet accounted for. The server queues results for this connection in a bounded per-class
         # queue (PROTOCOL.md 7) and drops IMPORTANT/BULK results (closes on CRITICAL) when the
         # reader falls that far behind. CRITICAL: at most 90% of the class queue unanswered, so
         # even if this reader stalls every result in flight fits it. IMPORTANT and BULK: a
         # larger window (FUSE_WINDOW), and what the server drops is sent again: every result
         # it drops is counted in a `dropped` notice (7.1, 7.2), so once the results received
         # plus the drops and refusals announced account for every sample sent, the samples
-        # sent and not answered are exactly the dropped ones.
+        # sent and not answered are exactly the dropped ones. (Drops of other producers'
+        # results on the same stream are counted too: then some samples are sent again early,
+        # and their second result is ignored.)
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
         safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
         if window is None:
             window = safe if priority == "critical" else max(safe, FUSE_WINDOW)
         window = max(1, int(window))
+        # The window in use: halved (down to `safe`) at each `dropped` notice, grown by a frame
+        # for every window's worth of results received since (additive increase, multiplicative
+        # decrease): drops cost the server a fused sample and the client a resend.
+        limit = {"now": window, "since": 0}
         row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
-        # Frames of a quarter window (while the server fuses one, the next ones are on their
-        # way), at most 8 MiB and at most FUSE_FRAME samples.
-        chunk = max(1, min(window // 4, (8 << 20) // row_bytes, FUSE_FRAME))
+        # Frames of at most a quarter window (while the server fuses one, the next ones are on
+        # their way) and at most FUSE_FRAME_BYTES.
+        chunk = max(1, min(window // 4, FUSE_FRAME_BYTES // row_bytes))
 
         # Mask patterns, in order of first appearance: the rows of each go in frames of their own.
         if bool(m.all()):
@@ -954,7 +967,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                     await progress.wait()
                 pid, part = work[0]
                 n_part = part.stop - part.start if isinstance(part, slice) else part.size
-                if in_flight() > 0 and in_flight() + n_part > window:
+                if in_flight() > 0 and in_flight() + n_part > limit["now"]:
                     progress.clear()
                     await progress.wait()
                     continue  # resends may have been queued in front meanwhile
@@ -973,6 +986,9 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                 sent[part] = True
                 acct["sent"] += n_part
                 await c._send_bytes(frame)
+                # Let the reader run between frames (a send that need not wait for the socket
+                # does not yield): results not read pile up in the server's send queue.
+                await asyncio.sleep(0)
 
         def recover() -> None:
             """Everything sent is accounted for: what is sent and unanswered was dropped or
@@ -1022,6 +1038,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                             refused(shed)
                     elif kind == "dropped" and n.get("class") == priority:
                         acct["lost"] += int(n.get("count", 0))
+                        limit["now"], limit["since"] = max(min(safe, window), limit["now"] // 2), 0
                 recover()
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
@@ -1039,7 +1056,11 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                 # Then every frame already received, without a timer each.
                 while ra is not None:
                     idx, ok = rows_of(ra.key_bytes)
-                    acct["received"] += int(ok.sum())
+                    n_ok = int(ok.sum())
+                    acct["received"] += n_ok
+                    limit["since"] += n_ok
+                    if limit["since"] >= limit["now"] and limit["now"] < window:
+                        limit["now"], limit["since"] = min(window, limit["now"] + chunk), 0
                     sel = np.flatnonzero(ok)
                     idx = idx[sel]
                     fresh = ~got[idx]
