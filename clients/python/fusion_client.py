@@ -90,10 +90,8 @@ _RESULT_HEADER_V2 = struct.Struct("<2sBBBBHHHIQQ")  # 32 bytes (version 2: + str
 _RESULTS_HEADER = struct.Struct("<2sBBI")  # 8 bytes: magic, version, kind 4, record count
 _RECORD_LEN = struct.Struct("<I")
 RESULT_FLAG_REPLAYED = 1
-# fuse(): samples unanswered at most (IMPORTANT and BULK; results the server drops are sent
-# again), and bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
+# fuse(): bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
 # ~250 KB stay in cache through websockets' copies; 2 MB frames doubled the client's CPU).
-FUSE_WINDOW = 1024
 FUSE_FRAME_BYTES = 256 << 10
 
 Json = dict[str, Any]  # a decoded JSON message
@@ -823,8 +821,13 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
     """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
     weights [B, M]) with weights in the order of `features`' keys. `ca_file`: see
-    `FusionClient.connect`. `window`: at most this many samples sent and not yet answered
-    (default: 90% of the server's send queue for CRITICAL, FUSE_WINDOW otherwise)."""
+    `FusionClient.connect`. `window`: at most this many samples sent and not yet answered.
+    The default, 90% of the server's send queue for the class (welcome `limits.send_queue`),
+    lets no result be dropped. A larger window (IMPORTANT or BULK only; CRITICAL keeps the
+    default, as a CRITICAL result that does not fit closes the connection) lets the server drop
+    results when this reader falls behind: fuse() then sends those samples again, and halves
+    the window for a while (docs/PERF.md session 9: on a busy 2-vCPU VM, 1024 carried less
+    than 270 because of the drops)."""
     names = list(features)
     arrays = {n: np.asarray(features[n]) for n in names}
     single = all(a.ndim == 1 for a in arrays.values())
@@ -892,19 +895,17 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         # Whole samples in samples frames (PROTOCOL.md 4.4), one pattern of present modalities
         # per frame, with at most `window` samples sent and not yet accounted for. The server queues results for this connection in a bounded per-class
         # queue (PROTOCOL.md 7) and drops IMPORTANT/BULK results (closes on CRITICAL) when the
-        # reader falls that far behind. CRITICAL: at most 90% of the class queue unanswered, so
-        # even if this reader stalls every result in flight fits it. IMPORTANT and BULK: a
-        # larger window (FUSE_WINDOW), and what the server drops is sent again: every result
-        # it drops is counted in a `dropped` notice (7.1, 7.2), so once the results received
+        # reader falls that far behind. By default at most 90% of the class queue is
+        # unanswered, so even if this reader stalls every result in flight fits it. IMPORTANT
+        # and BULK may be given a larger window; what the server drops is then sent again: every
+        # result it drops is counted in a `dropped` notice (7.1, 7.2), so once the results received
         # plus the drops and refusals announced account for every sample sent, the samples
         # sent and not answered are exactly the dropped ones. (Drops of other producers'
         # results on the same stream are counted too: then some samples are sent again early,
         # and their second result is ignored.)
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
         safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
-        if window is None:
-            window = safe if priority == "critical" else max(safe, FUSE_WINDOW)
-        window = max(1, int(window))
+        window = safe if window is None or priority == "critical" else max(1, int(window))
         # The window in use: halved (down to `safe`) at each `dropped` notice, grown by a frame
         # for every window's worth of results received since (additive increase, multiplicative
         # decrease): drops cost the server a fused sample and the client a resend.

@@ -704,7 +704,9 @@ def test_fuse_recovers_results_the_server_drops():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "serve.toml"
         # Batches of 64 into an IMPORTANT queue of 40: every batch overflows it.
-        cfg.write_text("max_batch = 64\n[send_queue]\nimportant = 40\nbulk = 40\n[engine]\ndevices = [\"cpu\"]\n")
+        # CRITICAL 70: more than a batch, far less than the window asked for below.
+        cfg.write_text("max_batch = 64\n[send_queue]\nimportant = 40\nbulk = 40\ncritical = 70\n"
+                       "[engine]\ndevices = [\"cpu\"]\n")
         metrics = f"127.0.0.1:{free_port()}"
         s = Server("--config", str(cfg), "--metrics", metrics)
         try:
@@ -723,11 +725,17 @@ def test_fuse_recovers_results_the_server_drops():
             small_f, small_w = fc.fuse(s.url, "py-drops", feats, mask=mask, window=200, timeout=120)
             bulk_f, bulk_w = fc.fuse(s.url, "py-drops", feats, mask=mask, priority="bulk", window=4096, timeout=120)
             assert _dropped(metrics, "bulk") > 0
+            # CRITICAL keeps 90% of its queue whatever window is asked for (a CRITICAL result
+            # that does not fit would close the connection with 1013). This run only checks that
+            # it still answers every row: without the cap it passed too here (the server's
+            # writer kept up), so the cap itself is not proven by it.
+            crit_f, crit_w = fc.fuse(s.url, "py-crit", feats, mask=mask, priority="critical", window=4096,
+                                     timeout=120)
             ref_f, ref_w = offline_fuse(feats, mask, ["vision", "text", "audio"], None)
             # Every row answered, with the reference's numbers, whichever way it came (resends
             # are fused in other batches: the CPU kernel's last bits may differ with a row's
             # place in its batch, so the runs are compared with the reference, not bit for bit).
-            for f, w in ((safe_f, safe_w), (fused, weights), (small_f, small_w), (bulk_f, bulk_w)):
+            for f, w in ((safe_f, safe_w), (fused, weights), (small_f, small_w), (bulk_f, bulk_w), (crit_f, crit_w)):
                 assert rel(f, ref_f) <= 1e-5 and rel(w, ref_w) <= 1e-5
                 assert np.abs(f).sum(1).min() > 0 and np.all(w[mask == 0] == 0)
         finally:
