@@ -4,7 +4,8 @@
 #
 #   scripts/stream-check.sh [BINARY]   (default: target/release/fusion-engine)
 #   env: SECS (5 per loadgen run), PRODUCERS (2), RATE (2000000: as fast as the server reads),
-#        PY_B (16384: samples per Python fuse() call), PERF=1 (also `perf record -g` the server
+#        PY_B (16384: samples per Python fuse() call; PYTHONPATH picks the client, default the
+#        checkout's clients/python/src), PERF=1 (also `perf record -g` the server
 #        during the f32 run and print the top of its report)
 #
 # Yardstick: `iperf3` over 127.0.0.1 (one flow, 4 s), converted to samples/s at the payload's
@@ -80,7 +81,9 @@ UNSAT_RATE=$(( CARRIED * 7 / 10 ))
 loadgen unsat "$UNSAT_RATE" f32 1
 loadgen over "$(( UNSAT_RATE * 2 ))" f32 1
 
-# Python fuse() with B = PY_B, f32, against the same server, for SECS seconds.
+# Python fuse() with B = PY_B, f32, against the same server, for SECS seconds: the checkout's
+# client (clients/python/src), not whatever copy is installed in .venv, unless PYTHONPATH names one.
+PYTHONPATH="${PYTHONPATH:-$PWD/clients/python/src}" \
 "$PY" - "$P" "$PY_B" "$SECS" >"$WORK/py.txt" 2>"$WORK/py.err" <<'PY'
 import sys, time
 import numpy as np

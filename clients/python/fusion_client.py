@@ -21,6 +21,13 @@ Streaming:
         async for r in results:          # Result(stream, key, seq, priority, mask, fused, weights,
             ...                          #        stream_seq, replayed)
 
+Many results at a time, as arrays (`connect(..., batch_results=True)`: a results frame whose
+records share one layout is decoded with one np.frombuffer):
+
+        rs = await c.subscribe_arrays("cam-1")
+        async for ra in rs:              # ResultArrays: keys(), seq, priority, mask [n, M],
+            ...                          #   fused [n, D], weights [n, M], stream_seq, replayed
+
 TLS (PROTOCOL.md 1): a server started with `--tls-cert/--tls-key` is `wss://HOST:PORT`; pass
 `ca_file="cert.pem"` to `connect`/`fuse` to trust a self-signed certificate (or a private CA)
 instead of the system's CA store.
@@ -40,6 +47,8 @@ subscription objects, or an `unrecoverable` notice in `c.notices` names what was
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import itertools
 import json
 import os
@@ -81,6 +90,9 @@ _RESULT_HEADER_V2 = struct.Struct("<2sBBBBHHHIQQ")  # 32 bytes (version 2: + str
 _RESULTS_HEADER = struct.Struct("<2sBBI")  # 8 bytes: magic, version, kind 4, record count
 _RECORD_LEN = struct.Struct("<I")
 RESULT_FLAG_REPLAYED = 1
+# fuse(): bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
+# ~250 KB stay in cache through websockets' copies; 2 MB frames doubled the client's CPU).
+FUSE_FRAME_BYTES = 256 << 10
 
 Json = dict[str, Any]  # a decoded JSON message
 Features = Mapping[str, npt.ArrayLike]  # modality name -> array
@@ -169,8 +181,34 @@ def encode_samples(stream: str, keys: Sequence[Any], features: Features, priorit
                                 FLAG_ACK if ack else 0, 0, len(s), len(names), len(keys), request_id, 0)
     table = b"".join(struct.pack("<IH", a.shape[1], len(m)) + m
                      for m, a in zip((n.encode() for n in names), arrays))
-    keyb = b"".join(struct.pack("<H", len(k)) + k for k in (str(k).encode() for k in keys))
-    return b"".join([head, s, table, keyb] + [np.ascontiguousarray(a, wire).tobytes() for a in arrays])
+    return b"".join([head, s, table, _encode_keys(keys)] + [np.ascontiguousarray(a, wire).tobytes() for a in arrays])
+
+
+def _encode_keys(keys: Sequence[Any]) -> bytes:
+    """The keys section of a samples frame: `u16 len, key` per key (one join when every key has
+    the same length, the usual case)."""
+    enc = [str(k).encode() for k in keys]
+    n = len(enc[0]) if enc else 0
+    if n < 0x10000 and all(len(k) == n for k in enc):
+        prefix = struct.pack("<H", n)
+        return prefix + prefix.join(enc)
+    return b"".join(struct.pack("<H", len(k)) + k for k in enc)
+
+
+def _samples_frame(stream: bytes, prio: int, table: bytes, nmods: int, keys: bytes, n: int,
+                   blocks: Sequence[npt.NDArray[Any]], wire: np.dtype[Any]) -> bytearray:
+    """A samples frame (4.4) built in one buffer: `table` and `keys` are the encoded modality
+    table and keys section, `blocks` the [n, width] arrays in table order, copied once (and
+    converted to `wire`) straight into the frame."""
+    fixed = _SAMPLES_HEADER.pack(MAGIC, PRODUCE_VERSION, KIND_SAMPLES, DTYPES[wire], prio, 0, 0, len(stream), nmods,
+                                 n, 0, 0) + stream + table + keys
+    out = bytearray(len(fixed) + sum(int(a.size) for a in blocks) * wire.itemsize)
+    out[:len(fixed)] = fixed
+    o = len(fixed)
+    for a in blocks:
+        np.copyto(np.frombuffer(out, wire, a.size, o).reshape(a.shape), a, casting="unsafe")
+        o += a.size * wire.itemsize
+    return out
 
 
 def split_results(buf: bytes) -> list[bytes]:
@@ -233,6 +271,103 @@ def decode_result(buf: bytes) -> Result:
                   stream_seq, replayed)
 
 
+@dataclass
+class ResultArrays:
+    """Several results of one stream as arrays, row i being one result (a `results` frame decoded
+    in one pass: `decode_results_arrays`, or `FusionClient.subscribe_arrays`). Every key has
+    the same length in bytes: `key_bytes` is [n, key_len] uint8 (UTF-8), `keys()` decodes them."""
+
+    stream: str
+    key_bytes: npt.NDArray[np.uint8]  # [n, key_len]
+    seq: npt.NDArray[np.uint64]  # [n]
+    stream_seq: npt.NDArray[np.uint64]  # [n]; 0 in version 1 frames
+    priority: npt.NDArray[np.uint8]  # [n] codes (0 critical, 1 important, 2 bulk)
+    replayed: npt.NDArray[np.bool_]  # [n]
+    mask: npt.NDArray[np.uint8]  # [n, M]
+    fused: F32  # [n, D]
+    weights: F32  # [n, M]
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    def keys(self) -> list[str]:
+        return [bytes(k).decode() for k in self.key_bytes]
+
+    def results(self) -> list[Result]:
+        """The same results as Result objects (one per row)."""
+        return [Result(self.stream, k, int(self.seq[i]), PRIORITY_NAMES.get(int(self.priority[i]), str(self.priority[i])),
+                       self.mask[i].copy(), self.fused[i].copy(), self.weights[i].copy(), int(self.stream_seq[i]),
+                       bool(self.replayed[i])) for i, k in enumerate(self.keys())]
+
+    @staticmethod
+    def of(r: Result) -> ResultArrays:
+        """One Result as a ResultArrays of one row."""
+        return ResultArrays(r.stream, np.frombuffer(r.key.encode(), np.uint8)[None, :].copy(),
+                            np.array([r.seq], np.uint64), np.array([r.stream_seq], np.uint64),
+                            np.array([PRIORITIES.get(r.priority, 255)], np.uint8), np.array([r.replayed], np.bool_),
+                            np.asarray(r.mask, np.uint8)[None, :], np.asarray(r.fused, np.float32)[None, :],
+                            np.asarray(r.weights, np.float32)[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def _records_dtype(version: int, slen: int, klen: int, m: int, d: int) -> np.dtype[np.void]:
+    """A structured dtype for one record of a `results` frame (u32 length + a 4.2 result) whose
+    strings, M and D are the given ones: the whole frame is then one np.frombuffer."""
+    h = _RESULT_HEADER_V2.size if version == 2 else _RESULT_HEADER.size
+    names = ["length", "ident", "priority", "flags", "shape", "seq"]
+    formats: list[Any] = ["<u4", "<u4", "u1", "u1", ("<u2", (5,)), "<u8"]
+    offsets = [0, 4, 8, 9, 10, 20]  # ident: magic, version, kind; shape: slen, klen, M, D (u32)
+    if version == 2:
+        names.append("stream_seq")
+        formats.append("<u8")
+        offsets.append(28)
+    o = 4 + h
+    for name, fmt, size in (("stream", ("u1", (slen,)), slen), ("key", ("u1", (klen,)), klen),
+                            ("mask", ("u1", (m,)), m), ("fused", ("<f4", (d,)), 4 * d),
+                            ("weights", ("<f4", (m,)), 4 * m)):
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(o)
+        o += size
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": o})
+
+
+def decode_results_arrays(buf: bytes) -> Optional[ResultArrays]:
+    """A `results` frame (PROTOCOL.md 4.5) decoded in one pass, when every record has the same
+    layout (one stream, keys of one length, the same M and D, one version): one np.frombuffer
+    over a structured dtype. None for any other frame (a single result, records that differ, or
+    a malformed frame): `decode_results` is the general decoder (and the one that reports
+    malformed frames)."""
+    n_buf = len(buf)
+    if n_buf < _RESULTS_HEADER.size + 4 + _RESULT_HEADER.size or buf[3] != KIND_RESULTS:
+        return None
+    magic, version, _kind, count = _RESULTS_HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version not in (1, 2) or count < 1:
+        return None
+    (length,) = _RECORD_LEN.unpack_from(buf, _RESULTS_HEADER.size)
+    if n_buf - _RESULTS_HEADER.size != count * (4 + length):
+        return None
+    header = _RESULT_HEADER_V2 if version == 2 else _RESULT_HEADER
+    if length < header.size:
+        return None
+    magic2, version2, kind2, _prio, _flags, slen, klen, m, d = header.unpack_from(buf, _RESULTS_HEADER.size + 4)[:9]
+    if (magic2 != MAGIC or version2 != version or kind2 != KIND_RESULT or min(slen, klen, m, d) == 0
+            or length != header.size + slen + klen + m + 4 * (d + m)):
+        return None
+    rec = np.frombuffer(buf, _records_dtype(version, slen, klen, m, d), count, _RESULTS_HEADER.size)
+    first = rec[:1]
+    if not (count == 1 or (bool((rec["length"] == length).all()) and bool((rec["ident"] == first["ident"]).all())
+                           and bool((rec["shape"] == first["shape"]).all())
+                           and bool((rec["stream"] == first["stream"]).all()))):
+        return None
+    flags = rec["flags"]
+    replayed = (flags & RESULT_FLAG_REPLAYED).astype(np.bool_) if version == 2 else np.zeros(count, np.bool_)
+    stream_seq = rec["stream_seq"].astype(np.uint64) if version == 2 else np.zeros(count, np.uint64)
+    return ResultArrays(bytes(rec["stream"][0]).decode(), rec["key"].copy(), rec["seq"].astype(np.uint64),
+                        stream_seq, rec["priority"].copy(), replayed, rec["mask"].copy(),
+                        rec["fused"].astype(np.float32), rec["weights"].astype(np.float32))
+
+
 def _result_from_json(msg: Json) -> Result:
     return Result(msg["stream"], str(msg["key"]), int(msg["seq"]), msg.get("priority", "important"),
                   np.asarray(msg.get("mask", []), np.uint8), np.asarray(msg["fused"], np.float32),
@@ -293,6 +428,43 @@ class _Subscription:
         return item
 
 
+class _ArraySubscription:
+    """One stream's results as ResultArrays (see FusionClient.subscribe_arrays)."""
+
+    def __init__(self, stream: str, queue: asyncio.Queue[Union[ResultArrays, BaseException]]):
+        self.stream = stream
+        self._queue = queue
+
+    def __aiter__(self) -> _ArraySubscription:
+        return self
+
+    async def __anext__(self) -> ResultArrays:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
+                raise StopAsyncIteration
+            raise item
+        return item
+
+    async def get(self, timeout: Optional[float] = None) -> ResultArrays:
+        """The next results (raises asyncio.TimeoutError after `timeout` seconds)."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+
+    def get_nowait(self) -> Optional[ResultArrays]:
+        """The next results if already received, else None; raises like iteration does when the
+        connection ended (as _Subscription.get_nowait)."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
+                return None
+            raise item
+        return item
+
+
 class FusionClient:
     """One connection. Create with `await FusionClient.connect(url, token=...)`.
 
@@ -312,6 +484,8 @@ class FusionClient:
         self._set_welcome(welcome)
         self._max_buffered = max_buffered
         self._subs: dict[str, asyncio.Queue[Union[Result, BaseException]]] = {}
+        # Streams subscribed with subscribe_arrays: their results go here as ResultArrays.
+        self._array_subs: dict[str, asyncio.Queue[Union[ResultArrays, BaseException]]] = {}
         self._conflate: dict[str, Optional[str]] = {}
         self._points: dict[str, ResumePoint] = {}
         self._leaving = False  # set while disconnect()/reconnect() replace the socket
@@ -399,6 +573,8 @@ class FusionClient:
         self._reader = asyncio.create_task(self._read_loop())
         for stream in list(self._subs):
             await self.subscribe(stream, conflate=self._conflate.get(stream), resume=self._points.get(stream))
+        for stream in list(self._array_subs):
+            await self.subscribe_arrays(stream, conflate=self._conflate.get(stream), resume=self._points.get(stream))
 
     async def __aenter__(self) -> FusionClient:
         return self
@@ -422,10 +598,31 @@ class FusionClient:
         """Subscribes to a stream; returns an async iterator of its Results. `conflate`
         ("key" or "stream") keeps only the newest queued BULK result per key or stream
         (PROTOCOL.md 7.5); `resume` replays what was missed since that point (7.4)."""
+        if stream in self._array_subs:
+            raise ValueError(f"stream {stream!r} is already subscribed with subscribe_arrays")
         q = self._subs.get(stream)
         if q is None:
             q = asyncio.Queue(maxsize=self._max_buffered)
             self._subs[stream] = q
+        await self._subscribe(stream, conflate, resume)
+        return _Subscription(self, stream, q)
+
+    async def subscribe_arrays(self, stream: str, conflate: Optional[str] = None,
+                               resume: Optional[ResumePoint] = None) -> _ArraySubscription:
+        """Like `subscribe`, but the results come as ResultArrays, several at a time: a `results`
+        frame (connect with `batch_results=True`) whose records share one layout is decoded in
+        one pass (`decode_results_arrays`), any other result arrives as a ResultArrays of one
+        row. The same results in the same order as `subscribe` gives."""
+        if stream in self._subs:
+            raise ValueError(f"stream {stream!r} is already subscribed with subscribe")
+        q = self._array_subs.get(stream)
+        if q is None:
+            q = asyncio.Queue(maxsize=self._max_buffered)
+            self._array_subs[stream] = q
+        await self._subscribe(stream, conflate, resume)
+        return _ArraySubscription(stream, q)
+
+    async def _subscribe(self, stream: str, conflate: Optional[str], resume: Optional[ResumePoint]) -> None:
         msg: dict[str, Any] = {"type": "subscribe", "stream": stream}
         if conflate is not None:
             msg["conflate"] = conflate
@@ -436,13 +633,23 @@ class FusionClient:
             self._points.pop(stream, None)
         self._conflate[stream] = conflate
         await self._request(msg)
-        return _Subscription(self, stream, q)
 
     async def unsubscribe(self, stream: str) -> None:
         await self._request({"type": "unsubscribe", "stream": stream})
         self._subs.pop(stream, None)
+        self._array_subs.pop(stream, None)
         self._points.pop(stream, None)
         self._conflate.pop(stream, None)
+
+    def _track_arrays(self, ra: ResultArrays) -> None:
+        """_track for every row of a ResultArrays at once."""
+        p = self._points.get(ra.stream)
+        if p is None:
+            return
+        for code, name in ((0, "critical"), (1, "important")):
+            sel = ra.stream_seq[ra.priority == code]
+            if sel.size:
+                setattr(p, name, max(getattr(p, name), int(sel.max())))
 
     def _track(self, msg: Union[Result, Json]) -> None:
         """Resume bookkeeping from one received message (a Result or a JSON dict)."""
@@ -482,6 +689,12 @@ class FusionClient:
         the frame and raises FusionError if it did not (a bad frame is refused as a whole)."""
         await self._send_frame(lambda rid: encode_samples(stream, keys, features, priority, rid != 0, rid),
                                ack, timeout)
+
+    async def _send_bytes(self, frame: Union[bytes, bytearray]) -> None:
+        """Sends a binary frame as it is (no request id, no ack)."""
+        if self.closed:
+            raise self.closed
+        await self._ws.send(frame)
 
     async def _send_frame(self, frame: Callable[[int], bytes], ack: bool, timeout: float) -> None:
         """Sends `frame(request_id)`; with `ack`, under a fresh request id, waiting for its ack."""
@@ -523,16 +736,34 @@ class FusionClient:
                 q.put_nowait(exc)
             except asyncio.QueueFull:
                 pass
+        for aq in self._array_subs.values():
+            try:
+                aq.put_nowait(exc)
+            except asyncio.QueueFull:
+                pass
 
     async def _read_loop(self) -> None:
         try:
             async for raw in self._ws:
                 if isinstance(raw, bytes):
+                    if self._array_subs:
+                        # One pass over a whole results frame whose records share one layout.
+                        ra = decode_results_arrays(raw)
+                        if ra is not None and ra.stream not in self._subs:
+                            self._track_arrays(ra)
+                            aq = self._array_subs.get(ra.stream)
+                            if aq is not None:
+                                await aq.put(ra)  # blocks (stops reading) when the consumer is behind
+                            continue
                     for r in decode_results(raw):
                         self._track(r)
                         q = self._subs.get(r.stream)
                         if q is not None:
                             await q.put(r)  # blocks (stops reading) when the consumer is behind
+                        else:
+                            aq = self._array_subs.get(r.stream)
+                            if aq is not None:
+                                await aq.put(ResultArrays.of(r))
                     continue
                 msg = json.loads(raw)
                 t = msg.get("type")
@@ -542,6 +773,10 @@ class FusionClient:
                     q = self._subs.get(r.stream)
                     if q is not None:
                         await q.put(r)
+                    else:
+                        aq = self._array_subs.get(r.stream)
+                        if aq is not None:
+                            await aq.put(ResultArrays.of(r))
                 elif t in ("ack", "pong"):
                     self._track(msg)
                     fut = self._pending.get(msg.get("id"))
@@ -581,11 +816,18 @@ def _put_nowait_drop_oldest(q: asyncio.Queue[_T], item: _T) -> None:
 
 async def fuse_async(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
                      priority: str = "important", token: Optional[str] = None,
-                     timeout: float = 60.0, ca_file: Optional[PathLike] = None) -> tuple[F32, F32]:
+                     timeout: float = 60.0, ca_file: Optional[PathLike] = None,
+                     window: Optional[int] = None) -> tuple[F32, F32]:
     """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
     weights [B, M]) with weights in the order of `features`' keys. `ca_file`: see
-    `FusionClient.connect`."""
+    `FusionClient.connect`. `window`: at most this many samples sent and not yet answered.
+    The default, 90% of the server's send queue for the class (welcome `limits.send_queue`),
+    lets no result be dropped. A larger window (IMPORTANT or BULK only; CRITICAL keeps the
+    default, as a CRITICAL result that does not fit closes the connection) lets the server drop
+    results when this reader falls behind: fuse() then sends those samples again, and halves
+    the window for a while (docs/PERF.md session 9: on a busy 2-vCPU VM, 1024 carried less
+    than 270 because of the drops)."""
     names = list(features)
     arrays = {n: np.asarray(features[n]) for n in names}
     single = all(a.ndim == 1 for a in arrays.values())
@@ -599,9 +841,43 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
     empty = np.flatnonzero(m.sum(1) == 0)
     if empty.size:
         raise ValueError(f"mask row {int(empty[0])} has no modality present")
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+    # Keys of one length (tag, '-', the row number zero-padded), made with numpy: a samples frame's
+    # keys section is then rows of this table, and a result's row is parsed from its key in one
+    # pass over a results frame (no Python work per sample on the fast path).
     tag = uuid.uuid4().hex[:12]
-    keys = [f"{tag}-{i}" for i in range(b)]
-    index = {k: i for i, k in enumerate(keys)}
+    prefix = np.frombuffer(f"{tag}-".encode(), np.uint8)
+    digits = len(str(max(b - 1, 0)))
+    klen = len(prefix) + digits
+    keytab = np.empty((b, 2 + klen), np.uint8)
+    keytab[:, :2] = np.frombuffer(struct.pack("<H", klen), np.uint8)
+    keytab[:, 2:2 + len(prefix)] = prefix
+    rows_all = np.arange(b, dtype=np.int64)
+    for p in range(digits):
+        keytab[:, 2 + len(prefix) + p] = rows_all // 10 ** (digits - 1 - p) % 10 + 48
+    pow10 = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
+
+    def rows_of(key_bytes: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Row numbers of [n, len] key bytes, and which of them are keys of this call."""
+        n = key_bytes.shape[0]
+        if key_bytes.shape[1] != klen:
+            return np.zeros(n, np.int64), np.zeros(n, np.bool_)
+        dig = key_bytes[:, len(prefix):].astype(np.int64) - 48
+        ok = (key_bytes[:, :len(prefix)] == prefix).all(1) & ((dig >= 0) & (dig <= 9)).all(1)
+        idx = dig @ pow10
+        ok &= idx < b
+        return np.where(ok, idx, 0), ok
+
+    def rows_named(detail: Json) -> list[int]:
+        """Rows of this call named by an error or notice (`keys`, or `key`)."""
+        named = detail.get("keys") or [detail.get("key")]
+        enc = [k.encode() for k in named if isinstance(k, str) and len(k.encode()) == klen]
+        if not enc:
+            return []
+        idx, ok = rows_of(np.frombuffer(b"".join(enc), np.uint8).reshape(len(enc), klen))
+        return [int(i) for i in idx[ok]]
+
     async with await FusionClient.connect(url, token=token, batch_results=True, ca_file=ca_file) as c:
         unknown = [n for n in names if n not in c.widths]
         if unknown:
@@ -609,96 +885,200 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                                                   f"(it has {c.modalities})")
         if c.dim is None:
             raise FusionError("malformed", "the server's welcome names no head dim")
-        sub = await c.subscribe(stream)
+        sub = await c.subscribe_arrays(stream)
         fused = np.zeros((b, c.dim), np.float32)
         weights = np.zeros((b, len(names)), np.float32)
         head_pos = [c.modalities.index(n) for n in names]
         got = np.zeros(b, bool)
+        sent = np.zeros(b, bool)
 
-        # Whole samples in samples frames (PROTOCOL.md 4.4): one frame per mask pattern, at
-        # most ~8 MiB each, with at most `window` samples sent and not yet answered: the server
-        # queues results for this connection in a bounded per-class queue (PROTOCOL.md 7) and
-        # drops IMPORTANT/BULK results, or closes on CRITICAL, when a reader falls that far
-        # behind, so a large batch must not be sent all at once. At most 90% of the class
-        # queue unanswered: even if this reader stalls, every result in flight fits it
-        # (IMPORTANT is dropped only when its queue is full, BULK above 90%).
+        # Whole samples in samples frames (PROTOCOL.md 4.4), one pattern of present modalities
+        # per frame, with at most `window` samples sent and not yet accounted for. The server queues results for this connection in a bounded per-class
+        # queue (PROTOCOL.md 7) and drops IMPORTANT/BULK results (closes on CRITICAL) when the
+        # reader falls that far behind. By default at most 90% of the class queue is
+        # unanswered, so even if this reader stalls every result in flight fits it. IMPORTANT
+        # and BULK may be given a larger window; what the server drops is then sent again: every
+        # result it drops is counted in a `dropped` notice (7.1, 7.2), so once the results received
+        # plus the drops and refusals announced account for every sample sent, the samples
+        # sent and not answered are exactly the dropped ones. (Drops of other producers'
+        # results on the same stream are counted too: then some samples are sent again early,
+        # and their second result is ignored.)
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
-        window = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
+        safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
+        window = safe if window is None or priority == "critical" else max(1, int(window))
+        # The window in use: halved (down to `safe`) at each `dropped` notice, grown by a frame
+        # for every window's worth of results received since (additive increase, multiplicative
+        # decrease): drops cost the server a fused sample and the client a resend.
+        limit = {"now": window, "since": 0}
         row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
-        # Frames of a quarter window: while the server fuses one, the next ones are on their
-        # way (a frame of the whole window waited for every one of its results before the
-        # next could go: B = 8192 ran at 14-15k samples/s, a quarter window ~18-22k).
-        chunk = max(1, min(window // 4, (8 << 20) // row_bytes))
-        progress = asyncio.Event()
-        sent_rows: set[int] = set()
-        answered = [0]  # results received (all for rows in sent_rows)
+        # Frames of at most a quarter window (while the server fuses one, the next ones are on
+        # their way) and at most FUSE_FRAME_BYTES.
+        chunk = max(1, min(window // 4, FUSE_FRAME_BYTES // row_bytes))
 
-        async def send_rows(rows: Union[Sequence[int], npt.NDArray[np.int64]]) -> None:
-            patterns: dict[bytes, list[int]] = {}
-            for i in np.asarray(rows, dtype=np.int64):
-                patterns.setdefault(m[i].tobytes(), []).append(int(i))
-            for pat, idx in patterns.items():
-                present = [names[j] for j in range(len(names)) if pat[j]]
-                for at in range(0, len(idx), chunk):
+        # Mask patterns, in order of first appearance: the rows of each go in frames of their own.
+        if bool(m.all()):
+            pat_of = np.zeros(b, np.int64)
+            pats = [np.ones(len(names), np.uint8)]
+        else:
+            uniq, first, inverse = np.unique(m, axis=0, return_index=True, return_inverse=True)
+            order = np.argsort(first)
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            pat_of = rank[np.asarray(inverse).reshape(-1)]
+            pats = [uniq[j] for j in order]
+        sb = stream.encode()
+        prio = PRIORITIES[priority]
+        frames_of: list[tuple[bytes, list[str], np.dtype[Any]]] = []
+        for pat in pats:
+            present = [names[j] for j in range(len(names)) if pat[j]]
+            f16 = all(arrays[n].dtype == np.float16 for n in present)
+            table = b"".join(struct.pack("<IH", arrays[n].shape[1], len(n.encode())) + n.encode() for n in present)
+            frames_of.append((table, present, np.dtype("<f2" if f16 else "<f4")))
+
+        work: collections.deque[tuple[int, Union[slice, npt.NDArray[np.int64]]]] = collections.deque()
+
+        def queue_rows(rows: npt.NDArray[np.int64], front: bool = False) -> None:
+            parts: list[tuple[int, Union[slice, npt.NDArray[np.int64]]]] = []
+            for pid in range(len(pats)):
+                idx = rows[pat_of[rows] == pid] if len(pats) > 1 else rows
+                for at in range(0, idx.size, chunk):
                     part = idx[at:at + chunk]
-                    # Resends (rows already sent) never wait: they add nothing outstanding.
-                    new = sum(1 for i in part if i not in sent_rows)
-                    while new and len(sent_rows) - answered[0] + new > window:
-                        progress.clear()
-                        await progress.wait()
-                    sent_rows.update(part)
-                    await c.produce_samples(stream, [keys[i] for i in part],
-                                            {n: arrays[n][part] for n in present}, priority=priority)
+                    lo = int(part[0])
+                    # A contiguous run is a slice: the frame copies straight from the arrays.
+                    parts.append((pid, slice(lo, lo + part.size) if int(part[-1]) - lo + 1 == part.size else part))
+            if front:
+                work.extendleft(reversed(parts))
+            else:
+                work.extend(parts)
 
-        async def send_all() -> None:
-            await send_rows(np.arange(b))
+        queue_rows(rows_all)
+        # Accounting, in samples sent (resends included): each is answered by a result, dropped
+        # (announced in a `dropped` notice) or refused (an error or `shed` naming its key).
+        acct = {"sent": 0, "received": 0, "lost": 0}
 
-        sender = asyncio.create_task(send_all())
+        def in_flight() -> int:
+            return acct["sent"] - acct["received"] - acct["lost"]
+
+        progress = asyncio.Event()
+
+        async def sender() -> None:
+            while True:
+                while not work:
+                    progress.clear()
+                    await progress.wait()
+                pid, part = work[0]
+                n_part = part.stop - part.start if isinstance(part, slice) else part.size
+                if in_flight() > 0 and in_flight() + n_part > limit["now"]:
+                    progress.clear()
+                    await progress.wait()
+                    continue  # resends may have been queued in front meanwhile
+                work.popleft()
+                if isinstance(part, slice):
+                    if got[part].any():  # answered meanwhile (a resend): send only what is missing
+                        part = np.arange(part.start, part.stop, dtype=np.int64)[~got[part]]
+                else:
+                    part = part[~got[part]]
+                n_part = part.stop - part.start if isinstance(part, slice) else part.size
+                if not n_part:
+                    continue
+                table, present, wire = frames_of[pid]
+                frame = _samples_frame(sb, prio, table, len(present), keytab[part].tobytes(), n_part,
+                                       [arrays[n][part] for n in present], wire)
+                sent[part] = True
+                acct["sent"] += n_part
+                await c._send_bytes(frame)
+                # Let the reader run between frames (a send that need not wait for the socket
+                # does not yield): results not read pile up in the server's send queue.
+                await asyncio.sleep(0)
+
+        def recover() -> None:
+            """Everything sent is accounted for: what is sent and unanswered was dropped or
+            refused; send it again."""
+            if in_flight() < 0:  # drops of other producers' results of this stream were counted
+                acct["lost"] += in_flight()
+            if in_flight() == 0:
+                missing = np.flatnonzero(sent & ~got)
+                if missing.size:
+                    sent[missing] = False
+                    queue_rows(missing, front=True)
+                    progress.set()
+
+        def refused(rows: list[int]) -> None:
+            """Samples refused (overloaded, shed): no result will come for them; send them again."""
+            acct["lost"] += len(rows)
+            again = np.unique(np.asarray(rows, np.int64))
+            again = again[~got[again]]
+            if again.size:
+                sent[again] = False
+                queue_rows(again, front=True)
+                progress.set()
+
+        task = asyncio.create_task(sender())
         try:
             deadline = asyncio.get_running_loop().time() + timeout
-            while not got.all():
-                if not c.errors.empty():
+            left_n = b
+            while left_n:
+                while not c.errors.empty():
                     err = c.errors.get_nowait()
-                    mine = [index[k] for k in (err.detail.get("keys") or [err.detail.get("key")]) if k in index]
+                    mine = rows_named(err.detail)
                     if mine or err.detail.get("stream") in (None, stream):
                         if err.retry and mine:
                             # Overloaded: send those samples again after a short back-off.
                             await asyncio.sleep(0.005)
-                            await send_rows([i for i in mine if not got[i]])
+                            refused(mine)
                             continue
                         raise err
-                if not c.notices.empty():
+                while not c.notices.empty():
                     n = c.notices.get_nowait()
-                    if n.get("kind") == "shed" and n.get("stream") == stream:
+                    kind = n.get("kind")
+                    if kind == "shed" and n.get("stream") == stream:
                         # BULK shed under saturation: send those samples again after a back-off.
-                        shed = [index[k] for k in (n.get("keys") or [n.get("key")]) if k in index]
-                        await asyncio.sleep(0.005)
-                        await send_rows([i for i in shed if not got[i]])
-                    continue
+                        shed = rows_named(n)
+                        if shed:
+                            await asyncio.sleep(0.005)
+                            refused(shed)
+                    elif kind == "dropped" and n.get("class") == priority:
+                        acct["lost"] += int(n.get("count", 0))
+                        limit["now"], limit["since"] = max(min(safe, window), limit["now"] // 2), 0
+                recover()
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
-                    raise asyncio.TimeoutError(f"{int((~got).sum())} of {b} results missing after {timeout}s")
-                r: Optional[Result]
+                    raise asyncio.TimeoutError(f"{left_n} of {b} results missing after {timeout}s (samples sent "
+                                               f"{acct['sent']}, results {acct['received']}, announced dropped "
+                                               f"or refused {acct['lost']}, queued to send {len(work)} frames)")
+                ra: Optional[ResultArrays]
                 try:
-                    r = await sub.get(timeout=min(left, 0.05))
+                    ra = await sub.get(timeout=min(left, 0.05))
                 except asyncio.TimeoutError:
-                    failed = sender.exception() if sender.done() else None
+                    failed = task.exception() if task.done() else None
                     if failed is not None:
                         raise failed
                     continue
-                # Then every result already received, without a timer each (results come in
-                # bursts of a batch; one wait_for per result was most of this loop's cost).
-                while r is not None:
-                    i = index.get(r.key)
-                    if i is not None and not got[i]:
-                        fused[i] = r.fused
-                        weights[i] = r.weights[head_pos]
-                        got[i] = True
-                        answered[0] += 1
-                    r = sub.get_nowait()
+                # Then every frame already received, without a timer each.
+                while ra is not None:
+                    idx, ok = rows_of(ra.key_bytes)
+                    n_ok = int(ok.sum())
+                    acct["received"] += n_ok
+                    limit["since"] += n_ok
+                    if limit["since"] >= limit["now"] and limit["now"] < window:
+                        limit["now"], limit["since"] = min(window, limit["now"] + chunk), 0
+                    sel = np.flatnonzero(ok)
+                    idx = idx[sel]
+                    fresh = ~got[idx]
+                    if not fresh.all():
+                        sel, idx = sel[fresh], idx[fresh]
+                    if idx.size:
+                        # The first result of a row wins (a row sent twice may come back twice).
+                        idx, first = np.unique(idx, return_index=True)
+                        sel = sel[first]
+                        fused[idx] = ra.fused[sel]
+                        weights[idx] = ra.weights[sel][:, head_pos]
+                        got[idx] = True
+                        left_n -= idx.size
+                    ra = sub.get_nowait()
                 progress.set()
         finally:
-            sender.cancel()
+            task.cancel()
     if single:
         return fused[0], weights[0]
     return fused, weights
@@ -706,9 +1086,9 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
 
 def fuse(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
          priority: str = "important", token: Optional[str] = None, timeout: float = 60.0,
-         ca_file: Optional[PathLike] = None) -> tuple[F32, F32]:
+         ca_file: Optional[PathLike] = None, window: Optional[int] = None) -> tuple[F32, F32]:
     """Blocking request/response: see fuse_async."""
-    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout, ca_file))
+    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout, ca_file, window))
 
 
 async def _demo(url: str) -> None:  # pragma: no cover - manual use
