@@ -56,7 +56,7 @@ import ssl
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -388,18 +388,21 @@ class ResumePoint:
         return {"epoch": self.epoch, "critical": self.critical, "important": self.important}
 
 
-class _Subscription:
-    """Async iterator over one stream's results (see FusionClient.subscribe)."""
+_Item = TypeVar("_Item")
 
-    def __init__(self, client: FusionClient, stream: str, queue: asyncio.Queue[Union[Result, BaseException]]):
-        self._client = client
+
+class _QueueIterator(Generic[_Item]):
+    """Async iterator over one stream's queue of received items; a ConnectionClosed in the queue
+    ends it (1000/1001: cleanly, else raised)."""
+
+    def __init__(self, stream: str, queue: asyncio.Queue[Union[_Item, BaseException]]):
         self.stream = stream
         self._queue = queue
 
-    def __aiter__(self) -> _Subscription:
+    def __aiter__(self) -> _QueueIterator[_Item]:
         return self
 
-    async def __anext__(self) -> Result:
+    async def __anext__(self) -> _Item:
         item = await self._queue.get()
         if isinstance(item, BaseException):
             if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
@@ -407,12 +410,12 @@ class _Subscription:
             raise item
         return item
 
-    async def get(self, timeout: Optional[float] = None) -> Result:
-        """The next result (raises asyncio.TimeoutError after `timeout` seconds)."""
+    async def get(self, timeout: Optional[float] = None) -> _Item:
+        """The next item (raises asyncio.TimeoutError after `timeout` seconds)."""
         return await asyncio.wait_for(self.__anext__(), timeout)
 
-    def get_nowait(self) -> Optional[Result]:
-        """The next result if one is already received, else None (no waiting, no timer: the
+    def get_nowait(self) -> Optional[_Item]:
+        """The next item if one is already received, else None (no waiting, no timer: the
         cheap way to drain a burst after `get`). Raises like iteration does when the
         connection ended."""
         try:
@@ -428,41 +431,16 @@ class _Subscription:
         return item
 
 
-class _ArraySubscription:
+class _Subscription(_QueueIterator[Result]):
+    """Async iterator over one stream's results (see FusionClient.subscribe)."""
+
+    def __init__(self, client: FusionClient, stream: str, queue: asyncio.Queue[Union[Result, BaseException]]):
+        super().__init__(stream, queue)
+        self._client = client
+
+
+class _ArraySubscription(_QueueIterator[ResultArrays]):
     """One stream's results as ResultArrays (see FusionClient.subscribe_arrays)."""
-
-    def __init__(self, stream: str, queue: asyncio.Queue[Union[ResultArrays, BaseException]]):
-        self.stream = stream
-        self._queue = queue
-
-    def __aiter__(self) -> _ArraySubscription:
-        return self
-
-    async def __anext__(self) -> ResultArrays:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
-                raise StopAsyncIteration
-            raise item
-        return item
-
-    async def get(self, timeout: Optional[float] = None) -> ResultArrays:
-        """The next results (raises asyncio.TimeoutError after `timeout` seconds)."""
-        return await asyncio.wait_for(self.__anext__(), timeout)
-
-    def get_nowait(self) -> Optional[ResultArrays]:
-        """The next results if already received, else None; raises like iteration does when the
-        connection ended (as _Subscription.get_nowait)."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)
-            if isinstance(item, ConnectionClosed) and item.code in (1000, 1001):
-                return None
-            raise item
-        return item
 
 
 class FusionClient:
