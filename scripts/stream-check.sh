@@ -121,13 +121,15 @@ rows = []
 def row(name, value, goal, ok):
     rows.append((name, value, goal, "met" if ok else "NOT met"))
 g = lambda r, k: r[k] if r else float("nan")
+# A run that carried nothing (server down, loadgen failed) is a NaN ratio, never a crash.
+div = lambda a, b: a / b if b else float("nan")
 row("f32: samples/s carried / TCP samples/s", f"{g(f32, 'samples_per_s'):.0f} / {tcp32:.0f} = {g(f32, 'samples_per_s') / tcp32:.2f}", ">= 0.75", g(f32, 'samples_per_s') / tcp32 >= 0.75)
 row("f16: same", f"{g(f16, 'samples_per_s'):.0f} / {tcp16:.0f} = {g(f16, 'samples_per_s') / tcp16:.2f}", ">= 0.75", g(f16, 'samples_per_s') / tcp16 >= 0.75)
 row("Python fuse(), B = %s, f32" % os.environ.get("PY_B", "16384"), f"{py:.0f} / {tcp32:.0f} = {py / tcp32:.2f}", ">= 0.50", py / tcp32 >= 0.5)
-r4 = g(s4, 'samples_per_s') / g(f32, 'samples_per_s')
+r4 = div(g(s4, 'samples_per_s'), g(f32, 'samples_per_s'))
 row("4 subscribers: carried / 1-subscriber rate", f"{g(s4, 'samples_per_s'):.0f} / {g(f32, 'samples_per_s'):.0f} = {r4:.2f}", ">= 0.85", r4 >= 0.85)
 if un and ov:
-    ro = ov['samples_per_s'] / un['samples_per_s']
+    ro = div(ov['samples_per_s'], un['samples_per_s'])
     silent = not ov['checks'].get('nothing_lost_silently', False)
     p99c = (ov['latency_ms']['critical'] or {}).get('p99') or float('nan')
     row("offered 2x the unsaturated rate: carried / unsaturated",
@@ -136,8 +138,8 @@ if un and ov:
         ro >= 0.9 and not silent and p99c <= 50)
 if f32:
     n = f32['samples_per_s'] * f32['duration_s']
-    server_us = ticks("f32") / tck / max(n, 1) * 1e6 - 1e6 / kt
-    row("server CPU per sample besides the device (f32)", f"{server_us:.1f} us (tiny head kernel {1e6 / kt:.2f} us)", "<= 2.0 us", server_us <= 2.0)
+    server_us = ticks("f32") / tck / max(n, 1) * 1e6 - div(1e6, kt)
+    row("server CPU per sample besides the device (f32)", f"{server_us:.1f} us (tiny head kernel {div(1e6, kt):.2f} us)", "<= 2.0 us", server_us <= 2.0)
 w = max(len(r[0]) for r in rows)
 for name, value, goal, ok in rows:
     print(f"{name:<{w}}  {value}  (goal {goal}: {ok})")
