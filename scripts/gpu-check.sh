@@ -9,7 +9,9 @@
 #        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default),
 #        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log),
 #        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
-#        throughput checks on this host's cores, into $OUT/cpu-check.txt)
+#        throughput checks on this host's cores, into $OUT/cpu-check.txt),
+#        SERVE_CHECK (1, default: scripts/serve-device-check.sh after the table: `serve` on
+#        cuda:0, cpu and wgpu:0 driven by `loadgen --url`, 8 producers, f16 wire; issue 18)
 #
 # After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
@@ -32,6 +34,7 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 COMPILE=${COMPILE:-1}
 TUNE=${TUNE:-1}
 CPU_CHECK=${CPU_CHECK:-1}
+SERVE_CHECK=${SERVE_CHECK:-1}
 TESTS=${TESTS:-}
 T() { timeout -k 5 "$STEP_TIMEOUT" "$@"; }
 # Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
@@ -211,6 +214,11 @@ if [ -n "${OUT:-}" ]; then
   cp "$WORK/gpu-table.md" "$OUT/gpu-table.md"
   cat "$WORK"/*.jsonl >"$OUT/gpu-check.jsonl" 2>/dev/null || true
   cat "$WORK"/selftest-*.txt "$WORK"/test-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
+fi
+if [ "$SERVE_CHECK" = 1 ]; then
+  echo "== serve end to end: cuda:0, cpu, wgpu:0 (scripts/serve-device-check.sh)"
+  timeout -k 5 200 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-check.txt"
+  [ -n "${OUT:-}" ] && cp "$WORK/serve-check.txt" "$OUT/serve-check.txt"
 fi
 if [ "$TUNE" = 1 ]; then
   echo "== cuda-tune (chunk sizes, epilogues)"

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The main job end to end on each device (issue 18): `serve --devices SPEC` with the embedded
+# default head, driven by `loadgen --url` from another process, one run per device spec, and
+# one table: samples/s carried, the server's CPU per sample, p50/p99 latency, GPU utilisation.
+# Run by scripts/gpu-check.sh after its head table (SERVE_CHECK=1, the default), or alone:
+#
+#   scripts/serve-device-check.sh [BINARY]   (default: target/release/fusion-engine)
+#   env: DEVICES ("cuda:0 cpu wgpu:0": one run each; a spec whose device is missing is
+#        reported as such), SECS (10 per run), PRODUCERS (8: each its own stream), RATE
+#        (4000000 samples/s offered in all: more than any device carries, so the figure is
+#        what the server carries), DTYPE (f16 on the wire), FRAME (256 samples per `samples`
+#        frame), OUT (copy the table there)
+#
+# Load: `loadgen --scenario steady` with PRODUCERS producers sending whole samples in `samples`
+# frames (docs/PROTOCOL.md section 4.4), one subscriber on every stream asking for `results`
+# frames (section 4.5). The server's CPU per sample is its process CPU time over the run
+# (/proc/PID/stat) per result delivered; GPU utilisation is nvidia-smi's, sampled every 200 ms
+# during the run (mean and max), where nvidia-smi exists.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/fusion-engine}
+DEVICES=${DEVICES:-cuda:0 cpu wgpu:0}
+SECS=${SECS:-10}
+PRODUCERS=${PRODUCERS:-8}
+RATE=${RATE:-4000000}
+DTYPE=${DTYPE:-f16}
+FRAME=${FRAME:-256}
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
+free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+TCK=$(getconf CLK_TCK)
+echo "== serve end to end on $(nproc) cores, $(date -u +%FT%TZ), $BIN: $PRODUCERS producers, $DTYPE wire, samples frames of $FRAME, results frames, ${SECS}s per device"
+
+for spec in $DEVICES; do
+  tag=$(echo "$spec" | tr ':=,' '___')
+  P=$(free_port); M=$(free_port)
+  "$BIN" serve --devices "$spec" --listen "127.0.0.1:$P" --metrics "127.0.0.1:$M" >"$WORK/$tag.serve.log" 2>&1 &
+  SP=$!
+  up=0
+  for _ in $(seq 300); do
+    if curl -sf "127.0.0.1:$M/healthz" >/dev/null 2>&1; then up=1; break; fi
+    kill -0 "$SP" 2>/dev/null || break
+    sleep 0.2
+  done
+  if [ "$up" != 1 ]; then
+    echo "$spec: the server did not start: $(grep -v '^\s*$' "$WORK/$tag.serve.log" | tail -2 | tr '\n' ' ')"
+    echo "{\"spec\": \"$spec\", \"error\": \"server did not start\"}" >"$WORK/$tag.json"
+    kill "$SP" 2>/dev/null; wait "$SP" 2>/dev/null
+    continue
+  fi
+  grep -m1 "serving" "$WORK/$tag.serve.log" | sed 's/^.*fusion-engine serving/  serving/'
+  SMI=
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200 >"$WORK/$tag.smi" 2>/dev/null &
+    SMI=$!
+  fi
+  t0=$(cpu_ticks "$SP")
+  "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
+    --rate "$RATE" --producers "$PRODUCERS" --subscribers 1 --samples-per-frame "$FRAME" \
+    --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json \
+    >"$WORK/$tag.json" 2>"$WORK/$tag.err" || echo "$spec: loadgen: $(tail -2 "$WORK/$tag.err")"
+  t1=$(cpu_ticks "$SP")
+  [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
+  echo $((t1 - t0)) >"$WORK/$tag.ticks"
+  kill -TERM "$SP" 2>/dev/null; timeout 20 tail --pid="$SP" -f /dev/null
+done
+
+python3 - "$WORK" "$TCK" "$DEVICES" >"$WORK/serve-table.md" <<'PY'
+import json, os, sys
+work, tck, specs = sys.argv[1], float(sys.argv[2]), sys.argv[3].split()
+def tag(s):
+    return s.replace(":", "_").replace("=", "_").replace(",", "_")
+def load(s):
+    try:
+        return json.load(open(os.path.join(work, tag(s) + ".json")))
+    except (OSError, ValueError):
+        return None
+def smi(s):
+    try:
+        v = [float(x) for x in open(os.path.join(work, tag(s) + ".smi")).read().split() if x.replace(".", "").isdigit()]
+    except OSError:
+        return "-"
+    return f"{sum(v) / len(v):.0f}% (max {max(v):.0f}%)" if v else "-"
+print("| devices | samples/s carried | server CPU us/sample | p50 ms | p99 ms | GPU util mean (max) | loadgen checks |")
+print("|---|---|---|---|---|---|---|")
+carried = {}
+for s in specs:
+    r = load(s)
+    if not r or "samples_per_s" not in r:
+        print(f"| {s} | - (server did not start or loadgen failed) | - | - | - | - | - |")
+        continue
+    n = r["samples_per_s"] * r["duration_s"]
+    try:
+        ticks = float(open(os.path.join(work, tag(s) + ".ticks")).read())
+        cpu = f"{ticks / tck / max(n, 1) * 1e6:.2f}"
+    except (OSError, ValueError):
+        cpu = "-"
+    lat = [v for v in (r.get("latency_ms") or {}).values() if v]
+    # The steady scenario's classes together: the largest p50/p99 of a class with results.
+    p50 = max((v.get("p50") or 0 for v in lat), default=None)
+    p99 = r.get("fast_p99_ms")
+    bad = [k for k, v in r.get("checks", {}).items() if not v]
+    carried[s] = r["samples_per_s"]
+    f = lambda v: "-" if v is None else f"{v:.1f}"
+    print(f"| {s} | {r['samples_per_s']:.0f} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'} |")
+cuda = next((v for k, v in carried.items() if k.startswith("cuda")), None)
+cpu = carried.get("cpu")
+print()
+print("Goals (issue 18, H200 host): cuda:0 >= 1.5M samples/s through serve: "
+      + ("-" if cuda is None else f"{cuda:.0f} ({'met' if cuda >= 1.5e6 else 'NOT met'})")
+      + "; cuda:0 / cpu >= 5x: "
+      + ("-" if cuda is None or not cpu else f"{cuda / cpu:.2f}x ({'met' if cuda / cpu >= 5 else 'NOT met'})"))
+PY
+cat "$WORK/serve-table.md"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$WORK/serve-table.md" "$OUT/serve-table.md"
+  cat "$WORK"/*.json >"$OUT/serve-check.json" 2>/dev/null || true
+  cat "$WORK"/*.serve.log "$WORK"/*.err >"$OUT/serve-check.log" 2>/dev/null || true
+fi
