@@ -252,6 +252,27 @@ pub fn find_non_finite_bytes(dtype: DType, bytes: &[u8]) -> Option<usize> {
     None
 }
 
+/// Appends `src` to `dst` and scans it for NaN/Inf in the same pass: each 64 KiB chunk is
+/// scanned right after it is copied, while it is still in cache, so the scan costs no second
+/// trip to memory (docs/DESIGN.md section 4). On the first non-finite element, `dst` is cut back
+/// to its length before the call (nothing of `src` is left in it) and that element's index in
+/// `src` is returned.
+pub fn copy_finite(dtype: DType, src: &[u8], dst: &mut Vec<u8>) -> Result<(), usize> {
+    // A multiple of every element size and of the scan's 256-element blocks.
+    const CHUNK: usize = 64 << 10;
+    let start = dst.len();
+    dst.reserve(src.len());
+    for (ci, chunk) in src.chunks(CHUNK).enumerate() {
+        dst.extend_from_slice(chunk);
+        let copied = &dst[dst.len() - chunk.len()..];
+        if let Some(i) = find_non_finite_bytes(dtype, copied) {
+            dst.truncate(start);
+            return Err(ci * CHUNK / dtype.size() + i);
+        }
+    }
+    Ok(())
+}
+
 /// An owned row-major matrix in its wire dtype (what the engine queues).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostMat {
@@ -370,6 +391,37 @@ mod tests {
                 _ => (x as u16).to_le_bytes().to_vec(),
             })
             .collect()
+    }
+
+    #[test]
+    fn copy_finite_copies_everything_or_nothing() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let bad: u32 = match dtype {
+                DType::F32 => 0x7fc0_0000,
+                DType::F16 => 0x7c00,
+                DType::BF16 => 0xff80,
+            };
+            // Past one 64 KiB chunk, so a bad element in a later chunk is found too.
+            let n = (200 << 10) / dtype.size() + 3;
+            let good = encode(dtype, n, &[]);
+            let mut dst = vec![9u8; 5];
+            assert_eq!(copy_finite(dtype, &good, &mut dst), Ok(()));
+            assert_eq!(&dst[..5], &[9u8; 5]);
+            assert_eq!(&dst[5..], &good[..]);
+            for p in [0, 1, n / 2, (64 << 10) / dtype.size(), n - 1] {
+                let bytes = encode(dtype, n, &[(p, bad)]);
+                let mut dst = vec![9u8; 5];
+                assert_eq!(
+                    copy_finite(dtype, &bytes, &mut dst),
+                    Err(p),
+                    "{dtype} p={p}"
+                );
+                assert_eq!(dst, vec![9u8; 5], "nothing of a bad source stays behind");
+            }
+        }
+        let mut dst = Vec::new();
+        assert_eq!(copy_finite(DType::F32, &[], &mut dst), Ok(()));
+        assert!(dst.is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `samples` frames (PROTOCOL 4.4) over real sockets: whole samples of one stream in one frame,
 //! against the f64 reference (f32 and f16 payloads, modalities listed out of head order, more
-//! samples than one batch); every bad frame gets its typed error and the connection goes on.
+//! samples than one batch); every bad frame gets its typed error and the connection goes on, and
+//! nothing of it reaches a batch; frames of two connections interleaved into one stream.
 
 mod server_util;
 
@@ -376,5 +377,139 @@ async fn batched_results_frames_carry_the_same_results() {
     }
     p.close().await;
     single.close().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_a_nan_in_its_last_row_leaves_nothing_in_any_batch() {
+    let h = small_head();
+    let (s, url) = start(h.clone(), config()).await;
+    let mut c = Client::connect(&url, None).await.unwrap();
+    c.subscribe("s").await.unwrap();
+    let n = 40;
+    let names = ["vision", "text", "audio"];
+    for round in 0..3u64 {
+        // The bad frame: every block whole and finite but the last modality's last row, whose
+        // last element is NaN; its rows must not reach any batch (nor stale copies of them the
+        // next frame, which reuses the pooled buffers they were copied into).
+        let x = rows(&h, n, 10 + round);
+        let bad_keys: Vec<String> = (0..n).map(|i| format!("bad{round}-{i}")).collect();
+        let br: Vec<&str> = bad_keys.iter().map(|k| k.as_str()).collect();
+        let mut blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
+        *blocks[2].last_mut().unwrap() = f32::NAN;
+        let feats: Vec<(&str, &[f32])> = names
+            .iter()
+            .zip(&blocks)
+            .map(|(nm, b)| (*nm, b.as_slice()))
+            .collect();
+        c.produce_samples("s", &br, &feats, Priority::Important, 0)
+            .await
+            .unwrap();
+        let (code, raw) = next_error(&mut c).await;
+        assert_eq!(code, "non_finite", "{raw}");
+        let width = h.modalities[2].width;
+        let says = format!(
+            "sample {} (key \"bad{round}-{}\"): element {}",
+            n - 1,
+            n - 1,
+            width - 1
+        );
+        assert!(raw["message"].as_str().unwrap().contains(&says), "{raw}");
+
+        // A good frame after it: exactly its own results, equal to the reference.
+        let y = rows(&h, n, 20 + round);
+        let keys: Vec<String> = (0..n).map(|i| format!("ok{round}-{i}")).collect();
+        let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let good: Vec<Vec<f32>> = (0..3).map(|m| block(&y, m)).collect();
+        let feats: Vec<(&str, &[f32])> = names
+            .iter()
+            .zip(&good)
+            .map(|(nm, b)| (*nm, b.as_slice()))
+            .collect();
+        c.produce_samples("s", &kr, &feats, Priority::Important, 0)
+            .await
+            .unwrap();
+        let got = collect(&mut c, n, None).await;
+        assert_eq!(got.len(), n, "only the good frame's samples were fused");
+        for (i, k) in keys.iter().enumerate() {
+            let r = got
+                .get(k)
+                .unwrap_or_else(|| panic!("{k} missing: {:?}", got.keys()));
+            let (ef, ew) = check(&h, &y[i], &[1, 1, 1], &r.fused, &r.weights);
+            assert!(ef <= 1e-5 && ew <= 1e-5, "{k}: {ef} {ew}");
+        }
+    }
+    c.close().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_interleaving_frames_into_one_stream_keep_results_and_seqs() {
+    let h = small_head();
+    let (s, url) = start(h.clone(), config()).await;
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(&url, None).await.unwrap();
+        c.subscribe("mix").await.unwrap();
+        conns.push(c);
+    }
+    // Each connection sends 6 frames of 37 samples (batches of 256 then mix both connections'
+    // rows and split frames), alternating with the other.
+    let (frames, per) = (6, 37);
+    let mut want = HashMap::new();
+    for f in 0..frames {
+        for (ci, c) in conns.iter_mut().enumerate() {
+            let x = rows(&h, per, 100 + (f * 2 + ci) as u64);
+            let keys: Vec<String> = (0..per).map(|i| format!("c{ci}-f{f}-{i}")).collect();
+            let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+            let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
+            let feats: Vec<(&str, &[f32])> = ["vision", "text", "audio"]
+                .iter()
+                .zip(&blocks)
+                .map(|(nm, b)| (*nm, b.as_slice()))
+                .collect();
+            c.produce_samples("mix", &kr, &feats, Priority::Important, 0)
+                .await
+                .unwrap();
+            for (k, xs) in keys.into_iter().zip(x) {
+                want.insert(k, xs);
+            }
+        }
+    }
+    let total = frames * 2 * per;
+    for (ci, c) in conns.iter_mut().enumerate() {
+        let mut seqs = Vec::with_capacity(total);
+        let mut got = HashMap::new();
+        while got.len() < total {
+            match next(c, 10.0).await {
+                Event::Result(r) => {
+                    seqs.push(r.seq);
+                    assert!(
+                        got.insert(r.key.clone(), r).is_none(),
+                        "a result came twice"
+                    );
+                }
+                Event::Control(_) => {}
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        // Every result of both connections' frames, each equal to its own sample's reference,
+        // and this connection's seqs 1, 2, 3, ... in the order it received them.
+        for (k, x) in &want {
+            let r = got
+                .get(k)
+                .unwrap_or_else(|| panic!("connection {ci}: {k} missing"));
+            let (ef, ew) = check(&h, x, &[1, 1, 1], &r.fused, &r.weights);
+            assert!(ef <= 1e-5 && ew <= 1e-5, "connection {ci}, {k}: {ef} {ew}");
+        }
+        let expect: Vec<u64> = (1..=total as u64).collect();
+        assert_eq!(
+            seqs, expect,
+            "connection {ci}: per-connection seqs without gaps"
+        );
+    }
+    for c in conns {
+        c.close().await;
+    }
     s.shutdown().await;
 }

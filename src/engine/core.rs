@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::{Condvar, Mutex};
 
+use super::buffers::BufferPool;
 use super::config::{DeviceSpec, EngineConfig};
 use super::fault::Faults;
 use super::health::{DeviceState, Health};
@@ -170,6 +171,8 @@ pub(crate) struct Core {
     /// Output buffers handed back by callers ([`super::Engine::recycle`]), reused by workers so
     /// that a batch does not allocate and zero fresh outputs.
     pub spare: (Sender<Outputs>, Receiver<Outputs>),
+    /// Batch input buffers, back from every batch the engine dropped ([`BufferPool`]).
+    pub buffers: Arc<BufferPool>,
 }
 
 /// Spare output buffers kept for reuse (per engine).
@@ -219,6 +222,7 @@ impl Core {
             late: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
             spare: crossbeam_channel::bounded(SPARE_OUTPUTS),
+            buffers: Arc::default(),
             cfg,
             head,
             devices,
@@ -242,7 +246,7 @@ impl Core {
         }
         let id = st.next_id;
         st.next_id += 1;
-        let (job, ticket) = Job::new(id, batch, priority);
+        let (job, ticket) = Job::new(id, batch, priority, Arc::clone(&self.buffers));
         st.pending[priority as usize].push_back(job);
         st.admitted += 1;
         st.max_pending_seen = st.max_pending_seen.max(st.admitted);

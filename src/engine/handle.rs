@@ -168,6 +168,19 @@ impl Engine {
         self.core.submit(batch, priority)
     }
 
+    /// An empty buffer of at least `capacity` bytes for a batch's matrix or mask, recycled from
+    /// batches the engine is done with (docs/DESIGN.md section 6): a batch assembled in such
+    /// buffers and submitted gives them back when its last run ends, so steady-state batching
+    /// allocates nothing. Any `Vec<u8>` works in a [`Batch`]; this one is just warm.
+    pub fn batch_buffer(&self, capacity: usize) -> Vec<u8> {
+        self.core.buffers.take(capacity)
+    }
+
+    /// The pool behind [`Engine::batch_buffer`].
+    pub(crate) fn buffer_pool(&self) -> &Arc<super::BufferPool> {
+        &self.core.buffers
+    }
+
     /// Hands a delivered batch's outputs back for reuse once the caller is done with them, so
     /// that the next batch's outputs need no fresh allocation (optional: dropping them is fine).
     pub fn recycle(&self, outputs: Outputs) {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::buffers::BufferPool;
 use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
 
@@ -64,6 +65,18 @@ pub(crate) struct JobInner {
     pub priority: Priority,
     pub submitted: Instant,
     reply: Mutex<Option<Reply>>,
+    /// Where the batch's buffers go when the engine drops it (docs/DESIGN.md section 6).
+    buffers: Arc<BufferPool>,
+}
+
+impl Drop for JobInner {
+    /// The last reference to the job is gone: no device runs or will run its batch any more,
+    /// so its buffers can be handed out again (unless the caller still shares the batch).
+    fn drop(&mut self) {
+        if let Some(b) = Arc::get_mut(&mut self.batch) {
+            self.buffers.give_batch(b);
+        }
+    }
 }
 
 impl JobInner {
@@ -96,7 +109,12 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    pub fn new(id: u64, batch: Arc<Batch>, priority: Priority) -> (Job, Ticket) {
+    pub fn new(
+        id: u64,
+        batch: Arc<Batch>,
+        priority: Priority,
+        buffers: Arc<BufferPool>,
+    ) -> (Job, Ticket) {
         let (tx, rx) = oneshot::channel();
         let inner = Arc::new(JobInner {
             id,
@@ -104,6 +122,7 @@ impl Job {
             priority,
             submitted: Instant::now(),
             reply: Mutex::new(Some(tx)),
+            buffers,
         });
         let job = Job {
             inner,

@@ -19,6 +19,7 @@
 //! - `router.rs`: the dispatch plan (least expected completion time).
 //! - [`health`]: HEALTHY / SLOW / FAILED and the latency average behind them.
 //! - `job.rs`: a submitted batch, its [`Priority`] and its [`Ticket`].
+//! - `buffers.rs`: batch input buffers recycled from dropped batches ([`Engine::batch_buffer`]).
 //! - `worker.rs`: the device thread (`worker_loop`); it owns `RunResult`.
 //! - `lifecycle.rs`: completion, failure, retry, restart, timeouts, shutdown.
 //! - [`fault`]: fault injection (latency, jitter, failures, hangs), changeable at run time.
@@ -34,6 +35,7 @@
 //! uses fresh latency estimates. Each worker queue is a bounded crossbeam channel of
 //! `queue_capacity` slots, which the in-flight bound keeps from ever filling.
 
+mod buffers;
 pub mod config;
 mod core;
 pub mod fault;
@@ -45,6 +47,7 @@ pub mod metrics;
 mod router;
 mod worker;
 
+pub(crate) use buffers::{BufferPool, PooledBlocks};
 pub use config::{DeviceSpec, EngineConfig, FaultSpec};
 pub use core::DeviceCounters;
 pub use handle::{DeviceStats, Engine, EngineStats};

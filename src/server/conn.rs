@@ -21,10 +21,11 @@ use super::ingest::pipeline::{refuse, refuse_samples};
 use super::ingest::queue::{Ingest, IngestMsg, IngestSamples};
 use super::shared::Shared;
 use super::tls::Stream;
+use crate::engine::PooledBlocks;
 use crate::engine::Priority;
 use crate::protocol::notices::{self, About};
 use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
-use crate::tensor::find_non_finite_bytes;
+use crate::tensor::{copy_finite, find_non_finite_bytes};
 
 struct Conn {
     shared: Arc<Shared>,
@@ -225,6 +226,11 @@ impl Conn {
         }
         let head = &self.shared.head;
         let mut modalities = Vec::with_capacity(f.modalities.len());
+        // Each block is copied out of the frame into a pooled buffer and scanned for NaN/Inf in
+        // the same pass, here on this connection's task (docs/DESIGN.md section 4): the frame's
+        // buffer is free again as soon as this returns, and on a bad value nothing of the frame
+        // is kept (the blocks copied so far go back to the pool with `blocks`).
+        let mut blocks = PooledBlocks::new(Arc::clone(self.shared.engine.buffer_pool()));
         for (&(name, width), block) in f.modalities.iter().zip(&f.blocks) {
             let Some(mi) = head.modality_index(name) else {
                 return Err(ProtoError::new(
@@ -242,7 +248,9 @@ impl Conn {
                     format!("modality \"{name}\" has width {want}, got {width} values"),
                 ));
             }
-            if let Some(e) = find_non_finite_bytes(f.dtype, block) {
+            let mut buf = blocks.buffer(block.len());
+            if let Err(e) = copy_finite(f.dtype, block, &mut buf) {
+                blocks.give_back(buf);
                 return Err(ProtoError::new(
                     Code::NonFinite,
                     format!(
@@ -253,6 +261,7 @@ impl Conn {
                     ),
                 ));
             }
+            blocks.push(buf);
             modalities.push(mi);
         }
         let stream = self.use_stream(f.stream)?;
@@ -262,7 +271,7 @@ impl Conn {
             dtype: f.dtype,
             priority: f.priority,
             modalities,
-            blocks: f.blocks.clone(),
+            blocks,
             ack: f.ack,
             id,
             producer: Arc::clone(&self.out),

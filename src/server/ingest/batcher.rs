@@ -1,7 +1,8 @@
 //! The dynamic batcher (docs/DESIGN.md section 4): complete samples wait per class; a batch
 //! goes to the engine when `max_batch` samples wait or `max_batch_delay` after the oldest
-//! (critical first), is assembled row by row in each modality's wire dtype, and its completion
-//! is fanned out by a task of its own ([`fan_out`]).
+//! (critical first), is assembled in each modality's wire dtype (a run of rows of one `samples`
+//! frame with one copy, [`Waiting`]), and its completion is fanned out by a task of its own
+//! ([`fan_out`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -12,18 +13,21 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 
 use super::aligner::Sample;
+use super::waiting::{FrameRows, Waiting};
 use crate::batch::Batch;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::server::fanout::deliver::{fan_out, Meta};
 use crate::server::shared::Shared;
-use crate::tensor::{bytes_to_f32, DType, HostMat};
+use crate::tensor::{DType, HostMat};
 
 /// Samples waiting for a batch, per class, and the batches in flight.
 #[derive(Default)]
 pub(crate) struct Batcher {
     /// Each with when it was queued (the start of its latency on the status page).
-    pending: [VecDeque<(Instant, Sample)>; 3],
+    pending: [VecDeque<(Instant, Waiting)>; 3],
+    /// Samples waiting per class (a frame's rows count each).
+    waiting: [usize; 3],
     /// When the oldest waiting sample was queued (None: nothing waits).
     oldest: Option<Instant>,
     inflight: JoinSet<()>,
@@ -32,8 +36,19 @@ pub(crate) struct Batcher {
 impl Batcher {
     /// Queues a complete sample.
     pub fn enqueue(&mut self, s: Sample, now: Instant) {
+        self.push(Waiting::One(s), now);
+    }
+
+    /// Queues the whole samples of a `samples` frame, kept together.
+    pub fn enqueue_rows(&mut self, r: FrameRows, now: Instant) {
+        self.push(Waiting::Rows(r), now);
+    }
+
+    fn push(&mut self, w: Waiting, now: Instant) {
         self.oldest.get_or_insert(now);
-        self.pending[s.priority as usize].push_back((now, s));
+        let c = w.priority() as usize;
+        self.waiting[c] += w.len();
+        self.pending[c].push_back((now, w));
     }
 
     /// When the oldest waiting sample is due (`max_batch_delay` after it was queued).
@@ -57,23 +72,31 @@ impl Batcher {
     pub fn flush(&mut self, shared: &Arc<Shared>, now: Instant, all: bool) {
         let max = shared.cfg.max_batch;
         loop {
-            let total: usize = self.pending.iter().map(|q| q.len()).sum();
+            let total: usize = self.waiting.iter().sum();
             let due = self
                 .oldest
                 .is_some_and(|t| now >= t + shared.cfg.max_batch_delay);
             if total == 0 || !(total >= max || due || all) {
                 break;
             }
-            let mut take = Vec::with_capacity(total.min(max));
-            for q in self.pending.iter_mut() {
-                while take.len() < max {
-                    match q.pop_front() {
-                        Some(s) => take.push(s),
-                        None => break,
+            let mut take = Vec::new();
+            let mut n = 0;
+            for (q, count) in self.pending.iter_mut().zip(&mut self.waiting) {
+                while n < max {
+                    let Some((t, mut w)) = q.pop_front() else {
+                        break;
+                    };
+                    // A frame's run longer than the room left is split: the rest waits in front.
+                    if let Some(front) = w.split_front(max - n) {
+                        q.push_front((t, w));
+                        w = front;
                     }
+                    n += w.len();
+                    *count -= w.len();
+                    take.push((t, w));
                 }
             }
-            self.submit(shared, take);
+            self.submit(shared, take, n);
             self.oldest = if self.pending.iter().all(|q| q.is_empty()) {
                 None
             } else {
@@ -82,67 +105,31 @@ impl Batcher {
         }
     }
 
-    /// Builds the batch (each modality in its wire dtype when all rows agree, else f32) and hands
-    /// it to the engine.
-    fn submit(&mut self, shared: &Arc<Shared>, samples: Vec<(Instant, Sample)>) {
-        let (queued, samples): (Vec<Instant>, Vec<Sample>) = samples.into_iter().unzip();
+    /// Builds the batch of `rows` samples (each modality in its wire dtype when all rows agree,
+    /// else f32) and hands it to the engine.
+    fn submit(&mut self, shared: &Arc<Shared>, mut take: Vec<(Instant, Waiting)>, rows: usize) {
         let head = &shared.head;
-        let (rows, m) = (samples.len(), head.num_modalities());
-        let mut inputs = Vec::with_capacity(m);
-        for (i, md) in head.modalities.iter().enumerate() {
-            let mut dt = None;
-            let mut mixed = false;
-            for p in samples.iter().filter_map(|s| s.parts[i].as_ref()) {
-                mixed |= dt.is_some_and(|d| d != p.dtype);
-                dt = Some(p.dtype);
-            }
-            let dtype = if mixed {
-                DType::F32
-            } else {
-                dt.unwrap_or(DType::F32)
-            };
-            let row_bytes = md.width * dtype.size();
-            // Appended row by row (no zero-fill of the whole matrix first): absent rows are zeros,
-            // a row in another dtype is widened to f32. Payload lengths were checked at ingest; a
-            // row of any other length would be zeros, never a shifted matrix.
-            let mut bytes = Vec::with_capacity(rows * row_bytes);
-            let mut tmp = Vec::new();
-            for s in &samples {
-                let end = bytes.len() + row_bytes;
-                match &s.parts[i] {
-                    Some(p) if p.dtype == dtype && p.payload.len() == row_bytes => {
-                        bytes.extend_from_slice(&p.payload);
-                    }
-                    Some(p) if p.dtype != dtype && p.payload.len() == md.width * p.dtype.size() => {
-                        tmp.clear();
-                        tmp.resize(md.width, 0f32);
-                        bytes_to_f32(p.dtype, &p.payload, &mut tmp);
-                        bytes.extend_from_slice(bytemuck::cast_slice(&tmp));
-                    }
-                    _ => {}
-                }
-                bytes.resize(end, 0);
-            }
-            inputs.push(HostMat {
-                dtype,
-                rows,
-                cols: md.width,
-                bytes,
-            });
+        let m = head.num_modalities();
+        // A batch that is exactly one frame takes its copied blocks as they are.
+        let whole = match take.as_mut_slice() {
+            [(_, w)] => w.whole_inputs(head),
+            _ => None,
+        };
+        let inputs = whole.unwrap_or_else(|| assemble(shared, &take, rows));
+        let mut mask = shared.engine.batch_buffer(rows * m);
+        let mut queued = Vec::with_capacity(rows);
+        let mut classes = Vec::with_capacity(rows);
+        let mut priority = Priority::Bulk;
+        for (t, w) in &take {
+            w.append_mask(m, &mut mask);
+            queued.extend(std::iter::repeat_n(*t, w.len()));
+            classes.extend(std::iter::repeat_n(w.priority() as usize, w.len()));
+            priority = priority.min(w.priority());
         }
-        let mask: Vec<u8> = samples.iter().flat_map(|s| s.mask()).collect();
-        let priority = samples.iter().map(|s| s.priority).min().unwrap_or_default();
-        let classes: Vec<usize> = samples.iter().map(|s| s.priority as usize).collect();
-        let metas: Vec<Meta> = samples
-            .into_iter()
-            .map(|s| Meta {
-                mask: s.mask(),
-                stream: s.stream,
-                key: s.key,
-                priority: s.priority,
-                producers: s.producers,
-            })
-            .collect();
+        let mut metas: Vec<Meta> = Vec::with_capacity(rows);
+        for (_, w) in take {
+            w.into_metas(m, &mut metas);
+        }
         shared.m.samples.increment(rows as u64);
         shared.m.batch_size.record(rows as f64);
         match dispatch(shared, Batch { rows, inputs, mask }, priority, &metas) {
@@ -160,6 +147,40 @@ impl Batcher {
             Err(e) => fan_out(shared, metas, Err(e)),
         }
     }
+}
+
+/// Copies the batch's matrices out of its entries (each modality in its wire dtype when all
+/// rows agree, else f32), into buffers from the engine's pool.
+fn assemble(shared: &Shared, take: &[(Instant, Waiting)], rows: usize) -> Vec<HostMat> {
+    let head = &shared.head;
+    let mut inputs = Vec::with_capacity(head.num_modalities());
+    let mut tmp = Vec::new();
+    for (i, md) in head.modalities.iter().enumerate() {
+        let mut dt = None;
+        let mut mixed = false;
+        for d in take.iter().filter_map(|(_, w)| w.dtype_of(i)) {
+            mixed |= dt.is_some_and(|x| x != d);
+            dt = Some(d);
+        }
+        let dtype = if mixed {
+            DType::F32
+        } else {
+            dt.unwrap_or(DType::F32)
+        };
+        // Appended entry by entry (no zero-fill of the whole matrix first): absent rows are
+        // zeros, rows in another dtype are widened to f32.
+        let mut bytes = shared.engine.batch_buffer(rows * md.width * dtype.size());
+        for (_, w) in take {
+            w.append_modality(i, md.width, dtype, &mut bytes, &mut tmp);
+        }
+        inputs.push(HostMat {
+            dtype,
+            rows,
+            cols: md.width,
+            bytes,
+        });
+    }
+    inputs
 }
 
 /// A batch's result to come, from the local engine or from NATS.

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::aligner::{Aligner, Offer, Part, Sample};
+use super::aligner::{Aligner, Offer, Sample};
 use super::batcher::Batcher;
 use super::queue::{Ingest, IngestMsg, IngestSamples};
+use super::waiting::FrameRows;
 use crate::engine::Priority;
 use crate::protocol::notices::{self, About};
 use crate::protocol::Code;
@@ -131,49 +132,26 @@ impl Pipeline {
         }
     }
 
-    /// The samples of a `samples` frame, complete on arrival: each becomes a [`Sample`] whose
-    /// parts share the frame's buffer, queued for the batcher like a sample the aligner
-    /// completed.
-    fn whole_samples(&mut self, s: IngestSamples, now: Instant) {
-        let head = &self.shared.head;
-        let m = head.num_modalities();
-        let widths: Vec<usize> = s
-            .modalities
-            .iter()
-            .map(|&mi| head.modalities.get(mi).map_or(0, |md| md.width) * s.dtype.size())
-            .collect();
+    /// The samples of a `samples` frame, complete on arrival: queued for the batcher together,
+    /// sharing the frame's buffer ([`FrameRows`]).
+    fn whole_samples(&mut self, mut s: IngestSamples, now: Instant) {
         let n = s.keys.len();
-        for (i, key) in s.keys.iter().enumerate() {
-            let mut parts = vec![None; m];
-            for ((&mi, block), &row) in s.modalities.iter().zip(&s.blocks).zip(&widths) {
-                if let Some(slot) = parts.get_mut(mi) {
-                    *slot = Some(Part {
-                        dtype: s.dtype,
-                        payload: block.slice(i * row..(i + 1) * row),
-                    });
-                }
-            }
-            let sample = Sample {
-                stream: Arc::clone(&s.stream),
-                key: key.clone(),
-                priority: s.priority,
-                parts,
-                present: s.modalities.len(),
-                producers: vec![Arc::clone(&s.producer)],
-            };
-            self.batcher.enqueue(sample, now);
+        let (ack, id) = (s.ack, s.id.take());
+        let (stream, producer) = (Arc::clone(&s.stream), Arc::clone(&s.producer));
+        if let Some(rows) = FrameRows::of(s, &self.shared.head) {
+            self.batcher.enqueue_rows(rows, now);
         }
-        if s.ack {
+        if ack {
             let a = About {
-                id: s.id.as_ref(),
-                stream: Some(&s.stream),
+                id: id.as_ref(),
+                stream: Some(&stream),
                 key: None,
                 modality: None,
             };
-            s.producer.push_control(notices::ack_samples(&a, n));
+            producer.push_control(notices::ack_samples(&a, n));
         }
         // After the reply is queued: the reader reserved CONTROL room for it.
-        s.producer.end_request();
+        producer.end_request();
     }
 
     fn offer(&mut self, ing: Ingest, now: Instant) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::engine::Priority;
+use crate::engine::{PooledBlocks, Priority};
 use crate::server::fanout::outbound::Outbound;
 use crate::tensor::DType;
 
@@ -39,8 +39,9 @@ pub(crate) struct IngestSamples {
     pub priority: Priority,
     /// Head index of each modality in the frame, frame order.
     pub modalities: Vec<usize>,
-    /// One `[N, width]` block per listed modality (all finite, exact lengths).
-    pub blocks: Vec<Bytes>,
+    /// One `[N, width]` block per listed modality (all finite, exact lengths), copied out of
+    /// the frame into pooled buffers.
+    pub blocks: PooledBlocks,
     pub ack: bool,
     pub id: Option<serde_json::Value>,
     pub producer: Arc<Outbound>,
