@@ -44,7 +44,7 @@ for spec in $DEVICES; do
     sleep 0.2
   done
   if [ "$up" != 1 ]; then
-    echo "$spec: the server did not start: $(grep -v '^\s*$' "$WORK/$tag.serve.log" | tail -2 | tr '\n' ' ')"
+    echo "$spec: the server did not start: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/$tag.serve.log" | grep -v '^\s*$' | tail -1)"
     echo "{\"spec\": \"$spec\", \"error\": \"server did not start\"}" >"$WORK/$tag.json"
     kill "$SP" 2>/dev/null; wait "$SP" 2>/dev/null
     continue
