@@ -78,5 +78,27 @@ fn bench_validate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_head, bench_validate);
+/// The ingest path's copy + NaN/Inf scan of one `samples` frame block (docs/DESIGN.md section
+/// 4.1): 256 rows of the embedded head's vision width, f32 and f16, into a reused buffer.
+fn bench_copy_finite(c: &mut Criterion) {
+    let mut g = c.benchmark_group("copy_finite");
+    for dtype in [DType::F32, DType::F16] {
+        let n = 256 * 1024;
+        let src: Vec<u8> = (0..n * dtype.size()).map(|i| (i % 61) as u8).collect();
+        let mut dst = Vec::with_capacity(src.len());
+        g.throughput(Throughput::Bytes(src.len() as u64));
+        g.bench_with_input(BenchmarkId::new(dtype.to_string(), n), &n, |b, _| {
+            b.iter(|| {
+                dst.clear();
+                fusion_engine::tensor::copy_finite(dtype, &src, &mut dst)
+            })
+        });
+        g.bench_with_input(BenchmarkId::new(format!("scan-{dtype}"), n), &n, |b, _| {
+            b.iter(|| fusion_engine::tensor::find_non_finite_bytes(dtype, &src))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_head, bench_validate, bench_copy_finite);
 criterion_main!(benches);
