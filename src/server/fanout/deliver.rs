@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use super::outbound::Outbound;
+use super::registry::Registry;
+use super::replay::Replay;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::protocol::{notices, Code, ResultView};
@@ -36,10 +38,33 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
         }
     };
     let (d, m) = (shared.head.dim, shared.head.num_modalities());
+    let (fused, weights) = (&res.outputs.fused[..], &res.outputs.weights[..]);
+    deliver_results(
+        &shared.replay,
+        &shared.registry,
+        &metas,
+        fused,
+        weights,
+        (d, m),
+    );
+    // Every result was encoded into its own message: the buffers go back to the engine.
+    shared.engine.recycle(res.outputs);
+}
+
+/// Fans a batch's results out: `fused` `[B, D]` and `weights` `[B, M]` (`dims` = (D, M)) in
+/// the order of `metas`. A row missing from the outputs is skipped.
+pub(crate) fn deliver_results(
+    replay: &Replay,
+    registry: &Registry,
+    metas: &[Meta],
+    fused: &[f32],
+    weights: &[f32],
+    (d, m): (usize, usize),
+) {
     for (i, meta) in metas.iter().enumerate() {
         let (Some(fused), Some(weights)) = (
-            res.outputs.fused.get(i * d..(i + 1) * d),
-            res.outputs.weights.get(i * m..(i + 1) * m),
+            fused.get(i * d..(i + 1) * d),
+            weights.get(i * m..(i + 1) * m),
         ) else {
             continue;
         };
@@ -54,10 +79,8 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
             replayed: false,
         };
         // Stream seq, replay buffer, then every subscriber (replay.rs).
-        shared.replay.deliver(&shared.registry, &meta.stream, &view);
+        replay.deliver(registry, &meta.stream, &view);
     }
-    // Every result was encoded into its own message: the buffers go back to the engine.
-    shared.engine.recycle(res.outputs);
 }
 
 /// One message per (producer, stream, shed or not) about many samples, so that a burst of

@@ -7,7 +7,9 @@
 //! - [`registry`]: which connections subscribe to which stream; device notices.
 //! - [`outbound`]: a connection's per-class bounded send queues, drops, resume, conflation.
 //! - [`writer`]: the one task per connection that writes its queues to the socket.
+//! - [`bench`]: a fixed fan-out for benches/fanout.rs and tests/fanout_alloc.rs.
 
+pub(crate) mod bench;
 pub(crate) mod deliver;
 pub(crate) mod outbound;
 pub(crate) mod registry;

@@ -53,7 +53,7 @@ pub(crate) async fn write_loop<S>(
 }
 
 /// A burst ends after this many messages ...
-const BURST_MESSAGES: usize = 64;
+pub(crate) const BURST_MESSAGES: usize = 64;
 /// ... or this many bytes (under the WebSocket write buffer, so a burst's frames are written by
 /// its flush, one or a few syscalls, not one per message).
 pub(crate) const BURST_BYTES: usize = 96 << 10;
@@ -80,6 +80,7 @@ where
         m,
         last_seq: 0,
         slow_run: 0,
+        framer: Framer::default(),
         next_heartbeat: Instant::now() + cfg.heartbeat,
     };
     loop {
@@ -98,6 +99,48 @@ where
     }
 }
 
+/// Turns a burst's queued items into the WebSocket messages to feed: a message per item, or,
+/// with `batch_results` (PROTOCOL 4.5), a `results` frame per run of binary results.
+#[derive(Debug, Default)]
+pub(crate) struct Framer {
+    /// `results` frames of this protocol version (binary sessions with `batch_results`).
+    batch: Option<u8>,
+    records: Option<Vec<u8>>,
+}
+
+impl Framer {
+    /// Starts a burst with `out`'s settings now.
+    pub fn begin(&mut self, out: &Outbound) {
+        self.batch = match (out.batch_results(), out.encoding()) {
+            (true, Encoding::Binary(v)) => Some(v),
+            _ => None,
+        };
+        self.records = None;
+    }
+
+    /// What to feed for `it`, in order: the `results` frame it ends, then `it` alone; either
+    /// may be absent (a binary result joins the frame being built).
+    pub fn push(&mut self, it: Item) -> [Option<Message>; 2] {
+        if let (Some(v), Message::Binary(bin)) = (self.batch, &it.msg) {
+            if it.class != CONTROL {
+                let frame = self
+                    .records
+                    .get_or_insert_with(|| protocol::results_frame_start(v, BURST_BYTES + 4096));
+                if protocol::results_frame_push(frame, bin) {
+                    return [None, None];
+                }
+                // Not framable (over 4 GiB): alone, after what precedes it.
+            }
+        }
+        [self.finish(), Some(it.msg)]
+    }
+
+    /// The `results` frame being built, if any: the end of a burst.
+    pub fn finish(&mut self) -> Option<Message> {
+        self.records.take().map(Message::binary)
+    }
+}
+
 /// One connection's writer between bursts.
 struct Writer<'a> {
     out: &'a Outbound,
@@ -107,6 +150,7 @@ struct Writer<'a> {
     last_seq: u64,
     /// Bursts in a row slower than `slow_send`.
     slow_run: u32,
+    framer: Framer,
     next_heartbeat: Instant,
 }
 
@@ -187,9 +231,9 @@ impl Writer<'_> {
 
     /// Feeds the burst into the sink and flushes it. With `batch_results`, the burst's binary
     /// results go out as `results` frames (PROTOCOL 4.5): the same records in the same order, a
-    /// frame per run of them between other messages.
+    /// frame per run of them between other messages ([`Framer`]).
     async fn feed<S>(
-        &self,
+        &mut self,
         sink: &mut S,
         first: Item,
         b: &mut Burst,
@@ -199,36 +243,15 @@ impl Writer<'_> {
         S: Sink<Message, Error = WsError> + Unpin,
     {
         let out = self.out;
-        let batch = match (out.batch_results(), out.encoding()) {
-            (true, Encoding::Binary(v)) => Some(v),
-            _ => None,
-        };
-        let mut records: Option<Vec<u8>> = None;
+        self.framer.begin(out);
         let mut item = Some(first);
         while let Some(it) = item.take() {
             b.bytes += it.msg.len();
             b.n += 1;
             b.sent[it.class] += 1;
             b.seq = b.seq.max(it.seq);
-            match (batch, &it.msg) {
-                (Some(v), Message::Binary(bin)) if it.class != CONTROL => {
-                    let frame = records.get_or_insert_with(|| {
-                        protocol::results_frame_start(v, BURST_BYTES + 4096)
-                    });
-                    if !protocol::results_frame_push(frame, bin) {
-                        // Not framable (over 4 GiB): alone, after what precedes it.
-                        if let Some(frame) = records.take() {
-                            sink.feed(Message::binary(frame)).await?;
-                        }
-                        sink.feed(it.msg).await?;
-                    }
-                }
-                _ => {
-                    if let Some(frame) = records.take() {
-                        sink.feed(Message::binary(frame)).await?;
-                    }
-                    sink.feed(it.msg).await?;
-                }
+            for m in self.framer.push(it).into_iter().flatten() {
+                sink.feed(m).await?;
             }
             if b.n >= BURST_MESSAGES || b.bytes >= BURST_BYTES {
                 break;
@@ -238,8 +261,8 @@ impl Writer<'_> {
                 other => *then = Some(other),
             }
         }
-        if let Some(frame) = records.take() {
-            sink.feed(Message::binary(frame)).await?;
+        if let Some(frame) = self.framer.finish() {
+            sink.feed(frame).await?;
         }
         sink.flush().await
     }
