@@ -4,7 +4,8 @@
 //!
 //! `FANOUT_ROUNDS=N` runs N rounds of each case without criterion (for `valgrind
 //! --tool=callgrind`, whose instruction counts do not depend on what else the host runs) and
-//! prints the heap allocations per result of each case (a counting global allocator).
+//! prints the heap allocations per result of each case (a counting global allocator);
+//! `FANOUT_CASE=v2:4` (name:subscribers) runs that case alone.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,10 +67,14 @@ fn fan_out(c: &mut Criterion) {
     g.finish();
 }
 
-/// `rounds` rounds of every case after a warm-up round each; prints allocations per result.
-fn fixed_rounds(rounds: u64) {
+/// `rounds` rounds of every case (or of the one named `only`, e.g. `v2:4`) after two warm-up
+/// rounds each; prints allocations per result.
+fn fixed_rounds(rounds: u64, only: Option<&str>) {
     for (name, how) in CASES {
         for subs in [1usize, 4] {
+            if only.is_some_and(|o| o != format!("{name}:{subs}")) {
+                continue;
+            }
             let mut b = FanoutBench::new(subs, RESULTS, how);
             for _ in 0..2 {
                 b.deliver();
@@ -95,7 +100,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        fixed_rounds(n);
+        fixed_rounds(n, std::env::var("FANOUT_CASE").ok().as_deref());
         return;
     }
     let mut c = Criterion::default().configure_from_args();

@@ -1,8 +1,9 @@
 //! Fan-out: from a finished batch to every subscriber's socket, in flow order:
 //!
-//! - [`deliver`]: each result gets its stream seq and goes to the replay buffer and every
-//!   subscriber; errors go to the producers.
-//! - [`stored`]: a result as kept for replay and queued for a subscriber.
+//! - [`deliver`]: a batch's results of each stream, as one unit, get their stream seqs and go to
+//!   the replay buffer and every subscriber (docs/DESIGN.md section 5.7); errors go to the
+//!   producers.
+//! - [`stored`]: a result encoded once, shared by the replay buffer and every queue.
 //! - [`replay`]: per-stream seqs and the bounded replay buffer (PROTOCOL 7.4).
 //! - [`registry`]: which connections subscribe to which stream; device notices.
 //! - [`outbound`]: a connection's per-class bounded send queues, drops, resume, conflation.
@@ -16,3 +17,6 @@ pub(crate) mod registry;
 pub(crate) mod replay;
 pub(crate) mod stored;
 pub(crate) mod writer;
+
+#[cfg(test)]
+mod tests;

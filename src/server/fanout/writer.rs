@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_util::{Sink, SinkExt};
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::outbound::{Encoding, Item, Next, Outbound, CONTROL};
+use super::outbound::{Body, Encoding, Item, Next, Outbound, CONTROL};
 use crate::protocol::{self, notices};
 use crate::server::metrics::ServerMetrics;
 
@@ -100,12 +101,19 @@ where
 }
 
 /// Turns a burst's queued items into the WebSocket messages to feed: a message per item, or,
-/// with `batch_results` (PROTOCOL 4.5), a `results` frame per run of binary results.
+/// with `batch_results` (PROTOCOL 4.5), a `results` frame per run of binary results. A shared
+/// result ([`Body::Shared`], encoded once for every subscriber) is copied once, into the
+/// message or frame that carries it, with this connection's seq written in (docs/DESIGN.md
+/// section 5.3); the buffers are reused from burst to burst (tungstenite copies a message into
+/// its write buffer when fed and drops it, so the next reservation reclaims the space).
 #[derive(Debug, Default)]
 pub(crate) struct Framer {
     /// `results` frames of this protocol version (binary sessions with `batch_results`).
     batch: Option<u8>,
-    records: Option<Vec<u8>>,
+    /// The `results` frame being built (empty: none).
+    records: BytesMut,
+    /// Where results sent alone get their seq.
+    alone: BytesMut,
 }
 
 impl Framer {
@@ -115,29 +123,50 @@ impl Framer {
             (true, Encoding::Binary(v)) => Some(v),
             _ => None,
         };
-        self.records = None;
+        self.records.clear();
     }
 
     /// What to feed for `it`, in order: the `results` frame it ends, then `it` alone; either
     /// may be absent (a binary result joins the frame being built).
     pub fn push(&mut self, it: Item) -> [Option<Message>; 2] {
-        if let (Some(v), Message::Binary(bin)) = (self.batch, &it.msg) {
-            if it.class != CONTROL {
-                let frame = self
-                    .records
-                    .get_or_insert_with(|| protocol::results_frame_start(v, BURST_BYTES + 4096));
-                if protocol::results_frame_push(frame, bin) {
-                    return [None, None];
-                }
-                // Not framable (over 4 GiB): alone, after what precedes it.
+        let (record, replayed) = match (&it.msg, it.class) {
+            (_, CONTROL) => (None, false),
+            (Body::Shared { frame, replayed }, _) => (Some(&frame[..]), *replayed),
+            (Body::Message(Message::Binary(b)), _) => (Some(&b[..]), false),
+            (Body::Message(_), _) => (None, false),
+        };
+        if let (Some(v), Some(rec)) = (self.batch, record) {
+            if self.records.is_empty() {
+                self.records.reserve(BURST_BYTES + 4096);
+                protocol::results_frame_begin(&mut self.records, v);
             }
+            let at = self.records.len() + 4;
+            if protocol::results_frame_push(&mut self.records, rec) {
+                if let (Some(r), Body::Shared { .. }) = (self.records.get_mut(at..), &it.msg) {
+                    protocol::patch_result(r, it.seq, replayed);
+                }
+                return [None, None];
+            }
+            // Not framable (over 4 GiB): alone, after what precedes it.
         }
-        [self.finish(), Some(it.msg)]
+        let msg = match it.msg {
+            Body::Message(m) => m,
+            Body::Shared { frame, replayed } => {
+                self.alone.reserve(frame.len());
+                self.alone.extend_from_slice(&frame);
+                protocol::patch_result(&mut self.alone, it.seq, replayed);
+                Message::Binary(self.alone.split().freeze())
+            }
+        };
+        [self.finish(), Some(msg)]
     }
 
     /// The `results` frame being built, if any: the end of a burst.
     pub fn finish(&mut self) -> Option<Message> {
-        self.records.take().map(Message::binary)
+        if self.records.is_empty() {
+            return None;
+        }
+        Some(Message::Binary(self.records.split().freeze()))
     }
 }
 
