@@ -71,15 +71,23 @@ fn allocs_per_result(subs: usize, how: BenchResults, results: usize, rounds: u64
 /// Nothing per subscriber: queues hold references and the writers reuse their buffers.
 const BINARY_BOUND: f64 = 2.1;
 
+/// Version 1 sessions take an encoding of their own (no stream seq), made once per result for
+/// all of them, two allocations more; the version 2 one is still made for the replay buffer.
+const V1_BOUND: f64 = 4.1;
+
 #[test]
-fn steady_state_fan_out_allocates_at_most_two_per_result_whatever_the_subscribers() {
+fn steady_state_fan_out_allocates_two_per_result_whatever_the_subscribers() {
     // 200 results: under 70% of the 300-slot IMPORTANT queue, so no backpressure notice (a
     // JSON message each, on and off per batch per subscriber) is counted here.
     for how in [BenchResults::V2, BenchResults::V2Frames, BenchResults::V1] {
+        let bound = match how {
+            BenchResults::V1 => V1_BOUND,
+            _ => BINARY_BOUND,
+        };
         for subs in [1, 4] {
             let per = allocs_per_result(subs, how, 200, 8);
             assert!(
-                per <= BINARY_BOUND,
+                per <= bound,
                 "{how:?} with {subs} subscribers: {per} allocations per result"
             );
         }

@@ -36,12 +36,6 @@ impl Body {
     }
 }
 
-impl From<Message> for Body {
-    fn from(m: Message) -> Body {
-        Body::Message(m)
-    }
-}
-
 /// For logs and tests: a message as tungstenite shows it; a shared result as its length.
 impl fmt::Display for Body {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
