@@ -186,7 +186,7 @@ impl Replay {
     }
 
     /// Fans out `results`, one batch's results of `stream` in batch order, as one unit
-    /// (docs/DESIGN.md section 5): under one acquisition of the lock, they get the stream's next
+    /// (docs/DESIGN.md section 5.7): under one acquisition of the lock, they get the stream's next
     /// stream seqs (a range), each is encoded once per encoding its subscribers take (version 2
     /// binary also for the replay buffer, which keeps CRITICAL and IMPORTANT ones), and each
     /// subscriber's queues take them under one acquisition of its lock, holding references to

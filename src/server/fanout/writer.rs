@@ -161,6 +161,12 @@ impl Framer {
         [self.finish(), Some(msg)]
     }
 
+    /// Frees the buffers (the writer is idle).
+    pub fn release(&mut self) {
+        self.records = BytesMut::new();
+        self.alone = BytesMut::new();
+    }
+
     /// The `results` frame being built, if any: the end of a burst.
     pub fn finish(&mut self) -> Option<Message> {
         if self.records.is_empty() {
@@ -298,6 +304,8 @@ impl Writer<'_> {
 
     /// Nothing to send: a heartbeat when one is due, else wait for a message or a deadline.
     async fn idle(&mut self, due: Option<Instant>) {
+        // An idle connection holds no frame buffer (up to 100 KiB each); a busy one reuses it.
+        self.framer.release();
         let now = Instant::now();
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.cfg.heartbeat;
