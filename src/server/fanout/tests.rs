@@ -181,3 +181,59 @@ fn a_resume_replays_the_shared_encodings_in_every_result_encoding() {
         assert_eq!(seqs, want);
     }
 }
+
+#[test]
+fn a_batch_of_several_streams_goes_out_per_stream_in_batch_order() {
+    use super::deliver::{deliver_results, Meta};
+    let cfg = ServerConfig::default();
+    let m = Arc::new(ServerMetrics::new());
+    let (replay, reg) = (Replay::new(&cfg, Arc::clone(&m)), Registry::default());
+    // Stream `a` is named so that it sorts after stream `b`: the grouping is by name.
+    let (a, b): (Arc<str>, Arc<str>) = (Arc::from("b-stream"), Arc::from("a-stream"));
+    let both = outbound(&cfg, &m, false, VERSION_2);
+    reg.subscribe(&a, &both);
+    reg.subscribe(&b, &both);
+    let meta = |s: &Arc<str>, k: &str| Meta {
+        stream: Arc::clone(s),
+        key: k.to_string(),
+        priority: Priority::Important,
+        mask: vec![1],
+        producers: Vec::new(),
+    };
+    let metas = [
+        meta(&a, "a0"),
+        meta(&b, "b0"),
+        meta(&a, "a1"),
+        meta(&b, "b1"),
+        meta(&a, "a2"),
+    ];
+    // D = 1, M = 1; the last row has no outputs and is skipped.
+    let fused = [0.0, 1.0, 2.0, 3.0];
+    let weights = [1.0; 4];
+    deliver_results(&replay, &reg, &metas, &fused, &weights, (1, 1));
+    let (got, _) = drain(&both);
+    let seen: Vec<(u64, &str, u64, f32)> = got
+        .iter()
+        .map(|r| (r.seq, r.key.as_str(), r.stream_seq, r.fused[0]))
+        .collect();
+    // Grouped by stream (in name order), each stream's results in batch order with its own
+    // stream seqs; every result once.
+    assert_eq!(
+        seen,
+        vec![
+            (1, "b0", 1, 1.0),
+            (2, "b1", 2, 3.0),
+            (3, "a0", 1, 0.0),
+            (4, "a1", 2, 2.0),
+        ]
+    );
+    let streams: Vec<(String, u64)> = replay
+        .streams()
+        .iter()
+        .map(|(s, last, _)| (s.to_string(), *last))
+        .collect();
+    assert_eq!(
+        streams,
+        vec![("a-stream".to_string(), 2), ("b-stream".to_string(), 2)]
+    );
+}
