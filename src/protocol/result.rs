@@ -70,10 +70,35 @@ pub fn encode_result(r: &ResultView<'_>, version: u8) -> Vec<u8> {
 /// A copy of an encoded binary result with `seq` written in.
 pub fn with_seq(encoded: &[u8], seq: u64) -> Bytes {
     let mut v = encoded.to_vec();
-    if v.len() >= SEQ_OFFSET + 8 {
-        v[SEQ_OFFSET..SEQ_OFFSET + 8].copy_from_slice(&seq.to_le_bytes());
-    }
+    patch_result(&mut v, seq, false);
     Bytes::from(v)
+}
+
+/// Writes `seq` into an encoded binary result (4.2) and, in version 2 when `replayed`, the
+/// replayed flag (bit 0 of byte 5); a buffer too short to be a result is left as it is. The
+/// server encodes a result once for every subscriber and writes each one's seq into the copy
+/// it sends (docs/DESIGN.md section 5.3).
+pub fn patch_result(encoded: &mut [u8], seq: u64, replayed: bool) {
+    if let Some(s) = encoded.get_mut(SEQ_OFFSET..SEQ_OFFSET + 8) {
+        s.copy_from_slice(&seq.to_le_bytes());
+    }
+    if replayed && encoded.len() >= RESULT_HEADER_V2 && encoded[2] == VERSION_2 {
+        encoded[5] |= RESULT_FLAG_REPLAYED;
+    }
+}
+
+/// The version 1 form of a version 2 binary result (4.2): the same fields without the stream
+/// seq, flags 0; `None` when `v2` is not a version 2 result.
+pub fn result_v1_of_v2(v2: &[u8]) -> Option<Vec<u8>> {
+    if v2.len() < RESULT_HEADER_V2 || v2[0..2] != MAGIC || v2[2] != VERSION_2 {
+        return None;
+    }
+    let mut v = Vec::with_capacity(v2.len() - (RESULT_HEADER_V2 - RESULT_HEADER));
+    v.extend_from_slice(&v2[..RESULT_HEADER]);
+    v[2] = VERSION;
+    v[5] = 0;
+    v.extend_from_slice(&v2[RESULT_HEADER_V2..]);
+    Some(v)
 }
 
 /// The JSON result without its `seq`: everything after `{"type":"result","seq":N,`.
@@ -195,6 +220,19 @@ mod tests {
         assert_eq!(d.seq, 42);
         assert_eq!(d.fused, vec![0.5, -1.0, 2.0]);
         assert_eq!(d.mask, vec![1, 0]);
+        // Version 1 made from version 2, and the seq and replayed flag written in.
+        let mut v1 = result_v1_of_v2(&encode_result(&r, VERSION_2)).unwrap();
+        patch_result(&mut v1, 42, true);
+        assert_eq!(v1, e.to_vec());
+        let mut v2 = encode_result(
+            &ResultView {
+                replayed: false,
+                ..r.clone()
+            },
+            VERSION_2,
+        );
+        patch_result(&mut v2, 43, true);
+        assert_eq!(v2, e2.to_vec());
         let j: serde_json::Value =
             serde_json::from_str(&json_result(&json_result_tail(&r), 9)).unwrap();
         assert_eq!(j["seq"], 9);

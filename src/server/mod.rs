@@ -49,6 +49,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 pub use config::{QueueConfig, ServerConfig};
+#[doc(hidden)]
+pub use fanout::bench::{BenchResults, FanoutBench};
 
 use self::fanout::outbound::Outbound;
 use self::fanout::registry::Registry;

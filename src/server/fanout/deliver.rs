@@ -1,13 +1,13 @@
-//! Where a batch's results leave the engine: each result gets its stream seq and goes to the
-//! replay buffer and every subscriber of its stream ([`Replay::deliver`]); a failed batch's
-//! error, and any other answer about many samples, goes to their producers grouped
-//! ([`tell_producers`]).
-//!
-//! [`Replay::deliver`]: super::replay::Replay::deliver
+//! Where a batch's results leave the engine: the results of each stream, as one unit, get
+//! their stream seqs and go to the replay buffer and every subscriber of the stream
+//! ([`Replay::deliver_stream`]); a failed batch's error, and any other answer about many
+//! samples, goes to their producers grouped ([`tell_producers`]).
 
 use std::sync::Arc;
 
 use super::outbound::Outbound;
+use super::registry::Registry;
+use super::replay::Replay;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::protocol::{notices, Code, ResultView};
@@ -36,10 +36,36 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
         }
     };
     let (d, m) = (shared.head.dim, shared.head.num_modalities());
+    let (fused, weights) = (&res.outputs.fused[..], &res.outputs.weights[..]);
+    deliver_results(
+        &shared.replay,
+        &shared.registry,
+        &metas,
+        fused,
+        weights,
+        (d, m),
+    );
+    // Every result was encoded (deliver_results copies what it keeps): the buffers go back to
+    // the engine.
+    shared.engine.recycle(res.outputs);
+}
+
+/// Fans a batch's results out: `fused` `[B, D]` and `weights` `[B, M]` (`dims` = (D, M)) in
+/// the order of `metas`; a row missing from the outputs is skipped. The results of each stream
+/// go out as one unit, in batch order ([`Replay::deliver_stream`], docs/DESIGN.md section 5).
+pub(crate) fn deliver_results(
+    replay: &Replay,
+    registry: &Registry,
+    metas: &[Meta],
+    fused: &[f32],
+    weights: &[f32],
+    (d, m): (usize, usize),
+) {
+    let mut rows: Vec<(&Arc<str>, ResultView<'_>)> = Vec::with_capacity(metas.len());
     for (i, meta) in metas.iter().enumerate() {
         let (Some(fused), Some(weights)) = (
-            res.outputs.fused.get(i * d..(i + 1) * d),
-            res.outputs.weights.get(i * m..(i + 1) * m),
+            fused.get(i * d..(i + 1) * d),
+            weights.get(i * m..(i + 1) * m),
         ) else {
             continue;
         };
@@ -53,11 +79,20 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
             stream_seq: 0,
             replayed: false,
         };
-        // Stream seq, replay buffer, then every subscriber (replay.rs).
-        shared.replay.deliver(&shared.registry, &meta.stream, &view);
+        rows.push((&meta.stream, view));
     }
-    // Every result was encoded into its own message: the buffers go back to the engine.
-    shared.engine.recycle(res.outputs);
+    // Stable: each stream's results stay in batch order (a batch of one stream, the common
+    // case, is one sorted run).
+    rows.sort_by(|a, b| a.0.cmp(b.0));
+    let mut views = Vec::with_capacity(rows.len());
+    for group in rows.chunk_by(|a, b| a.0 == b.0) {
+        let Some((stream, _)) = group.first() else {
+            continue;
+        };
+        views.clear();
+        views.extend(group.iter().map(|(_, v)| v.clone()));
+        replay.deliver_stream(registry, stream, &views);
+    }
 }
 
 /// One message per (producer, stream, shed or not) about many samples, so that a burst of

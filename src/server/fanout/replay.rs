@@ -14,12 +14,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::outbound::{Encoding, Live, Outbound};
+use super::outbound::{Body, Encoding, Live, Outbound};
 use super::registry::Registry;
-use super::stored::Entry;
+use super::stored::Stored;
 use crate::engine::Priority;
 use crate::protocol::{self, notices, ResultView};
 use crate::server::config::ServerConfig;
@@ -51,6 +52,16 @@ pub(crate) struct Subscribed {
     pub replay: usize,
 }
 
+/// One result of a batch as its stream's subscribers take it: the version 2 encoding (kept
+/// for replay when `keep`), and the version 1 one and JSON tail when a subscriber takes those.
+struct Encoded {
+    stream_seq: u64,
+    stored: Option<Stored>,
+    keep: bool,
+    v1: Option<Bytes>,
+    json: Option<String>,
+}
+
 /// Index of a replayed class (0 critical, 1 important).
 fn rc(p: Priority) -> usize {
     usize::from(p != Priority::Critical)
@@ -61,7 +72,7 @@ const RC_NAMES: [&str; 2] = ["critical", "important"];
 struct Log {
     /// The next stream seq.
     next: u64,
-    buf: VecDeque<Arc<Entry>>,
+    buf: VecDeque<Stored>,
     /// Per replayed class, the highest stream seq no longer held (evicted, or from before this
     /// log was created).
     lost: [u64; 2],
@@ -69,7 +80,7 @@ struct Log {
 }
 
 impl Log {
-    fn evict_front(&mut self) -> Option<Arc<Entry>> {
+    fn evict_front(&mut self) -> Option<Stored> {
         let e = self.buf.pop_front()?;
         let l = &mut self.lost[rc(e.priority)];
         *l = (*l).max(e.stream_seq);
@@ -92,14 +103,37 @@ struct Inner {
 
 impl Inner {
     fn log(&mut self, stream: &Arc<str>, now: Instant) -> &mut Log {
-        let floor = self.floor;
-        self.logs.entry(Arc::clone(stream)).or_insert_with(|| Log {
-            next: floor + 1,
-            buf: VecDeque::new(),
-            lost: [floor; 2],
-            active: now,
-        })
+        log_of(&mut self.logs, self.floor, stream, now)
     }
+}
+
+/// The log of `stream`, created (its seqs above `floor`) if it has none.
+fn log_of<'a>(
+    logs: &'a mut HashMap<Arc<str>, Log>,
+    floor: u64,
+    stream: &Arc<str>,
+    now: Instant,
+) -> &'a mut Log {
+    logs.entry(Arc::clone(stream)).or_insert_with(|| Log {
+        next: floor + 1,
+        buf: VecDeque::new(),
+        lost: [floor; 2],
+        active: now,
+    })
+}
+
+/// `r` with stream seq `stream_seq`, live.
+fn at<'a>(r: &ResultView<'a>, stream_seq: u64) -> ResultView<'a> {
+    ResultView {
+        stream_seq,
+        replayed: false,
+        ..r.clone()
+    }
+}
+
+/// A JSON result with its tail made once for every subscriber.
+fn json_message(tail: &str, seq: u64) -> Body {
+    Body::Message(Message::text(protocol::json_result(tail, seq)))
 }
 
 /// The replay buffers of every stream.
@@ -145,66 +179,107 @@ impl Replay {
         v
     }
 
-    /// Fans one result out: gives it the stream's next stream seq, keeps it (CRITICAL,
-    /// IMPORTANT) and try-pushes it to every subscriber of the stream.
+    /// Fans one result out (tests; the server fans out whole batches, [`Self::deliver_stream`]).
+    #[cfg(test)]
     pub fn deliver(&self, registry: &Registry, stream: &Arc<str>, r: &ResultView<'_>) {
+        self.deliver_stream(registry, stream, std::slice::from_ref(r));
+    }
+
+    /// Fans out `results`, one batch's results of `stream` in batch order, as one unit
+    /// (docs/DESIGN.md section 5.7): under one acquisition of the lock, they get the stream's next
+    /// stream seqs (a range), each is encoded once per encoding its subscribers take (version 2
+    /// binary also for the replay buffer, which keeps CRITICAL and IMPORTANT ones), and each
+    /// subscriber's queues take them under one acquisition of its lock, holding references to
+    /// the binary encodings, not copies; only JSON results are made per connection.
+    pub fn deliver_stream(
+        &self,
+        registry: &Registry,
+        stream: &Arc<str>,
+        results: &[ResultView<'_>],
+    ) {
+        if results.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let mut g = self.inner.lock();
-        let keep = r.priority != Priority::Bulk && self.messages > 0;
-        let log = g.log(stream, now);
-        let sseq = log.next;
-        log.next += 1;
+        let inner = &mut *g;
+        let log = log_of(&mut inner.logs, inner.floor, stream, now);
+        let first = log.next;
+        log.next += results.len() as u64;
         log.active = now;
-        let mut entry = None;
-        if keep {
-            let e = Arc::new(Entry {
-                stream: Arc::clone(stream),
-                key: r.key.to_string(),
-                stream_seq: sseq,
-                priority: r.priority,
-                mask: r.mask.to_vec(),
-                fused: r.fused.to_vec(),
-                weights: r.weights.to_vec(),
-            });
-            let size = e.bytes();
-            log.buf.push_back(Arc::clone(&e));
-            let over = log.buf.len() > self.messages;
-            let evicted = if over { log.evict_front() } else { None };
-            g.order.push_back((Arc::clone(stream), sseq, size, now));
-            g.bytes += size;
-            if let Some(old) = evicted {
-                // Its bytes are free now; its index slot costs STALE until it is popped.
-                g.bytes = g.bytes.saturating_sub(old.bytes().saturating_sub(STALE));
-                self.m.replay_evicted.increment(1);
+        let subs = registry.subscribers(stream);
+        let (mut v2, mut v1, mut json) = (false, false, false);
+        for o in subs.iter().flat_map(|s| s.iter()) {
+            match o.encoding() {
+                Encoding::Binary(v) if v >= protocol::VERSION_2 => v2 = true,
+                Encoding::Binary(_) => v1 = true,
+                Encoding::Json => json = true,
             }
-            entry = Some(e);
         }
-        let view = ResultView {
-            stream_seq: sseq,
-            replayed: false,
-            ..r.clone()
-        };
-        if let Some(subs) = registry.subscribers(stream) {
-            let mut bin: [Option<Vec<u8>>; 2] = [None, None];
-            let mut json: Option<String> = None;
-            let live = Live {
-                priority: r.priority,
-                stream,
-                key: r.key,
-                entry: entry.as_ref(),
-            };
-            for o in subs.iter() {
-                match o.encoding() {
-                    Encoding::Binary(v) => {
-                        let i = usize::from(v >= protocol::VERSION_2);
-                        let enc = bin[i].get_or_insert_with(|| protocol::encode_result(&view, v));
-                        o.push_result(&live, |seq| Message::Binary(protocol::with_seq(enc, seq)));
-                    }
-                    Encoding::Json => {
-                        let tail = json.get_or_insert_with(|| protocol::json_result_tail(&view));
-                        o.push_result(&live, |seq| Message::text(protocol::json_result(tail, seq)));
+        let mut enc: Vec<Encoded> = Vec::with_capacity(results.len());
+        for (r, sseq) in results.iter().zip(first..) {
+            let view = at(r, sseq);
+            let keep = r.priority != Priority::Bulk && self.messages > 0;
+            let stored = (keep || v2).then(|| Stored::new(stream, &view));
+            if let (true, Some(e)) = (keep, &stored) {
+                let size = e.bytes();
+                log.buf.push_back(e.clone());
+                inner.order.push_back((Arc::clone(stream), sseq, size, now));
+                inner.bytes += size;
+                if log.buf.len() > self.messages {
+                    if let Some(old) = log.evict_front() {
+                        // Its bytes are free now; its index slot costs STALE until it is popped.
+                        inner.bytes = inner
+                            .bytes
+                            .saturating_sub(old.bytes().saturating_sub(STALE));
+                        self.m.replay_evicted.increment(1);
                     }
                 }
+            }
+            enc.push(Encoded {
+                v1: v1.then(|| Bytes::from(protocol::encode_result(&view, protocol::VERSION))),
+                json: json.then(|| protocol::json_result_tail(&view)),
+                keep,
+                stored,
+                stream_seq: sseq,
+            });
+        }
+        for o in subs.iter().flat_map(|s| s.iter()) {
+            let encoding = o.encoding();
+            let mut queues = o.pusher();
+            for (r, e) in results.iter().zip(&enc) {
+                let live = Live {
+                    priority: r.priority,
+                    stream,
+                    key: r.key,
+                    entry: e.stored.as_ref().filter(|_| e.keep),
+                };
+                let shared = match (encoding, &e.stored, &e.v1) {
+                    (Encoding::Binary(v), Some(s), _) if v >= protocol::VERSION_2 => {
+                        s.frame.clone()
+                    }
+                    (Encoding::Binary(v), _, Some(b)) if v < protocol::VERSION_2 => b.clone(),
+                    // The encoding changed since it was read above (a second `hello`): made
+                    // for this connection alone.
+                    (Encoding::Binary(v), _, _) => {
+                        Bytes::from(protocol::encode_result(&at(r, e.stream_seq), v))
+                    }
+                    (Encoding::Json, _, _) => {
+                        match &e.json {
+                            Some(t) => queues.push(&live, |seq| json_message(t, seq)),
+                            None => {
+                                let t = protocol::json_result_tail(&at(r, e.stream_seq));
+                                queues.push(&live, |seq| json_message(&t, seq))
+                            }
+                        };
+                        continue;
+                    }
+                };
+                let body = Body::Shared {
+                    frame: shared,
+                    replayed: false,
+                };
+                queues.push(&live, |_| body);
             }
         }
         self.evict(&mut g, now);
@@ -302,7 +377,7 @@ impl Replay {
             let room = out.replay_room();
             if replay.len() > room {
                 // More than this connection may hold aside: the oldest are announced instead.
-                let cut: Vec<Arc<Entry>> = replay.drain(..replay.len() - room).collect();
+                let cut: Vec<Stored> = replay.drain(..replay.len() - room).collect();
                 for (c, a) in after.iter().enumerate() {
                     if let Some(e) = cut.iter().rev().find(|e| rc(e.priority) == c) {
                         let lost = Some(e.stream_seq);

@@ -1,44 +1,45 @@
-//! A fused result as the server keeps it after its batch: in the replay buffer (CRITICAL and
-//! IMPORTANT) and waiting in a resuming subscriber's queue. Shared (`Arc`) by both, so a
-//! result is stored once however many subscribers replay it.
+//! A fused result as the server keeps it after its batch: encoded once, as a version 2 binary
+//! result (docs/PROTOCOL.md 4.2) with seq 0, into shared memory (`Bytes`). The replay buffer
+//! (CRITICAL and IMPORTANT), every subscriber's queue that holds it, and a resuming
+//! subscriber's replay all hold references to that one encoding, never copies; each
+//! connection's writer writes its own seq into the copy it sends (docs/DESIGN.md section 5.3).
 
 use std::sync::Arc;
 
-use crate::engine::Priority;
-use crate::protocol::ResultView;
+use bytes::Bytes;
 
-/// A result kept for replay (CRITICAL and IMPORTANT only).
-#[derive(Debug)]
-pub(crate) struct Entry {
+use crate::engine::Priority;
+use crate::protocol::{self, ResultView, VERSION_2};
+
+/// What a shared `Bytes` allocation costs beyond its bytes: the `bytes` crate's shared header
+/// (buffer pointer, capacity, reference count).
+const SHARED_HEADER: usize = 3 * std::mem::size_of::<usize>();
+
+/// One encoded result (see the module doc).
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
     pub stream: Arc<str>,
-    pub key: String,
     pub stream_seq: u64,
     pub priority: Priority,
-    pub mask: Vec<u8>,
-    pub fused: Vec<f32>,
-    pub weights: Vec<f32>,
+    /// The version 2 binary result, seq 0 and flags 0.
+    pub frame: Bytes,
 }
 
-impl Entry {
-    /// The result as the codec encodes it.
-    pub fn view(&self, replayed: bool) -> ResultView<'_> {
-        ResultView {
-            stream: &self.stream,
-            key: &self.key,
-            priority: self.priority,
-            mask: &self.mask,
-            fused: &self.fused,
-            weights: &self.weights,
-            stream_seq: self.stream_seq,
-            replayed,
+impl Stored {
+    /// Encodes `r` (its `stream_seq` set) once.
+    pub fn new(stream: &Arc<str>, r: &ResultView<'_>) -> Stored {
+        Stored {
+            stream: Arc::clone(stream),
+            stream_seq: r.stream_seq,
+            priority: r.priority,
+            frame: Bytes::from(protocol::encode_result(r, VERSION_2)),
         }
     }
 
-    /// What it costs in memory, for `replay_max_bytes`.
+    /// What it costs in memory, for `replay_max_bytes` (docs/PROTOCOL.md 7.4): its slot, its
+    /// encoding and that encoding's shared header. Queues holding it add nothing: they hold the
+    /// same bytes.
     pub fn bytes(&self) -> usize {
-        std::mem::size_of::<Entry>()
-            + self.key.len()
-            + self.mask.len()
-            + 4 * (self.fused.len() + self.weights.len())
+        std::mem::size_of::<Stored>() + self.frame.len() + SHARED_HEADER
     }
 }

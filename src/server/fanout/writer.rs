@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_util::{Sink, SinkExt};
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::outbound::{Encoding, Item, Next, Outbound, CONTROL};
+use super::outbound::{Body, Encoding, Item, Next, Outbound, CONTROL};
 use crate::protocol::{self, notices};
 use crate::server::metrics::ServerMetrics;
 
@@ -53,7 +54,7 @@ pub(crate) async fn write_loop<S>(
 }
 
 /// A burst ends after this many messages ...
-const BURST_MESSAGES: usize = 64;
+pub(crate) const BURST_MESSAGES: usize = 64;
 /// ... or this many bytes (under the WebSocket write buffer, so a burst's frames are written by
 /// its flush, one or a few syscalls, not one per message).
 pub(crate) const BURST_BYTES: usize = 96 << 10;
@@ -80,6 +81,7 @@ where
         m,
         last_seq: 0,
         slow_run: 0,
+        framer: Framer::default(),
         next_heartbeat: Instant::now() + cfg.heartbeat,
     };
     loop {
@@ -98,6 +100,82 @@ where
     }
 }
 
+/// Turns a burst's queued items into the WebSocket messages to feed: a message per item, or,
+/// with `batch_results` (PROTOCOL 4.5), a `results` frame per run of binary results. A shared
+/// result ([`Body::Shared`], encoded once for every subscriber) is copied once, into the
+/// message or frame that carries it, with this connection's seq written in (docs/DESIGN.md
+/// section 5.3); the buffers are reused from burst to burst (tungstenite copies a message into
+/// its write buffer when fed and drops it, so the next reservation reclaims the space).
+#[derive(Debug, Default)]
+pub(crate) struct Framer {
+    /// `results` frames of this protocol version (binary sessions with `batch_results`).
+    batch: Option<u8>,
+    /// The `results` frame being built (empty: none).
+    records: BytesMut,
+    /// Where results sent alone get their seq.
+    alone: BytesMut,
+}
+
+impl Framer {
+    /// Starts a burst with `out`'s settings now.
+    pub fn begin(&mut self, out: &Outbound) {
+        self.batch = match (out.batch_results(), out.encoding()) {
+            (true, Encoding::Binary(v)) => Some(v),
+            _ => None,
+        };
+        self.records.clear();
+    }
+
+    /// What to feed for `it`, in order: the `results` frame it ends, then `it` alone; either
+    /// may be absent (a binary result joins the frame being built).
+    pub fn push(&mut self, it: Item) -> [Option<Message>; 2] {
+        let (record, replayed) = match (&it.msg, it.class) {
+            (_, CONTROL) => (None, false),
+            (Body::Shared { frame, replayed }, _) => (Some(&frame[..]), *replayed),
+            (Body::Message(Message::Binary(b)), _) => (Some(&b[..]), false),
+            (Body::Message(_), _) => (None, false),
+        };
+        if let (Some(v), Some(rec)) = (self.batch, record) {
+            if self.records.is_empty() {
+                self.records.reserve(BURST_BYTES + 4096);
+                protocol::results_frame_begin(&mut self.records, v);
+            }
+            let at = self.records.len() + 4;
+            if protocol::results_frame_push(&mut self.records, rec) {
+                if let (Some(r), Body::Shared { .. }) = (self.records.get_mut(at..), &it.msg) {
+                    protocol::patch_result(r, it.seq, replayed);
+                }
+                return [None, None];
+            }
+            // Not framable (over 4 GiB): alone, after what precedes it.
+        }
+        let msg = match it.msg {
+            Body::Message(m) => m,
+            Body::Shared { frame, replayed } => {
+                self.alone.reserve(frame.len());
+                self.alone.extend_from_slice(&frame);
+                protocol::patch_result(&mut self.alone, it.seq, replayed);
+                Message::Binary(self.alone.split().freeze())
+            }
+        };
+        [self.finish(), Some(msg)]
+    }
+
+    /// Frees the buffers (the writer is idle).
+    pub fn release(&mut self) {
+        self.records = BytesMut::new();
+        self.alone = BytesMut::new();
+    }
+
+    /// The `results` frame being built, if any: the end of a burst.
+    pub fn finish(&mut self) -> Option<Message> {
+        if self.records.is_empty() {
+            return None;
+        }
+        Some(Message::Binary(self.records.split().freeze()))
+    }
+}
+
 /// One connection's writer between bursts.
 struct Writer<'a> {
     out: &'a Outbound,
@@ -107,6 +185,7 @@ struct Writer<'a> {
     last_seq: u64,
     /// Bursts in a row slower than `slow_send`.
     slow_run: u32,
+    framer: Framer,
     next_heartbeat: Instant,
 }
 
@@ -187,9 +266,9 @@ impl Writer<'_> {
 
     /// Feeds the burst into the sink and flushes it. With `batch_results`, the burst's binary
     /// results go out as `results` frames (PROTOCOL 4.5): the same records in the same order, a
-    /// frame per run of them between other messages.
+    /// frame per run of them between other messages ([`Framer`]).
     async fn feed<S>(
-        &self,
+        &mut self,
         sink: &mut S,
         first: Item,
         b: &mut Burst,
@@ -199,36 +278,15 @@ impl Writer<'_> {
         S: Sink<Message, Error = WsError> + Unpin,
     {
         let out = self.out;
-        let batch = match (out.batch_results(), out.encoding()) {
-            (true, Encoding::Binary(v)) => Some(v),
-            _ => None,
-        };
-        let mut records: Option<Vec<u8>> = None;
+        self.framer.begin(out);
         let mut item = Some(first);
         while let Some(it) = item.take() {
             b.bytes += it.msg.len();
             b.n += 1;
             b.sent[it.class] += 1;
             b.seq = b.seq.max(it.seq);
-            match (batch, &it.msg) {
-                (Some(v), Message::Binary(bin)) if it.class != CONTROL => {
-                    let frame = records.get_or_insert_with(|| {
-                        protocol::results_frame_start(v, BURST_BYTES + 4096)
-                    });
-                    if !protocol::results_frame_push(frame, bin) {
-                        // Not framable (over 4 GiB): alone, after what precedes it.
-                        if let Some(frame) = records.take() {
-                            sink.feed(Message::binary(frame)).await?;
-                        }
-                        sink.feed(it.msg).await?;
-                    }
-                }
-                _ => {
-                    if let Some(frame) = records.take() {
-                        sink.feed(Message::binary(frame)).await?;
-                    }
-                    sink.feed(it.msg).await?;
-                }
+            for m in self.framer.push(it).into_iter().flatten() {
+                sink.feed(m).await?;
             }
             if b.n >= BURST_MESSAGES || b.bytes >= BURST_BYTES {
                 break;
@@ -238,14 +296,16 @@ impl Writer<'_> {
                 other => *then = Some(other),
             }
         }
-        if let Some(frame) = records.take() {
-            sink.feed(Message::binary(frame)).await?;
+        if let Some(frame) = self.framer.finish() {
+            sink.feed(frame).await?;
         }
         sink.flush().await
     }
 
     /// Nothing to send: a heartbeat when one is due, else wait for a message or a deadline.
     async fn idle(&mut self, due: Option<Instant>) {
+        // An idle connection holds no frame buffer (up to 100 KiB each); a busy one reuses it.
+        self.framer.release();
         let now = Instant::now();
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.cfg.heartbeat;

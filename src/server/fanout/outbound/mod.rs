@@ -1,9 +1,11 @@
 //! One connection's outbound side (docs/DESIGN.md section 5): a bounded queue per class (CONTROL,
 //! CRITICAL, IMPORTANT, BULK), the drop / backpressure rules, per-connection sequence numbers,
 //! drop accounting, BULK conflation, and the results waiting to be replayed after a resume
-//! (they enter the class queues as those have room, live results of the stream behind them). Producers of messages (fan-out, the pipeline, the reader) only ever
-//! *try-push* here under a short lock, so a slow peer never delays anyone else; the connection's
-//! one writer task (`writer.rs`) drains the queues in strict priority order.
+//! (they enter the class queues as those have room, live results of the stream behind them).
+//! Producers of messages (fan-out, the pipeline, the reader) only ever *try-push* here under a
+//! short lock (`push.rs`; the fan-out pushes a batch's results of a stream under one), so a
+//! slow peer never delays anyone else; the connection's one writer task (`writer.rs`) drains
+//! the queues in strict priority order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -14,14 +16,17 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::stored::Entry;
+use super::stored::Stored;
 use crate::engine::Priority;
 use crate::protocol::notices;
 use crate::server::config::QueueConfig;
 use crate::server::metrics::ServerMetrics;
 
 mod drops;
+mod push;
 mod resume;
+
+pub(crate) use push::Body;
 
 /// Queue index of CONTROL messages; data classes follow as `1 + Priority as usize`.
 pub(crate) const CONTROL: usize = 0;
@@ -41,7 +46,7 @@ const BULK: usize = 3;
 /// A queued message; `seq` is 0 for CONTROL messages.
 #[derive(Debug)]
 pub(crate) struct Item {
-    pub msg: Message,
+    pub msg: Body,
     pub seq: u64,
     pub class: usize,
     /// What a newer BULK result replaces this one by (conflated streams only).
@@ -51,7 +56,7 @@ pub(crate) struct Item {
 impl Item {
     fn control(msg: Message) -> Item {
         Item {
-            msg,
+            msg: Body::Message(msg),
             seq: 0,
             class: CONTROL,
             tag: None,
@@ -81,7 +86,7 @@ pub(crate) struct Live<'a> {
     pub priority: Priority,
     pub stream: &'a Arc<str>,
     pub key: &'a str,
-    pub entry: Option<&'a Arc<Entry>>,
+    pub entry: Option<&'a Stored>,
 }
 
 /// How results are encoded for this connection.
@@ -123,7 +128,7 @@ struct QueueState {
     total_dropped: u64,
     /// Results waiting for room in their class queue after a resume (`true`: a replay; `false`:
     /// a live result of a stream still replaying), and how many each stream has there.
-    pending: VecDeque<(Arc<Entry>, bool)>,
+    pending: VecDeque<(Stored, bool)>,
     replaying: HashMap<Arc<str>, usize>,
     conflate: HashMap<Arc<str>, Conflate>,
     last_drop_notice: Option<Instant>,
@@ -228,119 +233,6 @@ impl Outbound {
             return;
         }
         self.push_item(st, Item::control(msg));
-    }
-
-    /// Queues a result, built by `build(seq)` once a seq is assigned. Applies the docs/DESIGN.md
-    /// section 5 rules (docs/PROTOCOL.md 7.2): fill = the larger of the data queues' fill and
-    /// the fill of the result's class queue; BULK dropped above 90% fill, IMPORTANT dropped when
-    /// its queue is full, CRITICAL that does not fit closes with 1013. A BULK result of a
-    /// conflated stream first replaces a queued one of the same key (or stream); a CRITICAL or
-    /// IMPORTANT one of a stream still replaying waits behind the replay. Returns false when
-    /// the result was dropped or the connection is closing.
-    pub fn push_result(&self, r: &Live<'_>, build: impl FnOnce(u64) -> Message) -> bool {
-        let p = r.priority;
-        let c = class_of(p);
-        let mut st = self.state.lock();
-        if st.fatal.is_some() || st.stop {
-            return false;
-        }
-        let mut no_room = false;
-        let behind = st.replaying.contains_key(&**r.stream);
-        if let (Some(e), true) = (r.entry, behind) {
-            if st.pending.len() < self.pending_cap {
-                if let Some(n) = st.replaying.get_mut(&**r.stream) {
-                    *n += 1;
-                }
-                st.pending.push_back((Arc::clone(e), false));
-                self.refill(&mut st);
-                drop(st);
-                self.wake.notify_one();
-                return true;
-            }
-            // Behind a replay that does not fit: as if its queue were full.
-            no_room = true;
-        }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let tag = match p {
-            Priority::Bulk => self.conflate_bulk(&mut st, r),
-            _ => None,
-        };
-        let total = Self::data_len(&st);
-        let own = st.q[c].len();
-        let own_full = no_room || own >= self.caps[c];
-        let dropped = match p {
-            Priority::Bulk => {
-                own_full || total * 10 > self.data_cap * 9 || own * 10 > self.caps[c] * 9
-            }
-            Priority::Important => own_full,
-            Priority::Critical => {
-                if own_full {
-                    self.m.slow_consumer("critical_queue_full");
-                    st.fatal = Some((1013, "critical_queue_full"));
-                    drop(st);
-                    self.wake.notify_one();
-                    return false;
-                }
-                false
-            }
-        };
-        if dropped {
-            self.record_drop(&mut st, Some(c), seq);
-            drop(st);
-            self.wake.notify_one();
-            return false;
-        }
-        self.push_item(
-            &mut st,
-            Item {
-                msg: build(seq),
-                seq,
-                class: c,
-                tag,
-            },
-        );
-        self.check_backpressure(&mut st, c);
-        drop(st);
-        self.wake.notify_one();
-        true
-    }
-
-    /// A BULK result of a conflated stream (PROTOCOL 7.5) replaces the queued one of the same
-    /// key (or stream), which is recorded as dropped; returns the tag the new one carries.
-    fn conflate_bulk(&self, st: &mut QueueState, r: &Live<'_>) -> Option<Tag> {
-        let mode = st.conflate.get(&**r.stream).copied()?;
-        let t = Tag {
-            stream: Arc::clone(r.stream),
-            key: (mode == Conflate::Key).then(|| r.key.into()),
-        };
-        if let Some(i) = st.q[BULK]
-            .iter()
-            .rposition(|it| it.tag.as_ref() == Some(&t))
-        {
-            if let Some(old) = st.q[BULK].remove(i) {
-                self.m.queue_depth[BULK].decrement(1.0);
-                self.m.conflated.increment(1);
-                self.record_drop(st, None, old.seq);
-            }
-        }
-        Some(t)
-    }
-
-    /// BACKPRESSURE on when the fill (the larger of the data queues' fill and class `c`'s
-    /// queue fill) went above 70%.
-    fn check_backpressure(&self, st: &mut QueueState, c: usize) {
-        if st.backpressure {
-            return;
-        }
-        let total = Self::data_len(st);
-        let own = st.q[c].len();
-        if total * 10 > self.data_cap * 7 || own * 10 > self.caps[c] * 7 {
-            st.backpressure = true;
-            self.m.backpressure.increment(1);
-            let n = notices::backpressure(true, total, self.data_cap, c, own, self.caps[c]);
-            self.push_control_locked(st, n);
-        }
     }
 
     /// BACKPRESSURE off once the data queues and every class queue are at most half full.

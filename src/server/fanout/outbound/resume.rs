@@ -5,11 +5,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{class_of, Conflate, Encoding, Item, Outbound, QueueState};
-use crate::protocol::{self, VERSION, VERSION_2};
-use crate::server::fanout::stored::Entry;
+use super::{class_of, Body, Conflate, Encoding, Item, Outbound, QueueState};
+use crate::protocol::{self, ResultView, VERSION, VERSION_2};
+use crate::server::fanout::stored::Stored;
 
 impl Outbound {
     /// How results go out.
@@ -59,7 +60,7 @@ impl Outbound {
 
     /// Sets `entries` (in stream seq order) aside for replay: they enter their class queues
     /// as those have room, before any later live result of `stream`.
-    pub fn queue_replay(&self, stream: &Arc<str>, entries: Vec<Arc<Entry>>) {
+    pub fn queue_replay(&self, stream: &Arc<str>, entries: Vec<Stored>) {
         if entries.is_empty() {
             return;
         }
@@ -101,15 +102,11 @@ impl Outbound {
             }
             let seq = st.next_seq;
             st.next_seq += 1;
-            let view = e.view(replayed);
-            let msg = match self.encoding() {
-                Encoding::Json => Message::text(protocol::json_result(
-                    &protocol::json_result_tail(&view),
-                    seq,
-                )),
-                Encoding::Binary(v) => {
-                    Message::Binary(protocol::with_seq(&protocol::encode_result(&view, v), seq))
-                }
+            let Some(msg) = self.replay_body(&e, seq, replayed) else {
+                // Not a result this server encoded (cannot happen): its seq is announced as
+                // dropped, never lost silently (PROTOCOL 7.1).
+                self.record_drop(st, Some(c), seq);
+                continue;
             };
             if replayed {
                 self.m.replayed.increment(1);
@@ -125,5 +122,36 @@ impl Outbound {
             );
             self.check_backpressure(st, c);
         }
+    }
+
+    /// A set-aside result in this connection's encoding now: version 2 binary shares the one
+    /// encoding (the writer writes the seq and replayed flag in); version 1 and JSON are made
+    /// for this connection from it.
+    fn replay_body(&self, e: &Stored, seq: u64, replayed: bool) -> Option<Body> {
+        Some(match self.encoding() {
+            Encoding::Binary(v) if v >= VERSION_2 => Body::Shared {
+                frame: e.frame.clone(),
+                replayed,
+            },
+            Encoding::Binary(_) => Body::Shared {
+                frame: Bytes::from(protocol::result_v1_of_v2(&e.frame)?),
+                replayed: false,
+            },
+            Encoding::Json => {
+                let d = protocol::decode_result(&e.frame)?;
+                let view = ResultView {
+                    stream: &d.stream,
+                    key: &d.key,
+                    priority: d.priority,
+                    mask: &d.mask,
+                    fused: &d.fused,
+                    weights: &d.weights,
+                    stream_seq: d.stream_seq,
+                    replayed,
+                };
+                let tail = protocol::json_result_tail(&view);
+                Body::Message(Message::text(protocol::json_result(&tail, seq)))
+            }
+        })
     }
 }

@@ -161,15 +161,19 @@ fn replayed_results_go_first_and_live_ones_wait_behind_them() {
     let o = ob(2, 3, 10);
     let s: Arc<str> = Arc::from("s");
     let entry = |q: u64| {
-        Arc::new(Entry {
-            stream: Arc::clone(&s),
-            key: format!("k{q}"),
-            stream_seq: q,
+        let key = format!("k{q}");
+        let fused = [q as f32];
+        let view = crate::protocol::ResultView {
+            stream: &s,
+            key: &key,
             priority: Priority::Important,
-            mask: vec![1],
-            fused: vec![q as f32],
-            weights: vec![1.0],
-        })
+            mask: &[1],
+            fused: &fused,
+            weights: &[1.0],
+            stream_seq: q,
+            replayed: false,
+        };
+        Stored::new(&s, &view)
     };
     // 6 to replay, 3 IMPORTANT slots: the rest wait for room.
     o.queue_replay(&s, (1..=6).map(entry).collect());
