@@ -1,7 +1,7 @@
 //! Producer flow control over real sockets (docs/DESIGN.md section 5.6): a producer sees an
 //! `ingest_backpressure` `on` notice before its first refusal (aligner full, engine full), BULK
 //! is shed with a notice while other classes get a retryable `overloaded` error, and the `off`
-//! notice follows when the pressure is gone.
+//! notice follows when the pressure is gone; `hello` sizes its own send queues (`send_queue`).
 
 mod server_util;
 
@@ -149,4 +149,48 @@ async fn engine_saturation_notice_comes_before_refusals() {
     let seen = collect(&mut p, |s| s.contains(&Seen::Off), 10.0).await;
     assert_eq!(seen, vec![Seen::Off]);
     server.shutdown().await;
+}
+
+/// Reads until a CONTROL message of `ty` arrives.
+async fn control_of(c: &mut Client, ty: &str) -> serde_json::Value {
+    loop {
+        if let Event::Control(v) = next(c, 10.0).await {
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_asks_for_send_queue_sizes_capped_by_max_send_queue() {
+    let h = small_head();
+    let mut cfg = config();
+    cfg.max_send_queue = 8000;
+    let (s, url) = start(h, cfg).await;
+    let mut c = Client::connect(&url, None).await.unwrap();
+    let hello = r#"{"type":"hello","version":2,"results":"binary","send_queue":{"important":5000,"bulk":1000000000}}"#;
+    c.send_text(hello.into()).await.unwrap();
+    let w = control_of(&mut c, "welcome").await;
+    let q = &w["limits"]["send_queue"];
+    assert_eq!(q["important"], 5000, "{w}");
+    assert_eq!(q["bulk"], 8000, "capped at max_send_queue: {w}");
+    assert_eq!(
+        q["critical"],
+        config().send_queue.critical as u64,
+        "not asked: {w}"
+    );
+    assert_eq!(w["limits"]["max_send_queue"], 8000);
+    // A bad one is refused and changes nothing; the connection goes on.
+    let bad = r#"{"type":"hello","version":2,"results":"binary","send_queue":{"important":0}}"#;
+    c.send_text(bad.into()).await.unwrap();
+    let (code, e) = next_error(&mut c).await;
+    assert_eq!(code, "malformed", "{e}");
+    c.send_text(r#"{"type":"hello","version":2,"results":"binary"}"#.into())
+        .await
+        .unwrap();
+    let w = control_of(&mut c, "welcome").await;
+    assert_eq!(w["limits"]["send_queue"]["important"], 5000, "kept: {w}");
+    c.close().await;
+    s.shutdown().await;
 }

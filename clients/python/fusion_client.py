@@ -93,6 +93,10 @@ RESULT_FLAG_REPLAYED = 1
 # fuse(): bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
 # ~250 KB stay in cache through websockets' copies; 2 MB frames doubled the client's CPU).
 FUSE_FRAME_BYTES = 256 << 10
+# The send queue fuse() asks the server for, in results of its class (hello `send_queue`,
+# PROTOCOL.md 2): its window is 90% of what it is granted, so a larger queue keeps more samples
+# in flight without the server ever dropping a result (docs/PERF.md session 10).
+FUSE_SEND_QUEUE = 4096
 
 Json = dict[str, Any]  # a decoded JSON message
 Features = Mapping[str, npt.ArrayLike]  # modality name -> array
@@ -455,8 +459,9 @@ class FusionClient:
 
     def __init__(self, ws: ClientConnection, welcome: Json, max_buffered: int, url: str = "",
                  token: Optional[str] = None, open_timeout: float = 10.0, batch_results: bool = False,
-                 ca_file: Optional[PathLike] = None):
+                 ca_file: Optional[PathLike] = None, send_queue: Optional[Mapping[str, int]] = None):
         self._ws = ws
+        self._send_queue = dict(send_queue) if send_queue else None
         self._url, self._token, self._open_timeout = url, token, open_timeout
         self._ca_file = ca_file
         self._set_welcome(welcome)
@@ -486,7 +491,8 @@ class FusionClient:
     @staticmethod
     async def _open(url: str, token: Optional[str], open_timeout: float,
                     batch_results: bool = False,
-                    ca_file: Optional[PathLike] = None) -> tuple[ClientConnection, Json]:
+                    ca_file: Optional[PathLike] = None,
+                    send_queue: Optional[Mapping[str, int]] = None) -> tuple[ClientConnection, Json]:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         kwargs: dict[str, Any] = {"max_size": 64 * 1024 * 1024, "open_timeout": open_timeout}
         if headers:
@@ -495,8 +501,11 @@ class FusionClient:
             # Only the CA file's certificates are trusted (ssl's rule for `cafile`).
             kwargs["ssl"] = ssl.create_default_context(cafile=os.fspath(ca_file))
         ws = await _ws_connect(url, **kwargs)
-        await ws.send(json.dumps({"type": "hello", "version": PROTOCOL_VERSION, "results": "binary",
-                                  "batch_results": batch_results, "client": "fusion_client.py"}))
+        hello: Json = {"type": "hello", "version": PROTOCOL_VERSION, "results": "binary",
+                       "batch_results": batch_results, "client": "fusion_client.py"}
+        if send_queue:
+            hello["send_queue"] = dict(send_queue)
+        await ws.send(json.dumps(hello))
         while True:
             raw = await asyncio.wait_for(ws.recv(), open_timeout)
             if isinstance(raw, str):
@@ -510,14 +519,19 @@ class FusionClient:
     @classmethod
     async def connect(cls, url: str, token: Optional[str] = None, max_buffered: int = 100000,
                       open_timeout: float = 10.0, batch_results: bool = False,
-                      ca_file: Optional[PathLike] = None) -> FusionClient:
+                      ca_file: Optional[PathLike] = None,
+                      send_queue: Optional[Mapping[str, int]] = None) -> FusionClient:
         """Connects, says hello (protocol 2, binary results), waits for `welcome`.
         `batch_results`: the server may send several results in one frame (PROTOCOL.md 4.5);
         subscriptions yield the same results either way, with less work per result.
         `ca_file`: for `wss://` URLs, a PEM file of the CA certificates to trust (a self-signed
-        server certificate) instead of the system's; ignored for `ws://`."""
-        ws, welcome = await cls._open(url, token, open_timeout, batch_results, ca_file)
-        return cls(ws, welcome, max_buffered, url, token, open_timeout, batch_results, ca_file)
+        server certificate) instead of the system's; ignored for `ws://`.
+        `send_queue`: the sizes of this connection's result queues on the server to ask for,
+        e.g. `{"important": 4096}` (PROTOCOL.md 2: at most the server's `max_send_queue`; the
+        sizes granted are in `welcome["limits"]["send_queue"]`)."""
+        ws, welcome = await cls._open(url, token, open_timeout, batch_results, ca_file, send_queue)
+        return cls(ws, welcome, max_buffered, url, token, open_timeout, batch_results, ca_file,
+                   send_queue)
 
     def resume_point(self, stream: str) -> Optional[ResumePoint]:
         """Where `stream` would resume now (None when not subscribed)."""
@@ -544,7 +558,7 @@ class FusionClient:
         if not self._reader.done():
             await self.disconnect()
         ws, welcome = await self._open(self._url, self._token, self._open_timeout, self._batch_results,
-                                       self._ca_file)
+                                       self._ca_file, self._send_queue)
         self._ws = ws
         self._set_welcome(welcome)
         self.closed = None
@@ -800,8 +814,9 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
     weights [B, M]) with weights in the order of `features`' keys. `ca_file`: see
     `FusionClient.connect`. `window`: at most this many samples sent and not yet answered.
-    The default, 90% of the server's send queue for the class (welcome `limits.send_queue`),
-    lets no result be dropped. A larger window (IMPORTANT or BULK only; CRITICAL keeps the
+    fuse() asks the server for a send queue of FUSE_SEND_QUEUE results for the class (a server
+    without that option keeps its own size); the default window, 90% of the queue granted
+    (welcome `limits.send_queue`), lets no result be dropped. A larger window (IMPORTANT or BULK only; CRITICAL keeps the
     default, as a CRITICAL result that does not fit closes the connection) lets the server drop
     results when this reader falls behind: fuse() then sends those samples again, and halves
     the window for a while (docs/PERF.md session 9: on a busy 2-vCPU VM, 1024 carried less
@@ -856,7 +871,8 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         idx, ok = rows_of(np.frombuffer(b"".join(enc), np.uint8).reshape(len(enc), klen))
         return [int(i) for i in idx[ok]]
 
-    async with await FusionClient.connect(url, token=token, batch_results=True, ca_file=ca_file) as c:
+    async with await FusionClient.connect(url, token=token, batch_results=True, ca_file=ca_file,
+                                          send_queue={priority: FUSE_SEND_QUEUE}) as c:
         unknown = [n for n in names if n not in c.widths]
         if unknown:
             raise FusionError("unknown_modality", f"the server's head has no modality {unknown[0]!r} "
@@ -882,7 +898,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         # results on the same stream are counted too: then some samples are sent again early,
         # and their second result is ignored.)
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
-        safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, 1024))
+        safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, FUSE_SEND_QUEUE))
         window = safe if window is None or priority == "critical" else max(1, int(window))
         # The window in use: halved (down to `safe`) at each `dropped` notice, grown by a frame
         # for every window's worth of results received since (additive increase, multiplicative

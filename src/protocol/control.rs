@@ -24,6 +24,9 @@ pub enum ClientMessage<'a> {
         version: u8,
         /// `"batch_results": true`: results may come several to a frame (PROTOCOL 4.5).
         batch: bool,
+        /// `"send_queue"`: the CRITICAL, IMPORTANT and BULK send queue sizes asked for (each
+        /// at least 1; None where not asked, PROTOCOL 2).
+        send_queue: [Option<usize>; 3],
     },
     /// `ping`.
     Ping,
@@ -39,6 +42,34 @@ pub enum ClientMessage<'a> {
     },
     /// `produce` in its JSON form.
     Produce(Produce<'a>),
+}
+
+/// `hello`'s optional `send_queue`: `{"critical": N, "important": N, "bulk": N}`, each key
+/// optional, each N a positive integer.
+fn send_queue_of(v: Option<&Value>) -> Result<[Option<usize>; 3], ProtoError> {
+    let mut out = [None; 3];
+    let Some(v) = v else {
+        return Ok(out);
+    };
+    let bad = || {
+        ProtoError::new(
+            Code::Malformed,
+            "\"send_queue\" must be an object of \"critical\", \"important\" and \"bulk\" \
+             sizes, each a positive integer",
+        )
+    };
+    let o = v.as_object().ok_or_else(bad)?;
+    for (k, n) in o {
+        let slot = match k.as_str() {
+            "critical" => 0,
+            "important" => 1,
+            "bulk" => 2,
+            _ => return Err(bad()),
+        };
+        let n = n.as_u64().filter(|n| *n >= 1).ok_or_else(bad)?;
+        out[slot] = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    Ok(out)
 }
 
 /// Parses a client text frame as JSON (the first step of [`decode_client_message`]).
@@ -100,6 +131,7 @@ pub fn decode_client_message(v: &Value) -> Result<ClientMessage<'_>, ProtoError>
                 binary,
                 version,
                 batch,
+                send_queue: send_queue_of(v.get("send_queue"))?,
             })
         }
         "ping" => Ok(ClientMessage::Ping),
@@ -203,6 +235,21 @@ mod tests {
             code(r#"{"type":"hello","version":1,"results":3}"#),
             Code::Malformed
         );
+        assert!(
+            msg(r#"{"type":"hello","version":2,"send_queue":{"important":5000,"bulk":7}}"#)
+                .unwrap()
+                .contains("send_queue: [None, Some(5000), Some(7)]")
+        );
+        for bad in [
+            r#""send_queue":3"#,
+            r#""send_queue":{"important":0}"#,
+            r#""send_queue":{"important":-1}"#,
+            r#""send_queue":{"important":2.5}"#,
+            r#""send_queue":{"control":10}"#,
+        ] {
+            let t = format!(r#"{{"type":"hello","version":2,{bad}}}"#);
+            assert_eq!(code(&t), Code::Malformed, "{t}");
+        }
         assert_eq!(code("[1]"), Code::Malformed);
         assert_eq!(code("{"), Code::Malformed);
         assert_eq!(code(r#"{"type":"nope"}"#), Code::UnknownType);

@@ -240,6 +240,8 @@ pub struct Limits {
     pub max_batch_delay: Duration,
     /// Send queue capacity per class: CONTROL, CRITICAL, IMPORTANT, BULK.
     pub send_queue: [usize; 4],
+    /// The largest CRITICAL, IMPORTANT or BULK queue a `hello` may ask for.
+    pub max_send_queue: usize,
     /// How long a send may block before a slow consumer is closed.
     pub send_timeout: Duration,
     /// Ping interval.
@@ -280,6 +282,7 @@ pub fn welcome_base(l: &Limits, head: &FusionHead, epoch: u64) -> Value {
             "max_batch_delay_ms": ms(l.max_batch_delay),
             "send_queue": {"critical": critical, "important": important,
                            "bulk": bulk, "control": control},
+            "max_send_queue": l.max_send_queue,
             "send_timeout_ms": ms(l.send_timeout),
             "heartbeat_interval_ms": ms(l.heartbeat_interval),
             "replay_messages": l.replay_messages,
@@ -288,9 +291,27 @@ pub fn welcome_base(l: &Limits, head: &FusionHead, epoch: u64) -> Value {
     })
 }
 
-/// The `welcome` for a connection speaking `version`.
-pub fn welcome(base: &Value, binary: bool, version: u8, batch: bool) -> Message {
+/// The `welcome` for a connection speaking `version`, whose CRITICAL, IMPORTANT and BULK send
+/// queues hold `send_queue` results (what its `hello` asked for, or the server's defaults).
+pub fn welcome(
+    base: &Value,
+    binary: bool,
+    version: u8,
+    batch: bool,
+    send_queue: [usize; 3],
+) -> Message {
     let mut v = base.clone();
+    if let Some(q) = v
+        .pointer_mut("/limits/send_queue")
+        .and_then(Value::as_object_mut)
+    {
+        for (name, n) in ["critical", "important", "bulk"]
+            .into_iter()
+            .zip(send_queue)
+        {
+            q.insert(name.into(), n.into());
+        }
+    }
     if let Some(o) = v.as_object_mut() {
         o.insert("version".into(), version.into());
         o.insert(

@@ -100,6 +100,9 @@ pub struct ServerConfig {
     pub ingest_wait: Duration,
     /// Per-connection send queues.
     pub send_queue: QueueConfig,
+    /// The largest CRITICAL, IMPORTANT or BULK send queue a connection may ask for in its
+    /// `hello` (PROTOCOL 2: `send_queue`). Default 16384 results.
+    pub max_send_queue: usize,
     /// One send past this closes the connection (1013). Default 5 s.
     #[serde(with = "dur")]
     pub send_timeout: Duration,
@@ -154,6 +157,7 @@ impl Default for ServerConfig {
             ingest_capacity: 16384,
             ingest_wait: Duration::from_millis(100),
             send_queue: QueueConfig::default(),
+            max_send_queue: 16384,
             send_timeout: Duration::from_secs(5),
             slow_send: Duration::from_millis(500),
             slow_sends: 5,
@@ -202,6 +206,7 @@ impl ServerConfig {
             max_batch: self.max_batch,
             max_batch_delay: self.max_batch_delay,
             send_queue: [q.control, q.critical, q.important, q.bulk],
+            max_send_queue: self.max_send_queue,
             send_timeout: self.send_timeout,
             heartbeat_interval: self.heartbeat_interval,
             replay_messages: self.replay_messages,
@@ -215,6 +220,9 @@ impl ServerConfig {
         let q = &self.send_queue;
         if q.critical == 0 || q.important == 0 || q.bulk == 0 || q.control == 0 {
             return bad("send_queue capacities must be at least 1");
+        }
+        if self.max_send_queue < q.critical.max(q.important).max(q.bulk) {
+            return bad("max_send_queue must be at least every send_queue capacity");
         }
         if self.max_connections == 0 || self.max_streams_per_connection == 0 {
             return bad("max_connections and max_streams_per_connection must be at least 1");

@@ -384,14 +384,28 @@ impl Conn {
                 binary,
                 version,
                 batch,
+                send_queue,
             }) => {
                 self.out.set_encoding(binary, version);
                 self.out.set_batch_results(batch);
+                // Asked-for queue sizes, capped at `max_send_queue`; the welcome says what
+                // this connection got (PROTOCOL 2).
+                if send_queue.iter().any(Option::is_some) {
+                    let (now, max) = (self.out.send_queue(), self.shared.cfg.max_send_queue);
+                    let mut caps = now;
+                    for (c, asked) in caps.iter_mut().zip(send_queue) {
+                        if let Some(n) = asked {
+                            *c = n.clamp(1, max);
+                        }
+                    }
+                    self.out.set_send_queue(caps);
+                }
                 self.out.push_control(notices::welcome(
                     &self.shared.welcome,
                     binary,
                     version,
                     batch,
+                    self.out.send_queue(),
                 ));
             }
             Ok(ClientMessage::Ping) => self.out.push_control(notices::pong(id)),

@@ -703,8 +703,8 @@ def test_fuse_recovers_results_the_server_drops():
     still the reference's, as with a window that never overflows."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "serve.toml"
-        # Batches of 64 into an IMPORTANT queue of 40: every batch overflows it.
-        # CRITICAL 70: more than a batch, far less than the window asked for below.
+        # Batches of 64 into an IMPORTANT queue of 40 (fuse() asks for that size here): every
+        # batch overflows it. CRITICAL 70: more than a batch.
         cfg.write_text("max_batch = 64\n[send_queue]\nimportant = 40\nbulk = 40\ncritical = 70\n"
                        "[engine]\ndevices = [\"cpu\"]\n")
         metrics = f"127.0.0.1:{free_port()}"
@@ -717,13 +717,13 @@ def test_fuse_recovers_results_the_server_drops():
                      "audio": rng.standard_normal((b, 128), dtype=np.float32)}
             mask = np.ones((b, 3), np.uint8)
             mask[::5, 0] = 0
-            safe_f, safe_w = fc.fuse(s.url, "py-safe", feats, mask=mask, window=36, timeout=120)
+            safe_f, safe_w = fc.fuse(s.url, "py-safe", feats, mask=mask, window=36, timeout=120, send_queue=40)
             assert _dropped(metrics, "important") == 0
-            fused, weights = fc.fuse(s.url, "py-drops", feats, mask=mask, window=4096, timeout=120)
+            fused, weights = fc.fuse(s.url, "py-drops", feats, mask=mask, window=4096, timeout=120, send_queue=40)
             assert _dropped(metrics, "important") > 0  # the recovery was used
             # A window the sender waits on (resends are queued in front of it meanwhile).
-            small_f, small_w = fc.fuse(s.url, "py-drops", feats, mask=mask, window=200, timeout=120)
-            bulk_f, bulk_w = fc.fuse(s.url, "py-drops", feats, mask=mask, priority="bulk", window=4096, timeout=120)
+            small_f, small_w = fc.fuse(s.url, "py-drops", feats, mask=mask, window=200, timeout=120, send_queue=40)
+            bulk_f, bulk_w = fc.fuse(s.url, "py-drops", feats, mask=mask, priority="bulk", window=4096, timeout=120, send_queue=40)
             assert _dropped(metrics, "bulk") > 0
             # CRITICAL keeps 90% of its queue whatever window is asked for (a CRITICAL result
             # that does not fit would close the connection with 1013). This run only checks that
@@ -740,3 +740,24 @@ def test_fuse_recovers_results_the_server_drops():
                 assert np.abs(f).sum(1).min() > 0 and np.all(w[mask == 0] == 0)
         finally:
             s.stop()
+
+
+def test_hello_asks_for_send_queue_sizes(server):
+    """`send_queue` in hello (PROTOCOL.md 2): the sizes asked for, capped at the server's
+    max_send_queue, are this connection's, and the welcome says so; fuse() asks for
+    FUSE_SEND_QUEUE and still answers every row."""
+    async def go() -> dict:
+        async with await fc.FusionClient.connect(server.url, send_queue={"important": 5000, "bulk": 10**9}) as c:
+            return c.welcome["limits"]
+
+    limits = asyncio.run(go())
+    assert limits["send_queue"]["important"] == 5000
+    assert limits["send_queue"]["bulk"] == limits["max_send_queue"] == 16384
+    assert limits["send_queue"]["critical"] == 400  # not asked: the server's default
+    rng = np.random.default_rng(9)
+    feats = {"vision": rng.standard_normal((3000, 1024), dtype=np.float32),
+             "text": rng.standard_normal((3000, 768), dtype=np.float32),
+             "audio": rng.standard_normal((3000, 128), dtype=np.float32)}
+    fused, weights = fc.fuse(server.url, "py-queue", feats)
+    ref_f, ref_w = offline_fuse(feats, np.ones((3000, 3), np.uint8), ["vision", "text", "audio"], None)
+    assert rel(fused, ref_f) <= 1e-5 and rel(weights, ref_w) <= 1e-5

@@ -30,7 +30,7 @@ impl Outbound {
         // CONTROL queue has room (conflation of many keys to a slow peer makes a range per
         // replaced result; a stalled peer must not be closed for notices about it), and in any
         // case at the hard cap.
-        let room = st.q[CONTROL].len() + 8 < self.caps[CONTROL];
+        let room = st.q[CONTROL].len() + 8 < self.cap(CONTROL);
         if ranges >= MAX_DROP_RANGES && (room || ranges >= MAX_DROP_RANGES * 16) {
             for n in self.take_drop_notices(st) {
                 self.push_control_locked(st, n);

@@ -145,9 +145,11 @@ struct QueueState {
 pub(crate) struct Outbound {
     /// Connection id (logs).
     pub id: u64,
-    caps: [usize; 4],
-    data_cap: usize,
-    pending_cap: usize,
+    /// Capacity per class (CONTROL, CRITICAL, IMPORTANT, BULK); the data classes can be set
+    /// by the connection's `hello` ([`Outbound::set_send_queue`]).
+    caps: [AtomicUsize; 4],
+    /// Results the replay of a resume may hold back, besides the queues.
+    replay_messages: usize,
     drop_interval: Duration,
     state: Mutex<QueueState>,
     wake: Notify,
@@ -176,9 +178,8 @@ impl Outbound {
     ) -> Self {
         Outbound {
             id,
-            caps: [q.control, q.critical, q.important, q.bulk],
-            data_cap: q.data(),
-            pending_cap: replay_messages + q.critical + q.important,
+            caps: [q.control, q.critical, q.important, q.bulk].map(AtomicUsize::new),
+            replay_messages,
             drop_interval,
             state: Mutex::new(QueueState {
                 q: Default::default(),
@@ -206,6 +207,35 @@ impl Outbound {
         }
     }
 
+    /// Capacity of class `c`'s queue.
+    pub(crate) fn cap(&self, c: usize) -> usize {
+        self.caps.get(c).map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// The data classes' capacities together.
+    pub(crate) fn data_cap(&self) -> usize {
+        (1..4).map(|c| self.cap(c)).sum()
+    }
+
+    /// Results a resume's replay may hold back while live ones queue.
+    pub(crate) fn pending_cap(&self) -> usize {
+        self.replay_messages + self.cap(1) + self.cap(2)
+    }
+
+    /// Sets the CRITICAL, IMPORTANT and BULK queue capacities (the connection's `hello`,
+    /// PROTOCOL 2); a queue holding more than its new capacity keeps what it holds and takes
+    /// nothing more until it is below it.
+    pub fn set_send_queue(&self, caps: [usize; 3]) {
+        for (a, n) in self.caps[1..].iter().zip(caps) {
+            a.store(n.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The CRITICAL, IMPORTANT and BULK queue capacities in force.
+    pub fn send_queue(&self) -> [usize; 3] {
+        [self.cap(1), self.cap(2), self.cap(3)]
+    }
+
     fn data_len(st: &QueueState) -> usize {
         st.q[1].len() + st.q[2].len() + st.q[3].len()
     }
@@ -227,7 +257,7 @@ impl Outbound {
         if st.fatal.is_some() || st.stop {
             return;
         }
-        if st.q[CONTROL].len() >= self.caps[CONTROL] {
+        if st.q[CONTROL].len() >= self.cap(CONTROL) {
             self.m.slow_consumer("control_queue_full");
             st.fatal = Some((1013, "control_queue_full"));
             return;
@@ -238,8 +268,8 @@ impl Outbound {
     /// BACKPRESSURE off once the data queues and every class queue are at most half full.
     fn backpressure_off(&self, st: &QueueState) -> bool {
         st.backpressure
-            && Self::data_len(st) * 2 <= self.data_cap
-            && (1..4).all(|c| st.q[c].len() * 2 <= self.caps[c])
+            && Self::data_len(st) * 2 <= self.data_cap()
+            && (1..4).all(|c| st.q[c].len() * 2 <= self.cap(c))
     }
 
     /// The writer's next step, in strict priority order.
@@ -281,10 +311,10 @@ impl Outbound {
                     let n = notices::backpressure(
                         false,
                         Self::data_len(&st),
-                        self.data_cap,
+                        self.data_cap(),
                         c,
                         st.q[c].len(),
-                        self.caps[c],
+                        self.cap(c),
                     );
                     self.push_item(&mut st, Item::control(n));
                 }
@@ -329,7 +359,7 @@ impl Outbound {
                 let st = self.state.lock();
                 let used = st.q[CONTROL].len() + self.inflight.load(Ordering::Acquire);
                 // 4 slots stay free for backpressure and drop notices.
-                if used + 4 < self.caps[CONTROL] || st.fatal.is_some() || st.stop {
+                if used + 4 < self.cap(CONTROL) || st.fatal.is_some() || st.stop {
                     return;
                 }
             }
@@ -382,7 +412,7 @@ impl Outbound {
     /// Data messages queued, and the data capacity.
     #[cfg(test)]
     pub fn fill(&self) -> (usize, usize) {
-        (Self::data_len(&self.state.lock()), self.data_cap)
+        (Self::data_len(&self.state.lock()), self.data_cap())
     }
 }
 

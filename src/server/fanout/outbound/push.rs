@@ -106,7 +106,7 @@ impl Outbound {
         let mut no_room = false;
         let behind = st.replaying.contains_key(&**r.stream);
         if let (Some(e), true) = (r.entry, behind) {
-            if st.pending.len() < self.pending_cap {
+            if st.pending.len() < self.pending_cap() {
                 if let Some(n) = st.replaying.get_mut(&**r.stream) {
                     *n += 1;
                 }
@@ -125,10 +125,10 @@ impl Outbound {
         };
         let total = Self::data_len(st);
         let own = st.q[c].len();
-        let own_full = no_room || own >= self.caps[c];
+        let own_full = no_room || own >= self.cap(c);
         let dropped = match p {
             Priority::Bulk => {
-                own_full || total * 10 > self.data_cap * 9 || own * 10 > self.caps[c] * 9
+                own_full || total * 10 > self.data_cap() * 9 || own * 10 > self.cap(c) * 9
             }
             Priority::Important => own_full,
             Priority::Critical => {
@@ -186,10 +186,10 @@ impl Outbound {
         }
         let total = Self::data_len(st);
         let own = st.q[c].len();
-        if total * 10 > self.data_cap * 7 || own * 10 > self.caps[c] * 7 {
+        if total * 10 > self.data_cap() * 7 || own * 10 > self.cap(c) * 7 {
             st.backpressure = true;
             self.m.backpressure.increment(1);
-            let n = notices::backpressure(true, total, self.data_cap, c, own, self.caps[c]);
+            let n = notices::backpressure(true, total, self.data_cap(), c, own, self.cap(c));
             self.push_control_locked(st, n);
         }
     }

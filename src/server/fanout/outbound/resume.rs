@@ -54,7 +54,7 @@ impl Outbound {
 
     /// How many more results a resume may set aside for this connection.
     pub fn replay_room(&self) -> usize {
-        self.pending_cap
+        self.pending_cap()
             .saturating_sub(self.state.lock().pending.len())
     }
 
@@ -88,7 +88,7 @@ impl Outbound {
     pub(super) fn refill(&self, st: &mut QueueState) {
         while let Some((e, _)) = st.pending.front() {
             let c = class_of(e.priority);
-            if st.q[c].len() >= self.caps[c] {
+            if st.q[c].len() >= self.cap(c) {
                 break;
             }
             let Some((e, replayed)) = st.pending.pop_front() else {

@@ -224,3 +224,36 @@ fn many_conflation_gaps_do_not_overflow_a_stalled_peers_control_queue() {
     all.sort_unstable();
     assert_eq!(all, (1..=n as u64).collect::<Vec<u64>>());
 }
+
+#[test]
+fn a_send_queue_asked_for_in_hello_holds_that_many_without_drops() {
+    let o = ob(2, 3, 5);
+    assert_eq!(o.send_queue(), [2, 3, 5]);
+    // At the defaults the fourth IMPORTANT result is dropped (its queue of 3 is full).
+    for _ in 0..3 {
+        assert!(push(&o, Priority::Important, data));
+    }
+    assert!(!push(&o, Priority::Important, data));
+    drain(&o);
+    o.set_send_queue([2, 1000, 5]);
+    assert_eq!(o.send_queue(), [2, 1000, 5]);
+    assert_eq!(o.cap(CONTROL), 10, "CONTROL is not the client's to size");
+    let took = (0..900)
+        .filter(|_| push(&o, Priority::Important, data))
+        .count();
+    assert_eq!(
+        took, 900,
+        "900 results queued in a queue of 1000, none dropped"
+    );
+    let (order, _) = drain(&o);
+    assert_eq!(order.iter().filter(|(c, _)| *c == 2).count(), 900);
+    // Shrunk below what it holds: it keeps it, takes nothing more until below.
+    for _ in 0..10 {
+        push(&o, Priority::Important, data);
+    }
+    o.set_send_queue([2, 4, 5]);
+    assert!(!push(&o, Priority::Important, data));
+    // Zero is never a capacity.
+    o.set_send_queue([0, 0, 0]);
+    assert_eq!(o.send_queue(), [1, 1, 1]);
+}
