@@ -809,13 +809,15 @@ def _put_nowait_drop_oldest(q: asyncio.Queue[_T], item: _T) -> None:
 async def fuse_async(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
                      priority: str = "important", token: Optional[str] = None,
                      timeout: float = 60.0, ca_file: Optional[PathLike] = None,
-                     window: Optional[int] = None) -> tuple[F32, F32]:
+                     window: Optional[int] = None,
+                     send_queue: int = FUSE_SEND_QUEUE) -> tuple[F32, F32]:
     """Fuses a batch: `features` maps modality name -> [B, d_m] array (or [d_m] for one sample);
     `mask` is [B, M] in the order of `features` (1 = present). Returns (fused [B, D],
     weights [B, M]) with weights in the order of `features`' keys. `ca_file`: see
     `FusionClient.connect`. `window`: at most this many samples sent and not yet answered.
-    fuse() asks the server for a send queue of FUSE_SEND_QUEUE results for the class (a server
-    without that option keeps its own size); the default window, 90% of the queue granted
+    fuse() asks the server for a send queue of `send_queue` results for the class (default
+    FUSE_SEND_QUEUE; the server caps it at its `max_send_queue`, and one without that option
+    keeps its own size); the default window, 90% of the queue granted
     (welcome `limits.send_queue`), lets no result be dropped. A larger window (IMPORTANT or BULK only; CRITICAL keeps the
     default, as a CRITICAL result that does not fit closes the connection) lets the server drop
     results when this reader falls behind: fuse() then sends those samples again, and halves
@@ -872,7 +874,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         return [int(i) for i in idx[ok]]
 
     async with await FusionClient.connect(url, token=token, batch_results=True, ca_file=ca_file,
-                                          send_queue={priority: FUSE_SEND_QUEUE}) as c:
+                                          send_queue={priority: max(1, int(send_queue))}) as c:
         unknown = [n for n in names if n not in c.widths]
         if unknown:
             raise FusionError("unknown_modality", f"the server's head has no modality {unknown[0]!r} "
@@ -898,7 +900,7 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         # results on the same stream are counted too: then some samples are sent again early,
         # and their second result is ignored.)
         caps = (c.welcome.get("limits") or {}).get("send_queue") or {}
-        safe = max(1, min(int(caps.get(priority, 256)) * 9 // 10, FUSE_SEND_QUEUE))
+        safe = max(1, int(caps.get(priority, 256)) * 9 // 10)
         window = safe if window is None or priority == "critical" else max(1, int(window))
         # The window in use: halved (down to `safe`) at each `dropped` notice, grown by a frame
         # for every window's worth of results received since (additive increase, multiplicative
@@ -1080,9 +1082,11 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
 
 def fuse(url: str, stream: str, features: Features, mask: Optional[npt.ArrayLike] = None,
          priority: str = "important", token: Optional[str] = None, timeout: float = 60.0,
-         ca_file: Optional[PathLike] = None, window: Optional[int] = None) -> tuple[F32, F32]:
+         ca_file: Optional[PathLike] = None, window: Optional[int] = None,
+         send_queue: int = FUSE_SEND_QUEUE) -> tuple[F32, F32]:
     """Blocking request/response: see fuse_async."""
-    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout, ca_file, window))
+    return asyncio.run(fuse_async(url, stream, features, mask, priority, token, timeout, ca_file, window,
+                                  send_queue))
 
 
 async def _demo(url: str) -> None:  # pragma: no cover - manual use
