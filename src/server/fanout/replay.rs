@@ -145,6 +145,12 @@ impl Replay {
         v
     }
 
+    /// Whether `stream` has a log (results buffered, a subscriber, or a result within
+    /// `replay_age`): a gateway keeps following it on NATS while it has.
+    pub fn knows(&self, stream: &str) -> bool {
+        self.inner.lock().logs.contains_key(stream)
+    }
+
     /// Fans one result out: gives it the stream's next stream seq, keeps it (CRITICAL,
     /// IMPORTANT) and try-pushes it to every subscriber of the stream.
     pub fn deliver(&self, registry: &Registry, stream: &Arc<str>, r: &ResultView<'_>) {
