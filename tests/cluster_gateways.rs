@@ -58,7 +58,11 @@ async fn produce(c: &mut Client, h: &FusionHead, stream: &str, first: usize, n: 
     let blocks: Vec<Vec<f32>> = (0..NAMES.len())
         .map(|m| xs.iter().flat_map(|x| x[m].iter().copied()).collect())
         .collect();
-    let feats: Vec<(&str, &[f32])> = NAMES.iter().zip(&blocks).map(|(n, b)| (*n, &b[..])).collect();
+    let feats: Vec<(&str, &[f32])> = NAMES
+        .iter()
+        .zip(&blocks)
+        .map(|(n, b)| (*n, &b[..]))
+        .collect();
     let keys: Vec<String> = (first..first + n).map(|i| format!("k{i}")).collect();
     let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
     c.produce_samples(stream, &kr, &feats, Priority::Important, 0)
@@ -78,7 +82,11 @@ impl Got {
                 assert_eq!(r.stream, stream);
                 let i: usize = r.key[1..].parse().expect("a produced key");
                 let (ef, ew) = check(h, &sample(h, i), &[1, 1, 1], &r.fused, &r.weights);
-                assert!(ef <= 1e-5 && ew <= 1e-5, "{}: fused {ef:e} weights {ew:e}", r.key);
+                assert!(
+                    ef <= 1e-5 && ew <= 1e-5,
+                    "{}: fused {ef:e} weights {ew:e}",
+                    r.key
+                );
                 let e = self.0.entry(r.key).or_default();
                 e.0 += 1;
                 e.1.push(r.stream_seq);
@@ -134,7 +142,11 @@ async fn a_subscriber_of_gateway_b_gets_what_gateway_a_computed_once() {
             got_b.0.len()
         );
         if sent < total && sent < got_a.0.len().min(got_b.0.len()) + 100 {
-            let p = if (sent / chunk) % 3 == 2 { &mut prod_b } else { &mut prod_a };
+            let p = if (sent / chunk) % 3 == 2 {
+                &mut prod_b
+            } else {
+                &mut prod_a
+            };
             produce(p, &h, stream, sent, chunk).await;
             sent += chunk;
             continue;
@@ -154,7 +166,11 @@ async fn a_subscriber_of_gateway_b_gets_what_gateway_a_computed_once() {
         // Stream seqs are each gateway's own: 1..=300 on both, each once.
         let mut seqs: Vec<u64> = got.0.values().flat_map(|(_, s)| s.clone()).collect();
         seqs.sort_unstable();
-        assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>(), "{name}'s stream seqs");
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "{name}'s stream seqs"
+        );
     }
     eprintln!("{total} samples produced into two gateways: both subscribers got each once");
     a.shutdown().await;
@@ -166,11 +182,19 @@ async fn a_subscriber_of_gateway_b_gets_what_gateway_a_computed_once() {
 fn serve(url: &str, model: &Path, id: &str) -> (Child, u16, u16) {
     let (ws, metrics) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fusion-engine"));
-    cmd.args(["serve", "--nats", url, "--gateway-id", id, "--devices", "cpu:threads=1"])
-        .args(["--listen", &format!("127.0.0.1:{ws}")])
-        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
-        .arg("--model")
-        .arg(model);
+    cmd.args([
+        "serve",
+        "--nats",
+        url,
+        "--gateway-id",
+        id,
+        "--devices",
+        "cpu:threads=1",
+    ])
+    .args(["--listen", &format!("127.0.0.1:{ws}")])
+    .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+    .arg("--model")
+    .arg(model);
     let (child, _log) = spawn_logged(&mut cmd);
     wait_listening(ws, Duration::from_secs(30));
     wait_listening(metrics, Duration::from_secs(10));
@@ -220,7 +244,10 @@ async fn a_gateway_restarted_with_its_id_fans_out_the_batches_it_had_in_flight()
     let _ = procs.0[2].wait();
     // The test's premise: no result had come back before the kill.
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::ZERO, early.next_event()).await {
-        assert!(!matches!(ev, Event::Result(_)), "a result before the kill: {ev:?}");
+        assert!(
+            !matches!(ev, Event::Result(_)),
+            "a result before the kill: {ev:?}"
+        );
     }
     let killed = Instant::now();
     let (gw, port, _) = serve(&url, &m, "gw-r");
@@ -257,4 +284,37 @@ async fn a_gateway_restarted_with_its_id_fans_out_the_batches_it_had_in_flight()
         "the restarted gateway fanned out all {n} results, each once, {:.1} s after the kill",
         killed.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_gateways_with_one_id_are_reported_and_a_bad_id_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((nats, url)) = nats_server(&dir.path().join("js")) else {
+        return;
+    };
+    let _procs = Procs(vec![nats]);
+    let h = small_head();
+    let mut gc = GatewayConfig::new(&url);
+    gc.id = Some("gw-twin".into());
+    let g1 = Gateway::connect(&gc, &h).await.expect("connects");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Alone (and without a worker): 503 for the worker, not for the id.
+    let (ok, msg) = g1.health();
+    assert!(!ok && msg.starts_with("no compatible worker"), "{msg}");
+    let g2 = Gateway::connect(&gc, &h).await.expect("connects");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for g in [&g1, &g2] {
+        loop {
+            let (ok, msg) = g.health();
+            if msg.starts_with("gateway id gw-twin is also used by another live gateway") {
+                assert!(!ok);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{msg}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    gc.id = Some("a.b".into());
+    let e = Gateway::connect(&gc, &h).await.err().expect("refused");
+    assert!(e.to_string().contains("--gateway-id \"a.b\""), "{e}");
 }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::fingerprint::{fingerprint, hex};
-use super::identity::{incarnation, random_id, validate_id};
+use super::identity::{announce, incarnation, random_id, validate_id, Twins};
 use super::inbox::{Inbox, Waiters};
 use super::metrics::class_label;
 use super::share::{Share, Sink};
@@ -53,6 +53,8 @@ pub struct Gateway {
     /// `(D, M)` of the head: a result of another shape is refused, never fanned out.
     shape: (usize, usize),
     share: Arc<Share>,
+    /// Another live gateway heard with this id (a misconfiguration `/healthz` reports).
+    twins: Arc<Twins>,
     /// Started by [`Gateway::attach`], once the server can fan out.
     inbox: Mutex<Option<Inbox>>,
 }
@@ -97,7 +99,8 @@ impl Gateway {
         };
         let (client, js) = connect(&cfg.nats).await?;
         ensure_streams(&js, cfg.max_bytes).await?;
-        let prefix = format!("{id}.{}.", incarnation());
+        let inc = incarnation();
+        let prefix = format!("{id}.{inc}.");
         let reply = result_subject(&id);
         let fp = fingerprint(head);
         let shape = (head.dim, head.num_modalities());
@@ -105,6 +108,7 @@ impl Gateway {
         let waiters: Arc<Waiters> = Arc::default();
         let duplicates = Arc::new(AtomicU64::new(0));
         let inbox = Inbox::open(&js, &id, &prefix, &waiters, &duplicates, &share).await?;
+        let twins = announce(&client, &id, &inc).await?;
         let mut beats = client
             .subscribe(WORKER_HEARTBEAT)
             .await
@@ -132,6 +136,7 @@ impl Gateway {
             timeout: cfg.result_timeout,
             shape,
             share,
+            twins,
             inbox: Mutex::new(Some(inbox)),
         })
     }
@@ -181,6 +186,14 @@ impl Gateway {
     pub fn health(&self) -> (bool, String) {
         let (same, other) = self.live_workers();
         let fp = hex(self.fingerprint);
+        if let Some(inc) = self.twins.twin() {
+            let msg = format!(
+                "gateway id {} is also used by another live gateway (incarnation {inc}): give \
+                 each gateway its own --gateway-id\n",
+                self.id
+            );
+            return (false, msg);
+        }
         if same > 0 {
             (
                 true,

@@ -1,11 +1,18 @@
 //! A gateway's identity (docs/DESIGN.md section 11, "Gateway identity"): the stable id
 //! (`serve --gateway-id`, default `gw-<host>-<port>`) names its results subject and its durable
 //! results consumer, so that a restarted gateway reads what its earlier process left there; the
-//! incarnation (start time and pid) makes every batch id unique across restarts.
+//! incarnation (start time and pid) makes every batch id unique across restarts. Gateways
+//! announce `ID INCARNATION` every second; one that hears its id from another live incarnation
+//! reports it (`/healthz` 503): two live gateways with one id would split its results.
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+
+use super::streams::{GATEWAY_HEARTBEAT, HEARTBEAT_EVERY};
 use crate::error::{Error, Result};
 
 /// The longest gateway id.
@@ -65,6 +72,64 @@ pub fn incarnation() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     format!("i{nanos:x}p{}", std::process::id())
+}
+
+/// Another live gateway with this gateway's id: its incarnation and when it was last heard.
+#[derive(Default)]
+pub struct Twins(Mutex<Option<(String, Instant)>>);
+
+impl Twins {
+    /// The incarnation of another gateway heard with this id within three heartbeats.
+    pub fn twin(&self) -> Option<String> {
+        let t = self.0.lock();
+        t.as_ref()
+            .filter(|(_, at)| at.elapsed() <= 3 * HEARTBEAT_EVERY)
+            .map(|(inc, _)| inc.clone())
+    }
+}
+
+/// Announces `id incarnation` every [`HEARTBEAT_EVERY`] and listens for the same id from
+/// another incarnation (logged as an error when first heard).
+pub async fn announce(
+    client: &async_nats::Client,
+    id: &str,
+    incarnation: &str,
+) -> Result<Arc<Twins>> {
+    let mut beats = client
+        .subscribe(GATEWAY_HEARTBEAT)
+        .await
+        .map_err(|e| Error::Config(format!("NATS: subscribe: {e}")))?;
+    let twins: Arc<Twins> = Arc::default();
+    let (t, me) = (Arc::clone(&twins), id.to_string());
+    let mine = incarnation.to_string();
+    tokio::spawn(async move {
+        while let Some(msg) = beats.next().await {
+            let Ok(text) = std::str::from_utf8(&msg.payload) else {
+                continue;
+            };
+            let Some((id, inc)) = text.split_once(' ') else {
+                continue;
+            };
+            if id == me && inc != mine {
+                let mut g = t.0.lock();
+                if g.as_ref().is_none_or(|(i, _)| i != inc) {
+                    tracing::error!(
+                        "NATS gateway: another live gateway uses the id {me} (incarnation {inc}); \
+                         give each gateway its own --gateway-id"
+                    );
+                }
+                *g = Some((inc.to_string(), Instant::now()));
+            }
+        }
+    });
+    let (c, beat) = (client.clone(), format!("{id} {incarnation}"));
+    tokio::spawn(async move {
+        loop {
+            let _ = c.publish(GATEWAY_HEARTBEAT, beat.clone().into()).await;
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    });
+    Ok(twins)
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 
@@ -56,7 +56,12 @@ pub struct Share {
 }
 
 impl Share {
-    pub fn new(js: jetstream::Context, origin: &str, fingerprint: u64, shape: (usize, usize)) -> Share {
+    pub fn new(
+        js: jetstream::Context,
+        origin: &str,
+        fingerprint: u64,
+        shape: (usize, usize),
+    ) -> Share {
         Share {
             js,
             origin: origin.to_string(),
@@ -72,57 +77,19 @@ impl Share {
         let _ = self.sink.set(sink);
     }
 
-    /// The batch's results, one message per stream, in the order of the streams' first rows.
-    fn group(&self, batch: &str, rows: &Rows, out: &Outputs) -> Vec<StreamRows> {
-        let (d, m) = self.shape;
-        let mut groups: Vec<StreamRows> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for (i, stream) in rows.streams.iter().enumerate() {
-            let (Some(key), Some(&priority), Some(mask), Some(fused), Some(weights)) = (
-                rows.keys.get(i),
-                rows.priorities.get(i),
-                rows.mask.get(i * m..(i + 1) * m),
-                out.fused.get(i * d..(i + 1) * d),
-                out.weights.get(i * m..(i + 1) * m),
-            ) else {
-                continue;
-            };
-            let g = *index.entry(stream).or_insert_with(|| {
-                groups.push(StreamRows {
-                    origin: self.origin.clone(),
-                    batch: batch.to_string(),
-                    fingerprint: self.fingerprint,
-                    stream: stream.clone(),
-                    dim: d,
-                    modalities: m,
-                    rows: Vec::new(),
-                });
-                groups.len() - 1
-            });
-            groups[g].rows.push(Row {
-                key: key.clone(),
-                priority,
-                mask: mask.to_vec(),
-                fused: fused.to_vec(),
-                weights: weights.to_vec(),
-            });
-        }
-        groups
-    }
-
     /// Publishes a live batch's results for the other gateways, in the background (this
     /// gateway fans them out itself). A publish JetStream refuses is logged and counted: the
     /// other gateways' subscribers miss those rows (docs/DESIGN.md section 11).
     pub fn publish(&self, batch: &str, rows: &Rows, out: &Outputs) {
-        let msgs: Vec<(String, String, Vec<u8>)> = self
-            .group(batch, rows, out)
-            .into_iter()
-            .map(|g| {
-                let subject = stream_subject(&g.stream);
-                let id = msg_id(batch, &subject);
-                (subject, id, g.encode())
-            })
-            .collect();
+        let msgs: Vec<(String, String, Vec<u8>)> =
+            group(&self.origin, self.fingerprint, self.shape, batch, rows, out)
+                .into_iter()
+                .map(|g| {
+                    let subject = stream_subject(&g.stream);
+                    let id = msg_id(batch, &subject);
+                    (subject, id, g.encode())
+                })
+                .collect();
         let js = self.js.clone();
         tokio::spawn(async move {
             for (subject, id, payload) in msgs {
@@ -144,7 +111,7 @@ impl Share {
             Error::Runtime("NATS gateway: no fan-out attached for earlier results".into())
         })?;
         let mut delivered = 0;
-        for g in self.group(batch, rows, out) {
+        for g in group(&self.origin, self.fingerprint, self.shape, batch, rows, out) {
             let subject = stream_subject(&g.stream);
             let id = msg_id(batch, &subject);
             let ack = publish(&self.js, subject, &id, g.encode()).await?;
@@ -195,6 +162,51 @@ impl Share {
     }
 }
 
+/// A batch's results, one message per stream, in the order of the streams' first rows; a row
+/// the outputs or the mask do not cover is left out.
+fn group(
+    origin: &str,
+    fingerprint: u64,
+    (d, m): (usize, usize),
+    batch: &str,
+    rows: &Rows,
+    out: &Outputs,
+) -> Vec<StreamRows> {
+    let mut groups: Vec<StreamRows> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, stream) in rows.streams.iter().enumerate() {
+        let (Some(key), Some(&priority), Some(mask), Some(fused), Some(weights)) = (
+            rows.keys.get(i),
+            rows.priorities.get(i),
+            rows.mask.get(i * m..(i + 1) * m),
+            out.fused.get(i * d..(i + 1) * d),
+            out.weights.get(i * m..(i + 1) * m),
+        ) else {
+            continue;
+        };
+        let g = *index.entry(stream).or_insert_with(|| {
+            groups.push(StreamRows {
+                origin: origin.to_string(),
+                batch: batch.to_string(),
+                fingerprint,
+                stream: stream.clone(),
+                dim: d,
+                modalities: m,
+                rows: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[g].rows.push(Row {
+            key: key.clone(),
+            priority,
+            mask: mask.to_vec(),
+            fused: fused.to_vec(),
+            weights: weights.to_vec(),
+        });
+    }
+    groups
+}
+
 /// `<batch id>:<subject token>`: the same (batch, stream) always has the same id.
 fn msg_id(batch: &str, subject: &str) -> String {
     let token = subject.rsplit('.').next().unwrap_or(subject);
@@ -207,12 +219,16 @@ async fn publish(
     id: &str,
     payload: Vec<u8>,
 ) -> Result<jetstream::publish::PublishAck> {
-    let msg = PublishMessage::build().payload(payload.into()).message_id(id);
+    let msg = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(id);
     let ack = js
         .send_publish(subject, msg)
         .await
         .map_err(|e| nats_err("sharing results", e))?;
-    let ack = ack.await.map_err(|e| nats_err("shared results not stored", e))?;
+    let ack = ack
+        .await
+        .map_err(|e| nats_err("shared results not stored", e))?;
     metrics::counter!("fusion_nats_shared_total").increment(1);
     Ok(ack)
 }
@@ -309,5 +325,47 @@ impl Follower {
         }
         metrics::counter!("fusion_nats_shared_delivered_total").increment(rows.rows.len() as u64);
         self.sink.deliver(&rows);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Priority;
+
+    #[test]
+    fn one_message_per_stream_in_row_order() {
+        let rows = Rows {
+            streams: ["a", "b", "a", "c"].map(String::from).to_vec(),
+            keys: ["k0", "k1", "k2", "k3"].map(String::from).to_vec(),
+            priorities: vec![
+                Priority::Critical,
+                Priority::Bulk,
+                Priority::Important,
+                Priority::Bulk,
+            ],
+            mask: vec![1, 1, 0, 1, 1, 0, 1, 1],
+        };
+        // D = 1, M = 2; the last row has no outputs and is left out.
+        let out = Outputs {
+            fused: vec![0.0, 1.0, 2.0],
+            weights: vec![0.5, 0.5, 0.0, 1.0, 1.0, 0.0],
+        };
+        let g = group("gw", 9, (1, 2), "gw.i1.0", &rows, &out);
+        let streams: Vec<&str> = g.iter().map(|s| s.stream.as_str()).collect();
+        assert_eq!(streams, ["a", "b"]);
+        let a = &g[0];
+        assert_eq!(
+            (a.origin.as_str(), a.batch.as_str(), a.fingerprint),
+            ("gw", "gw.i1.0", 9)
+        );
+        let keys: Vec<&str> = a.rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["k0", "k2"]);
+        assert_eq!(a.rows[1].fused, vec![2.0]);
+        assert_eq!(a.rows[1].weights, vec![1.0, 0.0]);
+        assert_eq!(a.rows[1].mask, vec![1, 0]);
+        assert_eq!(a.rows[1].priority, Priority::Important);
+        assert_eq!(g[1].rows[0].weights, vec![0.0, 1.0]);
+        assert_eq!(msg_id("gw.i1.0", "fusion.streams.abcd"), "gw.i1.0:abcd");
     }
 }

@@ -28,7 +28,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Core NATS subject of the workers' heartbeats, `NAME FINGERPRINT-HEX`: a worker announces its
 /// head; the gateway's `/healthz` counts the compatible ones (docs/DESIGN.md section 11).
 pub const WORKER_HEARTBEAT: &str = "fusion.workers.heartbeat";
-/// How often a worker sends its heartbeat; the gateway forgets it after three missed.
+/// Core NATS subject of the gateways' heartbeats, `ID INCARNATION`: a gateway that hears its
+/// own id from another incarnation reports it (docs/DESIGN.md section 11, ids must be unique).
+pub const GATEWAY_HEARTBEAT: &str = "fusion.gateways.heartbeat";
+/// How often a worker (and a gateway) sends its heartbeat; forgotten after three missed.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// The subject of a class's batches: `fusion.batches.critical` etc.
