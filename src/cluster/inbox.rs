@@ -1,6 +1,6 @@
 //! The gateway's results inbox (docs/DESIGN.md section 11): the results of this gateway id's
 //! batches, read from the results stream (`FUSION_RESULTS`, filtered on this gateway's subject)
-//! through the id's durable consumer, each acked once handled, rather than a core subscription:
+//! through the id's durable consumer, acked once handled, rather than a core subscription:
 //! results published while the gateway was cut off from NATS (a NATS restart, a reconnect) are
 //! still read, and a gateway restarted with the same id reads what its earlier process had not
 //! acked. A result of this process's batches completes its waiting batch once (a later copy is
@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -34,6 +34,12 @@ const RETRY: Duration = Duration::from_millis(250);
 pub const ACK_WAIT: Duration = Duration::from_secs(5);
 /// Earlier batches' ids remembered as fanned out (a redelivered copy is dropped).
 const ORPHANS_KEPT: usize = 100_000;
+/// The most results handled before the inbox acks (the last of them)...
+const ACK_EVERY: usize = 256;
+/// ...and the longest a handled result waits for its ack.
+const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Attempts at fanning out an earlier batch's results, [`RETRY`] apart (30 s).
+const ORPHAN_TRIES: u32 = 120;
 
 /// The reader of one gateway's results.
 pub struct Inbox {
@@ -86,52 +92,81 @@ impl Inbox {
             .await
             .map_err(|e| e.to_string())?;
         let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
-        loop {
+        // The last result handled and not acked yet, how many are behind it and since when:
+        // acking it acks them all (AckPolicy::All), after ACK_DELAY or ACK_EVERY results.
+        let mut unacked: Option<jetstream::Message> = None;
+        let (mut behind, mut since) = (0usize, Instant::now());
+        let r = loop {
+            let wait = if unacked.is_some() {
+                ACK_DELAY.saturating_sub(since.elapsed())
+            } else {
+                IDLE
+            };
             // A consumer cut off by a NATS restart may wait forever: when batches are waiting
             // and nothing came for a while, make it again (what was not acked comes again).
-            let m = match tokio::time::timeout(IDLE, msgs.next()).await {
-                Ok(Some(m)) => m.map_err(|e| e.to_string())?,
-                Ok(None) => break,
+            let m = match tokio::time::timeout(wait, msgs.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => break Err(e.to_string()),
+                Ok(None) => break Err("the consumer ended".into()),
+                Err(_) if unacked.is_some() => {
+                    ack(unacked.take()).await;
+                    continue;
+                }
                 Err(_) if self.waiters.lock().is_empty() => continue,
                 Err(_) => {
                     tracing::debug!("NATS gateway: no result for {IDLE:?}; remaking the consumer");
-                    return Ok(());
+                    break Ok(());
                 }
             };
-            self.handle(&m.payload).await?;
-            if let Err(e) = m.ack().await {
-                tracing::debug!("NATS gateway: ack of a result failed: {e}");
+            self.handle(&m.payload).await;
+            if unacked.is_none() {
+                (behind, since) = (0, Instant::now());
             }
-        }
-        Err("the consumer ended".into())
+            unacked = Some(m);
+            behind += 1;
+            if behind >= ACK_EVERY || since.elapsed() >= ACK_DELAY {
+                ack(unacked.take()).await;
+            }
+        };
+        ack(unacked).await;
+        r
     }
 
     /// One result: to its waiting batch, or (an earlier process's batch) to its streams'
-    /// subscribers. An error means "not handled": the result is not acked and comes again.
-    async fn handle(&mut self, payload: &[u8]) -> std::result::Result<(), String> {
+    /// subscribers. Acking a later result acks this one, so an earlier batch's results are
+    /// retried here (NATS away) for up to [`ORPHAN_TRIES`] x [`RETRY`], then dropped with an
+    /// error.
+    async fn handle(&mut self, payload: &[u8]) {
         let r = match WireResult::decode(payload) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("NATS gateway: dropped an undecodable result: {e}");
-                return Ok(());
+                return;
             }
         };
         if r.id.starts_with(&self.mine) {
             deliver(&self.waiters, &self.duplicates, r);
-            return Ok(());
+            return;
         }
         if self.orphans.0.contains(&r.id) {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("fusion_nats_duplicates_dropped_total").increment(1);
-            return Ok(());
+            return;
         }
         match (&r.outcome, &r.rows) {
             (Ok(c), Some(rows)) => {
-                let n = self
-                    .share
-                    .orphan(&r.id, rows, &c.outputs)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut tries = 0;
+                let n = loop {
+                    match self.share.orphan(&r.id, rows, &c.outputs).await {
+                        Ok(n) => break n,
+                        Err(e) if tries + 1 >= ORPHAN_TRIES => {
+                            tracing::error!(batch = %r.id, "NATS gateway: results of an earlier process's batch dropped: {e}");
+                            break 0;
+                        }
+                        Err(_) => tries += 1,
+                    }
+                    tokio::time::sleep(RETRY).await;
+                };
                 metrics::counter!("fusion_nats_earlier_results_total").increment(n as u64);
                 tracing::info!(batch = %r.id, rows = n, "NATS gateway: results of an earlier process's batch fanned out");
             }
@@ -150,7 +185,16 @@ impl Inbox {
                 self.orphans.0.remove(&old);
             }
         }
-        Ok(())
+    }
+}
+
+/// Acks `m` and (AckPolicy::All) every result before it; a lost ack only means a redelivery,
+/// which is dropped as a duplicate.
+async fn ack(m: Option<jetstream::Message>) {
+    if let Some(m) = m {
+        if let Err(e) = m.ack().await {
+            tracing::debug!("NATS gateway: ack of a result failed: {e}");
+        }
     }
 }
 

@@ -77,25 +77,36 @@ impl Share {
         let _ = self.sink.set(sink);
     }
 
-    /// Publishes a live batch's results for the other gateways, in the background (this
-    /// gateway fans them out itself). A publish JetStream refuses is logged and counted: the
-    /// other gateways' subscribers miss those rows (docs/DESIGN.md section 11).
+    /// Publishes a live batch's results for the other gateways (this gateway fans them out
+    /// itself) as core NATS publishes that JetStream stores, without waiting for its
+    /// acknowledgement (measured in docs/PERF.md: the acked publish cost the gateway a third
+    /// more CPU per sample). A share NATS does not take (the connection away) is logged and
+    /// counted; a share JetStream does not store is not seen here: the other gateways'
+    /// subscribers miss those rows (docs/DESIGN.md section 11).
     pub fn publish(&self, batch: &str, rows: &Rows, out: &Outputs) {
         let msgs: Vec<(String, String, Vec<u8>)> =
             group(&self.origin, self.fingerprint, self.shape, batch, rows, out)
                 .into_iter()
                 .map(|g| {
                     let subject = stream_subject(&g.stream);
-                    let id = msg_id(batch, &subject);
-                    (subject, id, g.encode())
+                    (msg_id(batch, &subject), subject, g.encode())
                 })
                 .collect();
-        let js = self.js.clone();
+        let client = self.js.client();
+        // In a task: the local fan-out never waits for the NATS connection.
         tokio::spawn(async move {
-            for (subject, id, payload) in msgs {
-                if let Err(e) = publish(&js, subject, &id, payload).await {
-                    metrics::counter!("fusion_nats_share_refused_total").increment(1);
-                    tracing::warn!("NATS gateway: results {id} not shared: {e}");
+            for (id, subject, payload) in msgs {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+                match client
+                    .publish_with_headers(subject, headers, payload.into())
+                    .await
+                {
+                    Ok(()) => metrics::counter!("fusion_nats_shared_total").increment(1),
+                    Err(e) => {
+                        metrics::counter!("fusion_nats_share_refused_total").increment(1);
+                        tracing::warn!("NATS gateway: results {id} not shared: {e}");
+                    }
                 }
             }
         });
@@ -104,8 +115,8 @@ impl Share {
     /// Fans out the results of a batch this gateway's earlier process published (it has no
     /// producer waiting any more): each stream's rows are published for the other gateways and
     /// delivered here only when JetStream stored them now, not as a duplicate of what the
-    /// earlier process shared (and so fanned out) before it died. An error leaves the rest to a
-    /// redelivery (the caller does not ack), which skips what was stored now.
+    /// earlier process shared (and so fanned out) before it died. After an error the caller
+    /// tries again, which skips the streams stored now (their publish is then a duplicate).
     pub async fn orphan(&self, batch: &str, rows: &Rows, out: &Outputs) -> Result<usize> {
         let sink = self.sink.get().ok_or_else(|| {
             Error::Runtime("NATS gateway: no fan-out attached for earlier results".into())
@@ -270,7 +281,7 @@ impl Follower {
         let consumer = stream
             .create_consumer(OrderedConfig {
                 filter_subject: stream_subject(&self.stream),
-                deliver_policy: self.policy.clone(),
+                deliver_policy: self.policy,
                 ..Default::default()
             })
             .await

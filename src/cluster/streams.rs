@@ -215,7 +215,8 @@ pub async fn gateway_consumer(
                 durable_name: Some(name.clone()),
                 filter_subject: result_subject(gateway),
                 deliver_policy: consumer::DeliverPolicy::New,
-                ack_policy: consumer::AckPolicy::Explicit,
+                // Acking a result acks every earlier one: the inbox acks the last of a burst.
+                ack_policy: consumer::AckPolicy::All,
                 ack_wait,
                 max_ack_pending: 100_000,
                 inactive_threshold: GATEWAY_CONSUMER_IDLE,
