@@ -98,6 +98,13 @@ impl Got {
     }
 }
 
+/// A producer's event: an error fails the test.
+fn refused(e: Option<Event>) {
+    if let Some(Event::Error { raw, .. }) = e {
+        panic!("producer: {raw}");
+    }
+}
+
 /// Nothing more arrives on `c` within `secs` (a result delivered twice would).
 async fn quiet(c: &mut Client, secs: u64) {
     let extra = tokio::time::timeout(Duration::from_secs(secs), async {
@@ -154,8 +161,8 @@ async fn a_subscriber_of_gateway_b_gets_what_gateway_a_computed_once() {
         tokio::select! {
             e = next(&mut sub_a, 30.0) => got_a.see(&h, stream, e),
             e = next(&mut sub_b, 30.0) => got_b.see(&h, stream, e),
-            e = prod_a.next_event() => if let Some(Event::Error { raw, .. }) = e { panic!("{raw}") },
-            e = prod_b.next_event() => if let Some(Event::Error { raw, .. }) = e { panic!("{raw}") },
+            e = prod_a.next_event() => refused(e),
+            e = prod_b.next_event() => refused(e),
         }
     }
     quiet(&mut sub_b, 3).await;

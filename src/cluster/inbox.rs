@@ -160,7 +160,10 @@ impl Inbox {
                     match self.share.orphan(&r.id, rows, &c.outputs).await {
                         Ok(n) => break n,
                         Err(e) if tries + 1 >= ORPHAN_TRIES => {
-                            tracing::error!(batch = %r.id, "NATS gateway: results of an earlier process's batch dropped: {e}");
+                            tracing::error!(
+                                batch = %r.id,
+                                "NATS gateway: results of an earlier process's batch dropped: {e}"
+                            );
                             break 0;
                         }
                         Err(_) => tries += 1,
@@ -168,14 +171,22 @@ impl Inbox {
                     tokio::time::sleep(RETRY).await;
                 };
                 metrics::counter!("fusion_nats_earlier_results_total").increment(n as u64);
-                tracing::info!(batch = %r.id, rows = n, "NATS gateway: results of an earlier process's batch fanned out");
+                tracing::info!(
+                    batch = %r.id,
+                    rows = n,
+                    "NATS gateway: results of an earlier process's batch fanned out"
+                );
             }
             (Err((code, _)), _) => {
-                tracing::info!(batch = %r.id, %code, "NATS gateway: an earlier process's batch failed; no producer to tell")
+                tracing::info!(
+                    batch = %r.id,
+                    %code,
+                    "NATS gateway: an earlier process's batch failed; no producer to tell"
+                )
             }
             (Ok(_), None) => tracing::warn!(
                 batch = %r.id,
-                "NATS gateway: an earlier batch's result without its rows (a version-1 worker): dropped"
+                "NATS gateway: an earlier batch's result without its rows (version 1): dropped"
             ),
         }
         self.orphans.0.insert(r.id.clone());

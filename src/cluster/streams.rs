@@ -215,7 +215,8 @@ pub async fn gateway_consumer(
                 durable_name: Some(name.clone()),
                 filter_subject: result_subject(gateway),
                 deliver_policy: consumer::DeliverPolicy::New,
-                // Acking a result acks every earlier one: the inbox acks the last of a burst.
+                // Acking a result acks every earlier one: the inbox acks the last it
+                // handled every 20 ms or 256 results (docs/DESIGN.md section 11).
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait,
                 max_ack_pending: 100_000,
