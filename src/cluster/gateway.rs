@@ -1,14 +1,16 @@
 //! `serve --nats` (docs/DESIGN.md section 11): the server's batches go to the JetStream
 //! work-queue stream instead of the local engine, and each batch's results come back on this
-//! gateway's results subject. A batch id is delivered at most once: the first result for an id
-//! completes its waiting batch, any later copy (a batch computed twice after a redelivery) finds
-//! no waiter and is dropped and counted.
+//! gateway id's results subject. A batch id is delivered at most once: the first result for an
+//! id completes its waiting batch, any later copy (a batch computed twice after a redelivery)
+//! finds no waiter and is dropped and counted. Each batch's results are also shared with the
+//! other gateways ([`super::share`]); the results of batches an earlier process with the same
+//! id published are fanned out to their streams' subscribers ([`super::inbox`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::StreamExt;
@@ -16,13 +18,15 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::fingerprint::{fingerprint, hex};
+use super::identity::{announce, incarnation, random_id, validate_id, Twins};
 use super::inbox::{Inbox, Waiters};
 use super::metrics::class_label;
+use super::share::{Share, Sink};
 use super::streams::{
     batch_subject, connect, ensure_streams, nats_err, result_subject, NatsAccess, HEARTBEAT_EVERY,
     WORKER_HEARTBEAT,
 };
-use super::wire::WireBatch;
+use super::wire::{Rows, WireBatch};
 use crate::batch::Batch;
 use crate::engine::{BatchResult, Priority};
 use crate::error::{Error, Result};
@@ -37,6 +41,8 @@ pub struct Gateway {
     url: String,
     js: jetstream::Context,
     id: String,
+    /// `<id>.<incarnation>.`: the prefix of this process's batch ids.
+    prefix: String,
     reply: String,
     fingerprint: u64,
     seq: AtomicU64,
@@ -46,6 +52,11 @@ pub struct Gateway {
     timeout: Duration,
     /// `(D, M)` of the head: a result of another shape is refused, never fanned out.
     shape: (usize, usize),
+    share: Arc<Share>,
+    /// Another live gateway heard with this id (a misconfiguration `/healthz` reports).
+    twins: Arc<Twins>,
+    /// Started by [`Gateway::attach`], once the server can fan out.
+    inbox: Mutex<Option<Inbox>>,
 }
 
 /// The gateway's settings.
@@ -57,6 +68,10 @@ pub struct GatewayConfig {
     pub result_timeout: Duration,
     /// The batch stream's bound (`discard: new` beyond it: producers get `overloaded`).
     pub max_bytes: i64,
+    /// The stable gateway id (`serve --gateway-id`): a gateway restarted with the same id
+    /// fans out the results of the batches its earlier process published. None: a fresh id
+    /// each start (no such pick-up).
+    pub id: Option<String>,
 }
 
 impl GatewayConfig {
@@ -66,25 +81,34 @@ impl GatewayConfig {
             nats: NatsAccess::plain(url),
             result_timeout: Duration::from_secs(60),
             max_bytes: 1 << 30,
+            id: None,
         }
     }
 }
 
 impl Gateway {
-    /// Connects, creates the streams when needed and subscribes to this gateway's results.
+    /// Connects, creates the streams and this gateway id's results consumer when needed. The
+    /// results are read once [`Gateway::attach`] gives the gateway its fan-out.
     pub async fn connect(cfg: &GatewayConfig, head: &FusionHead) -> Result<Gateway> {
+        let id = match &cfg.id {
+            Some(id) => {
+                validate_id(id)?;
+                id.clone()
+            }
+            None => random_id(),
+        };
         let (client, js) = connect(&cfg.nats).await?;
         ensure_streams(&js, cfg.max_bytes).await?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let id = format!("gw{:x}p{}", nanos, std::process::id());
+        let inc = incarnation();
+        let prefix = format!("{id}.{inc}.");
         let reply = result_subject(&id);
+        let fp = fingerprint(head);
+        let shape = (head.dim, head.num_modalities());
+        let share = Arc::new(Share::new(js.clone(), &id, fp, shape));
         let waiters: Arc<Waiters> = Arc::default();
         let duplicates = Arc::new(AtomicU64::new(0));
-        let inbox = Inbox::open(&js, &reply, &waiters, &duplicates).await?;
-        tokio::spawn(inbox.run());
+        let inbox = Inbox::open(&js, &id, &prefix, &waiters, &duplicates, &share).await?;
+        let twins = announce(&client, &id, &inc).await?;
         let mut beats = client
             .subscribe(WORKER_HEARTBEAT)
             .await
@@ -96,13 +120,13 @@ impl Gateway {
                 heartbeat(&w, &msg.payload);
             }
         });
-        let fp = fingerprint(head);
         tracing::info!(gateway = %id, fingerprint = %hex(fp), url = %cfg.nats.url, "NATS gateway up");
         Ok(Gateway {
             client,
             url: cfg.nats.url.clone(),
             js,
             id,
+            prefix,
             reply,
             fingerprint: fp,
             seq: AtomicU64::new(0),
@@ -110,11 +134,31 @@ impl Gateway {
             duplicates,
             workers,
             timeout: cfg.result_timeout,
-            shape: (head.dim, head.num_modalities()),
+            shape,
+            share,
+            twins,
+            inbox: Mutex::new(Some(inbox)),
         })
     }
 
-    /// This gateway's id (the prefix of its batch ids).
+    /// Gives the gateway the server's fan-out and starts reading results (the first call; later
+    /// calls do nothing). Until then no result is read: the results of an earlier process's
+    /// batches wait in JetStream until the server can fan them out.
+    pub fn attach(&self, sink: Arc<dyn Sink>) {
+        self.share.set_sink(sink);
+        if let Some(inbox) = self.inbox.lock().take() {
+            tokio::spawn(inbox.run());
+        }
+    }
+
+    /// Follows `stream` from now on: other gateways' results of it are fanned out here too
+    /// (called when a local subscriber of it appears; idempotent).
+    pub fn follow(&self, stream: &str) {
+        self.share.follow(stream);
+    }
+
+    /// This gateway's id (its results subject and durable consumer; its batch ids begin with
+    /// it).
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -142,6 +186,14 @@ impl Gateway {
     pub fn health(&self) -> (bool, String) {
         let (same, other) = self.live_workers();
         let fp = hex(self.fingerprint);
+        if let Some(inc) = self.twins.twin() {
+            let msg = format!(
+                "gateway id {} is also used by another live gateway (incarnation {inc}): give \
+                 each gateway its own --gateway-id\n",
+                self.id
+            );
+            return (false, msg);
+        }
         if same > 0 {
             (
                 true,
@@ -156,24 +208,28 @@ impl Gateway {
         }
     }
 
-    /// Publishes the batch and returns the future of its results. Each row's stream and key
-    /// travel with it (for the workers' logs).
+    /// Publishes the batch and returns the future of its results; once they come they are
+    /// also shared with the other gateways. Each row's stream, key and class travel with it
+    /// (the worker echoes them in the result, for a restarted gateway).
     pub fn submit(
         &self,
         batch: Batch,
         priority: Priority,
-        streams: Vec<String>,
-        keys: Vec<String>,
+        rows_meta: Rows,
     ) -> impl Future<Output = Result<BatchResult>> + Send + 'static {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}.{n}", self.id);
+        let id = format!("{}{n}", self.prefix);
+        let mut rows_meta = rows_meta;
+        rows_meta.mask.clone_from(&batch.mask);
         let wire = WireBatch {
             id: id.clone(),
             reply: self.reply.clone(),
             fingerprint: self.fingerprint,
             priority,
-            streams,
-            keys,
+            version: 2,
+            streams: rows_meta.streams.clone(),
+            keys: rows_meta.keys.clone(),
+            priorities: rows_meta.priorities.clone(),
             inputs: batch.inputs,
             mask: batch.mask,
         };
@@ -186,6 +242,7 @@ impl Gateway {
         let url = self.url.clone();
         let start = Instant::now();
         let (rows, (d, m)) = (batch.rows, self.shape);
+        let share = Arc::clone(&self.share);
         async move {
             let r = if away {
                 metrics::counter!("fusion_nats_publish_refused_total").increment(1);
@@ -208,6 +265,7 @@ impl Gateway {
                 )));
             }
             res.total_time = start.elapsed();
+            share.publish(&id, &rows_meta, &res.outputs);
             Ok(res)
         }
     }

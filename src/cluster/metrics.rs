@@ -9,6 +9,11 @@
 //! | `fusion_nats_publish_refused_total` | counter | gateway: batch publishes refused (stream full, NATS away): producers got `overloaded` / `shed` |
 //! | `fusion_nats_duplicates_dropped_total` | counter | gateway: result copies dropped, their batch id already delivered |
 //! | `fusion_nats_round_trip_seconds` | histogram | gateway: batch publish -> its first result |
+//! | `fusion_nats_shared_total` | counter | gateway: per-stream results messages stored in `FUSION_STREAMS` |
+//! | `fusion_nats_share_refused_total` | counter | gateway: per-stream shares JetStream did not store (other gateways miss them) |
+//! | `fusion_nats_shared_delivered_total` | counter | gateway: rows shared by other gateways fanned out here |
+//! | `fusion_nats_shared_dropped_total` | counter | gateway: shared rows dropped (another head or stream) |
+//! | `fusion_nats_earlier_results_total` | counter | gateway: rows of its earlier process's batches fanned out |
 //! | `fusion_worker_batches_pulled_total` | counter | worker: batches fetched, by `class` |
 //! | `fusion_worker_redelivered_total` | counter | worker: fetched batches JetStream had delivered before |
 //! | `fusion_worker_refused_total` | counter | worker: batches refused for another head fingerprint |

@@ -1,7 +1,8 @@
 //! The JetStream layout both sides agree on (docs/DESIGN.md section 11): the work-queue stream
-//! of batches (one subject, hence one durable pull consumer, per priority class) and the
-//! results stream (whose duplicate window drops a second publish of the same batch id), and the
-//! connection with a clear error naming the URL.
+//! of batches (one subject, hence one durable pull consumer, per priority class), the results
+//! stream (whose duplicate window drops a second publish of the same batch id; one durable
+//! consumer per gateway id), the stream of results shared between gateways (one subject per
+//! fusion stream), and the connection with a clear error naming the URL.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,11 @@ use crate::error::{Error, Result};
 pub const BATCH_STREAM: &str = "FUSION_BATCHES";
 /// The results' stream.
 pub const RESULT_STREAM: &str = "FUSION_RESULTS";
+/// The stream of results shared between gateways, one subject per fusion stream.
+pub const SHARED_STREAM: &str = "FUSION_STREAMS";
+/// How long NATS keeps a gateway's durable results consumer after it was last used: longer than
+/// the results are kept (`DUPLICATE_WINDOW`), so a gateway restarted within that finds it.
+pub const GATEWAY_CONSUMER_IDLE: Duration = Duration::from_secs(600);
 /// JetStream's duplicate window on both streams: a batch id published twice within it is
 /// stored once (docs/DESIGN.md section 11 states what this does and does not cover).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -22,7 +28,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Core NATS subject of the workers' heartbeats, `NAME FINGERPRINT-HEX`: a worker announces its
 /// head; the gateway's `/healthz` counts the compatible ones (docs/DESIGN.md section 11).
 pub const WORKER_HEARTBEAT: &str = "fusion.workers.heartbeat";
-/// How often a worker sends its heartbeat; the gateway forgets it after three missed.
+/// Core NATS subject of the gateways' heartbeats, `ID INCARNATION`: a gateway that hears its
+/// own id from another incarnation reports it (docs/DESIGN.md section 11, ids must be unique).
+pub const GATEWAY_HEARTBEAT: &str = "fusion.gateways.heartbeat";
+/// How often a worker (and a gateway) sends its heartbeat; forgotten after three missed.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// The subject of a class's batches: `fusion.batches.critical` etc.
@@ -33,6 +42,25 @@ pub fn batch_subject(p: Priority) -> String {
 /// The results subject of one gateway.
 pub fn result_subject(gateway: &str) -> String {
     format!("fusion.results.{gateway}")
+}
+
+/// The subject of a fusion stream's shared results: `fusion.streams.` and the first 16 bytes of
+/// the SHA-256 of the name in hex (a stream name may hold any character, a subject token may
+/// not; the message carries the name, and a reader checks it).
+pub fn stream_subject(stream: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(stream.as_bytes());
+    let mut s = String::with_capacity(15 + 32);
+    s.push_str("fusion.streams.");
+    for b in &h[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The durable consumer of one gateway id's results (`fusion-gateway-<id>`).
+pub fn gateway_consumer_name(gateway: &str) -> String {
+    format!("fusion-gateway-{gateway}")
 }
 
 /// The durable pull consumer every worker shares for a class.
@@ -100,7 +128,7 @@ pub async fn connect(a: &NatsAccess) -> Result<(async_nats::Client, jetstream::C
     Ok((client, js))
 }
 
-/// Creates the two streams when they do not exist yet (an existing stream is used as it is).
+/// Creates the three streams when they do not exist yet (an existing stream is used as it is).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     max_bytes: i64,
@@ -128,6 +156,18 @@ pub async fn ensure_streams(
     })
     .await
     .map_err(|e| nats_err("creating the result stream", e))?;
+    js.get_or_create_stream(stream::Config {
+        name: SHARED_STREAM.into(),
+        subjects: vec!["fusion.streams.>".into()],
+        storage: stream::StorageType::File,
+        max_age: DUPLICATE_WINDOW,
+        max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_err("creating the shared results stream", e))?;
     Ok(batches)
 }
 
@@ -153,6 +193,39 @@ pub async fn class_consumer(
         )
         .await
         .map_err(|e| nats_err("creating a consumer", e))
+}
+
+/// One gateway id's durable results consumer: created at the gateway's first start with
+/// `DeliverPolicy::New`, found again by a restart with the same id (which then reads what the
+/// earlier process had not acked); removed by NATS after [`GATEWAY_CONSUMER_IDLE`] unused.
+pub async fn gateway_consumer(
+    js: &jetstream::Context,
+    gateway: &str,
+    ack_wait: Duration,
+) -> Result<consumer::PullConsumer> {
+    let name = gateway_consumer_name(gateway);
+    let results = js
+        .get_stream(RESULT_STREAM)
+        .await
+        .map_err(|e| nats_err("opening the result stream", e))?;
+    results
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: result_subject(gateway),
+                deliver_policy: consumer::DeliverPolicy::New,
+                // Acking a result acks every earlier one: the inbox acks the last it
+                // handled every 20 ms or 256 results (docs/DESIGN.md section 11).
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait,
+                max_ack_pending: 100_000,
+                inactive_threshold: GATEWAY_CONSUMER_IDLE,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats_err("creating the gateway's results consumer", e))
 }
 
 /// A NATS failure as the engine's retryable error (producers see `overloaded`).

@@ -1,8 +1,14 @@
-//! The two message formats on NATS (docs/DESIGN.md section 11): a batch (gateway -> workers,
-//! on the work-queue stream) and its results (worker -> the gateway that sent it). Compact
+//! The batch and result formats on NATS (docs/DESIGN.md section 11): a batch (gateway ->
+//! workers, on the work-queue stream) and its results (worker -> the gateway that sent it); the
+//! per-stream results shared between gateways are in [`super::wire_rows`]. Compact
 //! little-endian binary with a magic and a version; every length is checked against what is
 //! left, so a truncated or hostile message decodes to an error, never a panic or a huge
 //! allocation.
+//!
+//! Versions: a version-2 batch (`FEB2`) also carries each row's priority, and its result
+//! (`FER2`) carries the rows back (stream, key, priority, mask), so that a restarted gateway can
+//! fan out the results of batches it published before the restart. A worker answers a
+//! version-1 batch with a version-1 result: workers can be upgraded before gateways.
 
 use std::time::Duration;
 
@@ -11,8 +17,8 @@ use crate::engine::Priority;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMat};
 
-const BATCH_MAGIC: &[u8; 4] = b"FEB1";
-const RESULT_MAGIC: &[u8; 4] = b"FER1";
+const BATCH_MAGIC: [&[u8; 4]; 2] = [b"FEB1", b"FEB2"];
+const RESULT_MAGIC: [&[u8; 4]; 2] = [b"FER1", b"FER2"];
 
 /// A batch as the gateway publishes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,10 +32,14 @@ pub struct WireBatch {
     pub fingerprint: u64,
     /// The batch's class (the highest of its samples).
     pub priority: Priority,
-    /// Per row: the sample's stream and key (for logs; the gateway keeps its own copy).
+    /// The format version (1 or 2; the gateway sends 2): a worker answers in the same.
+    pub version: u8,
+    /// Per row: the sample's stream and key (echoed in a version-2 result).
     pub streams: Vec<String>,
     /// Per row.
     pub keys: Vec<String>,
+    /// Per row, the sample's class (version 2; a version-1 batch decodes as `priority`).
+    pub priorities: Vec<Priority>,
     /// One `[rows, width]` matrix per modality, in the head's order.
     pub inputs: Vec<HostMat>,
     /// `[rows, M]` presence mask.
@@ -43,6 +53,21 @@ pub struct WireResult {
     pub id: String,
     /// The outputs and where they were computed, or the engine's error (machine code, text).
     pub outcome: std::result::Result<Computed, (String, String)>,
+    /// The batch's rows, echoed (version 2); None in a version-1 result.
+    pub rows: Option<Rows>,
+}
+
+/// A batch's rows as a version-2 result echoes them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rows {
+    /// Per row: the sample's stream.
+    pub streams: Vec<String>,
+    /// Per row: the sample's key.
+    pub keys: Vec<String>,
+    /// Per row: the sample's class.
+    pub priorities: Vec<Priority>,
+    /// `[rows, M]` presence mask.
+    pub mask: Vec<u8>,
 }
 
 /// The successful part of a [`WireResult`].
@@ -82,15 +107,19 @@ impl WireBatch {
     pub fn encode(&self) -> Vec<u8> {
         let data: usize = self.inputs.iter().map(|m| m.bytes.len() + 9).sum();
         let mut w = Vec::with_capacity(64 + data + self.mask.len() + self.id.len());
-        w.extend_from_slice(BATCH_MAGIC);
+        let v2 = self.version >= 2;
+        w.extend_from_slice(BATCH_MAGIC[usize::from(v2)]);
         put_str(&mut w, &self.id);
         put_str(&mut w, &self.reply);
         w.extend_from_slice(&self.fingerprint.to_le_bytes());
         w.push(self.priority as u8);
         put_u32(&mut w, self.streams.len());
-        for (s, k) in self.streams.iter().zip(&self.keys) {
+        for (i, (s, k)) in self.streams.iter().zip(&self.keys).enumerate() {
             put_str(&mut w, s);
             put_str(&mut w, k);
+            if v2 {
+                w.push(self.priorities.get(i).copied().unwrap_or(self.priority) as u8);
+            }
         }
         put_u32(&mut w, self.inputs.len());
         for m in &self.inputs {
@@ -104,16 +133,20 @@ impl WireBatch {
 
     /// Decodes a batch; any inconsistency is an error naming what is wrong.
     pub fn decode(b: &[u8]) -> Result<WireBatch> {
-        let mut r = Reader::new(b, BATCH_MAGIC)?;
+        let (mut r, version) = Reader::versioned(b, BATCH_MAGIC)?;
         let id = r.string()?;
         let reply = r.string()?;
         let fingerprint = r.u64()?;
         let priority = priority_of(r.u8()?).ok_or_else(|| bad("priority"))?;
         let rows = r.u32()?;
-        let (mut streams, mut keys) = (Vec::new(), Vec::new());
+        let (mut streams, mut keys, mut priorities) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rows {
             streams.push(r.string()?);
             keys.push(r.string()?);
+            priorities.push(match version {
+                1 => priority,
+                _ => priority_of(r.u8()?).ok_or_else(|| bad("priority"))?,
+            });
         }
         let m = r.u32()?;
         let mut inputs = Vec::new();
@@ -145,8 +178,10 @@ impl WireBatch {
             reply,
             fingerprint,
             priority,
+            version,
             streams,
             keys,
+            priorities,
             inputs,
             mask,
         })
@@ -157,7 +192,7 @@ impl WireResult {
     /// Encodes the result.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::new();
-        w.extend_from_slice(RESULT_MAGIC);
+        w.extend_from_slice(RESULT_MAGIC[usize::from(self.rows.is_some())]);
         put_str(&mut w, &self.id);
         match &self.outcome {
             Ok(c) => {
@@ -175,12 +210,21 @@ impl WireResult {
                 put_str(&mut w, msg);
             }
         }
+        if let Some(rows) = &self.rows {
+            put_u32(&mut w, rows.streams.len());
+            for (i, (s, k)) in rows.streams.iter().zip(&rows.keys).enumerate() {
+                put_str(&mut w, s);
+                put_str(&mut w, k);
+                w.push(rows.priorities.get(i).copied().unwrap_or_default() as u8);
+            }
+            put_bytes(&mut w, &rows.mask);
+        }
         w
     }
 
     /// Decodes a result.
     pub fn decode(b: &[u8]) -> Result<WireResult> {
-        let mut r = Reader::new(b, RESULT_MAGIC)?;
+        let (mut r, version) = Reader::versioned(b, RESULT_MAGIC)?;
         let id = r.string()?;
         let outcome = match r.u8()? {
             0 => {
@@ -199,31 +243,51 @@ impl WireResult {
             1 => Err((r.string()?, r.string()?)),
             _ => return Err(bad("outcome")),
         };
+        let rows = match version {
+            1 => None,
+            _ => {
+                let n = r.u32()?;
+                let mut rows = Rows::default();
+                for _ in 0..n {
+                    rows.streams.push(r.string()?);
+                    rows.keys.push(r.string()?);
+                    rows.priorities
+                        .push(priority_of(r.u8()?).ok_or_else(|| bad("priority"))?);
+                }
+                rows.mask = r.bytes()?.to_vec();
+                let m = rows.mask.len().checked_div(n).unwrap_or(0);
+                let weights = outcome.as_ref().map(|c| c.outputs.weights.len()).ok();
+                if m * n != rows.mask.len() || weights.is_some_and(|w| w != m * n) {
+                    return Err(bad("rows"));
+                }
+                Some(rows)
+            }
+        };
         r.end()?;
-        Ok(WireResult { id, outcome })
+        Ok(WireResult { id, outcome, rows })
     }
 }
 
-fn bad(what: &str) -> Error {
+pub(super) fn bad(what: &str) -> Error {
     Error::Runtime(format!("bad cluster message: {what}"))
 }
 
-fn put_u32(w: &mut Vec<u8>, n: usize) {
+pub(super) fn put_u32(w: &mut Vec<u8>, n: usize) {
     // Every length written here is a batch's rows/columns/bytes, far below 4 GiB (NATS's
     // max_payload is megabytes); saturate rather than wrap, so a decoder rejects it.
     w.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
 }
 
-fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+pub(super) fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
     put_u32(w, b.len());
     w.extend_from_slice(b);
 }
 
-fn put_str(w: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(w: &mut Vec<u8>, s: &str) {
     put_bytes(w, s.as_bytes());
 }
 
-fn put_floats(w: &mut Vec<u8>, f: &[f32]) {
+pub(super) fn put_floats(w: &mut Vec<u8>, f: &[f32]) {
     put_u32(w, f.len());
     for x in f {
         w.extend_from_slice(&x.to_le_bytes());
@@ -231,15 +295,23 @@ fn put_floats(w: &mut Vec<u8>, f: &[f32]) {
 }
 
 /// A bounds-checked cursor.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     b: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(b: &'a [u8], magic: &[u8; 4]) -> Result<Reader<'a>> {
+    pub(super) fn new(b: &'a [u8], magic: &[u8; 4]) -> Result<Reader<'a>> {
         match b.strip_prefix(magic.as_slice()) {
             Some(rest) => Ok(Reader { b: rest }),
             None => Err(bad("magic")),
+        }
+    }
+
+    /// A reader after one of `magics`, and its version (1 for the first).
+    fn versioned(b: &'a [u8], magics: [&[u8; 4]; 2]) -> Result<(Reader<'a>, u8)> {
+        match Reader::new(b, magics[1]) {
+            Ok(r) => Ok((r, 2)),
+            Err(_) => Ok((Reader::new(b, magics[0])?, 1)),
         }
     }
 
@@ -252,32 +324,32 @@ impl<'a> Reader<'a> {
         Ok(h)
     }
 
-    fn u8(&mut self) -> Result<u8> {
+    pub(super) fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Result<usize> {
+    pub(super) fn u32(&mut self) -> Result<usize> {
         let mut a = [0u8; 4];
         a.copy_from_slice(self.take(4)?);
         Ok(u32::from_le_bytes(a) as usize)
     }
 
-    fn u64(&mut self) -> Result<u64> {
+    pub(super) fn u64(&mut self) -> Result<u64> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8]> {
+    pub(super) fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.u32()?;
         self.take(n)
     }
 
-    fn string(&mut self) -> Result<String> {
+    pub(super) fn string(&mut self) -> Result<String> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| bad("utf-8"))
     }
 
-    fn floats(&mut self) -> Result<Vec<f32>> {
+    pub(super) fn floats(&mut self) -> Result<Vec<f32>> {
         let n = self.u32()?;
         let b = self.take(n.checked_mul(4).ok_or_else(|| bad("length"))?)?;
         Ok(b.chunks_exact(4)
@@ -285,7 +357,7 @@ impl<'a> Reader<'a> {
             .collect())
     }
 
-    fn end(&self) -> Result<()> {
+    pub(super) fn end(&self) -> Result<()> {
         if self.b.is_empty() {
             Ok(())
         } else {

@@ -7,9 +7,11 @@ fn sample(rows: usize) -> WireBatch {
         id: "gw-1.7".into(),
         reply: "fusion.results.gw-1".into(),
         fingerprint: 0xdead_beef_0123_4567,
-        priority: Priority::Bulk,
+        priority: Priority::Important,
+        version: 2,
         streams: (0..rows).map(|i| format!("s{i}")).collect(),
         keys: (0..rows).map(|i| format!("k{i}")).collect(),
+        priorities: (0..rows).map(|i| Priority::ALL[1 + i % 2]).collect(),
         inputs: vec![
             HostMat {
                 dtype: DType::F32,
@@ -35,6 +37,53 @@ fn batch_round_trip() {
 }
 
 #[test]
+fn a_version_1_batch_decodes_with_the_batch_class_per_row() {
+    let mut b = sample(3);
+    b.version = 1;
+    let e = b.encode();
+    assert_eq!(&e[..4], b"FEB1");
+    let d = WireBatch::decode(&e).unwrap();
+    assert_eq!(d.version, 1);
+    assert_eq!(d.priorities, vec![Priority::Important; 3]);
+    assert_eq!(&sample(3).encode()[..4], b"FEB2");
+}
+
+#[test]
+fn a_version_2_result_carries_the_rows() {
+    let rows = Rows {
+        streams: vec!["a".into(), "b".into()],
+        keys: vec!["k0".into(), "k1".into()],
+        priorities: vec![Priority::Critical, Priority::Bulk],
+        mask: vec![1, 0, 1, 1],
+    };
+    let ok = WireResult {
+        id: "x.1".into(),
+        outcome: Ok(Computed {
+            outputs: Outputs {
+                fused: vec![1.0; 6],
+                weights: vec![0.5; 4],
+            },
+            device: "w/cpu:0".into(),
+            retries: 0,
+            device_time: Duration::from_micros(5),
+        }),
+        rows: Some(rows.clone()),
+    };
+    let e = ok.encode();
+    assert_eq!(&e[..4], b"FER2");
+    assert_eq!(WireResult::decode(&e).unwrap(), ok);
+    // Rows that do not match the outputs (3 weights per row, 2 mask bytes) are refused.
+    let mut bad = ok.clone();
+    if let Some(r) = bad.rows.as_mut() {
+        r.mask.pop();
+    }
+    assert!(WireResult::decode(&bad.encode()).is_err());
+    for cut in 0..e.len() {
+        assert!(WireResult::decode(&e[..cut]).is_err(), "cut at {cut}");
+    }
+}
+
+#[test]
 fn result_round_trip() {
     let ok = WireResult {
         id: "x.1".into(),
@@ -47,11 +96,13 @@ fn result_round_trip() {
             retries: 2,
             device_time: Duration::from_micros(1234),
         }),
+        rows: None,
     };
     assert_eq!(WireResult::decode(&ok.encode()).unwrap(), ok);
     let err = WireResult {
         id: "x.2".into(),
         outcome: Err(("overloaded".into(), "busy".into())),
+        rows: None,
     };
     assert_eq!(WireResult::decode(&err.encode()).unwrap(), err);
 }

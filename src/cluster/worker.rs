@@ -26,7 +26,7 @@ use super::metrics::{class_label, serve_worker_metrics};
 use super::streams::{
     class_consumer, connect, ensure_streams, NatsAccess, HEARTBEAT_EVERY, WORKER_HEARTBEAT,
 };
-use super::wire::{Computed, WireBatch, WireResult};
+use super::wire::{Computed, Rows, WireBatch, WireResult};
 use crate::batch::Batch;
 use crate::engine::{DeviceSpec, Engine, EngineConfig, Priority};
 use crate::error::{Error, Result};
@@ -263,6 +263,13 @@ async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
         return;
     }
     let rows = wb.streams.len();
+    // A version-2 batch's rows go back with its result (a restarted gateway fans them out).
+    let echo = (wb.version >= 2).then(|| Rows {
+        streams: wb.streams,
+        keys: wb.keys,
+        priorities: wb.priorities,
+        mask: wb.mask.clone(),
+    });
     let batch = Batch {
         rows,
         inputs: wb.inputs,
@@ -287,6 +294,7 @@ async fn handle(ctx: Arc<Ctx>, msg: Message, _permit: OwnedSemaphorePermit) {
                 device_time: r.device_time,
             })
             .map_err(|e| (e.code().to_string(), e.to_string())),
+        rows: echo,
     };
     let payload = res.encode();
     if let Ok(c) = res.outcome {

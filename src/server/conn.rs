@@ -448,6 +448,10 @@ impl Conn {
                 .subscribe(&sh.registry, &s, &self.out, resume, |a| {
                     notices::ack_subscribe(&about, a.epoch, a.last, a.replay)
                 });
+            if let Some(gw) = &sh.nats {
+                // Other gateways' results of the stream too (docs/DESIGN.md section 11).
+                gw.follow(&s);
+            }
             self.subscribed.insert(s);
         } else {
             if !self.subscribed.remove(stream) {

@@ -134,6 +134,11 @@ impl Server {
             next_id: AtomicU64::new(1),
             cfg,
         });
+        if let Some(gw) = &shared.nats {
+            // Results from other gateways and from this id's earlier process (section 11).
+            let sink = fanout::remote::RemoteSink(Arc::downgrade(&shared));
+            gw.attach(Arc::new(sink));
+        }
         let pipeline = tokio::spawn(ingest::pipeline::run_pipeline(
             Arc::clone(&shared),
             rx,
@@ -174,6 +179,11 @@ impl Server {
     /// The `/metrics` address, if any.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The NATS gateway's id under `serve --nats` (docs/DESIGN.md section 11).
+    pub fn gateway_id(&self) -> Option<String> {
+        self.shared.nats.as_ref().map(|g| g.id().to_string())
     }
 
     /// The engine.

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use super::{shutdown_signal, start_gateway, ServerConfig};
 use crate::cluster::fingerprint::hex;
 use crate::cluster::gateway::{Gateway, GatewayConfig};
+use crate::cluster::identity::{default_id, validate_id};
 use crate::engine::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -54,6 +55,11 @@ pub struct ServeOptions {
     /// NATS credentials file (`.creds`: user JWT and NKey seed).
     #[arg(long, value_name = "FILE", requires = "nats")]
     pub nats_creds: Option<PathBuf>,
+    /// This gateway's stable id (A-Z a-z 0-9 _ -): its results subject and durable consumer.
+    /// Restarted with the same id, it fans out the results of the batches it had in flight.
+    /// Every gateway on one NATS needs its own [default: gw-<host name>-<listen port>].
+    #[arg(long, value_name = "NAME", requires = "nats")]
+    pub gateway_id: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -99,6 +105,11 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
     }
     // Bad TLS files fail here, before any device opens (docs/DESIGN.md section 7).
     super::tls::acceptor(&cfg)?;
+    let gateway_id = o
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| default_id(cfg.listen));
+    validate_id(&gateway_id)?;
     let rt = runtime("fusion-server")?;
     rt.block_on(async move {
         let prom = match PrometheusBuilder::new().install_recorder() {
@@ -117,6 +128,7 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
                 let mut gc = GatewayConfig::new(url);
                 gc.nats.tls_ca = o.nats_tls_ca.clone();
                 gc.nats.creds = o.nats_creds.clone();
+                gc.id = Some(gateway_id);
                 Some(Arc::new(Gateway::connect(&gc, &head).await?))
             }
             None => None,
@@ -125,7 +137,10 @@ pub fn serve_until_signal(o: ServeOptions) -> Result<()> {
         let announce = nats.as_ref().map(|g| hex(g.fingerprint()));
         let server = start_gateway(cfg, Arc::clone(&head), prom, nats).await?;
         let devices = match (&o.nats, announce) {
-            (Some(url), Some(fp)) => format!("batches on NATS {url}, head fingerprint {fp}"),
+            (Some(url), Some(fp)) => {
+                let id = server.gateway_id().unwrap_or_default();
+                format!("batches on NATS {url} as gateway {id}, head fingerprint {fp}")
+            }
             _ => server.engine().device_names().join(", "),
         };
         eprintln!(

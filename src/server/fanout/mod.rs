@@ -5,6 +5,8 @@
 //!   producers.
 //! - [`stored`]: a result encoded once, shared by the replay buffer and every queue.
 //! - [`replay`]: per-stream seqs and the bounded replay buffer (PROTOCOL 7.4).
+//! - [`remote`]: results from other gateways and from this gateway's earlier process
+//!   (`serve --nats`), through [`deliver`]'s path.
 //! - [`registry`]: which connections subscribe to which stream; device notices.
 //! - [`outbound`]: a connection's per-class bounded send queues, drops, resume, conflation.
 //! - [`writer`]: the one task per connection that writes its queues to the socket.
@@ -14,6 +16,7 @@ pub(crate) mod bench;
 pub(crate) mod deliver;
 pub(crate) mod outbound;
 pub(crate) mod registry;
+pub(crate) mod remote;
 pub(crate) mod replay;
 pub(crate) mod stored;
 pub(crate) mod writer;

@@ -179,6 +179,12 @@ impl Replay {
         v
     }
 
+    /// Whether `stream` has a log (results buffered, a subscriber, or a result within
+    /// `replay_age`): a gateway keeps following it on NATS while it has.
+    pub fn knows(&self, stream: &str) -> bool {
+        self.inner.lock().logs.contains_key(stream)
+    }
+
     /// Fans one result out (tests; the server fans out whole batches, [`Self::deliver_stream`]).
     #[cfg(test)]
     pub fn deliver(&self, registry: &Registry, stream: &Arc<str>, r: &ResultView<'_>) {

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use super::aligner::Sample;
 use super::waiting::{FrameRows, Waiting};
 use crate::batch::Batch;
+use crate::cluster::wire::Rows;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::server::fanout::deliver::{fan_out, Meta};
@@ -192,9 +193,13 @@ fn dispatch(shared: &Shared, batch: Batch, priority: Priority, metas: &[Meta]) -
     match &shared.nats {
         None => Ok(Box::pin(shared.engine.submit(batch, priority)?)),
         Some(gw) => {
-            let streams = metas.iter().map(|m| m.stream.to_string()).collect();
-            let keys = metas.iter().map(|m| m.key.clone()).collect();
-            Ok(Box::pin(gw.submit(batch, priority, streams, keys)))
+            let rows = Rows {
+                streams: metas.iter().map(|m| m.stream.to_string()).collect(),
+                keys: metas.iter().map(|m| m.key.clone()).collect(),
+                priorities: metas.iter().map(|m| m.priority).collect(),
+                mask: Vec::new(), // the gateway takes the batch's
+            };
+            Ok(Box::pin(gw.submit(batch, priority, rows)))
         }
     }
 }
