@@ -80,8 +80,8 @@ impl FanoutBench {
             stream: Arc::clone(stream),
             key: format!("frame-{j:06}"),
             priority: Priority::Important,
-            mask: vec![1; MODALITIES],
-            producers: Vec::new(),
+            mask: vec![1; MODALITIES].into(),
+            producers: Arc::new([]),
         };
         let fused: Vec<f32> = (0..results * DIM).map(|x| x as f32 * 0.25).collect();
         let weights: Vec<f32> = (0..results * MODALITIES).map(|x| x as f32).collect();

@@ -13,13 +13,15 @@ use crate::error::Result;
 use crate::protocol::{notices, Code, ResultView};
 use crate::server::shared::Shared;
 
-/// What the fan-out needs of a sample once its features are in the batch.
+/// What the fan-out needs of a sample once its features are in the batch. The mask and the
+/// producers are shared by every sample of a `samples` frame (a reference count each, not an
+/// allocation per sample).
 pub(crate) struct Meta {
     pub stream: Arc<str>,
     pub key: String,
     pub priority: Priority,
-    pub mask: Vec<u8>,
-    pub producers: Vec<Arc<Outbound>>,
+    pub mask: Arc<[u8]>,
+    pub producers: Arc<[Arc<Outbound>]>,
 }
 
 /// Sends each result to every subscriber of its stream, or the error to its producers.

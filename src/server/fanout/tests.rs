@@ -197,8 +197,8 @@ fn a_batch_of_several_streams_goes_out_per_stream_in_batch_order() {
         stream: Arc::clone(s),
         key: k.to_string(),
         priority: Priority::Important,
-        mask: vec![1],
-        producers: Vec::new(),
+        mask: Arc::new([1]),
+        producers: Arc::new([]),
     };
     let metas = [
         meta(&a, "a0"),

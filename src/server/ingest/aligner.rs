@@ -38,13 +38,6 @@ pub(crate) struct Sample {
     pub producers: Vec<Arc<Outbound>>,
 }
 
-impl Sample {
-    /// The presence mask, head order.
-    pub fn mask(&self) -> Vec<u8> {
-        self.parts.iter().map(|p| p.is_some() as u8).collect()
-    }
-}
-
 /// What happened to an offered modality.
 #[derive(Debug)]
 pub(crate) enum Offer {

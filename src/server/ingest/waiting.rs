@@ -231,23 +231,24 @@ impl Waiting {
     pub fn into_metas(self, m: usize, out: &mut Vec<Meta>) {
         match self {
             Waiting::One(s) => out.push(Meta {
-                mask: s.mask(),
+                mask: s.parts.iter().map(|p| u8::from(p.is_some())).collect(),
                 stream: s.stream,
                 key: s.key,
                 priority: s.priority,
-                producers: s.producers,
+                producers: s.producers.into(),
             }),
             Waiting::Rows(r) => {
-                let mask: Vec<u8> = (0..m)
+                let mask: Arc<[u8]> = (0..m)
                     .map(|i| u8::from(matches!(r.slot.get(i), Some(Some(_)))))
                     .collect();
+                let producers: Arc<[Arc<Outbound>]> = Arc::new([Arc::clone(&r.producer)]);
                 for key in r.keys {
                     out.push(Meta {
-                        mask: mask.clone(),
+                        mask: Arc::clone(&mask),
                         stream: Arc::clone(&r.stream),
                         key,
                         priority: r.priority,
-                        producers: vec![Arc::clone(&r.producer)],
+                        producers: Arc::clone(&producers),
                     });
                 }
             }
