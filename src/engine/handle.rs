@@ -177,7 +177,7 @@ impl Engine {
     }
 
     /// The pool behind [`Engine::batch_buffer`].
-    pub(crate) fn buffer_pool(&self) -> &Arc<super::BufferPool> {
+    pub(crate) fn buffer_pool(&self) -> &Arc<super::buffers::BufferPool> {
         &self.core.buffers
     }
 

@@ -47,7 +47,7 @@ pub mod metrics;
 mod router;
 mod worker;
 
-pub(crate) use buffers::{BufferPool, PooledBlocks};
+pub(crate) use buffers::PooledBlocks;
 pub use config::{DeviceSpec, EngineConfig, FaultSpec};
 pub use core::DeviceCounters;
 pub use handle::{DeviceStats, Engine, EngineStats};

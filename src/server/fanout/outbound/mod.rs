@@ -22,11 +22,12 @@ use crate::protocol::notices;
 use crate::server::config::QueueConfig;
 use crate::server::metrics::ServerMetrics;
 
+mod body;
 mod drops;
 mod push;
 mod resume;
 
-pub(crate) use push::Body;
+pub(crate) use body::Body;
 
 /// Queue index of CONTROL messages; data classes follow as `1 + Priority as usize`.
 pub(crate) const CONTROL: usize = 0;

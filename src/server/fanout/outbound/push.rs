@@ -1,50 +1,18 @@
 //! Queuing a result into a connection's class queue (docs/DESIGN.md sections 5.2, 5.3;
 //! docs/PROTOCOL.md 7.1, 7.2, 7.5): the seq, the drop and backpressure rules, BULK
-//! conflation, and what a queued message holds ([`Body`]: a message of its own, or a reference
-//! to a result encoded once for every subscriber). The fan-out queues a batch's results of one
-//! stream under one lock acquisition per connection ([`Pusher`]).
+//! conflation. The fan-out queues a batch's results of one stream under one lock acquisition
+//! per connection ([`Pusher`]); what a queued item holds is a [`Body`] (body.rs).
 
-use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use parking_lot::MutexGuard;
+#[cfg(test)]
 use tokio_tungstenite::tungstenite::Message;
 
+use super::body::Body;
 use super::{class_of, Conflate, Item, Live, Outbound, QueueState, Tag, BULK};
 use crate::engine::Priority;
 use crate::protocol::notices;
-
-/// What a queued item sends.
-#[derive(Debug)]
-pub(crate) enum Body {
-    /// A message made for this connection (CONTROL, JSON results, version 1 replays).
-    Message(Message),
-    /// A binary result (PROTOCOL 4.2) encoded once with seq 0 and shared by every queue that
-    /// holds it: the writer writes the item's seq (and, `replayed`, the version 2 replayed
-    /// flag) into the copy it sends, or into its record of a `results` frame (4.5).
-    Shared { frame: Bytes, replayed: bool },
-}
-
-impl Body {
-    /// The bytes it sends (a `Shared` result: exactly its encoding's length).
-    pub fn len(&self) -> usize {
-        match self {
-            Body::Message(m) => m.len(),
-            Body::Shared { frame, .. } => frame.len(),
-        }
-    }
-}
-
-/// For logs and tests: a message as tungstenite shows it; a shared result as its length.
-impl fmt::Display for Body {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Body::Message(m) => m.fmt(f),
-            Body::Shared { frame, .. } => write!(f, "Shared result<length={}>", frame.len()),
-        }
-    }
-}
 
 /// A connection's queues held for a run of pushes (the results of one batch and stream, in
 /// order); the writer is woken once, when it is dropped.
