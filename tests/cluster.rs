@@ -107,20 +107,29 @@ async fn round_trip_through_two_workers_matches_the_reference() {
     }
     // Each worker's /metrics: every batch pulled was computed and its results stored (no
     // refusal, nothing redelivered), and the NATS round trip of each results publish recorded.
-    let (mut pulled, mut published) = (0.0, 0.0);
-    for port in ports {
-        let (code, text) = http_get(port, "/metrics");
-        assert_eq!(code, 200, "{text}");
-        pulled += metric(&text, "fusion_worker_batches_pulled_total");
-        published += metric(&text, "fusion_worker_results_published_total");
-        let timed = metric(&text, "fusion_worker_publish_seconds_count");
-        assert_eq!(
-            timed,
-            metric(&text, "fusion_worker_results_published_total")
-        );
-        assert_eq!(metric(&text, "fusion_worker_refused_total"), 0.0);
-        assert_eq!(metric(&text, "fusion_worker_redelivered_total"), 0.0);
-    }
+    // A worker counts a publish when JetStream's ack reaches it, which can be after the gateway
+    // already read the result: the counts are read again until they settle (at most 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (pulled, published) = loop {
+        let (mut pulled, mut published) = (0.0, 0.0);
+        for &port in &ports {
+            let (code, text) = http_get(port, "/metrics");
+            assert_eq!(code, 200, "{text}");
+            pulled += metric(&text, "fusion_worker_batches_pulled_total");
+            published += metric(&text, "fusion_worker_results_published_total");
+            let timed = metric(&text, "fusion_worker_publish_seconds_count");
+            assert_eq!(
+                timed,
+                metric(&text, "fusion_worker_results_published_total")
+            );
+            assert_eq!(metric(&text, "fusion_worker_refused_total"), 0.0);
+            assert_eq!(metric(&text, "fusion_worker_redelivered_total"), 0.0);
+        }
+        if pulled == published || Instant::now() >= deadline {
+            break (pulled, published);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         published >= 1.0 && pulled == published,
         "{pulled} {published}"
