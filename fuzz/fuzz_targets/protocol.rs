@@ -141,6 +141,7 @@ fn text(b: &[u8]) {
             binary,
             version,
             batch,
+            send_queue,
         }) => {
             assert_eq!(v["type"], "hello");
             assert!(
@@ -151,6 +152,16 @@ fn text(b: &[u8]) {
             assert_eq!(binary, v["results"] == "binary");
             assert_eq!(batch, v["batch_results"] == true);
             assert!(binary || !batch);
+            // Each size asked for is a positive integer of the message, under its class's name.
+            for (name, n) in ["critical", "important", "bulk"]
+                .into_iter()
+                .zip(send_queue)
+            {
+                if let Some(n) = n {
+                    assert!(n >= 1);
+                    assert_eq!(v["send_queue"][name].as_u64(), Some(n as u64));
+                }
+            }
         }
         Ok(ClientMessage::Ping) => assert_eq!(v["type"], "ping"),
         Ok(ClientMessage::Subscribe { stream }) | Ok(ClientMessage::Unsubscribe { stream }) => {
