@@ -20,7 +20,8 @@ use fusion_engine::tensor::DType;
 use server_util::nats::*;
 use server_util::*;
 
-/// A worker on one CPU thread with its /metrics on a free port.
+/// A worker on one CPU thread with its /metrics on a free port, once that port listens (a
+/// worker slow to start under a loaded machine must not make the first scrape fail).
 fn metered_worker(nats: &str, model: &Path, name: &str, devices: &str) -> (Child, u16) {
     let port = free_port();
     let child = worker_cmd(nats, model, name)
@@ -28,6 +29,7 @@ fn metered_worker(nats: &str, model: &Path, name: &str, devices: &str) -> (Child
         .arg(format!("127.0.0.1:{port}"))
         .spawn()
         .expect("worker starts");
+    wait_listening(port, Duration::from_secs(30));
     (child, port)
 }
 
