@@ -1,11 +1,11 @@
 //! One connection's handler: reads frames, validates them (docs/DESIGN.md section 7: every bad input gets
 //! a typed error and the connection goes on where it can), answers control messages, and hands
 //! produce messages to the pipeline. Its one writer task (`writer.rs`) owns the socket's
-//! sending half; everything this side says goes through the connection's CONTROL queue.
+//! sending half; everything this side says goes through the connection's CONTROL queue. Its
+//! `samples` frames have their own room ([`samples`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -17,15 +17,16 @@ use tokio_tungstenite::WebSocketStream;
 use super::fanout::outbound::{Conflate, Outbound};
 use super::fanout::replay::Resume;
 use super::fanout::writer;
-use super::ingest::pipeline::{refuse, refuse_samples};
-use super::ingest::queue::{Ingest, IngestMsg, IngestSamples};
+use super::ingest::pipeline::refuse;
+use super::ingest::queue::{Ingest, IngestMsg};
 use super::shared::Shared;
 use super::tls::Stream;
-use crate::engine::PooledBlocks;
 use crate::engine::Priority;
 use crate::protocol::notices::{self, About};
 use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
-use crate::tensor::{copy_finite, find_non_finite_bytes};
+use crate::tensor::find_non_finite_bytes;
+
+mod samples;
 
 struct Conn {
     shared: Arc<Shared>,
@@ -160,122 +161,6 @@ impl Conn {
                 ..About::default()
             },
         )
-    }
-
-    /// A `samples` frame (PROTOCOL 4.4): validated as a whole (one error refuses every sample of
-    /// it), then handed to the pipeline as one message weighing one ingest slot per row.
-    async fn samples(&mut self, frame: Bytes) {
-        let f = match protocol::parse_samples(&frame) {
-            Ok(f) => f,
-            Err(e) => return self.frame_error(&frame, e),
-        };
-        let id = (f.id != 0).then(|| Value::from(f.id));
-        let about = About {
-            id: id.as_ref(),
-            stream: Some(f.stream),
-            ..About::default()
-        };
-        let ing = match self.validate_samples(&f, id.clone()) {
-            Ok(i) => i,
-            Err(e) => return self.error(e.code, &e.message, &about),
-        };
-        let rows = ing.rows();
-        let sh = Arc::clone(&self.shared);
-        sh.m.produce.increment(rows as u64);
-        self.out.begin_request();
-        let deadline = tokio::time::Instant::now() + sh.cfg.ingest_wait;
-        let mut msg = IngestMsg::Samples(ing);
-        let refused = loop {
-            match sh.ingest.try_push(msg) {
-                Ok(()) => return,
-                Err(TrySendError::Closed(_)) => break None,
-                Err(TrySendError::Full(m)) => msg = m,
-            }
-            // Full: BULK is shed at once, other classes wait up to `ingest_wait` (PROTOCOL 5.1).
-            if f.priority == Priority::Bulk || tokio::time::Instant::now() >= deadline {
-                break Some(msg);
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        self.out.end_request();
-        match refused {
-            None => self.error(Code::Shutdown, "the server is shutting down", &about),
-            Some(IngestMsg::Samples(ing)) => {
-                let why = "the ingest queue is full (the server is saturated)";
-                refuse_samples(&sh, &ing, why);
-            }
-            Some(IngestMsg::One(_)) => {}
-        }
-    }
-
-    fn validate_samples(
-        &mut self,
-        f: &protocol::SamplesFrame<'_>,
-        id: Option<Value>,
-    ) -> Result<IngestSamples, ProtoError> {
-        if self.draining {
-            return Err(ProtoError::new(
-                Code::Shutdown,
-                "the server is shutting down",
-            ));
-        }
-        self.check_name("stream", f.stream)?;
-        for (i, k) in f.keys.iter().enumerate() {
-            self.check_name("key", k)
-                .map_err(|e| ProtoError::new(e.code, format!("sample {i}: {}", e.message)))?;
-        }
-        let head = &self.shared.head;
-        let mut modalities = Vec::with_capacity(f.modalities.len());
-        // Each block is copied out of the frame into a pooled buffer and scanned for NaN/Inf in
-        // the same pass, here on this connection's task (docs/DESIGN.md section 4): the frame's
-        // buffer is free again as soon as this returns, and on a bad value nothing of the frame
-        // is kept (the blocks copied so far go back to the pool with `blocks`).
-        let mut blocks = PooledBlocks::new(Arc::clone(self.shared.engine.buffer_pool()));
-        for (&(name, width), block) in f.modalities.iter().zip(&f.blocks) {
-            let Some(mi) = head.modality_index(name) else {
-                return Err(ProtoError::new(
-                    Code::UnknownModality,
-                    format!(
-                        "unknown modality \"{name}\" (the head has {})",
-                        head.modality_list()
-                    ),
-                ));
-            };
-            let want = head.modalities[mi].width;
-            if width != want {
-                return Err(ProtoError::new(
-                    Code::WrongWidth,
-                    format!("modality \"{name}\" has width {want}, got {width} values"),
-                ));
-            }
-            let mut buf = blocks.buffer(block.len());
-            if let Err(e) = copy_finite(f.dtype, block, &mut buf) {
-                blocks.give_back(buf);
-                return Err(ProtoError::new(
-                    Code::NonFinite,
-                    format!(
-                        "modality \"{name}\" of sample {} (key \"{}\"): element {} is NaN or Inf",
-                        e / width,
-                        f.keys.get(e / width).copied().unwrap_or_default(),
-                        e % width
-                    ),
-                ));
-            }
-            blocks.push(buf);
-            modalities.push(mi);
-        }
-        let stream = self.use_stream(f.stream)?;
-        Ok(IngestSamples {
-            stream,
-            keys: f.keys.iter().map(|k| k.to_string()).collect(),
-            dtype: f.dtype,
-            priority: f.priority,
-            modalities,
-            blocks,
-            ack: f.ack,
-            id,
-            producer: Arc::clone(&self.out),
-        })
     }
 
     async fn produce(&mut self, p: Produce<'_>) {
