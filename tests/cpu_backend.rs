@@ -88,3 +88,24 @@ fn nested_parallel_gemms_share_threads_safely() {
         );
     }
 }
+
+/// A batch too small to be worth the pool (the D = 8 head's widths, 500 rows: two row blocks,
+/// the last one partial) runs its blocks one after another on the calling thread; one just
+/// over the threshold (600 rows) goes to the pool. Both agree with the reference in every dtype.
+#[test]
+fn small_batches_on_the_calling_thread_and_larger_ones_on_the_pool_agree() {
+    for rows in [500, 600] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut b = open_cpu(Some(4));
+            common::agree(
+                &mut b,
+                &[1024, 768, 128],
+                8,
+                rows,
+                dtype,
+                MaskMode::Random,
+                rows as u64 + 7,
+            );
+        }
+    }
+}

@@ -36,6 +36,13 @@ pub use device::device_info;
 /// 64 rows 169, 128 rows 192, 256 rows 209 GFLOP/s whole head at B = 1024, docs/PERF.md).
 const MAX_BLOCK_ROWS: usize = 256;
 
+/// Batches whose projections take fewer multiply-adds than this (~0.1-0.3 ms on one core) run
+/// on the calling thread alone, without the pool: waking the pool's workers costs more than
+/// they save there, and after every job they spin in `sched_yield` before sleeping, taking the
+/// cores a server's connection tasks need (a `perf` profile of `serve` with the D = 8 test
+/// head, batches of 256: 23% of the server's CPU in that spin; docs/PERF.md).
+const PARALLEL_MIN_MACS: usize = 1 << 23;
+
 /// A head prepared for the CPU: projection weights transposed to `[d_m, D]` so each GEMM
 /// streams the weight rows contiguously.
 struct Prepared {
@@ -95,22 +102,38 @@ impl CpuBackend {
         })
     }
 
+    /// Threads a batch of `rows` rows is worth: 1 (the calling thread, no pool) when its
+    /// projections are small ([`PARALLEL_MIN_MACS`]), else the pool's.
+    fn threads_for(&self, head: &FusionHead, rows: usize) -> usize {
+        let width: usize = head.modalities.iter().map(|m| m.width).sum();
+        if rows.saturating_mul(width).saturating_mul(head.dim) < PARALLEL_MIN_MACS {
+            1
+        } else {
+            self.threads
+        }
+    }
+
     /// Runs only the M projection GEMMs for the batch (no bias, no epilogue), on the same row
     /// blocks and threads as [`Backend::run`]. This is the "projections alone" yardstick that
     /// `bench` reports the whole head against.
     fn projections_only(&mut self, batch: &BatchRef<'_>) -> Result<()> {
         let p = self.prepared.as_ref().ok_or_else(no_head)?;
         batch.validate_shapes(&p.head)?;
-        let block = block_rows(batch.rows, self.threads);
+        let threads = self.threads_for(&p.head, batch.rows);
+        let block = block_rows(batch.rows, threads);
         let nblocks = batch.rows.div_ceil(block);
-        let par = nblocks < self.threads;
-        self.pool.install(|| {
-            (0..nblocks).into_par_iter().for_each(|bi| {
-                let r0 = bi * block;
-                let n = block.min(batch.rows - r0);
-                with_scratch(|h, xs| project_block(p, batch, r0, n, h, xs, par))
-            })
-        });
+        let par = nblocks < threads;
+        let one = |bi: usize| {
+            let r0 = bi * block;
+            let n = block.min(batch.rows - r0);
+            with_scratch(|h, xs| project_block(p, batch, r0, n, h, xs, par))
+        };
+        if threads == 1 {
+            (0..nblocks).for_each(one);
+        } else {
+            self.pool
+                .install(|| (0..nblocks).into_par_iter().for_each(one));
+        }
         Ok(())
     }
 }
@@ -237,32 +260,40 @@ impl Backend for CpuBackend {
         batch.validate_shapes(head)?;
         out.check(head, batch.rows)?;
         let (d, m) = (head.dim, head.num_modalities());
-        let block = block_rows(batch.rows, self.threads);
+        let threads = self.threads_for(head, batch.rows);
+        let block = block_rows(batch.rows, threads);
         let nblocks = batch.rows.div_ceil(block);
-        let par = nblocks < self.threads;
+        let par = nblocks < threads;
         let kernel = epilogue::Kernel::detect();
-        self.pool
-            .install(|| {
+        let one = |(bi, (fused, weights)): (usize, (&mut [f32], &mut [f32]))| {
+            let r0 = bi * block;
+            let n = fused.len() / d;
+            batch.validate_mask(r0..r0 + n)?;
+            let bad = with_scratch(|h, xs| {
+                project_block(p, batch, r0, n, h, xs, par);
+                let present = &batch.mask[r0 * m..(r0 + n) * m];
+                kernel.run(head, &mut h[..m * n * d], n, present, fused, weights)
+            });
+            match bad {
+                Some(r) => Err(batch.non_finite_error(head, r0 + r)),
+                None => Ok(()),
+            }
+        };
+        if threads == 1 {
+            out.fused
+                .chunks_mut(block * d)
+                .zip(out.weights.chunks_mut(block * m))
+                .enumerate()
+                .try_for_each(one)?;
+        } else {
+            self.pool.install(|| {
                 out.fused
                     .par_chunks_mut(block * d)
                     .zip(out.weights.par_chunks_mut(block * m))
                     .enumerate()
-                    .try_for_each(|(bi, (fused, weights))| {
-                        let r0 = bi * block;
-                        let n = fused.len() / d;
-                        batch.validate_mask(r0..r0 + n)?;
-                        let bad = with_scratch(|h, xs| {
-                            project_block(p, batch, r0, n, h, xs, par);
-                            let present = &batch.mask[r0 * m..(r0 + n) * m];
-                            kernel.run(head, &mut h[..m * n * d], n, present, fused, weights)
-                        });
-                        match bad {
-                            Some(r) => Err(batch.non_finite_error(head, r0 + r)),
-                            None => Ok(()),
-                        }
-                    })
-            })
-            .map(|_: ()| ())?;
+                    .try_for_each(one)
+            })?;
+        }
         debug_assert_eq!(nblocks, batch.rows.div_ceil(block));
         Ok(())
     }

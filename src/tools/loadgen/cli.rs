@@ -50,6 +50,10 @@ pub struct LoadgenArgs {
     /// Subscribers ask for several results per frame (`batch_results`, PROTOCOL 4.5).
     #[arg(long)]
     batch_results: bool,
+    /// Subscribers ask for send queues of N results per class (`hello`'s `send_queue`,
+    /// PROTOCOL 2; the server caps it at its `max_send_queue`) [default: the server's sizes].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    send_queue: Option<u32>,
     /// SVG plot path [default: loadgen-<scenario>.svg].
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -97,6 +101,7 @@ impl LoadgenArgs {
             dtype: self.dtype,
             samples_per_frame: self.samples_per_frame as usize,
             batch_results: self.batch_results,
+            send_queue: self.send_queue.map(|n| n as usize),
             ..Default::default()
         };
         let r = runtime()?

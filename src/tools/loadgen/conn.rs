@@ -50,16 +50,28 @@ pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, L
     Ok(ws)
 }
 
+/// What a `hello` asks for besides binary results.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Hello {
+    /// Several results per frame (PROTOCOL 4.5).
+    pub batch: bool,
+    /// Send queues of this many results per class (PROTOCOL 2: `send_queue`).
+    pub send_queue: Option<usize>,
+}
+
 /// Says hello in protocol `version` (1, or 2 for stream seqs and resume) asking for binary
-/// results.
-pub(crate) async fn hello<S>(tx: &mut S, version: u8, batch: bool) -> Result<(), LoadgenError>
+/// results and what `asks` says.
+pub(crate) async fn hello<S>(tx: &mut S, version: u8, asks: Hello) -> Result<(), LoadgenError>
 where
     S: Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    let m = serde_json::json!({
+    let mut m = serde_json::json!({
         "type": "hello", "version": version, "results": "binary",
-        "client": "fusion-engine-loadgen", "batch_results": batch,
+        "client": "fusion-engine-loadgen", "batch_results": asks.batch,
     });
+    if let Some(n) = asks.send_queue {
+        m["send_queue"] = serde_json::json!({"critical": n, "important": n, "bulk": n});
+    }
     tx.send(Message::text(m.to_string())).await?;
     Ok(())
 }

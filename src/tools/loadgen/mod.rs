@@ -128,6 +128,7 @@ pub async fn drive(
                 probe: probe_rx.clone(),
                 live: if id == 0 { live.clone() } else { None },
                 batch_results: o.batch_results,
+                send_queue: o.send_queue,
                 close_check_every: (!has_metrics)
                     .then(|| Duration::from_secs_f64(send_timeout_s.unwrap_or(5.0) + 2.0)),
             },

@@ -53,6 +53,8 @@ pub struct Options {
     pub samples_per_frame: usize,
     /// Subscribers ask for several results per frame (`batch_results`, PROTOCOL 4.5).
     pub batch_results: bool,
+    /// Subscribers ask for send queues of this many results per class (`hello`'s `send_queue`).
+    pub send_queue: Option<usize>,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             dtype: DType::F32,
             samples_per_frame: 1,
             batch_results: false,
+            send_queue: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{connect, hello, Ws};
+use super::conn::{connect, hello, Hello, Ws};
 use super::options::LoadgenError;
 use super::stats::{make_key, now_us, parse_key};
 use crate::engine::Priority;
@@ -82,7 +82,7 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
     let ws = connect(&cfg.url, None).await?;
     let (mut tx, rx) = ws.split();
-    hello(&mut tx, 1, false).await?;
+    hello(&mut tx, 1, Hello::default()).await?;
     let (pressure_tx, mut pressure) = watch::channel(false);
     let reader = tokio::spawn(read_replies(rx, pressure_tx));
     let mut rec = ProducerRecord::default();

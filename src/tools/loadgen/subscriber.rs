@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{connect, hello, peek_result, Ws};
+use super::conn::{connect, hello, peek_result, Hello, Ws};
 use super::options::LoadgenError;
 use super::stats::{gaps, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
 use crate::protocol::split_results;
@@ -41,6 +41,8 @@ pub(crate) struct SubscriberCfg {
     pub live: Option<SharedLive>,
     /// Ask for several results per frame (PROTOCOL 4.5).
     pub batch_results: bool,
+    /// Send queue size asked for per class (`hello`'s `send_queue`), if any.
+    pub send_queue: Option<usize>,
 }
 
 enum Flow {
@@ -93,7 +95,10 @@ pub(crate) async fn run_subscriber(cfg: SubscriberCfg) -> Result<ConnRecord, Loa
         &cfg.url,
         subscribes(&cfg.streams, None),
         rcvbuf,
-        cfg.batch_results,
+        Hello {
+            batch: cfg.batch_results,
+            send_queue: cfg.send_queue,
+        },
     )
     .await?
     .split();
@@ -135,10 +140,10 @@ async fn open(
     url: &str,
     subscribes: Vec<String>,
     rcvbuf: Option<u32>,
-    batch: bool,
+    asks: Hello,
 ) -> Result<Ws, LoadgenError> {
     let mut ws = connect(url, rcvbuf).await?;
-    hello(&mut ws, 2, batch).await?;
+    hello(&mut ws, 2, asks).await?;
     for m in subscribes {
         ws.send(Message::text(m)).await?;
     }
@@ -342,9 +347,11 @@ impl Sub {
             tokio::time::sleep(Duration::from_secs_f64(away_s)).await;
             // Come back even when the run is draining, so that what was missed is resumed.
             let msgs = subscribes(&self.cfg.streams, Some((self.epoch, &self.points)));
-            let (tx, rx) = open(&self.cfg.url, msgs, None, self.cfg.batch_results)
-                .await?
-                .split();
+            let asks = Hello {
+                batch: self.cfg.batch_results,
+                send_queue: self.cfg.send_queue,
+            };
+            let (tx, rx) = open(&self.cfg.url, msgs, None, asks).await?.split();
             (self.tx, self.rx, self.resuming) = (tx, rx, true);
             self.wait_acks().await?;
             if self.draining() {
