@@ -111,7 +111,7 @@ pub fn about_samples(
     code: Code,
     message: &str,
     stream: &str,
-    keys: &[String],
+    keys: &[&str],
     shed: bool,
 ) -> Message {
     let mut o = Map::new();
@@ -122,11 +122,11 @@ pub fn about_samples(
     }
     o.insert("stream".into(), stream.into());
     if let [k] = keys {
-        o.insert("key".into(), k.as_str().into());
+        o.insert("key".into(), (*k).into());
     }
     o.insert(
         "keys".into(),
-        keys.iter().map(|k| Value::from(k.as_str())).collect(),
+        keys.iter().map(|&k| Value::from(k)).collect(),
     );
     text(o)
 }

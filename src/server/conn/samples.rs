@@ -13,6 +13,7 @@ use super::Conn;
 use crate::engine::{PooledBlocks, Priority};
 use crate::protocol::notices::About;
 use crate::protocol::{self, Code, ProtoError};
+use crate::server::ingest::keys::FrameKeys;
 use crate::server::ingest::pipeline::refuse_samples;
 use crate::server::ingest::queue::{IngestMsg, IngestSamples};
 use crate::tensor::copy_finite;
@@ -120,10 +121,12 @@ impl Conn {
             blocks.push(buf);
             modalities.push(mi);
         }
+        let keys = FrameKeys::new(&f.keys)
+            .ok_or_else(|| ProtoError::new(Code::Malformed, "the frame's keys exceed 4 GiB"))?;
         let stream = self.use_stream(f.stream)?;
         Ok(IngestSamples {
             stream,
-            keys: f.keys.iter().map(|k| k.to_string()).collect(),
+            keys,
             dtype: f.dtype,
             priority: f.priority,
             modalities,

@@ -11,6 +11,7 @@ use super::replay::Replay;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::protocol::{notices, Code, ResultView};
+use crate::server::ingest::keys::SampleKey;
 use crate::server::shared::Shared;
 
 /// What the fan-out needs of a sample once its features are in the batch. The mask and the
@@ -18,7 +19,7 @@ use crate::server::shared::Shared;
 /// allocation per sample).
 pub(crate) struct Meta {
     pub stream: Arc<str>,
-    pub key: String,
+    pub key: SampleKey,
     pub priority: Priority,
     pub mask: Arc<[u8]>,
     pub producers: Arc<[Arc<Outbound>]>,
@@ -32,7 +33,7 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
             let code = Code::of_engine_error(&e);
             let it = metas
                 .iter()
-                .map(|m| (&m.stream, &m.key, m.priority, &m.producers[..]));
+                .map(|m| (&m.stream, m.key.as_str(), m.priority, &m.producers[..]));
             tell_producers(shared, it, code, &e.to_string());
             return;
         }
@@ -101,11 +102,11 @@ pub(crate) fn deliver_results(
 /// failures costs a producer a few CONTROL slots, not one per sample.
 pub(crate) fn tell_producers<'a>(
     shared: &Shared,
-    samples: impl Iterator<Item = (&'a Arc<str>, &'a String, Priority, &'a [Arc<Outbound>])>,
+    samples: impl Iterator<Item = (&'a Arc<str>, &'a str, Priority, &'a [Arc<Outbound>])>,
     code: Code,
     msg: &str,
 ) {
-    type Group<'g> = (&'g Arc<Outbound>, &'g Arc<str>, bool, Vec<String>);
+    type Group<'g> = (&'g Arc<Outbound>, &'g Arc<str>, bool, Vec<&'g str>);
     let mut groups: Vec<Group<'_>> = Vec::new();
     for (stream, key, prio, producers) in samples {
         let shed = code == Code::Overloaded && prio == Priority::Bulk;
@@ -114,8 +115,8 @@ pub(crate) fn tell_producers<'a>(
                 .iter_mut()
                 .find(|g| Arc::ptr_eq(g.0, p) && g.1 == stream && g.2 == shed)
             {
-                Some(g) => g.3.push(key.clone()),
-                None => groups.push((p, stream, shed, vec![key.clone()])),
+                Some(g) => g.3.push(key),
+                None => groups.push((p, stream, shed, vec![key])),
             }
         }
     }

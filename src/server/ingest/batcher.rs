@@ -195,7 +195,7 @@ fn dispatch(shared: &Shared, batch: Batch, priority: Priority, metas: &[Meta]) -
         Some(gw) => {
             let rows = Rows {
                 streams: metas.iter().map(|m| m.stream.to_string()).collect(),
-                keys: metas.iter().map(|m| m.key.clone()).collect(),
+                keys: metas.iter().map(|m| m.key.to_string()).collect(),
                 priorities: metas.iter().map(|m| m.priority).collect(),
                 mask: Vec::new(), // the gateway takes the batch's
             };

@@ -10,6 +10,7 @@
 
 pub(crate) mod aligner;
 pub(crate) mod batcher;
+pub(crate) mod keys;
 pub(crate) mod pipeline;
 pub(crate) mod pressure;
 pub(crate) mod queue;

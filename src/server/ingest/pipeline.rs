@@ -232,7 +232,7 @@ impl Pipeline {
             &shared,
             incomplete
                 .iter()
-                .map(|s| (&s.stream, &s.key, s.priority, &s.producers[..])),
+                .map(|s| (&s.stream, s.key.as_str(), s.priority, &s.producers[..])),
             Code::IncompleteSample,
             &msg,
         );

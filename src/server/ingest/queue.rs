@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
+use super::keys::FrameKeys;
 use crate::engine::{PooledBlocks, Priority};
 use crate::server::fanout::outbound::Outbound;
 use crate::tensor::DType;
@@ -34,7 +35,8 @@ pub(crate) struct Ingest {
 #[derive(Debug)]
 pub(crate) struct IngestSamples {
     pub stream: Arc<str>,
-    pub keys: Vec<String>,
+    /// One key per row, in one allocation.
+    pub keys: Arc<FrameKeys>,
     pub dtype: DType,
     pub priority: Priority,
     /// Head index of each modality in the frame, frame order.

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::aligner::Sample;
+use super::keys::{FrameKeys, SampleKey};
 use super::queue::IngestSamples;
 use crate::engine::{PooledBlocks, Priority};
 use crate::model::FusionHead;
@@ -23,8 +24,8 @@ pub(crate) struct FrameRows {
     /// One `[N, width]` block per modality of the frame (validated and copied at ingest),
     /// shared by the runs the frame is split into.
     blocks: Arc<PooledBlocks>,
-    /// The keys of rows `start..end`, in order.
-    keys: std::vec::IntoIter<String>,
+    /// The keys of the frame's rows (this run's are `start..end`).
+    keys: Arc<FrameKeys>,
     start: usize,
     end: usize,
     producer: Arc<Outbound>,
@@ -49,7 +50,7 @@ impl FrameRows {
             dtype: s.dtype,
             slot,
             blocks: Arc::new(s.blocks),
-            keys: s.keys.into_iter(),
+            keys: s.keys,
             start: 0,
             end: n,
             producer: s.producer,
@@ -58,14 +59,13 @@ impl FrameRows {
 
     /// Splits off the first `k` rows (0 < k < len) as a run of their own.
     fn split_front(&mut self, k: usize) -> FrameRows {
-        let keys: Vec<String> = self.keys.by_ref().take(k).collect();
         let front = FrameRows {
             stream: Arc::clone(&self.stream),
             priority: self.priority,
             dtype: self.dtype,
             slot: self.slot.clone(),
             blocks: Arc::clone(&self.blocks),
-            keys: keys.into_iter(),
+            keys: Arc::clone(&self.keys),
             start: self.start,
             end: self.start + k,
             producer: Arc::clone(&self.producer),
@@ -233,7 +233,7 @@ impl Waiting {
             Waiting::One(s) => out.push(Meta {
                 mask: s.parts.iter().map(|p| u8::from(p.is_some())).collect(),
                 stream: s.stream,
-                key: s.key,
+                key: SampleKey::Own(s.key),
                 priority: s.priority,
                 producers: s.producers.into(),
             }),
@@ -242,11 +242,11 @@ impl Waiting {
                     .map(|i| u8::from(matches!(r.slot.get(i), Some(Some(_)))))
                     .collect();
                 let producers: Arc<[Arc<Outbound>]> = Arc::new([Arc::clone(&r.producer)]);
-                for key in r.keys {
+                for i in r.start..r.end {
                     out.push(Meta {
                         mask: Arc::clone(&mask),
                         stream: Arc::clone(&r.stream),
-                        key,
+                        key: SampleKey::row(&r.keys, i),
                         priority: r.priority,
                         producers: Arc::clone(&producers),
                     });
