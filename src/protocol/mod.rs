@@ -34,8 +34,9 @@ pub use frame::{
 };
 pub use produce::{encode_produce, parse_produce, produce_id, Produce, ProduceFrame};
 pub use result::{
-    decode_result, encode_result, json_result, json_result_tail, patch_result, result_v1_of_v2,
-    with_seq, DecodedResult, ResultView, SEQ_OFFSET,
+    decode_result, encode_result, encode_result_into, encoded_result_len, json_result,
+    json_result_tail, patch_result, result_v1_of_v2, with_seq, DecodedResult, ResultView,
+    SEQ_OFFSET,
 };
 pub use results_frame::{
     results_frame_begin, results_frame_push, results_frame_start, split_results, RESULTS_HEADER,

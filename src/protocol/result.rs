@@ -1,7 +1,7 @@
 //! One fused result on the wire: the binary result frame (docs/PROTOCOL.md section 4.2, with
 //! the stream seq in version 2) and its JSON form; encode (server) and decode (client).
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 
 use super::frame::{
     priority_code, priority_name, priority_of, u16_at, u32_at, KIND_RESULT, MAGIC,
@@ -37,34 +37,50 @@ pub const SEQ_OFFSET: usize = 16;
 /// [`with_seq`]). Names over 65535 bytes never reach here (the server limits them to
 /// `max_name_bytes`); they would be truncated.
 pub fn encode_result(r: &ResultView<'_>, version: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity(encoded_result_len(r, version));
+    encode_result_into(r, version, &mut v);
+    v
+}
+
+/// Bytes [`encode_result`] writes for `r` in protocol `version`.
+pub fn encoded_result_len(r: &ResultView<'_>, version: u8) -> usize {
+    let header = if version >= VERSION_2 {
+        RESULT_HEADER_V2
+    } else {
+        RESULT_HEADER
+    };
+    let sl = r.stream.len().min(u16::MAX as usize);
+    let kl = r.key.len().min(u16::MAX as usize);
+    header + sl + kl + r.weights.len() + 4 * (r.fused.len() + r.weights.len())
+}
+
+/// [`encode_result`] appending to `v` (e.g. several results into one buffer).
+pub fn encode_result_into(r: &ResultView<'_>, version: u8, v: &mut impl BufMut) {
     let v2 = version >= VERSION_2;
     let sl = r.stream.len().min(u16::MAX as usize);
     let kl = r.key.len().min(u16::MAX as usize);
     let (d, m) = (r.fused.len(), r.weights.len());
-    let header = if v2 { RESULT_HEADER_V2 } else { RESULT_HEADER };
-    let mut v = Vec::with_capacity(header + sl + kl + m + 4 * (d + m));
-    v.extend_from_slice(&MAGIC);
+    v.put_slice(&MAGIC);
     let (ver, flags) = if v2 {
         let f = if r.replayed { RESULT_FLAG_REPLAYED } else { 0 };
         (VERSION_2, f)
     } else {
         (VERSION, 0)
     };
-    v.extend_from_slice(&[ver, KIND_RESULT, priority_code(r.priority), flags]);
-    v.extend_from_slice(&(sl as u16).to_le_bytes());
-    v.extend_from_slice(&(kl as u16).to_le_bytes());
-    v.extend_from_slice(&(m.min(u16::MAX as usize) as u16).to_le_bytes());
-    v.extend_from_slice(&(d as u32).to_le_bytes());
-    v.extend_from_slice(&0u64.to_le_bytes());
+    v.put_slice(&[ver, KIND_RESULT, priority_code(r.priority), flags]);
+    v.put_slice(&(sl as u16).to_le_bytes());
+    v.put_slice(&(kl as u16).to_le_bytes());
+    v.put_slice(&(m.min(u16::MAX as usize) as u16).to_le_bytes());
+    v.put_slice(&(d as u32).to_le_bytes());
+    v.put_slice(&0u64.to_le_bytes());
     if v2 {
-        v.extend_from_slice(&r.stream_seq.to_le_bytes());
+        v.put_slice(&r.stream_seq.to_le_bytes());
     }
-    v.extend_from_slice(&r.stream.as_bytes()[..sl]);
-    v.extend_from_slice(&r.key.as_bytes()[..kl]);
-    v.extend_from_slice(r.mask);
-    v.extend_from_slice(bytemuck::cast_slice(r.fused));
-    v.extend_from_slice(bytemuck::cast_slice(r.weights));
-    v
+    v.put_slice(&r.stream.as_bytes()[..sl]);
+    v.put_slice(&r.key.as_bytes()[..kl]);
+    v.put_slice(r.mask);
+    v.put_slice(bytemuck::cast_slice(r.fused));
+    v.put_slice(bytemuck::cast_slice(r.weights));
 }
 
 /// A copy of an encoded binary result with `seq` written in.

@@ -222,11 +222,13 @@ impl Replay {
                 Encoding::Json => json = true,
             }
         }
+        let keeps = |p: Priority| p != Priority::Bulk && self.messages > 0;
+        let views: Vec<ResultView<'_>> =
+            results.iter().zip(first..).map(|(r, s)| at(r, s)).collect();
+        let mut stored = Stored::encode_runs(stream, &views, |v| keeps(v.priority) || v2);
         let mut enc: Vec<Encoded> = Vec::with_capacity(results.len());
-        for (r, sseq) in results.iter().zip(first..) {
-            let view = at(r, sseq);
-            let keep = r.priority != Priority::Bulk && self.messages > 0;
-            let stored = (keep || v2).then(|| Stored::new(stream, &view));
+        for ((view, sseq), stored) in views.iter().zip(first..).zip(stored.drain(..)) {
+            let keep = keeps(view.priority);
             if let (true, Some(e)) = (keep, &stored) {
                 let size = e.bytes();
                 log.buf.push_back(e.clone());
@@ -243,8 +245,8 @@ impl Replay {
                 }
             }
             enc.push(Encoded {
-                v1: v1.then(|| Bytes::from(protocol::encode_result(&view, protocol::VERSION))),
-                json: json.then(|| protocol::json_result_tail(&view)),
+                v1: v1.then(|| Bytes::from(protocol::encode_result(view, protocol::VERSION))),
+                json: json.then(|| protocol::json_result_tail(view)),
                 keep,
                 stored,
                 stream_seq: sseq,
