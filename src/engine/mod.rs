@@ -35,7 +35,7 @@
 //! uses fresh latency estimates. Each worker queue is a bounded crossbeam channel of
 //! `queue_capacity` slots, which the in-flight bound keeps from ever filling.
 
-mod buffers;
+pub(crate) mod buffers;
 pub mod config;
 mod core;
 pub mod fault;
