@@ -139,7 +139,7 @@ pub struct RunStats {
     /// (each also counted in `runs`).
     pub h_f32_reruns: u64,
     /// CUDA: bytes of `h2d_bytes` the device copied straight from page-locked batch memory
-    /// (no host staging copy; docs/DESIGN.md section 6.2).
+    /// (no host staging copy; docs/DESIGN.md section 6.7).
     pub h2d_direct_bytes: u64,
 }
 
@@ -177,7 +177,7 @@ pub trait Backend: Send {
     /// How this device page-locks host memory in place, when its uploads copy faster from
     /// page-locked memory (CUDA): the engine's batch buffer pool locks the buffers it recycles
     /// with it, and a run reads a batch matrix that lies in locked memory straight from there
-    /// (docs/DESIGN.md section 6.2). `None` (the default): the device gains nothing from it.
+    /// (docs/DESIGN.md section 6.7). `None` (the default): the device gains nothing from it.
     fn page_lock(&self) -> Option<Arc<dyn HostPageLock>> {
         None
     }

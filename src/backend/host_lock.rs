@@ -1,4 +1,4 @@
-//! Page-locked batch memory (docs/DESIGN.md section 6.2): a backend that can page-lock host
+//! Page-locked batch memory (docs/DESIGN.md section 6.7): a backend that can page-lock host
 //! memory in place offers a [`HostPageLock`] (`Backend::page_lock`); the engine's
 //! buffer pool locks the batch buffers it recycles with it and records each locked range in
 //! [`registry`]; a backend's upload reads a batch matrix straight from its memory when the

@@ -6,7 +6,7 @@
 //! (and page-faulting in) about 2 MB of fresh memory for each batch of the embedded head.
 //!
 //! With a device that copies faster from page-locked memory (CUDA), the pool also page-locks
-//! the buffers it keeps (docs/DESIGN.md section 6.2): a buffer is locked when it first comes
+//! the buffers it keeps (docs/DESIGN.md section 6.7): a buffer is locked when it first comes
 //! back (so buffers that never return, such as those of a batch handed to NATS, are never
 //! locked), stays locked while it circulates, and is unlocked before the pool drops it (full,
 //! replaced by a larger one, or the pool itself dropped). Each locked range is recorded in

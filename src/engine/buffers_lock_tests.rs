@@ -1,4 +1,4 @@
-//! The buffer pool's page locking (docs/DESIGN.md section 6.2), with a fake lock that checks
+//! The buffer pool's page locking (docs/DESIGN.md section 6.7), with a fake lock that checks
 //! what the driver would refuse.
 
 use super::*;

@@ -230,7 +230,7 @@ impl Core {
     }
 
     /// Admits a batch or refuses it at once. A refused batch's buffers go back to the pool
-    /// (they may be page-locked: docs/DESIGN.md section 6.2), unless the caller shares it.
+    /// (they may be page-locked: docs/DESIGN.md section 6.7), unless the caller shares it.
     pub fn submit(&self, mut batch: Arc<Batch>, priority: Priority) -> Result<Ticket> {
         let refuse = |e: Error, batch: &mut Arc<Batch>| {
             if let Some(b) = Arc::get_mut(batch) {

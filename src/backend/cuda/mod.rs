@@ -14,7 +14,7 @@
 //! - [`weights`]: the head on the device.
 //! - [`plan`]: chunk sizes, chunk byte layout, epilogue launch shape.
 //! - [`pinned`]: page-locking batch buffers in place, and the per-chunk copies that read them
-//!   directly (docs/DESIGN.md section 6.2).
+//!   directly (docs/DESIGN.md section 6.7).
 //! - [`pipeline`]: the chunked, double-buffered launch sequence ([`pipeline::Pipeline`]).
 //! - `mod.rs` (here): [`CudaBackend`] over a boxed `CudaDevice` (context, streams, cuBLAS
 //!   handle, kernels, pipeline, uploaded head).

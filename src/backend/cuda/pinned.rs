@@ -1,4 +1,4 @@
-//! Uploads straight from page-locked batch memory (docs/DESIGN.md sections 2.7 and 6.2).
+//! Uploads straight from page-locked batch memory (docs/DESIGN.md sections 2.5 and 6.7).
 //!
 //! [`CudaPageLock`] is the backend's [`HostPageLock`]: `cuMemHostRegister` with
 //! `CU_MEMHOSTREGISTER_PORTABLE` (pinned memory to every context), `cuMemHostUnregister`. The

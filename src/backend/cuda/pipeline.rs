@@ -186,7 +186,7 @@ impl Pipeline {
                 let (r0, n, l) = plan.chunk_at(k, batch.rows, &widths, d);
                 let s = &mut self.slots[k % SLOTS];
                 // Matrices in page-locked batch memory are copied from there, not staged
-                // (docs/DESIGN.md section 6.2).
+                // (docs/DESIGN.md section 6.7).
                 let direct = direct_inputs_now(batch, r0, n, &plan.gemm_dtype);
                 let x_bytes: Vec<usize> = (0..m)
                     .map(|i| n * widths[i] * plan.gemm_dtype[i].size())
@@ -252,7 +252,7 @@ impl Pipeline {
                     // compute waits for its `h2d_done`, and the run returns only after the last
                     // drain (or the final synchronize) waited for the compute stream; on an
                     // error `CudaDevice::execute` synchronises every stream before the batch's
-                    // borrow ends (docs/DESIGN.md section 6.2).
+                    // borrow ends (docs/DESIGN.md section 6.7).
                     unsafe {
                         dr::memcpy_htod_async(s.dev_in.ptr() + u.dst_off as u64, src, streams.h2d)
                     }

@@ -45,7 +45,7 @@ pub struct BenchArgs {
     json: bool,
     /// With --backend: the inputs in memory the backend page-locks in place, as the engine's
     /// recycled batch buffers are (CUDA copies them to the device directly, no staging copy;
-    /// docs/DESIGN.md section 6.2). Without it they are ordinary pageable memory.
+    /// docs/DESIGN.md section 6.7). Without it they are ordinary pageable memory.
     #[arg(long, conflicts_with = "devices")]
     pinned: bool,
     /// Run the whole engine on synthetic load over these devices instead of timing one

@@ -24,7 +24,7 @@ pub enum InputMemory {
     /// Ordinary (pageable) memory: the CUDA backend stages the inputs into its pinned buffers.
     Pageable,
     /// Page-locked by the backend in place, as the engine's recycled batch buffers are
-    /// (docs/DESIGN.md section 6.2): the CUDA backend copies them to the device directly.
+    /// (docs/DESIGN.md section 6.7): the CUDA backend copies them to the device directly.
     Pinned,
 }
 
@@ -88,7 +88,7 @@ pub struct StageTimes {
     /// Rate of its device -> host copies (GB/s).
     pub d2h_gbps: f64,
     /// Share of the copied input bytes the device read straight from the batch's page-locked
-    /// memory (0 when everything was staged; docs/DESIGN.md section 6.2).
+    /// memory (0 when everything was staged; docs/DESIGN.md section 6.7).
     pub h2d_direct_share: f64,
     /// Host ms per batch copying inputs into staging memory.
     pub host_stage_ms: f64,
@@ -302,123 +302,4 @@ pub fn bench_backend(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::RunStats;
-    use crate::model::FusionHead;
-
-    #[test]
-    fn stage_times_are_per_batch_means_and_rates() {
-        assert!(StageTimes::from_stats(&RunStats::default(), 64).is_none());
-        let s = RunStats {
-            runs: 4,
-            h2d_bytes: 4 * 50_000_000,
-            h2d_ms: 4.0, // 200 MB in 4 ms
-            d2h_bytes: 4 * 10_000_000,
-            d2h_ms: 2.0,
-            gemm_ms: 2.0,
-            epilogue_ms: 0.4,
-            host_stage_ms: 8.0,
-            host_wait_ms: 1.0,
-            host_drain_ms: 4.0,
-            half_h_runs: 3,
-            h_f32_reruns: 1,
-            h2d_direct_bytes: 50_000_000,
-        };
-        let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
-        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
-        assert!(close(t.device_proj_ms, 0.5));
-        assert!(close(t.device_head_ms, 0.6));
-        assert!(close(t.device_head_over_proj, 1.2));
-        assert!(close(t.device_samples_per_s, 1000.0 / 0.6e-3));
-        assert!(close(t.h2d_gbps, 50.0));
-        assert!(close(t.d2h_gbps, 20.0));
-        assert!(close(t.h2d_direct_share, 0.25));
-        assert!(close(t.host_stage_ms, 2.0));
-        assert!(close(t.host_wait_ms, 0.25));
-        assert!(close(t.host_drain_ms, 1.0));
-        assert_eq!((t.half_h_runs, t.h_f32_reruns), (3, 1));
-        // No copy timed: the rate is NaN, not a division by zero passed off as a number.
-        let none = RunStats {
-            runs: 1,
-            ..RunStats::default()
-        };
-        assert!(StageTimes::from_stats(&none, 1)
-            .expect("runs > 0")
-            .h2d_gbps
-            .is_nan());
-    }
-
-    #[test]
-    fn cpu_bench_reports_no_stage_times() {
-        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
-        let mut b = crate::backend::open(
-            crate::backend::BackendKind::Cpu,
-            0,
-            head,
-            &crate::backend::OpenOptions::default(),
-        )
-        .expect("cpu opens");
-        let r = bench_backend(&mut b, 16, DType::F32, 2, 1, InputMemory::Pageable).expect("bench");
-        assert!(r.stages.is_none());
-        let json = serde_json::to_string(&r).expect("json");
-        assert!(!json.contains("device_head_ms"), "{json}");
-    }
-
-    /// A CPU backend whose every third `run` takes 20 ms longer: a host's slow spell.
-    struct Hiccups {
-        inner: crate::backend::AnyBackend,
-        runs: usize,
-    }
-
-    impl Backend for Hiccups {
-        fn info(&self) -> &crate::backend::DeviceInfo {
-            self.inner.info()
-        }
-        fn upload(&mut self, head: std::sync::Arc<FusionHead>) -> Result<()> {
-            self.inner.upload(head)
-        }
-        fn head(&self) -> Option<&std::sync::Arc<FusionHead>> {
-            self.inner.head()
-        }
-        fn run(
-            &mut self,
-            batch: &crate::batch::BatchRef<'_>,
-            out: crate::batch::OutputsMut<'_>,
-        ) -> Result<()> {
-            self.runs += 1;
-            if self.runs.is_multiple_of(3) {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            self.inner.run(batch, out)
-        }
-    }
-
-    #[test]
-    fn headline_is_throughput_with_slow_batches_counted_median_kept_apart() {
-        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
-        let inner = crate::backend::open(
-            crate::backend::BackendKind::Cpu,
-            0,
-            head,
-            &crate::backend::OpenOptions::default(),
-        )
-        .expect("cpu opens");
-        let mut b = Hiccups { inner, runs: 0 };
-        // One warm-up run, then 9 timed runs back to back: 3 of them slow.
-        let r = bench_backend(&mut b, 16, DType::F32, 9, 1, InputMemory::Pageable).expect("bench");
-        assert!(r.ms_per_batch < 5.0, "median {}", r.ms_per_batch);
-        assert!(
-            r.mean_ms_per_batch >= 3.0 * 20.0 / 9.0,
-            "{}",
-            r.mean_ms_per_batch
-        );
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
-        assert!(close(r.samples_per_s, 16.0 / (r.mean_ms_per_batch / 1e3)));
-        assert!(close(r.median_samples_per_s, 16.0 / (r.ms_per_batch / 1e3)));
-        assert!(r.samples_per_s * 2.0 < r.median_samples_per_s, "{r:?}");
-        // No projections-only path here: no ratio pass.
-        assert!(r.head_over_proj.is_none() && r.proj_ms_per_batch.is_none());
-        assert_eq!(b.runs, 10);
-    }
-}
+mod tests;
