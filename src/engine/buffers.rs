@@ -188,6 +188,7 @@ impl BufferPool {
     /// [`BufferPool::take`], page-locked now if the pool has a lock and the buffer is at least
     /// [`MIN_LOCK_BYTES`] (for callers that will not wait for a buffer to come back: the
     /// bench's pinned inputs).
+    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
     pub fn take_locked(&self, capacity: usize) -> Vec<u8> {
         let v = self.take(capacity.max(MIN_LOCK_BYTES));
         self.spare.lock().adopt(self.ranges, &v);
