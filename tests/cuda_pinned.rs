@@ -18,7 +18,8 @@ use fusion_engine::selftest::MaskMode;
 use fusion_engine::tensor::{DType, HostMat};
 use fusion_engine::Backend;
 
-fn gpu_present() -> bool {
+/// Whether a CUDA device is usable; if not, prints `what` with the reason.
+fn gpu_present(what: &str) -> bool {
     let entries = backend::discover_kind(BackendKind::Cuda);
     if entries.iter().any(|e| e.device.is_some()) {
         return true;
@@ -27,7 +28,7 @@ fn gpu_present() -> bool {
         .iter()
         .filter_map(|e| e.unavailable.clone())
         .collect();
-    eprintln!("skipping: no usable CUDA device ({})", why.join("; "));
+    eprintln!("{what}: no usable CUDA device ({})", why.join("; "));
     false
 }
 
@@ -60,7 +61,7 @@ impl Drop for Locked<'_> {
 /// pageable: that matrix is copied directly in every chunk, the results agree.
 #[test]
 fn a_locked_matrix_is_copied_directly_and_the_results_agree() {
-    if !gpu_present() {
+    if !gpu_present("skipping") {
         return;
     }
     for (dt, seed) in [(DType::F32, 31u64), (DType::F16, 32)] {
@@ -125,7 +126,7 @@ fn pooled(engine: &Engine, src: &Batch) -> Batch {
 /// in buffers the pool locked when they came back; every result agrees with the reference.
 #[test]
 fn engine_batches_in_recycled_locked_buffers_agree() {
-    if !gpu_present() {
+    if !gpu_present("skipping") {
         return;
     }
     let (head, src) = common::setup(&[256, 128], 128, 4096, DType::F16, MaskMode::Random, 41);
@@ -185,7 +186,7 @@ fn bench_pinned_reports_direct_copies_or_fails_cleanly() {
         .expect("run bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    if !gpu_present() {
+    if !gpu_present("checking the clean failure") {
         assert!(
             !out.status.success(),
             "bench --pinned succeeded without a GPU"
