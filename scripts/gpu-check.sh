@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh [BINARY]        (default: target/release/fusion-engine)
 #   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there),
 #        TESTS (test executables built elsewhere, e.g. `cargo test --no-run` outputs of
-#        tests/cuda_backend.rs and tests/wgpu_backend.rs, run here after the CUDA bench),
+#        tests/cuda_backend.rs, tests/cuda_pinned.rs and tests/wgpu_backend.rs, run here after
+#        the CUDA bench),
 #        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default),
 #        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log),
 #        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
@@ -15,7 +16,9 @@
 #
 # After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
-# f32 (FUSION_CUDA_H=f32), at B = 1024 and 8192.
+# f32 (FUSION_CUDA_H=f32), at B = 1024 and 8192. Then `bench --pinned` at B = 8192 in f32 and
+# f16 (inputs page-locked in place, copied to the device directly: docs/DESIGN.md section 6.7)
+# beside the pageable figure of the CUDA bench.
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -122,6 +125,35 @@ for hp in ("auto", "f32"):
         g = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
         print(f"| {hp} | {r.get('batch')} | {r.get('dtype')} | {g('device_head_ms', '{:.3f}')} | {g('device_proj_ms', '{:.3f}')} "
               f"| {g('device_head_over_proj', '{:.2f}x')} | {g('half_h_runs', '{}')} | {g('h_f32_reruns', '{}')} | {g('samples_per_s', '{:.0f}')} |")
+PY
+  ;;
+esac
+echo "== pinned inputs (copied directly) vs pageable (staged), B = 8192"
+case " $BACKENDS " in *" cuda "*)
+  T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
+    >"$WORK/bench-cuda-pinned.jsonl" 2>"$WORK/bench-cuda-pinned.err" \
+    || echo "bench --pinned failed: $(tail -3 "$WORK/bench-cuda-pinned.err")"
+  python3 - "$WORK" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+print("| inputs | B | dtype | ms (host to host) | samples/s | H2D GB/s | direct share | host stage / wait / drain ms |")
+print("|---|---|---|---|---|---|---|---|")
+for name in ("bench-cuda.jsonl", "bench-cuda-pinned.jsonl"):
+    p = os.path.join(work, name)
+    for l in (open(p) if os.path.exists(p) else []):
+        if not l.startswith("{"):
+            continue
+        try:
+            r = json.loads(l)
+        except ValueError:
+            continue
+        if r.get("batch") != 8192:
+            continue
+        g = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
+        host = (f"{r['host_stage_ms']:.2f} / {r['host_wait_ms']:.2f} / {r['host_drain_ms']:.2f}"
+                if "host_stage_ms" in r else "-")
+        print(f"| {r.get('inputs', 'pageable')} | {r['batch']} | {r.get('dtype')} | {g('ms_per_batch', '{:.3f}')} "
+              f"| {g('samples_per_s', '{:.0f}')} | {g('h2d_gbps', '{:.1f}')} | {g('h2d_direct_share', '{:.3f}')} | {host} |")
 PY
   ;;
 esac

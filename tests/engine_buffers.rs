@@ -104,3 +104,48 @@ fn a_batch_buffer_is_not_handed_out_again_while_a_delayed_device_reads_it() {
         "the batch's buffers went back to the pool once the engine dropped it"
     );
 }
+
+/// A batch the engine refuses (overloaded) gives its buffers back to the pool at once, as one
+/// it ran does (they may be page-locked: freeing them is the pool's job, docs/DESIGN.md
+/// section 6.7).
+#[test]
+fn a_refused_batch_gives_its_buffers_back() {
+    let head = Arc::new(FusionHead::random(
+        &[("a".into(), 48), ("b".into(), 24)],
+        16,
+        1e-5,
+        3,
+    ));
+    let devices = DeviceSpec::parse_list("cpu:threads=1:delay=300ms").unwrap();
+    let mut cfg = EngineConfig::with_devices(devices);
+    cfg.max_pending = Some(1);
+    let engine = Engine::start(cfg, Arc::clone(&head)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eee);
+    let src = random_batch(&head, 64, DType::F32, MaskMode::All, &mut rng);
+    let first = engine
+        .submit(pooled(&engine, &src), Priority::Important)
+        .unwrap();
+
+    let refused = pooled(&engine, &src);
+    let ptrs: Vec<*const u8> = refused
+        .inputs
+        .iter()
+        .map(|m| m.bytes.as_ptr())
+        .chain([refused.mask.as_ptr()])
+        .collect();
+    let e = engine
+        .submit(refused, Priority::Important)
+        .expect_err("max_pending 1 with one batch pending");
+    assert!(e.to_string().contains("max_pending"), "{e}");
+    // Every buffer of the refused batch is in the pool now (the first batch's are in flight).
+    let mut taken = Vec::new();
+    for _ in 0..ptrs.len() {
+        taken.push(engine.batch_buffer(1));
+    }
+    let mut got: Vec<*const u8> = taken.iter().map(|b| b.as_ptr()).collect();
+    let mut want = ptrs.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "the pool hands out the refused batch's buffers");
+    first.wait().unwrap();
+}

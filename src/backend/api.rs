@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::host_lock::HostPageLock;
 use crate::batch::{BatchRef, OutputsMut};
 use crate::error::Result;
 use crate::model::FusionHead;
@@ -137,6 +138,9 @@ pub struct RunStats {
     /// CUDA: batches recomputed with f32 projections after their half projections overflowed
     /// (each also counted in `runs`).
     pub h_f32_reruns: u64,
+    /// CUDA: bytes of `h2d_bytes` the device copied straight from page-locked batch memory
+    /// (no host staging copy; docs/DESIGN.md section 6.7).
+    pub h2d_direct_bytes: u64,
 }
 
 /// One opened device with an uploaded head.
@@ -167,6 +171,14 @@ pub trait Backend: Send {
     /// Benchmark hook: the [`RunStats`] of the whole-head runs since the last call (and resets
     /// them), or `None` when the backend keeps none.
     fn take_run_stats(&mut self) -> Option<RunStats> {
+        None
+    }
+
+    /// How this device page-locks host memory in place, when its uploads copy faster from
+    /// page-locked memory (CUDA): the engine's batch buffer pool locks the buffers it recycles
+    /// with it, and a run reads a batch matrix that lies in locked memory straight from there
+    /// (docs/DESIGN.md section 6.7). `None` (the default): the device gains nothing from it.
+    fn page_lock(&self) -> Option<Arc<dyn HostPageLock>> {
         None
     }
 }

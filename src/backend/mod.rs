@@ -13,6 +13,7 @@
 //! - [`cpu`]: the multithreaded CPU fallback (`gemm` projections, fused per-row-block epilogue).
 //! - [`wgpu`]: WGSL compute shaders on any wgpu adapter (Vulkan, Metal, DX12, GL; lavapipe).
 //! - [`cuda`]: cuBLAS projections and a fused epilogue kernel, chunked and double-buffered.
+//! - [`host_lock`]: page-locked batch memory, which a device's uploads read without staging.
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ mod api;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod host_lock;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -73,6 +75,9 @@ impl Backend for AnyBackend {
     }
     fn take_run_stats(&mut self) -> Option<RunStats> {
         dispatch!(self, b => b.take_run_stats())
+    }
+    fn page_lock(&self) -> Option<Arc<dyn host_lock::HostPageLock>> {
+        dispatch!(self, b => b.page_lock())
     }
 }
 

@@ -4,33 +4,158 @@
 //! after its last run on any device, so a buffer is never handed out again while a device may
 //! still read it. Steady-state batching then writes into warm memory instead of allocating
 //! (and page-faulting in) about 2 MB of fresh memory for each batch of the embedded head.
+//!
+//! With a device that copies faster from page-locked memory (CUDA), the pool also page-locks
+//! the buffers it keeps (docs/DESIGN.md section 6.7): a buffer is locked when it first comes
+//! back (so buffers that never return, such as those of a batch handed to NATS, are never
+//! locked), stays locked while it circulates, and is unlocked before the pool drops it (full,
+//! replaced by a larger one, or the pool itself dropped). Each locked range is recorded in
+//! [`host_lock::registry`], where a device's upload looks a batch matrix up.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::backend::host_lock::{self, HostPageLock, LockedRanges};
 use crate::batch::Batch;
 
 /// Spare buffers kept at most (a batch of M modalities gives back M + 1).
 const SPARE_BUFFERS: usize = 256;
 /// Bytes of spare buffers kept at most.
 const SPARE_BYTES: usize = 256 << 20;
+/// Smaller buffers are not page-locked: staging them costs less than a lock, and masks and
+/// small batches gain nothing from a direct copy.
+pub(crate) const MIN_LOCK_BYTES: usize = 64 << 10;
 
 /// A bounded set of spare byte buffers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct BufferPool {
     spare: Mutex<Spare>,
+    /// Where locked ranges are recorded ([`host_lock::registry`]; tests use their own).
+    ranges: &'static LockedRanges,
 }
 
-#[derive(Debug, Default)]
+impl Default for BufferPool {
+    fn default() -> BufferPool {
+        BufferPool::with_registry(host_lock::registry())
+    }
+}
+
+#[derive(Default)]
 struct Spare {
     buffers: Vec<Vec<u8>>,
     bytes: usize,
+    lock: Option<Arc<dyn HostPageLock>>,
+    /// Every range this pool locked and has not unlocked yet (start -> len): its spare buffers
+    /// and the locked buffers it handed out.
+    locked: BTreeMap<usize, usize>,
+}
+
+impl std::fmt::Debug for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare")
+            .field("buffers", &self.buffers.len())
+            .field("bytes", &self.bytes)
+            .field("page_lock", &self.lock.is_some())
+            .field("locked", &self.locked.len())
+            .finish()
+    }
+}
+
+fn range_of(v: &Vec<u8>) -> (usize, usize) {
+    (v.as_ptr() as usize, v.capacity())
+}
+
+impl Spare {
+    /// Locks `v` if the pool has a lock, `v` is large enough and not locked already (it may
+    /// be a buffer handed out earlier: then its range is still recorded).
+    fn adopt(&mut self, ranges: &LockedRanges, v: &Vec<u8>) {
+        let (start, len) = range_of(v);
+        if self.locked.get(&start) == Some(&len) {
+            return;
+        }
+        self.drop_stale(ranges, start, len, true);
+        let Some(lock) = self.lock.clone() else {
+            return;
+        };
+        if len < MIN_LOCK_BYTES || !ranges.insert(start, len) {
+            return;
+        }
+        if lock.lock(start, len) {
+            self.locked.insert(start, len);
+        } else {
+            ranges.remove(start);
+        }
+    }
+
+    /// `[start, start + len)` is a live allocation: a locked range that overlaps it belonged to
+    /// a buffer freed outside the pool (dropped by a caller, or grown and so reallocated), unless
+    /// it is exactly this range and `keep_exact` (a buffer handed out locked, back now). Unlocks
+    /// those ranges.
+    fn drop_stale(&mut self, ranges: &LockedRanges, start: usize, len: usize, keep_exact: bool) {
+        let end = start.saturating_add(len);
+        let stale: Vec<(usize, usize)> = self
+            .locked
+            .range(..end)
+            .rev()
+            .take_while(|(&s, &l)| s + l > start)
+            .filter(|&(&s, &l)| !keep_exact || (s, l) != (start, len))
+            .map(|(&s, &l)| (s, l))
+            .collect();
+        for (s, l) in stale {
+            self.unlock(ranges, s, l);
+        }
+    }
+
+    fn unlock(&mut self, ranges: &LockedRanges, start: usize, len: usize) {
+        if self.locked.remove(&start).is_none() {
+            return;
+        }
+        // Out of the registry first, so that no upload looks it up as locked any more.
+        ranges.remove(start);
+        if let Some(lock) = &self.lock {
+            lock.unlock(start, len);
+        }
+    }
+
+    /// Drops a buffer, unlocking it first when it is locked.
+    fn release(&mut self, ranges: &LockedRanges, v: Vec<u8>) {
+        let (start, len) = range_of(&v);
+        if self.locked.get(&start) == Some(&len) {
+            self.unlock(ranges, start, len);
+        }
+        drop(v);
+    }
 }
 
 impl BufferPool {
+    /// An empty pool recording its locked ranges in `ranges`.
+    pub fn with_registry(ranges: &'static LockedRanges) -> BufferPool {
+        BufferPool {
+            spare: Mutex::new(Spare::default()),
+            ranges,
+        }
+    }
+
+    /// Page-locks the buffers this pool keeps with `lock` from now on (and those it holds
+    /// now). The first lock installed stays: a portable lock is valid for every device.
+    pub fn set_page_lock(&self, lock: Arc<dyn HostPageLock>) {
+        let mut spare = self.spare.lock();
+        if spare.lock.is_some() {
+            return;
+        }
+        spare.lock = Some(lock);
+        let held = std::mem::take(&mut spare.buffers);
+        for v in &held {
+            spare.adopt(self.ranges, v);
+        }
+        spare.buffers = held;
+    }
+
     /// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, else
-    /// a new one.
+    /// a new one. Write at most its capacity: growing it reallocates it, and a locked buffer
+    /// freed that way stays locked (unused) until the pool sees its memory allocated again.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
         let mut spare = self.spare.lock();
         let best = spare
@@ -47,32 +172,58 @@ impl BufferPool {
                 v
             }
             None => {
+                let stale = !spare.locked.is_empty();
                 drop(spare);
-                Vec::with_capacity(capacity)
+                let v = Vec::with_capacity(capacity);
+                if stale {
+                    // A new allocation: even a locked range that is exactly this one was freed.
+                    let (start, len) = range_of(&v);
+                    self.spare.lock().drop_stale(self.ranges, start, len, false);
+                }
+                v
             }
         }
     }
 
-    /// Keeps `v` for a later [`BufferPool::take`] (emptied; dropped when the pool is full, or
-    /// replacing a smaller spare one).
+    /// [`BufferPool::take`], page-locked now if the pool has a lock and the buffer is at least
+    /// [`MIN_LOCK_BYTES`] (for callers that will not wait for a buffer to come back: the
+    /// bench's pinned inputs).
+    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
+    pub fn take_locked(&self, capacity: usize) -> Vec<u8> {
+        let v = self.take(capacity.max(MIN_LOCK_BYTES));
+        self.spare.lock().adopt(self.ranges, &v);
+        v
+    }
+
+    /// Keeps `v` for a later [`BufferPool::take`] (emptied, and page-locked if the pool has a
+    /// lock); dropped (after unlocking it) when the pool is full, or replacing a smaller spare
+    /// one.
     pub fn give(&self, mut v: Vec<u8>) {
         if v.capacity() == 0 {
             return;
         }
         v.clear();
         let cap = v.capacity();
+        let ranges = self.ranges;
         let mut spare = self.spare.lock();
         if spare.buffers.len() < SPARE_BUFFERS && spare.bytes + cap <= SPARE_BYTES {
+            spare.adopt(ranges, &v);
             spare.bytes += cap;
             spare.buffers.push(v);
-        } else if let Some(i) =
-            (0..spare.buffers.len()).min_by_key(|&i| spare.buffers[i].capacity())
-        {
-            let small = spare.buffers[i].capacity();
-            if small < cap && spare.bytes - small + cap <= SPARE_BYTES {
-                spare.bytes = spare.bytes - small + cap;
-                spare.buffers[i] = v;
+            return;
+        }
+        let smallest = (0..spare.buffers.len()).min_by_key(|&i| spare.buffers[i].capacity());
+        match smallest {
+            Some(i)
+                if spare.buffers[i].capacity() < cap
+                    && spare.bytes - spare.buffers[i].capacity() + cap <= SPARE_BYTES =>
+            {
+                spare.adopt(ranges, &v);
+                let small = std::mem::replace(&mut spare.buffers[i], v);
+                spare.bytes = spare.bytes - small.capacity() + cap;
+                spare.release(ranges, small);
             }
+            _ => spare.release(ranges, v),
         }
     }
 
@@ -88,6 +239,24 @@ impl BufferPool {
     #[cfg(test)]
     pub fn spare(&self) -> usize {
         self.spare.lock().buffers.len()
+    }
+
+    /// Ranges this pool holds locked now.
+    #[cfg(test)]
+    pub fn locked(&self) -> usize {
+        self.spare.lock().locked.len()
+    }
+}
+
+impl Drop for BufferPool {
+    /// Unlocks every range the pool locked (its spare buffers, freed next, and buffers it handed
+    /// out, which stay usable as pageable memory).
+    fn drop(&mut self) {
+        let spare = self.spare.get_mut();
+        let locked: Vec<(usize, usize)> = spare.locked.iter().map(|(&s, &l)| (s, l)).collect();
+        for (s, l) in locked {
+            spare.unlock(self.ranges, s, l);
+        }
     }
 }
 
@@ -222,3 +391,8 @@ mod tests {
         assert_eq!(pool.spare(), 1, "taken blocks are the caller's now");
     }
 }
+
+/// The pool's page locking, with a fake lock.
+#[cfg(test)]
+#[path = "buffers_lock_tests.rs"]
+mod lock_tests;

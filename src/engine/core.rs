@@ -229,20 +229,35 @@ impl Core {
         }
     }
 
-    /// Admits a batch or refuses it at once.
-    pub fn submit(&self, batch: Arc<Batch>, priority: Priority) -> Result<Ticket> {
-        batch.view().validate_shapes(&self.head)?;
+    /// Admits a batch or refuses it at once. A refused batch's buffers go back to the pool
+    /// (they may be page-locked: docs/DESIGN.md section 6.7), unless the caller shares it.
+    pub fn submit(&self, mut batch: Arc<Batch>, priority: Priority) -> Result<Ticket> {
+        let refuse = |e: Error, batch: &mut Arc<Batch>| {
+            if let Some(b) = Arc::get_mut(batch) {
+                self.buffers.give_batch(b);
+            }
+            Err(e)
+        };
+        if let Err(e) = batch.view().validate_shapes(&self.head) {
+            return refuse(e, &mut batch);
+        }
         let mut st = self.state.lock();
         if !st.accepting {
-            return Err(Error::Shutdown("the engine is shutting down".into()));
+            drop(st);
+            return refuse(
+                Error::Shutdown("the engine is shutting down".into()),
+                &mut batch,
+            );
         }
         if st.admitted >= self.max_pending {
             self.overloaded.fetch_add(1, Ordering::Relaxed);
             self.metrics.overloaded.increment(1);
-            return Err(Error::Overloaded(format!(
+            let e = Error::Overloaded(format!(
                 "{} batches pending in the engine (max_pending {})",
                 st.admitted, self.max_pending
-            )));
+            ));
+            drop(st);
+            return refuse(e, &mut batch);
         }
         let id = st.next_id;
         st.next_id += 1;

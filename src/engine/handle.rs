@@ -171,7 +171,10 @@ impl Engine {
     /// An empty buffer of at least `capacity` bytes for a batch's matrix or mask, recycled from
     /// batches the engine is done with (docs/DESIGN.md section 6): a batch assembled in such
     /// buffers and submitted gives them back when its last run ends, so steady-state batching
-    /// allocates nothing. Any `Vec<u8>` works in a [`Batch`]; this one is just warm.
+    /// allocates nothing. Any `Vec<u8>` works in a [`Batch`]; this one is just warm. With a
+    /// CUDA device open it may be page-locked (docs/DESIGN.md section 6.7): write at most its
+    /// capacity (growing reallocates it) and hand it back in a submitted batch; one dropped
+    /// elsewhere stays locked until the pool sees its memory in use again.
     pub fn batch_buffer(&self, capacity: usize) -> Vec<u8> {
         self.core.buffers.take(capacity)
     }

@@ -19,7 +19,8 @@
 //! - `router.rs`: the dispatch plan (least expected completion time).
 //! - [`health`]: HEALTHY / SLOW / FAILED and the latency average behind them.
 //! - `job.rs`: a submitted batch, its [`Priority`] and its [`Ticket`].
-//! - `buffers.rs`: batch input buffers recycled from dropped batches ([`Engine::batch_buffer`]).
+//! - `buffers.rs`: batch input buffers recycled from dropped batches ([`Engine::batch_buffer`]),
+//!   page-locked in place when a CUDA device is open (docs/DESIGN.md section 6.7).
 //! - `worker.rs`: the device thread (`worker_loop`); it owns `RunResult`.
 //! - `lifecycle.rs`: completion, failure, retry, restart, timeouts, shutdown.
 //! - [`fault`]: fault injection (latency, jitter, failures, hangs), changeable at run time.
@@ -35,7 +36,7 @@
 //! uses fresh latency estimates. Each worker queue is a bounded crossbeam channel of
 //! `queue_capacity` slots, which the in-flight bound keeps from ever filling.
 
-mod buffers;
+pub(crate) mod buffers;
 pub mod config;
 mod core;
 pub mod fault;

@@ -41,6 +41,11 @@ pub(crate) fn worker_loop(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work
     });
     let mut be = match opened {
         Ok(be) => {
+            // A device that copies faster from page-locked memory: the batch buffers are
+            // locked from now on (docs/DESIGN.md section 6.7).
+            if let Some(lock) = be.page_lock() {
+                core.buffers.set_page_lock(lock);
+            }
             if !core.worker_opened(d, gen, Ok(be.info().accelerator)) {
                 return;
             }

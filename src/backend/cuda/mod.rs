@@ -13,6 +13,8 @@
 //! - [`mem`]: grow-only device and pinned buffers ([`mem::GrowOnly`]), events.
 //! - [`weights`]: the head on the device.
 //! - [`plan`]: chunk sizes, chunk byte layout, epilogue launch shape.
+//! - [`pinned`]: page-locking batch buffers in place, and the per-chunk copies that read them
+//!   directly (docs/DESIGN.md section 6.7).
 //! - [`pipeline`]: the chunked, double-buffered launch sequence ([`pipeline::Pipeline`]).
 //! - `mod.rs` (here): [`CudaBackend`] over a boxed `CudaDevice` (context, streams, cuBLAS
 //!   handle, kernels, pipeline, uploaded head).
@@ -31,6 +33,7 @@ mod device;
 mod kernels;
 mod libs;
 mod mem;
+mod pinned;
 mod pipeline;
 mod plan;
 mod weights;
@@ -263,5 +266,9 @@ impl Backend for CudaBackend {
 
     fn take_run_stats(&mut self) -> Option<crate::backend::api::RunStats> {
         Some(std::mem::take(&mut self.device.pipeline.stats))
+    }
+
+    fn page_lock(&self) -> Option<Arc<dyn crate::backend::host_lock::HostPageLock>> {
+        pinned::CudaPageLock::for_context(&self.device.ctx)
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! host:     stage k (memcpy into pinned, all cores)      drain k-1 (pinned -> caller's outputs)
-//! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask)
+//! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask; `pinned.rs`: matrices in locked
+//!           batch memory are copied from there instead, each with its own copy)
 //! compute:  wait h2d(k); M cuBLAS GEMMs -> h (f32, or the inputs' half dtype); epilogue -> out
 //! d2h:      wait compute(k); copy out slot (fused + weights) to pinned
 //! ```
@@ -30,6 +31,7 @@ use rayon::prelude::*;
 use super::blas::Blas;
 use super::kernels::Kernels;
 use super::mem::{de, DeviceBuf, Event, GrowOnly, PinnedBuf};
+use super::pinned::{direct_inputs_now, uploads, Src};
 use super::plan::{epilogue_plan, layout, HPath, Plan};
 use super::weights::DeviceHead;
 use crate::backend::api::RunStats;
@@ -177,11 +179,18 @@ impl Pipeline {
         let [bias, gate, gamma, beta] = dh.params();
         let epi = epilogue_plan(kernels, d, m, smem_limit, plan.h_dtype)?;
         let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
+        let mut direct_bytes = 0u64;
 
         for k in 0..nchunks + 1 {
             if k < nchunks {
                 let (r0, n, l) = plan.chunk_at(k, batch.rows, &widths, d);
                 let s = &mut self.slots[k % SLOTS];
+                // Matrices in page-locked batch memory are copied from there, not staged
+                // (docs/DESIGN.md section 6.7).
+                let direct = direct_inputs_now(batch, r0, n, &plan.gemm_dtype);
+                let x_bytes: Vec<usize> = (0..m)
+                    .map(|i| n * widths[i] * plan.gemm_dtype[i].size())
+                    .collect();
 
                 // Stage chunk k (the slot's previous upload must have left the staging buffer).
                 let t = Instant::now();
@@ -200,6 +209,9 @@ impl Pipeline {
                         let (dst, tail) = tail.split_at_mut(n * widths[i] * dt.size());
                         at = l.x_off[i] + dst.len();
                         xs = tail;
+                        if direct[i] {
+                            continue;
+                        }
                         let src = x.rows_slice(r0, n).bytes;
                         if dt == x.dtype {
                             copy_pieces(&mut pieces, dst, src);
@@ -220,13 +232,32 @@ impl Pipeline {
                 // Upload, after the compute stream is done reading this slot's previous chunk.
                 s.compute_done.wait_on(streams.h2d)?;
                 s.h2d_start.record(streams.h2d)?;
-                // SAFETY: source is `l.in_bytes` of pinned memory owned by the slot, destination
-                // the slot's device buffer sized for the plan's largest chunk (>= l.in_bytes).
-                // Neither is reused before `h2d_done` (recorded next) has been waited on.
-                unsafe {
-                    dr::memcpy_htod_async(s.dev_in.ptr(), s.pin_in.bytes(l.in_bytes)?, streams.h2d)
+                let pin = s.pin_in.bytes(l.in_bytes)?;
+                for u in uploads(&l, &x_bytes, &direct) {
+                    let src = match u.src {
+                        Src::Staging => pin.get(u.dst_off..u.dst_off + u.len),
+                        Src::Input(i) => batch.inputs.get(i).map(|x| x.rows_slice(r0, n).bytes),
+                    }
+                    .filter(|src| src.len() == u.len)
+                    .ok_or_else(|| format!("upload plan out of bounds: {u:?}"))?;
+                    if u.src != Src::Staging {
+                        direct_bytes += u.len as u64;
+                    }
+                    // SAFETY: the destination `[dst_off, dst_off + len)` lies inside the chunk's
+                    // `l.in_bytes` (the plan's invariant) of the slot's device buffer, sized for
+                    // the plan's largest chunk. A staged source is the slot's pinned staging,
+                    // not written again before `h2d_done` (recorded next) has been waited on.
+                    // A direct source is the batch's own memory, which this run only borrows
+                    // shared (nothing writes it) and which outlives every copy: each chunk's
+                    // compute waits for its `h2d_done`, and the run returns only after the last
+                    // drain (or the final synchronize) waited for the compute stream; on an
+                    // error `CudaDevice::execute` synchronises every stream before the batch's
+                    // borrow ends (docs/DESIGN.md section 6.7).
+                    unsafe {
+                        dr::memcpy_htod_async(s.dev_in.ptr() + u.dst_off as u64, src, streams.h2d)
+                    }
+                    .map_err(|e| de("cuMemcpyHtoDAsync", e))?;
                 }
-                .map_err(|e| de("cuMemcpyHtoDAsync", e))?;
                 s.h2d_done.record(streams.h2d)?;
 
                 // Projections (and epilogue) on the compute stream.
@@ -356,6 +387,7 @@ impl Pipeline {
             let st = &mut self.stats;
             st.runs += 1;
             st.half_h_runs += u64::from(plan.h_dtype != DType::F32);
+            st.h2d_direct_bytes += direct_bytes;
             st.host_stage_ms += stage_ms;
             st.host_wait_ms += wait_ms;
             st.host_drain_ms += drain_ms;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{bench_backend, BenchResult};
+use super::{bench_backend, BenchResult, InputMemory};
 use crate::backend::{self, BackendChoice, OpenOptions};
 use crate::engine::{DeviceSpec, EngineConfig};
 use crate::error::{Error, Result};
@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+    /// With --backend: the inputs in memory the backend page-locks in place, as the engine's
+    /// recycled batch buffers are (CUDA copies them to the device directly, no staging copy;
+    /// docs/DESIGN.md section 6.7). Without it they are ordinary pageable memory.
+    #[arg(long, conflicts_with = "devices")]
+    pinned: bool,
     /// Run the whole engine on synthetic load over these devices instead of timing one
     /// backend: a comma list such as `cpu,cpu:delay=50ms`, `cpu:threads=1:fail=0.2`,
     /// `cuda:0,wgpu:0,cpu` (options: threads, delay, jitter, fail, hang, hang_for).
@@ -91,7 +96,12 @@ impl BenchArgs {
                 return Err(Error::Config("--batch must be at least 1".into()));
             }
             for &dt in &self.dtype {
-                let r = bench_backend(&mut be, b, dt, self.iters, self.warmup)?;
+                let inputs = if self.pinned {
+                    InputMemory::Pinned
+                } else {
+                    InputMemory::Pageable
+                };
+                let r = bench_backend(&mut be, b, dt, self.iters, self.warmup, inputs)?;
                 if self.json {
                     print_json(&r)?;
                 } else {
@@ -173,19 +183,25 @@ fn print_backend_result(r: &BenchResult) {
         _ => String::new(),
     };
     let steal = steal_note(r.host_steal_pct);
+    let pinned = match r.inputs {
+        InputMemory::Pinned => "  (pinned inputs)",
+        InputMemory::Pageable => "",
+    };
     println!(
-        "{:5} {:>6} {:4}  {:9.3} ms/batch (median)  {:12.0} samples/s ({:.0} at the median)  {:7.1} GFLOP/s{proj}  [{}]{steal}",
+        "{:5} {:>6} {:4}  {:9.3} ms/batch (median)  {:12.0} samples/s ({:.0} at the median)  {:7.1} GFLOP/s{proj}  [{}]{pinned}{steal}",
         r.backend, r.batch, r.dtype, r.ms_per_batch, r.samples_per_s, r.median_samples_per_s, r.gflops, r.device
     );
     if let Some(s) = &r.stages {
         println!(
             "      device: proj {:.3} ms, head {:.3} ms ({:.2}x), {:.0} samples/s; copies: \
-             h2d {:.1} GB/s, d2h {:.1} GB/s; host: stage {:.3} ms, wait {:.3} ms, drain {:.3} ms",
+             h2d {:.1} GB/s ({:.0}% direct), d2h {:.1} GB/s; host: stage {:.3} ms, wait {:.3} ms, \
+             drain {:.3} ms",
             s.device_proj_ms,
             s.device_head_ms,
             s.device_head_over_proj,
             s.device_samples_per_s,
             s.h2d_gbps,
+            s.h2d_direct_share * 100.0,
             s.d2h_gbps,
             s.host_stage_ms,
             s.host_wait_ms,

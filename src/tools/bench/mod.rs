@@ -9,11 +9,24 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 
+use crate::backend::host_lock::registry;
 use crate::backend::Backend;
-use crate::batch::Outputs;
+use crate::batch::{Batch, Outputs};
+use crate::engine::buffers::BufferPool;
 use crate::error::{Error, Result};
 use crate::selftest::{random_batch, MaskMode};
-use crate::tensor::DType;
+use crate::tensor::{DType, HostMat};
+
+/// Where the bench's batch inputs live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputMemory {
+    /// Ordinary (pageable) memory: the CUDA backend stages the inputs into its pinned buffers.
+    Pageable,
+    /// Page-locked by the backend in place, as the engine's recycled batch buffers are
+    /// (docs/DESIGN.md section 6.7): the CUDA backend copies them to the device directly.
+    Pinned,
+}
 
 /// One bench line (printed as JSON by `bench`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -26,6 +39,8 @@ pub struct BenchResult {
     pub batch: usize,
     /// Input dtype.
     pub dtype: DType,
+    /// Where the inputs lived: `pageable`, or `pinned` (`bench --pinned`).
+    pub inputs: InputMemory,
     /// Timed iterations.
     pub iters: usize,
     /// Median milliseconds per batch, whole head (latency).
@@ -72,6 +87,9 @@ pub struct StageTimes {
     pub h2d_gbps: f64,
     /// Rate of its device -> host copies (GB/s).
     pub d2h_gbps: f64,
+    /// Share of the copied input bytes the device read straight from the batch's page-locked
+    /// memory (0 when everything was staged; docs/DESIGN.md section 6.7).
+    pub h2d_direct_share: f64,
     /// Host ms per batch copying inputs into staging memory.
     pub host_stage_ms: f64,
     /// Host ms per batch waiting for the device.
@@ -106,6 +124,11 @@ impl StageTimes {
             device_samples_per_s: rows as f64 / (head / 1e3),
             h2d_gbps: gbps(s.h2d_bytes, s.h2d_ms),
             d2h_gbps: gbps(s.d2h_bytes, s.d2h_ms),
+            h2d_direct_share: if s.h2d_bytes > 0 {
+                s.h2d_direct_bytes as f64 / s.h2d_bytes as f64
+            } else {
+                0.0
+            },
             host_stage_ms: s.host_stage_ms / n,
             host_wait_ms: s.host_wait_ms / n,
             host_drain_ms: s.host_drain_ms / n,
@@ -129,13 +152,79 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Benchmarks `backend` (with its uploaded head) on random inputs of `rows` x `dtype`.
+/// The bench's batch; with a pool, its buffers are the pool's page-locked ones, given back
+/// (and unlocked when the pool drops, after them) when this drops.
+struct BenchBatch {
+    batch: Batch,
+    pool: Option<BufferPool>,
+}
+
+impl Drop for BenchBatch {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give_batch(&mut self.batch);
+        }
+    }
+}
+
+/// `src` copied into buffers page-locked by `backend`'s lock, all of them locked.
+fn pinned_batch(backend: &impl Backend, src: Batch) -> Result<BenchBatch> {
+    let kind = backend.info().kind;
+    let lock = backend.page_lock().ok_or_else(|| {
+        Error::Config(format!(
+            "--pinned: the {kind} backend does not page-lock host memory (cuda does)"
+        ))
+    })?;
+    let pool = BufferPool::default();
+    pool.set_page_lock(lock);
+    let copy = |bytes: &[u8]| {
+        let mut v = pool.take_locked(bytes.len());
+        v.extend_from_slice(bytes);
+        v
+    };
+    let inputs = src
+        .inputs
+        .iter()
+        .map(|m| HostMat {
+            dtype: m.dtype,
+            rows: m.rows,
+            cols: m.cols,
+            bytes: copy(&m.bytes),
+        })
+        .collect();
+    let mask = copy(&src.mask);
+    let b = BenchBatch {
+        batch: Batch {
+            rows: src.rows,
+            inputs,
+            mask,
+        },
+        pool: Some(pool),
+    };
+    let ranges = registry();
+    let locked =
+        b.batch.inputs.iter().all(|m| {
+            m.bytes.is_empty() || ranges.contains(m.bytes.as_ptr() as usize, m.bytes.len())
+        });
+    if !locked {
+        return Err(Error::Device {
+            backend: kind.name().into(),
+            reason: "--pinned: the inputs could not be page-locked (RUST_LOG=debug says why)"
+                .into(),
+        });
+    }
+    Ok(b)
+}
+
+/// Benchmarks `backend` (with its uploaded head) on random inputs of `rows` x `dtype`, held in
+/// `inputs` memory.
 pub fn bench_backend(
     backend: &mut impl Backend,
     rows: usize,
     dtype: DType,
     iters: usize,
     warmup: usize,
+    inputs: InputMemory,
 ) -> Result<BenchResult> {
     let head = backend
         .head()
@@ -143,7 +232,11 @@ pub fn bench_backend(
         .ok_or_else(|| Error::Config("bench: no head uploaded".into()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xBE7C4);
     let batch = random_batch(&head, rows, dtype, MaskMode::All, &mut rng);
-    let view = batch.view();
+    let batch = match inputs {
+        InputMemory::Pageable => BenchBatch { batch, pool: None },
+        InputMemory::Pinned => pinned_batch(backend, batch)?,
+    };
+    let view = batch.batch.view();
     let mut out = Outputs::zeros(&head, rows);
     let mut has_proj = true;
     for _ in 0..warmup.max(1) {
@@ -193,6 +286,7 @@ pub fn bench_backend(
         device: backend.info().name.clone(),
         batch: rows,
         dtype,
+        inputs,
         iters,
         ms_per_batch: ms,
         samples_per_s: rows as f64 / (mean_ms / 1e3),
@@ -208,121 +302,4 @@ pub fn bench_backend(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::RunStats;
-    use crate::model::FusionHead;
-
-    #[test]
-    fn stage_times_are_per_batch_means_and_rates() {
-        assert!(StageTimes::from_stats(&RunStats::default(), 64).is_none());
-        let s = RunStats {
-            runs: 4,
-            h2d_bytes: 4 * 50_000_000,
-            h2d_ms: 4.0, // 200 MB in 4 ms
-            d2h_bytes: 4 * 10_000_000,
-            d2h_ms: 2.0,
-            gemm_ms: 2.0,
-            epilogue_ms: 0.4,
-            host_stage_ms: 8.0,
-            host_wait_ms: 1.0,
-            host_drain_ms: 4.0,
-            half_h_runs: 3,
-            h_f32_reruns: 1,
-        };
-        let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
-        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
-        assert!(close(t.device_proj_ms, 0.5));
-        assert!(close(t.device_head_ms, 0.6));
-        assert!(close(t.device_head_over_proj, 1.2));
-        assert!(close(t.device_samples_per_s, 1000.0 / 0.6e-3));
-        assert!(close(t.h2d_gbps, 50.0));
-        assert!(close(t.d2h_gbps, 20.0));
-        assert!(close(t.host_stage_ms, 2.0));
-        assert!(close(t.host_wait_ms, 0.25));
-        assert!(close(t.host_drain_ms, 1.0));
-        assert_eq!((t.half_h_runs, t.h_f32_reruns), (3, 1));
-        // No copy timed: the rate is NaN, not a division by zero passed off as a number.
-        let none = RunStats {
-            runs: 1,
-            ..RunStats::default()
-        };
-        assert!(StageTimes::from_stats(&none, 1)
-            .expect("runs > 0")
-            .h2d_gbps
-            .is_nan());
-    }
-
-    #[test]
-    fn cpu_bench_reports_no_stage_times() {
-        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
-        let mut b = crate::backend::open(
-            crate::backend::BackendKind::Cpu,
-            0,
-            head,
-            &crate::backend::OpenOptions::default(),
-        )
-        .expect("cpu opens");
-        let r = bench_backend(&mut b, 16, DType::F32, 2, 1).expect("bench");
-        assert!(r.stages.is_none());
-        let json = serde_json::to_string(&r).expect("json");
-        assert!(!json.contains("device_head_ms"), "{json}");
-    }
-
-    /// A CPU backend whose every third `run` takes 20 ms longer: a host's slow spell.
-    struct Hiccups {
-        inner: crate::backend::AnyBackend,
-        runs: usize,
-    }
-
-    impl Backend for Hiccups {
-        fn info(&self) -> &crate::backend::DeviceInfo {
-            self.inner.info()
-        }
-        fn upload(&mut self, head: std::sync::Arc<FusionHead>) -> Result<()> {
-            self.inner.upload(head)
-        }
-        fn head(&self) -> Option<&std::sync::Arc<FusionHead>> {
-            self.inner.head()
-        }
-        fn run(
-            &mut self,
-            batch: &crate::batch::BatchRef<'_>,
-            out: crate::batch::OutputsMut<'_>,
-        ) -> Result<()> {
-            self.runs += 1;
-            if self.runs.is_multiple_of(3) {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            self.inner.run(batch, out)
-        }
-    }
-
-    #[test]
-    fn headline_is_throughput_with_slow_batches_counted_median_kept_apart() {
-        let head = std::sync::Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
-        let inner = crate::backend::open(
-            crate::backend::BackendKind::Cpu,
-            0,
-            head,
-            &crate::backend::OpenOptions::default(),
-        )
-        .expect("cpu opens");
-        let mut b = Hiccups { inner, runs: 0 };
-        // One warm-up run, then 9 timed runs back to back: 3 of them slow.
-        let r = bench_backend(&mut b, 16, DType::F32, 9, 1).expect("bench");
-        assert!(r.ms_per_batch < 5.0, "median {}", r.ms_per_batch);
-        assert!(
-            r.mean_ms_per_batch >= 3.0 * 20.0 / 9.0,
-            "{}",
-            r.mean_ms_per_batch
-        );
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
-        assert!(close(r.samples_per_s, 16.0 / (r.mean_ms_per_batch / 1e3)));
-        assert!(close(r.median_samples_per_s, 16.0 / (r.ms_per_batch / 1e3)));
-        assert!(r.samples_per_s * 2.0 < r.median_samples_per_s, "{r:?}");
-        // No projections-only path here: no ratio pass.
-        assert!(r.head_over_proj.is_none() && r.proj_ms_per_batch.is_none());
-        assert_eq!(b.runs, 10);
-    }
-}
+mod tests;
