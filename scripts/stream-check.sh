@@ -5,7 +5,10 @@
 #   scripts/stream-check.sh [BINARY]   (default: target/release/fusion-engine)
 #   env: SECS (5 per loadgen run), PRODUCERS (2), RATE (2000000: as fast as the server reads),
 #        PY_B (16384: samples per Python fuse() call; PYTHONPATH picks the client, default the
-#        checkout's clients/python/src), PERF=1 (also `perf record -g` the server
+#        checkout's clients/python/src), SEND_QUEUE (4096: the send queue size per class the
+#        load generator's subscribers ask for in `hello`, as Python fuse() does; 0: the server's
+#        defaults, which a subscriber sharing 2 cores with a flooding producer overruns, closed
+#        1013 part way through a run), PERF=1 (also `perf record -g` the server
 #        during the f32 run and print the top of its report)
 #
 # Yardstick: `iperf3` over 127.0.0.1 (one flow, 4 s), converted to samples/s at the payload's
@@ -21,6 +24,9 @@ SECS=${SECS:-5}
 PRODUCERS=${PRODUCERS:-2}
 RATE=${RATE:-2000000}
 PY_B=${PY_B:-16384}
+SEND_QUEUE=${SEND_QUEUE:-4096}
+SQ_ARGS=()
+[ "$SEND_QUEUE" != 0 ] && SQ_ARGS=(--send-queue "$SEND_QUEUE")
 PY=.venv/bin/python
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -60,7 +66,7 @@ loadgen() {
   t0=$(cpu_ticks "$SP")
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
     --rate "$rate" --producers "$PRODUCERS" --subscribers "$subs" --samples-per-frame 256 \
-    --batch-results --dtype "$dtype" --duration "$SECS" --plot "$WORK/$name.svg" --json \
+    --batch-results --dtype "$dtype" --duration "$SECS" "${SQ_ARGS[@]}" --plot "$WORK/$name.svg" --json \
     >"$WORK/$name.json" 2>/dev/null
   t1=$(cpu_ticks "$SP")
   echo $((t1 - t0)) >"$WORK/$name.ticks"

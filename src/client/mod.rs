@@ -71,6 +71,8 @@ pub struct Client {
     ca_file: Option<PathBuf>,
     binary: bool,
     batch: bool,
+    /// Send queue sizes asked for in `hello` (kept for reconnects).
+    send_queue: Option<[usize; 3]>,
     /// How long [`Client::fuse`] and the acknowledged calls wait. Default 30 s.
     pub timeout: Duration,
 }
@@ -105,6 +107,7 @@ impl Client {
             binary,
             batch,
             ca_file: None,
+            send_queue: None,
         };
         Self::connect_with_options(url, &o).await
     }
@@ -114,7 +117,7 @@ impl Client {
     pub async fn connect_with_options(url: &str, o: &ConnectOptions) -> ClientResult<Client> {
         let (token, ca_file) = (o.token.clone(), o.ca_file.clone());
         let (tx, events) = wire::open(url, token.as_deref(), ca_file.as_deref()).await?;
-        let (binary, batch) = (o.binary, o.batch);
+        let (binary, batch, send_queue) = (o.binary, o.batch, o.send_queue);
         let prefix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -139,6 +142,7 @@ impl Client {
             ca_file,
             binary,
             batch: batch && binary,
+            send_queue,
             timeout: Duration::from_secs(30),
         };
         c.hello().await?;
@@ -147,8 +151,11 @@ impl Client {
 
     async fn hello(&mut self) -> ClientResult<()> {
         let results = if self.binary { "binary" } else { "json" };
-        let hello = json!({"type": "hello", "version": protocol::VERSION_2, "results": results,
+        let mut hello = json!({"type": "hello", "version": protocol::VERSION_2, "results": results,
                            "batch_results": self.batch});
+        if let Some([c, i, b]) = self.send_queue {
+            hello["send_queue"] = json!({"critical": c, "important": i, "bulk": b});
+        }
         self.send_text(hello.to_string()).await?;
         let w = self
             .wait_for("welcome", |e| match e {

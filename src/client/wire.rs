@@ -33,6 +33,10 @@ pub struct ConnectOptions {
     pub binary: bool,
     /// Binary results may come several to a frame (PROTOCOL 4.5).
     pub batch: bool,
+    /// Send queue sizes asked for in `hello` (CRITICAL, IMPORTANT, BULK; PROTOCOL 2
+    /// `send_queue`, capped by the server's `max_send_queue`): larger queues let a reader that
+    /// falls behind for a moment catch up instead of losing results. None: the server's sizes.
+    pub send_queue: Option<[usize; 3]>,
 }
 
 impl Default for ConnectOptions {
@@ -42,6 +46,7 @@ impl Default for ConnectOptions {
             ca_file: None,
             binary: true,
             batch: true,
+            send_queue: None,
         }
     }
 }
