@@ -44,6 +44,8 @@ impl Default for BufferPool {
 
 #[derive(Default)]
 struct Spare {
+    /// Sorted by capacity, ascending; among equal capacities the one given back last is last
+    /// (taken first: its memory is the most likely still in cache).
     buffers: Vec<Vec<u8>>,
     bytes: usize,
     lock: Option<Arc<dyn HostPageLock>>,
@@ -119,6 +121,13 @@ impl Spare {
         }
     }
 
+    /// Keeps `v` in `buffers` (sorted by capacity, after those of its capacity).
+    fn insert(&mut self, v: Vec<u8>) {
+        let cap = v.capacity();
+        let at = self.buffers.partition_point(|b| b.capacity() <= cap);
+        self.buffers.insert(at, v);
+    }
+
     /// Drops a buffer, unlocking it first when it is locked.
     fn release(&mut self, ranges: &LockedRanges, v: Vec<u8>) {
         let (start, len) = range_of(&v);
@@ -158,16 +167,16 @@ impl BufferPool {
     /// freed that way stays locked (unused) until the pool sees its memory allocated again.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
         let mut spare = self.spare.lock();
-        let best = spare
-            .buffers
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= capacity)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i);
+        // The smallest capacity that fits, and the last buffer of that capacity (binary
+        // searches: a scan of up to SPARE_BUFFERS spares per take was 2.4% of `serve`'s CPU).
+        let fits = spare.buffers.partition_point(|v| v.capacity() < capacity);
+        let best = spare.buffers.get(fits).map(|v| {
+            let c = v.capacity();
+            spare.buffers.partition_point(|v| v.capacity() <= c) - 1
+        });
         match best {
             Some(i) => {
-                let v = spare.buffers.swap_remove(i);
+                let v = spare.buffers.remove(i);
                 spare.bytes -= v.capacity();
                 v
             }
@@ -209,19 +218,17 @@ impl BufferPool {
         if spare.buffers.len() < SPARE_BUFFERS && spare.bytes + cap <= SPARE_BYTES {
             spare.adopt(ranges, &v);
             spare.bytes += cap;
-            spare.buffers.push(v);
+            spare.insert(v);
             return;
         }
-        let smallest = (0..spare.buffers.len()).min_by_key(|&i| spare.buffers[i].capacity());
-        match smallest {
-            Some(i)
-                if spare.buffers[i].capacity() < cap
-                    && spare.bytes - spare.buffers[i].capacity() + cap <= SPARE_BYTES =>
-            {
+        // Full: `v` replaces the smallest spare one (the first) when that is smaller.
+        match spare.buffers.first().map(Vec::capacity) {
+            Some(small) if small < cap && spare.bytes - small + cap <= SPARE_BYTES => {
                 spare.adopt(ranges, &v);
-                let small = std::mem::replace(&mut spare.buffers[i], v);
+                let small = spare.buffers.remove(0);
                 spare.bytes = spare.bytes - small.capacity() + cap;
                 spare.release(ranges, small);
+                spare.insert(v);
             }
             _ => spare.release(ranges, v),
         }
@@ -339,6 +346,32 @@ mod tests {
         assert!(c.capacity() >= 10);
         assert_ne!(c.as_ptr(), pb);
         assert_eq!(pool.spare(), 0);
+    }
+
+    #[test]
+    fn spares_stay_sorted_and_the_last_given_of_a_size_is_taken_first() {
+        let pool = BufferPool::default();
+        let caps = [300, 100, 200, 100, 400, 200];
+        let mut ptrs = Vec::new();
+        for c in caps {
+            let v = Vec::<u8>::with_capacity(c);
+            ptrs.push(v.as_ptr());
+            pool.give(v);
+        }
+        let sorted: Vec<usize> = pool
+            .spare
+            .lock()
+            .buffers
+            .iter()
+            .map(Vec::capacity)
+            .collect();
+        assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "{sorted:?}");
+        // Two 100s: the one given back second (index 3) first, then the other (index 1).
+        assert_eq!(pool.take(50).as_ptr(), ptrs[3]);
+        assert_eq!(pool.take(100).as_ptr(), ptrs[1]);
+        assert_eq!(pool.take(150).as_ptr(), ptrs[5]);
+        assert_eq!(pool.take(350).as_ptr(), ptrs[4]);
+        assert_eq!(pool.spare(), 2);
     }
 
     #[test]
