@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{connect, hello, Hello, Ws};
+use super::conn::{connect_with, hello, Hello, Ws};
 use super::frames::{push_key, Frames};
 use super::options::LoadgenError;
 use super::stats::{make_key, now_us, parse_key};
@@ -44,6 +44,9 @@ pub(crate) struct ProducerCfg {
 /// Longest pause for one `ingest_backpressure` `on` without an `off` (a lost `off` must not
 /// stop a producer for the rest of the run).
 const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Bytes of frames tungstenite buffers before writing them without a flush.
+const WRITE_BUFFER: usize = 8 << 20;
 
 /// What one producer saw.
 #[derive(Debug, Default)]
@@ -81,7 +84,8 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 
 /// Runs one producer until `cfg.until`, then closes and returns what it saw.
 pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
-    let ws = connect(&cfg.url, None).await?;
+    // A burst of due samples goes out in one write, at its flush.
+    let ws = connect_with(&cfg.url, None, Some(WRITE_BUFFER)).await?;
     let (mut tx, rx) = ws.split();
     hello(&mut tx, 1, Hello::default()).await?;
     let (pressure_tx, mut pressure) = watch::channel(false);
