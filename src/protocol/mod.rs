@@ -41,4 +41,7 @@ pub use result::{
 pub use results_frame::{
     results_frame_begin, results_frame_push, results_frame_start, split_results, RESULTS_HEADER,
 };
-pub use samples::{encode_samples, parse_samples, SamplesFrame, KIND_SAMPLES};
+pub use samples::{
+    encode_samples, encode_samples_into, encode_samples_keyed, parse_samples, SamplesFrame,
+    KIND_SAMPLES,
+};

@@ -166,23 +166,82 @@ pub fn encode_samples(
     ack: bool,
     id: u32,
 ) -> Option<Vec<u8>> {
-    let n = keys.len();
+    let mut v = Vec::new();
+    encode_samples_into(
+        &mut v, stream, keys, modalities, blocks, dtype, priority, ack, id,
+    )?;
+    Some(v)
+}
+
+/// [`encode_samples`] appended to `out`, whose capacity a caller can reuse frame after frame.
+/// On `None`, `out` is left as it was.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_samples_into(
+    out: &mut Vec<u8>,
+    stream: &str,
+    keys: &[&str],
+    modalities: &[&str],
+    blocks: &[&[u8]],
+    dtype: DType,
+    priority: Priority,
+    ack: bool,
+    id: u32,
+) -> Option<()> {
+    let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
+    let mut next = keys.iter();
+    let key = |v: &mut Vec<u8>| {
+        if let Some(k) = next.next() {
+            v.extend_from_slice(k.as_bytes());
+        }
+    };
+    let sizes = (keys.len(), key_bytes);
+    let head = (stream, dtype, priority, ack, id);
+    encode_samples_keyed(out, head, sizes, key, modalities, blocks)
+}
+
+/// [`encode_samples_into`] with the keys written by `key` instead of taken from a slice:
+/// `head` is `(stream, dtype, priority, ack, id)`, `sizes` is `(N, about how many key bytes in
+/// all)`, and `key` is called N times, in sample order, each time appending one key's UTF-8
+/// bytes to the frame (the encoder writes its length in front). On `None`, `out` is left as
+/// it was.
+pub fn encode_samples_keyed<F>(
+    out: &mut Vec<u8>,
+    head: (&str, DType, Priority, bool, u32),
+    sizes: (usize, usize),
+    key: F,
+    modalities: &[&str],
+    blocks: &[&[u8]],
+) -> Option<()>
+where
+    F: FnMut(&mut Vec<u8>),
+{
+    let at = out.len();
+    let r = write_samples(out, head, sizes, key, modalities, blocks);
+    if r.is_none() {
+        out.truncate(at);
+    }
+    r
+}
+
+fn write_samples<F>(
+    v: &mut Vec<u8>,
+    (stream, dtype, priority, ack, id): (&str, DType, Priority, bool, u32),
+    (n, key_bytes): (usize, usize),
+    mut key: F,
+    modalities: &[&str],
+    blocks: &[&[u8]],
+) -> Option<()>
+where
+    F: FnMut(&mut Vec<u8>),
+{
     if n == 0 || modalities.is_empty() || modalities.len() != blocks.len() {
         return None;
     }
     let len16 = |s: &str| u16::try_from(s.len()).ok();
     let row = n.checked_mul(dtype.size())?;
-    let mut widths = Vec::with_capacity(blocks.len());
-    for b in blocks {
-        if b.len() % row != 0 {
-            return None;
-        }
-        widths.push(u32::try_from(b.len() / row).ok()?);
-    }
     let names: usize = modalities.iter().map(|m| m.len() + 6).sum();
-    let key_bytes: usize = keys.iter().map(|k| k.len() + 2).sum();
     let payload: usize = blocks.iter().map(|b| b.len()).sum();
-    let mut v = Vec::with_capacity(PRODUCE_HEADER + stream.len() + names + key_bytes + payload);
+    v.reserve(PRODUCE_HEADER + stream.len() + names + 2 * n + key_bytes + payload);
     v.extend_from_slice(&MAGIC);
     v.extend_from_slice(&[
         VERSION,
@@ -198,19 +257,26 @@ pub fn encode_samples(
     v.extend_from_slice(&id.to_le_bytes());
     v.extend_from_slice(&0u32.to_le_bytes());
     v.extend_from_slice(stream.as_bytes());
-    for (m, w) in modalities.iter().zip(&widths) {
+    for (m, b) in modalities.iter().zip(blocks) {
+        if b.len() % row != 0 {
+            return None;
+        }
+        let w = u32::try_from(b.len() / row).ok()?;
         v.extend_from_slice(&w.to_le_bytes());
         v.extend_from_slice(&len16(m)?.to_le_bytes());
         v.extend_from_slice(m.as_bytes());
     }
-    for k in keys {
-        v.extend_from_slice(&len16(k)?.to_le_bytes());
-        v.extend_from_slice(k.as_bytes());
+    for _ in 0..n {
+        let at = v.len();
+        v.extend_from_slice(&[0, 0]);
+        key(v);
+        let l = u16::try_from(v.len() - at - 2).ok()?;
+        v[at..at + 2].copy_from_slice(&l.to_le_bytes());
     }
     for b in blocks {
         v.extend_from_slice(b);
     }
-    Some(v)
+    Some(())
 }
 
 #[cfg(test)]
@@ -315,6 +381,78 @@ mod tests {
         assert_eq!(
             (e.code, e.message.as_str()),
             (Code::Malformed, "stream is not UTF-8")
+        );
+    }
+
+    #[test]
+    fn encode_into_matches_and_reuses_its_buffer() {
+        let rows = f32s(&(0..30).map(|x| x as f32).collect::<Vec<_>>()); // up to 10 x 3
+        let keys = [
+            "k0", "key1", "k2", "k33", "k4", "k5", "k6", "k7", "k8", "k9",
+        ];
+        let mut buf = Vec::new();
+        let mut cap = 0;
+        for n in [10, 3, 7, 1, 10] {
+            let (a, t) = (&rows[..n * 12], &rows[..n * 4]);
+            let mods = ["vision", "audio"];
+            let want = encode_samples(
+                "cam",
+                &keys[..n],
+                &mods,
+                &[a, t],
+                DType::F32,
+                Priority::Critical,
+                false,
+                3,
+            )
+            .unwrap();
+            buf.clear();
+            let b: [&[u8]; 2] = [a, t];
+            encode_samples_into(
+                &mut buf,
+                "cam",
+                &keys[..n],
+                &mods,
+                &b,
+                DType::F32,
+                Priority::Critical,
+                false,
+                3,
+            )
+            .unwrap();
+            assert_eq!(buf, want, "n = {n}");
+            if n == 10 && cap > 0 {
+                assert_eq!(buf.capacity(), cap, "the buffer is reused, not regrown");
+            }
+            cap = cap.max(buf.capacity());
+            // Keys written by a closure give the same frame.
+            let mut keyed = b"prefix".to_vec();
+            let mut next = keys[..n].iter();
+            let key = |v: &mut Vec<u8>| v.extend_from_slice(next.next().unwrap().as_bytes());
+            let head = ("cam", DType::F32, Priority::Critical, false, 3);
+            encode_samples_keyed(&mut keyed, head, (n, 0), key, &mods, &b).unwrap();
+            assert_eq!(&keyed[..6], b"prefix");
+            assert_eq!(&keyed[6..], &want[..]);
+        }
+        // A refusal leaves the buffer as it was.
+        let long = "k".repeat(70_000);
+        let head = ("cam", DType::F32, Priority::Bulk, false, 0);
+        let key = |v: &mut Vec<u8>| v.extend_from_slice(long.as_bytes());
+        let r = encode_samples_keyed(&mut buf, head, (1, 0), key, &["x"], &[&rows[..4]]);
+        assert!(r.is_none());
+        assert_eq!(
+            buf,
+            encode_samples(
+                "cam",
+                &keys,
+                &["vision", "audio"],
+                &[&rows[..120], &rows[..40]],
+                DType::F32,
+                Priority::Critical,
+                false,
+                3
+            )
+            .unwrap()
         );
     }
 

@@ -16,6 +16,16 @@ pub(crate) type Ws = WebSocketStream<TcpStream>;
 /// Connects to `url` (`ws://host:port/...`); `recv_buffer` sets the socket's receive buffer
 /// (bytes) before connecting, so that a reader that stops is noticed by the server soon.
 pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, LoadgenError> {
+    connect_with(url, recv_buffer, None).await
+}
+
+/// [`connect`], with tungstenite writing its buffered frames to the socket only past
+/// `write_buffer` bytes (besides on flush) when given, instead of past 128 KiB.
+pub(crate) async fn connect_with(
+    url: &str,
+    recv_buffer: Option<u32>,
+    write_buffer: Option<usize>,
+) -> Result<Ws, LoadgenError> {
     let cerr = |e: &dyn std::fmt::Display| LoadgenError::Connect(format!("{url}: {e}"));
     let req = url.into_client_request().map_err(|e| cerr(&e))?;
     let host = req
@@ -41,9 +51,12 @@ pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, L
     }
     let tcp = sock.connect(addr).await.map_err(|e| cerr(&e))?;
     let _ = tcp.set_nodelay(true);
-    let cfg = WebSocketConfig::default()
+    let mut cfg = WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20));
+    if let Some(n) = write_buffer {
+        cfg = cfg.write_buffer_size(n);
+    }
     let (ws, _) = tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg))
         .await
         .map_err(|e| cerr(&e))?;

@@ -9,6 +9,7 @@
 
 pub mod cli;
 mod conn;
+mod frames;
 mod options;
 pub(crate) mod plot;
 mod producer;

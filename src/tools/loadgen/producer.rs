@@ -15,11 +15,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{connect, hello, Hello, Ws};
+use super::conn::{connect_with, hello, Hello, Ws};
+use super::frames::{push_key, Frames};
 use super::options::LoadgenError;
 use super::stats::{make_key, now_us, parse_key};
 use crate::engine::Priority;
-use crate::protocol::{encode_produce, encode_samples, FLAG_LAST};
+use crate::protocol::{encode_produce, FLAG_LAST};
 use crate::tensor::DType;
 
 /// One producer's settings.
@@ -43,6 +44,9 @@ pub(crate) struct ProducerCfg {
 /// Longest pause for one `ingest_backpressure` `on` without an `off` (a lost `off` must not
 /// stop a producer for the rest of the run).
 const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Bytes of frames tungstenite buffers before writing them without a flush.
+const WRITE_BUFFER: usize = 8 << 20;
 
 /// What one producer saw.
 #[derive(Debug, Default)]
@@ -80,7 +84,8 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 
 /// Runs one producer until `cfg.until`, then closes and returns what it saw.
 pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
-    let ws = connect(&cfg.url, None).await?;
+    // A burst of due samples goes out in one write, at its flush.
+    let ws = connect_with(&cfg.url, None, Some(WRITE_BUFFER)).await?;
     let (mut tx, rx) = ws.split();
     hello(&mut tx, 1, Hello::default()).await?;
     let (pressure_tx, mut pressure) = watch::channel(false);
@@ -99,6 +104,8 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
     } else {
         Vec::new()
     };
+    let names: Vec<&str> = cfg.mods.iter().map(|(m, _)| m.as_str()).collect();
+    let mut frames = Frames::default();
     while Instant::now() < cfg.until {
         if cfg.rate.is_some() && *pressure.borrow() {
             // Paused by the server: nothing we fed may wait in our buffer meanwhile, and the
@@ -140,7 +147,11 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
                     n
                 }
             };
-            send_samples(&cfg, &mut tx, &mut rec, &blocks, i, n).await?;
+            let rows = Rows {
+                all: &blocks,
+                names: &names,
+            };
+            send_samples(&cfg, &mut tx, &mut rec, rows, &mut frames, i, n).await?;
             // One write per batch of due samples.
             tx.flush().await?;
             i += n;
@@ -194,50 +205,61 @@ pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, Loa
     Ok(rec)
 }
 
-/// Samples `i..i + n` as one `samples` frame per class present among them.
+/// What a producer's `samples` frames are built from.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    /// Per modality, `samples_per_frame` rows: a frame of n samples sends the first n.
+    all: &'a [Vec<u8>],
+    /// The modalities' names, head order.
+    names: &'a [&'a str],
+}
+
+/// Samples `i..i + n` as one `samples` frame per class present among them, built by `frames`
+/// (a kept frame of the same class and count with its keys rewritten, or one encoded into a
+/// kept buffer).
 async fn send_samples<S>(
     cfg: &ProducerCfg,
     tx: &mut S,
     rec: &mut ProducerRecord,
-    rows: &[Vec<u8>],
+    rows: Rows<'_>,
+    frames: &mut Frames,
     i: u64,
     n: u64,
 ) -> Result<(), LoadgenError>
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    let mut keys: [Vec<String>; 3] = Default::default();
     let t = now_us();
+    let mut counts = [0usize; 3];
     for k in i..i + n {
-        let class = class_of(k);
-        keys[class].push(make_key(class, k, t));
+        counts[class_of(k)] += 1;
     }
-    let names: Vec<&str> = cfg.mods.iter().map(|(m, _)| m.as_str()).collect();
-    for (class, keys) in keys.into_iter().enumerate() {
-        if keys.is_empty() {
+    for (class, count) in counts.into_iter().enumerate() {
+        if count == 0 {
             continue;
         }
         let blocks: Vec<&[u8]> = rows
+            .all
             .iter()
             .zip(cfg.mods.iter())
-            .map(|(all, (_, one))| all.get(..one.len() * keys.len()).unwrap_or_default())
+            .map(|(all, (_, one))| all.get(..one.len() * count).unwrap_or_default())
             .collect();
-        let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-        let f = encode_samples(
-            &cfg.stream,
-            &refs,
-            &names,
-            &blocks,
-            cfg.dtype,
-            PRIORITIES[class],
-            false,
-            0,
-        )
-        .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
-        tx.feed(Message::binary(f)).await?;
-        rec.sent[class] += keys.len() as u64;
+        let mut ks = (i..i + n).filter(|&k| class_of(k) == class);
+        let key = |v: &mut Vec<u8>| {
+            if let Some(k) = ks.next() {
+                push_key(v, class, k, t);
+            }
+        };
+        let head = (cfg.stream.as_str(), cfg.dtype, PRIORITIES[class], false, 0);
+        let f = frames
+            .samples(head, count, key, rows.names, &blocks)
+            .ok_or_else(|| LoadgenError::Config("stream or key name too long".into()))?;
+        tx.feed(Message::Binary(f)).await?;
+        rec.sent[class] += count as u64;
         if class == 0 {
-            rec.critical_sent.extend(keys);
+            let critical = (i..i + n).filter(|&k| class_of(k) == 0);
+            rec.critical_sent
+                .extend(critical.map(|k| make_key(0, k, t)));
         }
     }
     Ok(())
