@@ -350,12 +350,14 @@ mod tests {
 
     #[test]
     fn spares_stay_sorted_and_the_last_given_of_a_size_is_taken_first() {
+        let ptr_of = |v: Vec<u8>| v.as_ptr() as usize;
+        let ptrs_of = |p: *const u8| p as usize;
         let pool = BufferPool::default();
         let caps = [300, 100, 200, 100, 400, 200];
         let mut ptrs = Vec::new();
         for c in caps {
             let v = Vec::<u8>::with_capacity(c);
-            ptrs.push(v.as_ptr());
+            ptrs.push(ptrs_of(v.as_ptr()));
             pool.give(v);
         }
         let sorted: Vec<usize> = pool
@@ -367,10 +369,10 @@ mod tests {
             .collect();
         assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "{sorted:?}");
         // Two 100s: the one given back second (index 3) first, then the other (index 1).
-        assert_eq!(pool.take(50).as_ptr(), ptrs[3]);
-        assert_eq!(pool.take(100).as_ptr(), ptrs[1]);
-        assert_eq!(pool.take(150).as_ptr(), ptrs[5]);
-        assert_eq!(pool.take(350).as_ptr(), ptrs[4]);
+        assert_eq!(ptr_of(pool.take(50)), ptrs[3]);
+        assert_eq!(ptr_of(pool.take(100)), ptrs[1]);
+        assert_eq!(ptr_of(pool.take(150)), ptrs[5]);
+        assert_eq!(ptr_of(pool.take(350)), ptrs[4]);
         assert_eq!(pool.spare(), 2);
     }
 
