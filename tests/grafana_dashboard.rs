@@ -66,8 +66,11 @@ fn start_server(ws: SocketAddr, metrics: SocketAddr) -> Server {
             "--metrics",
             &metrics.to_string(),
         ])
-        // The second device fails every batch: device errors, retries and a state change.
-        .args(["--devices", "cpu:threads=1,cpu:threads=1:fail=1"])
+        // The second device fails every batch: device errors, retries and a state change. The
+        // first takes 2 ms more per batch, so that batches spill over to the second (small
+        // batches run on the device's own thread since session 11 and finished so fast that
+        // none ever did).
+        .args(["--devices", "cpu:threads=1:delay=2ms,cpu:threads=1:fail=1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
