@@ -7,7 +7,7 @@ use super::options::Options;
 use super::producer::ProducerRecord;
 use super::scenario::Plan;
 use super::scrape::Scrape;
-use super::stats::{gaps, ConnRecord, GapStats, Latency, Role};
+use super::stats::{gaps, missing_stream_seqs, ConnRecord, GapStats, Latency, Role};
 
 /// One value per data class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -274,7 +274,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
                 let reference = reference.and_then(|x| i.records.get(x));
                 if let Some(f) = reference {
                     let (mut missing, mut covered) = (0u64, 0u64);
-                    for k in f.stream_seqs.difference(&r.stream_seqs) {
+                    for k in missing_stream_seqs(&f.stream_seqs, &r.stream_seqs) {
                         let named = r.unrecoverable.iter().any(|(s, c, a, b)| {
                             *s == k.0 && *c == k.1 && k.2 >= *a && b.is_none_or(|b| k.2 <= b)
                         });

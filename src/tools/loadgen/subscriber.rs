@@ -163,7 +163,7 @@ impl Sub {
             let si = self.cfg.streams.iter().position(|s| s == stream);
             self.rec
                 .stream_seqs
-                .insert((si.unwrap_or(usize::MAX), class, ss));
+                .push((si.unwrap_or(usize::MAX), class, ss));
             match self.points.get_mut(stream) {
                 Some(p) => p[class] = p[class].max(ss),
                 None => {
