@@ -513,3 +513,74 @@ async fn two_connections_interleaving_frames_into_one_stream_keep_results_and_se
     }
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_frame_of_half_a_batch_is_a_batch_of_its_own_and_classes_keep_their_order() {
+    let h = small_head();
+    let mut cfg = config();
+    cfg.max_batch = 256;
+    cfg.max_batch_delay = std::time::Duration::from_millis(300);
+    let (s, url) = start(h.clone(), cfg).await;
+    let mut c = Client::connect(&url, None).await.unwrap();
+    c.subscribe("solo").await.unwrap();
+    // CRITICAL 10, BULK 20, BULK 200 (whole, >= 128), BULK 30: the last one brings 260 rows
+    // waiting. Merged, they would be one batch of 256 (the 30 split) and one of 4; with the
+    // 200-row frame on its own: [10 + 20], [200], then [30] after the delay.
+    let plan = [
+        ("c", 10, Priority::Critical),
+        ("a", 20, Priority::Bulk),
+        ("b", 200, Priority::Bulk),
+        ("d", 30, Priority::Bulk),
+    ];
+    let mut want = HashMap::new();
+    for (fi, (name, n, prio)) in plan.into_iter().enumerate() {
+        let x = rows(&h, n, 300 + fi as u64);
+        let keys: Vec<String> = (0..n).map(|i| format!("{name}{i}")).collect();
+        let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
+        let feats: Vec<(&str, &[f32])> = ["vision", "text", "audio"]
+            .iter()
+            .zip(&blocks)
+            .map(|(nm, b)| (*nm, b.as_slice()))
+            .collect();
+        c.produce_samples("solo", &kr, &feats, prio, 0)
+            .await
+            .unwrap();
+        for (k, xs) in keys.into_iter().zip(x) {
+            want.insert(k, xs);
+        }
+    }
+    let mut bulk_order = Vec::new();
+    let mut got = HashMap::new();
+    while got.len() < want.len() {
+        match next(&mut c, 10.0).await {
+            Event::Result(r) => {
+                if !r.key.starts_with('c') {
+                    bulk_order.push(r.key.clone());
+                }
+                assert!(
+                    got.insert(r.key.clone(), r).is_none(),
+                    "a result came twice"
+                );
+            }
+            Event::Control(_) => {}
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    for (k, x) in &want {
+        let (ef, ew) = check(&h, x, &[1, 1, 1], &got[k].fused, &got[k].weights);
+        assert!(ef <= 1e-5 && ew <= 1e-5, "{k}: {ef} {ew}");
+    }
+    // BULK rows reach the subscriber in the order they were sent: a, then b, then d.
+    let sent: Vec<String> = plan
+        .iter()
+        .filter(|p| p.2 == Priority::Bulk)
+        .flat_map(|(name, n, _)| (0..*n).map(move |i| format!("{name}{i}")))
+        .collect();
+    assert_eq!(bulk_order, sent);
+    let st = s.engine().stats();
+    let counters = &st.devices[0].counters;
+    assert_eq!((counters.batches, counters.samples), (3, 260));
+    c.close().await;
+    s.shutdown().await;
+}

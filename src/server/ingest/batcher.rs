@@ -81,12 +81,21 @@ impl Batcher {
                 break;
             }
             let mut take = Vec::new();
+            let mut solo = Vec::new();
             let mut n = 0;
             for (q, count) in self.pending.iter_mut().zip(&mut self.waiting) {
                 while n < max {
                     let Some((t, mut w)) = q.pop_front() else {
                         break;
                     };
+                    // A whole frame of at least half a batch is a batch of its own, without a
+                    // second copy of its rows (docs/DESIGN.md section 4.3); this class takes
+                    // nothing more here, so its batches keep the order its rows came in.
+                    if w.len() <= max && w.len() * 2 >= max && w.is_whole_frame() {
+                        *count -= w.len();
+                        solo.push((t, w));
+                        break;
+                    }
                     // A frame's run longer than the room left is split: the rest waits in front.
                     if let Some(front) = w.split_front(max - n) {
                         q.push_front((t, w));
@@ -97,7 +106,15 @@ impl Batcher {
                     take.push((t, w));
                 }
             }
-            self.submit(shared, take, n);
+            if n > 0 {
+                self.submit(shared, take, n);
+            }
+            // After the mixed batch: it holds the higher classes' rows, and earlier rows of the
+            // solo frames' own classes.
+            for (t, w) in solo {
+                let rows = w.len();
+                self.submit(shared, vec![(t, w)], rows);
+            }
             self.oldest = if self.pending.iter().all(|q| q.is_empty()) {
                 None
             } else {

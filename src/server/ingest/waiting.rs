@@ -110,6 +110,17 @@ impl Waiting {
         }
     }
 
+    /// Whether this is every row of one frame with blocks nobody else holds: a batch of it
+    /// alone takes its blocks as its matrices ([`Waiting::whole_inputs`]).
+    pub fn is_whole_frame(&self) -> bool {
+        match self {
+            Waiting::One(_) => false,
+            Waiting::Rows(r) => {
+                r.start == 0 && r.end == r.keys.len() && Arc::strong_count(&r.blocks) == 1
+            }
+        }
+    }
+
     /// The wire dtype of head modality `i` here, None when absent.
     pub fn dtype_of(&self, i: usize) -> Option<DType> {
         match self {
