@@ -7,7 +7,7 @@ use super::options::Options;
 use super::producer::ProducerRecord;
 use super::scenario::Plan;
 use super::scrape::Scrape;
-use super::stats::{gaps, missing_stream_seqs, ConnRecord, GapStats, Latency, Role};
+use super::stats::{gaps, key_id, missing_stream_seqs, ConnRecord, GapStats, Latency, Role};
 
 /// One value per data class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -219,7 +219,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             .iter()
             .filter(|k| !p.critical_refused.contains(*k))
         {
-            expected_critical.insert(format!("{}/{k}", p.stream));
+            expected_critical.insert(key_id(&p.stream, k));
         }
     }
     let mut fast_lat: [Vec<u32>; 3] = Default::default();

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::conn::{connect, hello, peek_result, Hello, Ws};
 use super::options::LoadgenError;
-use super::stats::{gaps, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
+use super::stats::{gaps, key_id, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
 use crate::protocol::split_results;
 
 /// One subscriber's settings.
@@ -183,7 +183,7 @@ impl Sub {
             }
         }
         if class == 0 {
-            self.rec.kept_keys.insert(format!("{stream}/{key}"));
+            self.rec.kept_keys.insert(key_id(stream, key));
         }
     }
 
