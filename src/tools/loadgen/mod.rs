@@ -13,6 +13,7 @@ mod frames;
 mod options;
 pub(crate) mod plot;
 mod producer;
+mod raw_sink;
 pub mod report;
 pub mod scenario;
 pub mod scrape;

@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{connect_with, hello, Hello, Ws};
+use super::conn::{connect_with, hello, Hello};
 use super::frames::{push_key, Frames};
 use super::options::LoadgenError;
+use super::raw_sink;
 use super::stats::{make_key, now_us, parse_key};
 use crate::engine::Priority;
 use crate::protocol::{encode_produce, FLAG_LAST};
@@ -86,7 +87,9 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
     // A burst of due samples goes out in one write, at its flush.
     let ws = connect_with(&cfg.url, None, Some(WRITE_BUFFER)).await?;
-    let (mut tx, rx) = ws.split();
+    // Frames go to the socket from their own buffers, unmasked by the all-zero key (no copy
+    // and no masking pass: `raw_sink.rs`).
+    let (mut tx, rx) = raw_sink::split(ws, WRITE_BUFFER).await;
     hello(&mut tx, 1, Hello::default()).await?;
     let (pressure_tx, mut pressure) = watch::channel(false);
     let reader = tokio::spawn(read_replies(rx, pressure_tx));
@@ -277,7 +280,7 @@ struct Replies {
 /// Reads the producer's socket: errors, `shed` notices, and `ingest_backpressure` into
 /// `pressure` (true while `on`).
 async fn read_replies(
-    mut rx: futures_util::stream::SplitStream<Ws>,
+    mut rx: tokio_tungstenite::WebSocketStream<raw_sink::ReadOnly>,
     pressure: watch::Sender<bool>,
 ) -> Replies {
     let mut r = Replies::default();
