@@ -40,6 +40,8 @@ pub(crate) fn class_of(p: Priority) -> usize {
 /// Ranges of dropped seqs (per log) kept before a notice is forced out while the CONTROL queue
 /// has room; 16 times that forces it out anyway (drops.rs).
 const MAX_DROP_RANGES: usize = 256;
+/// A connection's unpublished change of a queue's length at most ([`Outbound::depth_changed`]).
+const DEPTH_STEP: u64 = 64;
 
 /// Queue index of BULK results.
 const BULK: usize = 3;
@@ -139,6 +141,9 @@ struct QueueState {
     close_after_drain: Option<(u16, &'static str)>,
     /// The peer is gone (or closed): stop without a close frame of ours.
     stop: bool,
+    /// Per class, the change of the queue's length not yet added to the `queue_depth` gauge
+    /// ([`Outbound::depth_changed`]).
+    depth_unpublished: [i64; 4],
 }
 
 /// The outbound side of one connection.
@@ -196,6 +201,7 @@ impl Outbound {
                 fatal: None,
                 close_after_drain: None,
                 stop: false,
+                depth_unpublished: [0; 4],
             }),
             wake: Notify::new(),
             done: AtomicBool::new(false),
@@ -242,8 +248,28 @@ impl Outbound {
     }
 
     fn push_item(&self, st: &mut QueueState, item: Item) {
-        self.m.queue_depth[item.class].increment(1.0);
-        st.q[item.class].push_back(item);
+        let c = item.class;
+        st.q[c].push_back(item);
+        self.depth_changed(st, c, 1);
+    }
+
+    /// Class `c`'s queue grew (or shrank) by `d`. The `queue_depth` gauge, shared by every
+    /// connection, moves in steps of up to [`DEPTH_STEP`] per connection and class, and
+    /// whenever the queue is empty, so it is exact whenever the queues are idle: two atomic
+    /// read-modify-writes per queued message on one cache line for all connections were ~2%
+    /// of the server's CPU with 4 subscribers.
+    fn depth_changed(&self, st: &mut QueueState, c: usize, d: i64) {
+        let u = &mut st.depth_unpublished[c];
+        *u += d;
+        if u.unsigned_abs() >= DEPTH_STEP || st.q[c].is_empty() {
+            let g = &self.m.queue_depth[c];
+            match (*u).cmp(&0) {
+                std::cmp::Ordering::Greater => g.increment(*u as f64),
+                std::cmp::Ordering::Less => g.decrement(u.unsigned_abs() as f64),
+                std::cmp::Ordering::Equal => {}
+            }
+            *u = 0;
+        }
     }
 
     /// Queues a CONTROL message. A full CONTROL queue closes the connection with 1013.
@@ -303,7 +329,7 @@ impl Outbound {
         }
         for c in 0..4 {
             if let Some(item) = st.q[c].pop_front() {
-                self.m.queue_depth[c].decrement(1.0);
+                self.depth_changed(&mut st, c, -1);
                 if c == CONTROL {
                     self.room.notify_one();
                 }
@@ -385,9 +411,9 @@ impl Outbound {
     pub fn finish(&self) {
         let mut st = self.state.lock();
         for c in 0..4 {
-            let n = st.q[c].len();
-            self.m.queue_depth[c].decrement(n as f64);
+            let n = st.q[c].len() as i64;
             st.q[c].clear();
+            self.depth_changed(&mut st, c, -n);
         }
         st.pending.clear();
         st.replaying.clear();

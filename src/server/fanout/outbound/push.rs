@@ -138,7 +138,7 @@ impl Outbound {
             .rposition(|it| it.tag.as_ref() == Some(&t))
         {
             if let Some(old) = st.q[BULK].remove(i) {
-                self.m.queue_depth[BULK].decrement(1.0);
+                self.depth_changed(st, BULK, -1);
                 self.m.conflated.increment(1);
                 self.record_drop(st, None, old.seq);
             }

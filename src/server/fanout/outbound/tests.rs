@@ -257,3 +257,38 @@ fn a_send_queue_asked_for_in_hello_holds_that_many_without_drops() {
     o.set_send_queue([0, 0, 0]);
     assert_eq!(o.send_queue(), [1, 1, 1]);
 }
+
+#[test]
+fn queue_depth_gauges_lag_by_less_than_a_step_and_are_exact_when_idle() {
+    let o = ob(1000, 1000, 1000);
+    let depth = |c: usize| o.m.queue_depth[c].get();
+    for n in 1..=200u64 {
+        push(&o, Priority::Important, data);
+        let lag = n as f64 - depth(2);
+        assert!(
+            (0.0..DEPTH_STEP as f64).contains(&lag),
+            "{n} queued, gauge {}",
+            depth(2)
+        );
+    }
+    for _ in 0..150 {
+        assert!(matches!(o.next(), Next::Send(_)));
+    }
+    let lag = depth(2) - 50.0;
+    assert!(
+        (0.0..DEPTH_STEP as f64).contains(&lag),
+        "gauge {}",
+        depth(2)
+    );
+    // Emptied: exact.
+    let (order, _) = drain(&o);
+    assert_eq!(order.len(), 50);
+    assert_eq!(depth(2), 0.0);
+    // What a finished connection still held leaves the gauge too.
+    for _ in 0..70 {
+        push(&o, Priority::Bulk, data);
+    }
+    assert!(depth(3) > 0.0);
+    o.finish();
+    assert_eq!(depth(3), 0.0);
+}
