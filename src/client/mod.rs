@@ -19,9 +19,11 @@
 //!
 //! Rooms: `wire` (the socket: connect, hello, the reader task turning frames into events),
 //! `event` ([`Event`], [`ClientError`]), `resume` (resume points, subscribe options,
-//! conflation), `batch` ([`Client::fuse_batch`]); this file: [`Client`] itself.
+//! conflation), `batch` ([`Client::fuse_batch`]), `connect` (connect, hello, reconnect); this
+//! file: [`Client`] and its requests.
 
 mod batch;
+mod connect;
 mod event;
 mod resume;
 mod wire;
@@ -30,13 +32,13 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::engine::Priority;
 pub use crate::protocol::DecodedResult as FuseResult;
-use crate::protocol::{self, encode_produce, encode_samples, FLAG_ACK, FLAG_LAST};
+use crate::protocol::{encode_produce, encode_samples, FLAG_ACK, FLAG_LAST};
 use crate::tensor::DType;
 pub use event::{ClientError, ClientResult, Event};
 pub use resume::{Conflate, ResumePoint, SubscribeOptions};
@@ -78,164 +80,6 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects, says hello (binary results, several to a frame: PROTOCOL 4.5) and waits for
-    /// the welcome. `url` is `ws://host:port/`; `token` is sent as `Authorization: Bearer`.
-    pub async fn connect(url: &str, token: Option<&str>) -> ClientResult<Client> {
-        Self::connect_opts(url, token, true, true).await
-    }
-
-    /// [`Client::connect`], choosing binary or JSON results, one result per frame.
-    pub async fn connect_with(
-        url: &str,
-        token: Option<&str>,
-        binary: bool,
-    ) -> ClientResult<Client> {
-        Self::connect_opts(url, token, binary, false).await
-    }
-
-    /// [`Client::connect`], choosing binary or JSON results and, for binary ones, whether the
-    /// server may send several in one `results` frame (`batch`; events are the same either way).
-    pub async fn connect_opts(
-        url: &str,
-        token: Option<&str>,
-        binary: bool,
-        batch: bool,
-    ) -> ClientResult<Client> {
-        let token = token.map(str::to_string);
-        let o = ConnectOptions {
-            token,
-            binary,
-            batch,
-            ca_file: None,
-            send_queue: None,
-        };
-        Self::connect_with_options(url, &o).await
-    }
-
-    /// Connects with [`ConnectOptions`]: `url` is `ws://host:port/` or `wss://host:port/`; a
-    /// `wss://` server is checked against `o.ca_file` when given (docs/PROTOCOL.md section 1).
-    pub async fn connect_with_options(url: &str, o: &ConnectOptions) -> ClientResult<Client> {
-        let (token, ca_file) = (o.token.clone(), o.ca_file.clone());
-        let (tx, events) = wire::open(url, token.as_deref(), ca_file.as_deref()).await?;
-        let (binary, batch, send_queue) = (o.binary, o.batch, o.send_queue);
-        let prefix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ (&tx as *const _ as u64);
-        let mut c = Client {
-            tx,
-            events,
-            backlog: VecDeque::new(),
-            welcome: Welcome {
-                modalities: Vec::new(),
-                dim: 0,
-                epoch: 0,
-                raw: Value::Null,
-            },
-            prefix,
-            next: 0,
-            subscribed: HashMap::new(),
-            tracker: resume::Tracker::default(),
-            url: url.to_string(),
-            token,
-            ca_file,
-            binary,
-            batch: batch && binary,
-            send_queue,
-            timeout: Duration::from_secs(30),
-        };
-        c.hello().await?;
-        Ok(c)
-    }
-
-    async fn hello(&mut self) -> ClientResult<()> {
-        let results = if self.binary { "binary" } else { "json" };
-        let mut hello = json!({"type": "hello", "version": protocol::VERSION_2, "results": results,
-                           "batch_results": self.batch});
-        if let Some([c, i, b]) = self.send_queue {
-            hello["send_queue"] = json!({"critical": c, "important": i, "bulk": b});
-        }
-        self.send_text(hello.to_string()).await?;
-        let w = self
-            .wait_for("welcome", |e| match e {
-                Event::Control(v) if v["type"] == "welcome" => Some(v.clone()),
-                _ => None,
-            })
-            .await?;
-        let modalities = w["head"]["modalities"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| {
-                        Some((
-                            m["name"].as_str()?.to_string(),
-                            m["width"].as_u64()? as usize,
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.welcome = Welcome {
-            modalities,
-            dim: w["head"]["dim"].as_u64().unwrap_or(0) as usize,
-            epoch: w["epoch"].as_u64().unwrap_or(0),
-            raw: w,
-        };
-        Ok(())
-    }
-
-    /// Opens a new connection to the same server (after a close, or to replace a live one)
-    /// and resubscribes every stream from where it stopped: each gets what it missed replayed,
-    /// or an `unrecoverable` notice (section 7.4). Events received on the old connection and
-    /// not yet read stay readable first; a `Closed` event of the old connection is dropped.
-    pub async fn reconnect(&mut self) -> ClientResult<()> {
-        let ca = self.ca_file.as_deref();
-        let (tx, events) = wire::open(&self.url, self.token.as_deref(), ca).await?;
-        let _ = self.tx.try_send(Message::Close(None));
-        self.tx = tx;
-        let mut old = std::mem::replace(&mut self.events, events);
-        old.close();
-        while let Ok(ev) = old.try_recv() {
-            if !matches!(ev, Event::Closed { .. }) {
-                self.tracker.see(&ev);
-                self.backlog.push_back(ev);
-            }
-        }
-        self.backlog.retain(|e| !matches!(e, Event::Closed { .. }));
-        self.hello().await?;
-        let streams: Vec<(String, Option<Conflate>)> = self
-            .subscribed
-            .iter()
-            .map(|(s, c)| (s.clone(), *c))
-            .collect();
-        for (stream, conflate) in streams {
-            let resume = self.tracker.get(&stream);
-            let opts = SubscribeOptions { resume, conflate };
-            self.subscribe_with(&stream, opts).await?;
-        }
-        Ok(())
-    }
-
-    /// Closes the connection but keeps the client (subscriptions, resume points and the
-    /// events not yet read) for a later [`Client::reconnect`].
-    pub async fn disconnect(&mut self) {
-        let _ = self.tx.send(Message::Close(None)).await;
-        let closed = |e: &Event| matches!(e, Event::Closed { .. }).then_some(());
-        let _ = self.wait_for("the close", closed).await;
-    }
-
-    /// Where `stream` would resume now: the epoch and the last stream seq received of each
-    /// replayed class (None when not subscribed).
-    pub fn resume_point(&self, stream: &str) -> Option<ResumePoint> {
-        self.tracker.get(stream)
-    }
-
-    /// The server's welcome (head modalities, D, limits).
-    pub fn welcome(&self) -> &Welcome {
-        &self.welcome
-    }
-
     /// Sends a raw text frame.
     pub async fn send_text(&self, text: String) -> ClientResult<()> {
         self.send(Message::text(text)).await
