@@ -703,9 +703,11 @@ def test_fuse_recovers_results_the_server_drops():
     still the reference's, as with a window that never overflows."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "serve.toml"
-        # Batches of 64 into an IMPORTANT queue of 40 (fuse() asks for that size here): every
-        # batch overflows it. CRITICAL 70: more than a batch.
-        cfg.write_text("max_batch = 64\n[send_queue]\nimportant = 40\nbulk = 40\ncritical = 70\n"
+        # Batches of up to 128 into an IMPORTANT queue of 40 (fuse() asks for that size here):
+        # most batches overflow it (fuse()'s frames of 33 rows are under half a batch, so they
+        # are merged, not batches of their own: docs/DESIGN.md section 4.3). CRITICAL 140: more
+        # than a batch.
+        cfg.write_text("max_batch = 128\n[send_queue]\nimportant = 40\nbulk = 40\ncritical = 140\n"
                        "[engine]\ndevices = [\"cpu\"]\n")
         metrics = f"127.0.0.1:{free_port()}"
         s = Server("--config", str(cfg), "--metrics", metrics)
@@ -761,3 +763,68 @@ def test_hello_asks_for_send_queue_sizes(server):
     fused, weights = fc.fuse(server.url, "py-queue", feats)
     ref_f, ref_w = offline_fuse(feats, np.ones((3000, 3), np.uint8), ["vision", "text", "audio"], None)
     assert rel(fused, ref_f) <= 1e-5 and rel(weights, ref_w) <= 1e-5
+
+
+def test_send_masked_writes_one_masked_frame_or_falls_back_to_send():
+    """fuse()'s frames: masked in place with a random key and written to the transport inside
+    websockets' send context, every length form of the header; without that context (another
+    websockets), the payload goes through `send` as it is."""
+    import contextlib
+
+    class Transport:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, d: Any) -> None:
+            self.data += bytes(d)
+
+    class Ws:
+        send_in_progress = None
+
+        def __init__(self) -> None:
+            self.transport = Transport()
+            self.sent: list[bytes] = []
+
+        @contextlib.asynccontextmanager
+        async def send_context(self) -> Any:
+            yield
+
+        async def send(self, m: Any) -> None:
+            self.sent.append(bytes(m))
+
+    class Plain:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        async def send(self, m: Any) -> None:
+            self.sent.append(bytes(m))
+
+    def unframe(b: bytes) -> bytes:
+        assert b[0] == 0x82 and b[1] & 0x80, b[:2]
+        n, o = b[1] & 0x7F, 2
+        if n == 126:
+            n, o = struct.unpack("!H", b[2:4])[0], 4
+        elif n == 127:
+            n, o = struct.unpack("!Q", b[2:10])[0], 10
+        key, p = np.frombuffer(b[o:o + 4], np.uint8), np.frombuffer(b[o + 4:], np.uint8)
+        assert p.size == n
+        return (p ^ np.resize(key, n)).tobytes()
+
+    async def run() -> None:
+        keys = set()
+        for n in (0, 1, 5, 125, 126, 127, 65535, 65536, 70001):
+            payload = (np.arange(n, dtype=np.int64) * 7 + 3).astype(np.uint8).tobytes()
+            for cls in (Ws, Plain):
+                c = object.__new__(fc.FusionClient)
+                c.closed = None
+                c._ws = cls()
+                buf = bytearray(fc.WS_HEADER_ROOM) + bytearray(payload)
+                await c._send_masked(buf, fc.WS_HEADER_ROOM)
+                if cls is Ws:
+                    assert unframe(c._ws.transport.data) == payload and not c._ws.sent
+                    keys.add(c._ws.transport.data[-n - 4:len(c._ws.transport.data) - n] if n else b"")
+                else:
+                    assert c._ws.sent == [payload]
+        assert len(keys) > 2  # a fresh key per frame
+
+    asyncio.run(run())
