@@ -41,10 +41,12 @@ pub(crate) fn worker_loop(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work
     });
     let mut be = match opened {
         Ok(be) => {
-            // A device that copies faster from page-locked memory: the batch buffers are
-            // locked from now on (docs/DESIGN.md section 6.7).
+            // A device that copies faster from and into page-locked memory: the batch
+            // buffers and the recycled outputs are locked from now on (docs/DESIGN.md
+            // section 6.7).
             if let Some(lock) = be.page_lock() {
-                core.buffers.set_page_lock(lock);
+                core.buffers.set_page_lock(lock.clone());
+                core.outputs.set_page_lock(lock);
             }
             if !core.worker_opened(d, gen, Ok(be.info().accelerator)) {
                 return;
@@ -93,17 +95,22 @@ fn run_one(be: &mut AnyBackend, core: &Core, d: usize, batch: &Batch) -> RunResu
         }
     }
     let mut out = core.outputs_for(batch.rows);
-    match catch_unwind(AssertUnwindSafe(|| be.run(&batch.view(), out.as_mut()))) {
-        Ok(Ok(())) => Ok(out),
-        Ok(Err(e)) => Err(("device", e)),
-        Err(p) => Err((
+    let e = match catch_unwind(AssertUnwindSafe(|| be.run(&batch.view(), out.as_mut()))) {
+        Ok(Ok(())) => return Ok(out),
+        Ok(Err(e)) => ("device", e),
+        Err(p) => (
             "panic",
             Error::Device {
                 backend: dev.name.clone(),
                 reason: format!("panicked: {}", panic_message(&*p)),
             },
-        )),
-    }
+        ),
+    };
+    // The outputs go back to the pool rather than being dropped, so that a locked pair is not
+    // freed while locked (the backend has returned: the CUDA backend synchronises its streams
+    // before it returns an error, so no copy into `out` is pending).
+    core.recycle(out);
+    Err(e)
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -194,8 +194,8 @@ fn print_backend_result(r: &BenchResult) {
     if let Some(s) = &r.stages {
         println!(
             "      device: proj {:.3} ms, head {:.3} ms ({:.2}x), {:.0} samples/s; copies: \
-             h2d {:.1} GB/s ({:.0}% direct), d2h {:.1} GB/s; host: stage {:.3} ms, wait {:.3} ms, \
-             drain {:.3} ms",
+             h2d {:.1} GB/s ({:.0}% direct), d2h {:.1} GB/s ({:.0}% direct); host: stage \
+             {:.3} ms, wait {:.3} ms, drain {:.3} ms",
             s.device_proj_ms,
             s.device_head_ms,
             s.device_head_over_proj,
@@ -203,6 +203,7 @@ fn print_backend_result(r: &BenchResult) {
             s.h2d_gbps,
             s.h2d_direct_share * 100.0,
             s.d2h_gbps,
+            s.d2h_direct_share * 100.0,
             s.host_stage_ms,
             s.host_wait_ms,
             s.host_drain_ms
