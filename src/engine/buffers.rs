@@ -115,7 +115,7 @@ impl BufferPool {
                 v
             }
             None => {
-                let stale = !spare.locks.is_empty();
+                let stale = spare.locks.may_be_stale();
                 drop(spare);
                 let v = Vec::with_capacity(capacity);
                 if stale {

@@ -185,3 +185,33 @@ fn stale_ranges_overlapping_a_live_allocation_are_unlocked() {
     assert!(fake.live.lock().is_empty());
     assert!(fake.misuse.lock().is_empty(), "{:?}", fake.misuse.lock());
 }
+
+#[test]
+fn another_owners_stale_range_leaves_the_registry_but_stays_its_owners_to_unlock() {
+    // Two sets on one registry, as the input and output pools share the process's.
+    let ranges: &'static LockedRanges = Box::leak(Box::new(LockedRanges::new()));
+    let fake = Arc::new(FakeLock::default());
+    let (mut inputs, mut outputs) = (
+        super::super::page_locks::LockSet::new(ranges),
+        super::super::page_locks::LockSet::new(ranges),
+    );
+    assert!(inputs.set_lock(fake.clone()) && outputs.set_lock(fake.clone()));
+    // The input set locked 0x40000 (synthetic: the fake never touches memory); the buffer was
+    // freed outside it, and the output set now sees a live allocation across it.
+    assert!(ranges.insert(0x40000, 0x10000) && fake.lock(0x40000, 0x10000));
+    inputs.locked.insert(0x40000, 0x10000);
+    assert!(outputs.may_be_stale());
+    outputs.drop_stale(0x48000, 0x10000, false);
+    assert!(
+        !ranges.contains(0x48000, 1),
+        "no copy may treat the live allocation as locked"
+    );
+    assert_eq!(inputs.len(), 1, "still the input set's to unlock");
+    assert_eq!(fake.unlocks.load(SeqCst), 0);
+    // Its owner unlocks it when it drops (or sees it stale itself): exactly once.
+    inputs.unlock_all();
+    assert_eq!(fake.unlocks.load(SeqCst), 1);
+    assert!(fake.live.lock().is_empty() && ranges.is_empty());
+    assert!(!outputs.may_be_stale());
+    assert!(fake.misuse.lock().is_empty(), "{:?}", fake.misuse.lock());
+}

@@ -63,7 +63,7 @@ fn resize_locked(pool: &Mutex<OutSpare>, v: &mut Vec<f32>, len: usize) {
     let (s, l) = range_of(v);
     let mut spare = pool.lock();
     spare.locks.unlock(s, l);
-    let stale = !spare.locks.is_empty();
+    let stale = spare.locks.may_be_stale();
     drop(spare);
     v.resize(len, 0.0);
     if stale {
@@ -104,7 +104,7 @@ impl OutputPool {
     pub fn outputs_for(&self, fused_len: usize, weights_len: usize) -> Outputs {
         let mut spare = self.spare.lock();
         let Some(mut o) = spare.outputs.pop() else {
-            let stale = !spare.locks.is_empty();
+            let stale = spare.locks.may_be_stale();
             drop(spare);
             let o = Outputs {
                 fused: vec![0.0; fused_len],

@@ -73,6 +73,7 @@ impl LockSet {
     }
 
     /// Whether none is locked.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.locked.is_empty()
     }
@@ -98,13 +99,25 @@ impl LockSet {
         }
     }
 
+    /// Whether [`LockSet::drop_stale`] may find anything (some range is recorded).
+    pub fn may_be_stale(&self) -> bool {
+        !self.locked.is_empty() || !self.ranges.is_empty()
+    }
+
     /// `[start, start + len)` is a live allocation: a locked range that overlaps it belonged to
-    /// a buffer freed outside the owner (dropped by a caller, or grown and so reallocated),
-    /// unless it is exactly this range and `keep_exact` (a buffer handed out locked, back now).
-    /// Unlocks those ranges.
+    /// a buffer freed outside its owner (dropped by a caller, or grown and so reallocated),
+    /// unless it is exactly this range, this set's, and `keep_exact` (a buffer handed out
+    /// locked, back now). Unlocks those of this set; those another owner recorded (the other
+    /// pool's) leave the registry, so that no copy treats this memory as locked, and are
+    /// unlocked by their owner when it sees them stale too or drops.
     pub fn drop_stale(&mut self, start: usize, len: usize, keep_exact: bool) {
-        if self.locked.is_empty() {
+        if len == 0 || !self.may_be_stale() {
             return;
+        }
+        for (s, _) in self.ranges.overlapping(start, len) {
+            if !self.locked.contains_key(&s) {
+                self.ranges.remove(s);
+            }
         }
         let end = start.saturating_add(len);
         let stale: Vec<(usize, usize)> = self
