@@ -7,7 +7,9 @@
 //! from the batch's own memory (the chunk's rows lie in one locked range and need no widening)
 //! and [`uploads`] lists the chunk's host-to-device copies: those matrices straight from the
 //! batch, everything else (the other matrices, the mask) from the slot's pinned staging as
-//! before. With nothing locked the plan is today's single copy of the whole staged chunk.
+//! before. With nothing locked the plan is today's single copy of the whole staged chunk. The
+//! engine's output pool locks recycled outputs with the same lock; the download side is
+//! `pinned_out.rs`.
 
 use std::ffi::c_void;
 use std::sync::Arc;
