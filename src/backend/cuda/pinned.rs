@@ -31,8 +31,9 @@ pub(crate) struct CudaPageLock {
 }
 
 impl CudaPageLock {
-    /// The lock for the device of `ctx`; `None` with `FUSION_CUDA_LOCK_BATCHES=0` (an
-    /// experiment knob: every batch input is staged, as before).
+    /// The lock for the device of `ctx` (for batch inputs and recycled outputs alike); `None`
+    /// with `FUSION_CUDA_LOCK_BATCHES=0` (an experiment knob: every batch input and every
+    /// result is staged, as before).
     pub fn for_context(ctx: &Arc<CudaContext>) -> Option<Arc<dyn HostPageLock>> {
         if std::env::var("FUSION_CUDA_LOCK_BATCHES").as_deref() == Ok("0") {
             return None;

@@ -43,9 +43,10 @@ pub struct BenchArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
-    /// With --backend: the inputs in memory the backend page-locks in place, as the engine's
-    /// recycled batch buffers are (CUDA copies them to the device directly, no staging copy;
-    /// docs/DESIGN.md section 6.7). Without it they are ordinary pageable memory.
+    /// With --backend: the inputs and outputs in memory the backend page-locks in place, as the
+    /// engine's recycled batch and output buffers are (CUDA copies them to and from the device
+    /// directly, no staging copy; docs/DESIGN.md section 6.7). Without it they are ordinary
+    /// pageable memory.
     #[arg(long, conflicts_with = "devices")]
     pinned: bool,
     /// Run the whole engine on synthetic load over these devices instead of timing one
@@ -184,7 +185,7 @@ fn print_backend_result(r: &BenchResult) {
     };
     let steal = steal_note(r.host_steal_pct);
     let pinned = match r.inputs {
-        InputMemory::Pinned => "  (pinned inputs)",
+        InputMemory::Pinned => "  (pinned inputs and outputs)",
         InputMemory::Pageable => "",
     };
     println!(
