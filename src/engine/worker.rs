@@ -122,3 +122,60 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         "unknown panic payload".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendKind;
+    use crate::engine::config::{DeviceSpec, EngineConfig};
+    use crate::engine::core::Device;
+    use crate::engine::fault::Faults;
+    use crate::engine::metrics::DeviceMetrics;
+    use crate::model::FusionHead;
+    use crate::tensor::{DType, HostMat};
+
+    #[test]
+    fn a_failed_runs_outputs_go_back_to_the_pool() {
+        let head = Arc::new(FusionHead::random(&[("a".into(), 8)], 4, 1e-5, 1));
+        let spec = DeviceSpec::parse_list("cpu").expect("spec").remove(0);
+        let dev = Device {
+            name: "cpu:0".into(),
+            faults: Faults::new(&spec.faults, std::time::Duration::from_secs(1)),
+            metrics: DeviceMetrics::new("cpu:0"),
+            spec: spec.clone(),
+            index: 0,
+        };
+        let core = Core::new(
+            EngineConfig::with_devices(vec![spec]),
+            head.clone(),
+            vec![dev],
+        );
+        let mut be =
+            backend::open(BackendKind::Cpu, 0, head, &OpenOptions::default()).expect("cpu opens");
+        let rows = 3;
+        let batch = |x: &[f32]| Batch {
+            rows,
+            inputs: vec![HostMat {
+                dtype: DType::F32,
+                rows,
+                cols: 8,
+                bytes: bytemuck::cast_slice(x).to_vec(),
+            }],
+            mask: vec![1; rows],
+        };
+        let mut x = vec![0.5f32; rows * 8];
+        x[9] = f32::NAN; // a present value: the run is refused
+        let r = run_one(&mut be, &core, 0, &batch(&x));
+        assert!(matches!(r, Err(("device", _))), "{:?}", r.err());
+        assert_eq!(core.outputs.spare(), 1, "the failed run's outputs are back");
+        x[9] = 0.25;
+        let out = run_one(&mut be, &core, 0, &batch(&x)).map_err(|(w, e)| format!("{w}: {e}"));
+        let out = out.expect("a good batch runs");
+        assert_eq!((out.fused.len(), out.weights.len()), (rows * 4, rows));
+        assert!(
+            out.weights.iter().all(|&w| (w - 1.0).abs() < 1e-6),
+            "one modality: weight 1"
+        );
+        assert_eq!(core.outputs.spare(), 0, "and reused by the next run");
+    }
+}
