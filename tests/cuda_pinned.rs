@@ -1,8 +1,9 @@
 //! CUDA uploads straight from page-locked batch memory (docs/DESIGN.md section 6.7): on a GPU,
 //! matrices in locked memory are copied directly (the run's `h2d_direct_bytes` says how much)
 //! and the results still agree with the reference, chunk by chunk, with some matrices direct and
-//! others staged; the engine's recycled (locked) buffers agree too; `bench --pinned` reports
-//! the direct path. Without a GPU, the tests that need one are skipped with the reason printed,
+//! others staged; results are written straight into locked outputs (`d2h_direct_bytes`), with
+//! `fused` and `weights` decided apart; the engine's recycled (locked) input and output buffers
+//! agree too; `bench --pinned` reports the direct paths. Without a GPU, the tests that need one are skipped with the reason printed,
 //! and `bench --backend cuda --pinned` fails cleanly.
 
 mod common;
@@ -99,6 +100,45 @@ fn a_locked_matrix_is_copied_directly_and_the_results_agree() {
     }
 }
 
+/// A batch of several chunks with its outputs' `fused`, `weights`, both or neither in locked
+/// memory: the locked regions are written directly (every row of them), the rest staged and
+/// drained, and the results agree either way.
+#[test]
+fn locked_outputs_are_written_directly_and_the_results_agree() {
+    if !gpu_present("skipping") {
+        return;
+    }
+    let (rows, d, m) = (12_000, 512, 3);
+    let (head, batch) = common::setup(&[1024, 768, 128], d, rows, DType::F32, MaskMode::Random, 33);
+    let mut b = backend::open(BackendKind::Cuda, 0, head.clone(), &OpenOptions::default())
+        .expect("cuda opens");
+    let lock = b.page_lock().expect("the cuda backend page-locks");
+    let want = reference(&head, &batch.view());
+    let _ = b.take_run_stats();
+    let (fb, wb) = ((rows * d * 4) as u64, (rows * m * 4) as u64);
+    for (lock_fused, lock_weights) in [(true, false), (false, true), (true, true), (false, false)] {
+        let mut out = Outputs::zeros(&head, rows);
+        let stats = {
+            let _f = lock_fused.then(|| Locked::new(&*lock, bytemuck::cast_slice(&out.fused)));
+            let _w = lock_weights.then(|| Locked::new(&*lock, bytemuck::cast_slice(&out.weights)));
+            b.run(&batch.view(), out.as_mut()).expect("run");
+            b.take_run_stats().expect("cuda keeps stats")
+        };
+        let what = format!("fused locked {lock_fused}, weights locked {lock_weights}");
+        let (fe, we) = (
+            rel_error(&out.fused, &want.fused),
+            rel_error(&out.weights, &want.weights),
+        );
+        assert!(
+            fe <= 1e-4 && we <= 1e-4,
+            "{what}: fused {fe:e} weights {we:e}"
+        );
+        let direct = if lock_fused { fb } else { 0 } + if lock_weights { wb } else { 0 };
+        assert_eq!(stats.d2h_direct_bytes, direct, "{what}: {stats:?}");
+        assert!(stats.d2h_bytes >= fb + wb, "{what}: {stats:?}");
+    }
+}
+
 /// `src` copied into buffers from the engine's pool.
 fn pooled(engine: &Engine, src: &Batch) -> Batch {
     let copy = |bytes: &[u8]| {
@@ -123,7 +163,8 @@ fn pooled(engine: &Engine, src: &Batch) -> Batch {
 }
 
 /// Batches in the engine's buffers: the first ones in fresh (pageable) buffers, the later ones
-/// in buffers the pool locked when they came back; every result agrees with the reference.
+/// in buffers the pool locked when they came back, their results in recycled outputs locked
+/// the same way; every result agrees with the reference.
 #[test]
 fn engine_batches_in_recycled_locked_buffers_agree() {
     if !gpu_present("skipping") {
@@ -157,6 +198,17 @@ fn engine_batches_in_recycled_locked_buffers_agree() {
             .expect("result");
         let fe = rel_error(&r.outputs.fused, &want.fused);
         assert!(fe <= 1e-2, "round {round}: fused {fe:e}");
+        // Recycled outputs are locked on their first return (fused: 2 MiB; weights: 32 KiB,
+        // under the lock threshold), so later results land in locked memory.
+        let fused = &r.outputs.fused;
+        let locked_out = registry().contains(fused.as_ptr() as usize, fused.len() * 4);
+        if round >= 2 {
+            assert!(
+                locked_out,
+                "round {round}: recycled fused output not locked"
+            );
+        }
+        engine.recycle(r.outputs);
         // The buffers come back when the engine drops the batch, just after the result.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -208,5 +260,8 @@ fn bench_pinned_reports_direct_copies_or_fails_cleanly() {
         let share = l["h2d_direct_share"].as_f64().expect("stage times");
         // Everything but the mask (2 bytes a row against KBs of matrices) goes direct.
         assert!(share > 0.95, "{l}");
+        // Both outputs are locked: every result byte goes direct.
+        let d2h = l["d2h_direct_share"].as_f64().expect("stage times");
+        assert!((d2h - 1.0).abs() < 1e-12, "{l}");
     }
 }

@@ -141,6 +141,9 @@ pub struct RunStats {
     /// CUDA: bytes of `h2d_bytes` the device copied straight from page-locked batch memory
     /// (no host staging copy; docs/DESIGN.md section 6.7).
     pub h2d_direct_bytes: u64,
+    /// CUDA: bytes of `d2h_bytes` the device wrote straight into page-locked output memory
+    /// (no host drain copy; docs/DESIGN.md section 6.7).
+    pub d2h_direct_bytes: u64,
 }
 
 /// One opened device with an uploaded head.

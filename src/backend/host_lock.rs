@@ -1,11 +1,15 @@
 //! Page-locked batch memory (docs/DESIGN.md section 6.7): a backend that can page-lock host
 //! memory in place offers a [`HostPageLock`] (`Backend::page_lock`); the engine's
-//! buffer pool locks the batch buffers it recycles with it and records each locked range in
-//! [`registry`]; a backend's upload reads a batch matrix straight from its memory when the
-//! matrix lies inside a recorded range (CUDA: `cuda/pinned.rs`), and stages it otherwise.
+//! buffer pool locks the batch buffers it recycles with it, its output pool the output buffers
+//! it recycles, and both record each locked range in [`registry`]; a backend's upload reads a
+//! batch matrix straight from its memory when the matrix lies inside a recorded range (CUDA:
+//! `cuda/pinned.rs`), and its download writes a chunk's results straight into the caller's
+//! outputs when they lie inside one (`cuda/pinned_out.rs`); everything else is staged.
 //!
 //! Every range in the registry was locked by a [`HostPageLock`] and is removed from the
-//! registry before it is unlocked. Only the owner of the memory (the pool) locks and unlocks.
+//! registry before it is unlocked. Only the owner of the memory (a pool) locks and unlocks; a
+//! pool that sees a live allocation overlapping another owner's range (that memory was freed)
+//! only removes the range from the registry.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;

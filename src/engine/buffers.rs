@@ -12,11 +12,12 @@
 //! replaced by a larger one, or the pool itself dropped). Each locked range is recorded in
 //! [`host_lock::registry`], where a device's upload looks a batch matrix up.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::page_locks::MIN_LOCK_BYTES;
+use super::page_locks::{range_of, LockSet};
 use crate::backend::host_lock::{self, HostPageLock, LockedRanges};
 use crate::batch::Batch;
 
@@ -24,16 +25,11 @@ use crate::batch::Batch;
 const SPARE_BUFFERS: usize = 256;
 /// Bytes of spare buffers kept at most.
 const SPARE_BYTES: usize = 256 << 20;
-/// Smaller buffers are not page-locked: staging them costs less than a lock, and masks and
-/// small batches gain nothing from a direct copy.
-pub(crate) const MIN_LOCK_BYTES: usize = 64 << 10;
 
 /// A bounded set of spare byte buffers.
 #[derive(Debug)]
 pub(crate) struct BufferPool {
     spare: Mutex<Spare>,
-    /// Where locked ranges are recorded ([`host_lock::registry`]; tests use their own).
-    ranges: &'static LockedRanges,
 }
 
 impl Default for BufferPool {
@@ -42,85 +38,17 @@ impl Default for BufferPool {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug)]
 struct Spare {
     /// Sorted by capacity, ascending; among equal capacities the one given back last is last
     /// (taken first: its memory is the most likely still in cache).
     buffers: Vec<Vec<u8>>,
     bytes: usize,
-    lock: Option<Arc<dyn HostPageLock>>,
-    /// Every range this pool locked and has not unlocked yet (start -> len): its spare buffers
-    /// and the locked buffers it handed out.
-    locked: BTreeMap<usize, usize>,
-}
-
-impl std::fmt::Debug for Spare {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spare")
-            .field("buffers", &self.buffers.len())
-            .field("bytes", &self.bytes)
-            .field("page_lock", &self.lock.is_some())
-            .field("locked", &self.locked.len())
-            .finish()
-    }
-}
-
-fn range_of(v: &Vec<u8>) -> (usize, usize) {
-    (v.as_ptr() as usize, v.capacity())
+    /// The ranges this pool locked: its spare buffers and the locked buffers it handed out.
+    locks: LockSet,
 }
 
 impl Spare {
-    /// Locks `v` if the pool has a lock, `v` is large enough and not locked already (it may
-    /// be a buffer handed out earlier: then its range is still recorded).
-    fn adopt(&mut self, ranges: &LockedRanges, v: &Vec<u8>) {
-        let (start, len) = range_of(v);
-        if self.locked.get(&start) == Some(&len) {
-            return;
-        }
-        self.drop_stale(ranges, start, len, true);
-        let Some(lock) = self.lock.clone() else {
-            return;
-        };
-        if len < MIN_LOCK_BYTES || !ranges.insert(start, len) {
-            return;
-        }
-        if lock.lock(start, len) {
-            self.locked.insert(start, len);
-        } else {
-            ranges.remove(start);
-        }
-    }
-
-    /// `[start, start + len)` is a live allocation: a locked range that overlaps it belonged to
-    /// a buffer freed outside the pool (dropped by a caller, or grown and so reallocated), unless
-    /// it is exactly this range and `keep_exact` (a buffer handed out locked, back now). Unlocks
-    /// those ranges.
-    fn drop_stale(&mut self, ranges: &LockedRanges, start: usize, len: usize, keep_exact: bool) {
-        let end = start.saturating_add(len);
-        let stale: Vec<(usize, usize)> = self
-            .locked
-            .range(..end)
-            .rev()
-            .take_while(|(&s, &l)| s + l > start)
-            .filter(|&(&s, &l)| !keep_exact || (s, l) != (start, len))
-            .map(|(&s, &l)| (s, l))
-            .collect();
-        for (s, l) in stale {
-            self.unlock(ranges, s, l);
-        }
-    }
-
-    fn unlock(&mut self, ranges: &LockedRanges, start: usize, len: usize) {
-        if self.locked.remove(&start).is_none() {
-            return;
-        }
-        // Out of the registry first, so that no upload looks it up as locked any more.
-        ranges.remove(start);
-        if let Some(lock) = &self.lock {
-            lock.unlock(start, len);
-        }
-    }
-
     /// Keeps `v` in `buffers` (sorted by capacity, after those of its capacity).
     fn insert(&mut self, v: Vec<u8>) {
         let cap = v.capacity();
@@ -128,12 +56,16 @@ impl Spare {
         self.buffers.insert(at, v);
     }
 
+    /// Locks `v` if the pool has a lock, `v` is large enough and not locked already.
+    fn adopt(&mut self, v: &Vec<u8>) {
+        let (start, len) = range_of(v);
+        self.locks.adopt(start, len);
+    }
+
     /// Drops a buffer, unlocking it first when it is locked.
-    fn release(&mut self, ranges: &LockedRanges, v: Vec<u8>) {
+    fn release(&mut self, v: Vec<u8>) {
         let (start, len) = range_of(&v);
-        if self.locked.get(&start) == Some(&len) {
-            self.unlock(ranges, start, len);
-        }
+        self.locks.unlock(start, len);
         drop(v);
     }
 }
@@ -142,8 +74,11 @@ impl BufferPool {
     /// An empty pool recording its locked ranges in `ranges`.
     pub fn with_registry(ranges: &'static LockedRanges) -> BufferPool {
         BufferPool {
-            spare: Mutex::new(Spare::default()),
-            ranges,
+            spare: Mutex::new(Spare {
+                buffers: Vec::new(),
+                bytes: 0,
+                locks: LockSet::new(ranges),
+            }),
         }
     }
 
@@ -151,13 +86,12 @@ impl BufferPool {
     /// now). The first lock installed stays: a portable lock is valid for every device.
     pub fn set_page_lock(&self, lock: Arc<dyn HostPageLock>) {
         let mut spare = self.spare.lock();
-        if spare.lock.is_some() {
+        if !spare.locks.set_lock(lock) {
             return;
         }
-        spare.lock = Some(lock);
         let held = std::mem::take(&mut spare.buffers);
         for v in &held {
-            spare.adopt(self.ranges, v);
+            spare.adopt(v);
         }
         spare.buffers = held;
     }
@@ -181,13 +115,13 @@ impl BufferPool {
                 v
             }
             None => {
-                let stale = !spare.locked.is_empty();
+                let stale = spare.locks.may_be_stale();
                 drop(spare);
                 let v = Vec::with_capacity(capacity);
                 if stale {
                     // A new allocation: even a locked range that is exactly this one was freed.
                     let (start, len) = range_of(&v);
-                    self.spare.lock().drop_stale(self.ranges, start, len, false);
+                    self.spare.lock().locks.drop_stale(start, len, false);
                 }
                 v
             }
@@ -200,7 +134,7 @@ impl BufferPool {
     #[cfg_attr(not(feature = "tools"), allow(dead_code))]
     pub fn take_locked(&self, capacity: usize) -> Vec<u8> {
         let v = self.take(capacity.max(MIN_LOCK_BYTES));
-        self.spare.lock().adopt(self.ranges, &v);
+        self.spare.lock().adopt(&v);
         v
     }
 
@@ -213,10 +147,9 @@ impl BufferPool {
         }
         v.clear();
         let cap = v.capacity();
-        let ranges = self.ranges;
         let mut spare = self.spare.lock();
         if spare.buffers.len() < SPARE_BUFFERS && spare.bytes + cap <= SPARE_BYTES {
-            spare.adopt(ranges, &v);
+            spare.adopt(&v);
             spare.bytes += cap;
             spare.insert(v);
             return;
@@ -224,13 +157,13 @@ impl BufferPool {
         // Full: `v` replaces the smallest spare one (the first) when that is smaller.
         match spare.buffers.first().map(Vec::capacity) {
             Some(small) if small < cap && spare.bytes - small + cap <= SPARE_BYTES => {
-                spare.adopt(ranges, &v);
+                spare.adopt(&v);
                 let small = spare.buffers.remove(0);
                 spare.bytes = spare.bytes - small.capacity() + cap;
-                spare.release(ranges, small);
+                spare.release(small);
                 spare.insert(v);
             }
-            _ => spare.release(ranges, v),
+            _ => spare.release(v),
         }
     }
 
@@ -251,7 +184,7 @@ impl BufferPool {
     /// Ranges this pool holds locked now.
     #[cfg(test)]
     pub fn locked(&self) -> usize {
-        self.spare.lock().locked.len()
+        self.spare.lock().locks.len()
     }
 }
 
@@ -259,11 +192,7 @@ impl Drop for BufferPool {
     /// Unlocks every range the pool locked (its spare buffers, freed next, and buffers it handed
     /// out, which stay usable as pageable memory).
     fn drop(&mut self) {
-        let spare = self.spare.get_mut();
-        let locked: Vec<(usize, usize)> = spare.locked.iter().map(|(&s, &l)| (s, l)).collect();
-        for (s, l) in locked {
-            spare.unlock(self.ranges, s, l);
-        }
+        self.spare.get_mut().locks.unlock_all();
     }
 }
 
@@ -430,4 +359,4 @@ mod tests {
 /// The pool's page locking, with a fake lock.
 #[cfg(test)]
 #[path = "buffers_lock_tests.rs"]
-mod lock_tests;
+pub(crate) mod lock_tests;

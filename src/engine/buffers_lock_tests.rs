@@ -2,16 +2,17 @@
 //! what the driver would refuse.
 
 use super::*;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 /// Counts locks and unlocks; records every misuse (a range locked twice or overlapping a
 /// locked one, an unlock of a range not locked as such).
 #[derive(Default)]
-struct FakeLock {
-    live: Mutex<BTreeMap<usize, usize>>,
-    locks: AtomicUsize,
-    unlocks: AtomicUsize,
-    misuse: Mutex<Vec<String>>,
+pub(crate) struct FakeLock {
+    pub live: Mutex<BTreeMap<usize, usize>>,
+    pub locks: AtomicUsize,
+    pub unlocks: AtomicUsize,
+    pub misuse: Mutex<Vec<String>>,
 }
 
 impl HostPageLock for FakeLock {
@@ -162,27 +163,55 @@ fn stale_ranges_overlapping_a_live_allocation_are_unlocked() {
     // Synthetic addresses: the fake never touches memory.
     let ranges: &'static LockedRanges = Box::leak(Box::new(LockedRanges::new()));
     let fake = Arc::new(FakeLock::default());
-    let mut spare = Spare {
-        lock: Some(fake.clone()),
-        ..Spare::default()
-    };
+    let mut set = super::super::page_locks::LockSet::new(ranges);
+    assert!(set.set_lock(fake.clone()));
     for (s, l) in [(0x10000, 0x1000), (0x11000, 0x1000), (0x20000, 0x1000)] {
         assert!(ranges.insert(s, l) && fake.lock(s, l));
-        spare.locked.insert(s, l);
+        set.locked.insert(s, l);
     }
     // A buffer handed out locked, back as it was: kept.
-    spare.drop_stale(ranges, 0x10000, 0x1000, true);
-    assert_eq!(spare.locked.len(), 3);
+    set.drop_stale(0x10000, 0x1000, true);
+    assert_eq!(set.len(), 3);
     // A live allocation across both first ranges: both were freed.
-    spare.drop_stale(ranges, 0x10800, 0x1000, true);
+    set.drop_stale(0x10800, 0x1000, true);
     assert_eq!(
-        spare.locked.keys().copied().collect::<Vec<_>>(),
+        set.locked.keys().copied().collect::<Vec<_>>(),
         vec![0x20000]
     );
     assert!(!ranges.contains(0x10000, 1) && !ranges.contains(0x11000, 1));
     // A new allocation exactly where a locked range was: that range was freed too.
-    spare.drop_stale(ranges, 0x20000, 0x1000, false);
-    assert!(spare.locked.is_empty() && ranges.is_empty());
+    set.drop_stale(0x20000, 0x1000, false);
+    assert!(set.is_empty() && ranges.is_empty());
     assert!(fake.live.lock().is_empty());
+    assert!(fake.misuse.lock().is_empty(), "{:?}", fake.misuse.lock());
+}
+
+#[test]
+fn another_owners_stale_range_leaves_the_registry_but_stays_its_owners_to_unlock() {
+    // Two sets on one registry, as the input and output pools share the process's.
+    let ranges: &'static LockedRanges = Box::leak(Box::new(LockedRanges::new()));
+    let fake = Arc::new(FakeLock::default());
+    let (mut inputs, mut outputs) = (
+        super::super::page_locks::LockSet::new(ranges),
+        super::super::page_locks::LockSet::new(ranges),
+    );
+    assert!(inputs.set_lock(fake.clone()) && outputs.set_lock(fake.clone()));
+    // The input set locked 0x40000 (synthetic: the fake never touches memory); the buffer was
+    // freed outside it, and the output set now sees a live allocation across it.
+    assert!(ranges.insert(0x40000, 0x10000) && fake.lock(0x40000, 0x10000));
+    inputs.locked.insert(0x40000, 0x10000);
+    assert!(outputs.may_be_stale());
+    outputs.drop_stale(0x48000, 0x10000, false);
+    assert!(
+        !ranges.contains(0x48000, 1),
+        "no copy may treat the live allocation as locked"
+    );
+    assert_eq!(inputs.len(), 1, "still the input set's to unlock");
+    assert_eq!(fake.unlocks.load(SeqCst), 0);
+    // Its owner unlocks it when it drops (or sees it stale itself): exactly once.
+    inputs.unlock_all();
+    assert_eq!(fake.unlocks.load(SeqCst), 1);
+    assert!(fake.live.lock().is_empty() && ranges.is_empty());
+    assert!(!outputs.may_be_stale());
     assert!(fake.misuse.lock().is_empty(), "{:?}", fake.misuse.lock());
 }

@@ -26,6 +26,7 @@ use super::fault::Faults;
 use super::health::{DeviceState, Health};
 use super::job::{BatchResult, Job, JobInner, Priority, Ticket};
 use super::metrics::{DeviceMetrics, EngineMetrics};
+use super::out_pool::OutputPool;
 use super::router::{self, scan_order, Candidate, AGED_SHARE};
 use crate::batch::{Batch, Outputs};
 use crate::error::{Error, Result};
@@ -169,14 +170,11 @@ pub(crate) struct Core {
     pub late: AtomicU64,
     pub overloaded: AtomicU64,
     /// Output buffers handed back by callers ([`super::Engine::recycle`]), reused by workers so
-    /// that a batch does not allocate and zero fresh outputs.
-    pub spare: (Sender<Outputs>, Receiver<Outputs>),
+    /// that a batch does not allocate and zero fresh outputs ([`OutputPool`]).
+    pub outputs: OutputPool,
     /// Batch input buffers, back from every batch the engine dropped ([`BufferPool`]).
     pub buffers: Arc<BufferPool>,
 }
-
-/// Spare output buffers kept for reuse (per engine).
-const SPARE_OUTPUTS: usize = 16;
 
 impl Core {
     pub fn new(cfg: EngineConfig, head: Arc<FusionHead>, devices: Vec<Device>) -> Core {
@@ -221,7 +219,7 @@ impl Core {
             duplicates: AtomicU64::new(0),
             late: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
-            spare: crossbeam_channel::bounded(SPARE_OUTPUTS),
+            outputs: OutputPool::default(),
             buffers: Arc::default(),
             cfg,
             head,
@@ -471,18 +469,11 @@ impl Core {
     /// `[rows, M]`), fresh zeroed ones otherwise.
     pub fn outputs_for(&self, rows: usize) -> Outputs {
         let (d, m) = (self.head.dim, self.head.num_modalities());
-        match self.spare.1.try_recv() {
-            Ok(mut o) => {
-                o.fused.resize(rows * d, 0.0);
-                o.weights.resize(rows * m, 0.0);
-                o
-            }
-            Err(_) => Outputs::zeros(&self.head, rows),
-        }
+        self.outputs.outputs_for(rows * d, rows * m)
     }
 
     /// Keeps `o` for a later batch (dropped when enough are spare already).
     pub fn recycle(&self, o: Outputs) {
-        let _ = self.spare.0.try_send(o);
+        self.outputs.recycle(o);
     }
 }

@@ -186,6 +186,10 @@ impl Engine {
 
     /// Hands a delivered batch's outputs back for reuse once the caller is done with them, so
     /// that the next batch's outputs need no fresh allocation (optional: dropping them is fine).
+    /// With a CUDA device the pool page-locks the outputs it gets back, and later results are
+    /// copied straight into them (docs/DESIGN.md section 6.7); outputs are then best given
+    /// back rather than dropped, as a dropped locked buffer stays locked until the engine sees
+    /// its memory allocated again.
     pub fn recycle(&self, outputs: Outputs) {
         self.core.recycle(outputs);
     }

@@ -45,6 +45,8 @@ pub mod health;
 mod job;
 mod lifecycle;
 pub mod metrics;
+pub(crate) mod out_pool;
+pub(crate) mod page_locks;
 mod router;
 mod worker;
 

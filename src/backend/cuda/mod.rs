@@ -34,6 +34,7 @@ mod kernels;
 mod libs;
 mod mem;
 mod pinned;
+mod pinned_out;
 mod pipeline;
 mod plan;
 mod weights;

@@ -7,7 +7,9 @@
 //! from the batch's own memory (the chunk's rows lie in one locked range and need no widening)
 //! and [`uploads`] lists the chunk's host-to-device copies: those matrices straight from the
 //! batch, everything else (the other matrices, the mask) from the slot's pinned staging as
-//! before. With nothing locked the plan is today's single copy of the whole staged chunk.
+//! before. With nothing locked the plan is today's single copy of the whole staged chunk. The
+//! engine's output pool locks recycled outputs with the same lock; the download side is
+//! `pinned_out.rs`.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -29,8 +31,9 @@ pub(crate) struct CudaPageLock {
 }
 
 impl CudaPageLock {
-    /// The lock for the device of `ctx`; `None` with `FUSION_CUDA_LOCK_BATCHES=0` (an
-    /// experiment knob: every batch input is staged, as before).
+    /// The lock for the device of `ctx` (for batch inputs and recycled outputs alike); `None`
+    /// with `FUSION_CUDA_LOCK_BATCHES=0` (an experiment knob: every batch input and every
+    /// result is staged, as before).
     pub fn for_context(ctx: &Arc<CudaContext>) -> Option<Arc<dyn HostPageLock>> {
         if std::env::var("FUSION_CUDA_LOCK_BATCHES").as_deref() == Ok("0") {
             return None;

@@ -11,7 +11,8 @@
 //! h2d:      copy k (one cuMemcpyHtoDAsync: inputs + mask; `pinned.rs`: matrices in locked
 //!           batch memory are copied from there instead, each with its own copy)
 //! compute:  wait h2d(k); M cuBLAS GEMMs -> h (f32, or the inputs' half dtype); epilogue -> out
-//! d2h:      wait compute(k); copy out slot (fused + weights) to pinned
+//! d2h:      wait compute(k); copy out slot (fused + weights) to pinned (`pinned_out.rs`: rows
+//!           in locked output memory are copied there instead, and not drained)
 //! ```
 //!
 //! The host queues chunk k, then drains chunk k-1 and stages chunk k+1 while the GPU copies and
@@ -32,6 +33,7 @@ use super::blas::Blas;
 use super::kernels::Kernels;
 use super::mem::{de, DeviceBuf, Event, GrowOnly, PinnedBuf};
 use super::pinned::{direct_inputs_now, uploads, Src};
+use super::pinned_out::{direct_outputs_now, download_bytes, downloads, Dst};
 use super::plan::{epilogue_plan, layout, HPath, Plan};
 use super::weights::DeviceHead;
 use crate::backend::api::RunStats;
@@ -64,6 +66,9 @@ struct Slot {
     compute_done: Event,
     d2h_start: Event,
     d2h_done: Event,
+    /// Whether the slot's chunk's `[fused, weights]` rows were downloaded straight into the
+    /// caller's locked memory (`pinned_out.rs`), so that the drain skips them.
+    out_direct: [bool; 2],
 }
 
 /// Buffers and events of the pipeline.
@@ -130,6 +135,7 @@ impl Pipeline {
                 compute_done: Event::new(ctx)?,
                 d2h_start: Event::new(ctx)?,
                 d2h_done: Event::new(ctx)?,
+                out_direct: [false; 2],
             });
         }
         Ok(Pipeline {
@@ -332,15 +338,52 @@ impl Pipeline {
                 }
                 s.compute_done.record(streams.compute)?;
 
-                if out.is_some() {
+                if let Some(o) = out.as_mut() {
+                    // Rows in page-locked output memory are copied straight there, not staged
+                    // (docs/DESIGN.md section 6.7).
+                    let (f, w) = ((r0 * d)..((r0 + n) * d), (r0 * m)..((r0 + n) * m));
+                    let (Some(fr), Some(wr)) = (o.fused.get(f.clone()), o.weights.get(w.clone()))
+                    else {
+                        return Err(format!("outputs too small for rows {r0}..{}", r0 + n));
+                    };
+                    s.out_direct = direct_outputs_now(fr, wr);
                     s.compute_done.wait_on(streams.d2h)?;
                     s.d2h_start.record(streams.d2h)?;
-                    let dst = s.pin_out.bytes_mut(l.out_bytes)?;
-                    // SAFETY: destination is pinned memory owned by the slot (>= l.out_bytes),
-                    // source the slot's device output; the host reads the pinned buffer only
-                    // after `d2h_done` and does not touch it before.
-                    unsafe { dr::memcpy_dtoh_async(dst, s.dev_out.ptr(), streams.d2h) }
+                    for c in downloads(&l, n * d * 4, n * m * 4, s.out_direct) {
+                        let dst: Option<&mut [u8]> = match c.dst {
+                            Dst::Staging => s
+                                .pin_out
+                                .bytes_mut(l.out_bytes)?
+                                .get_mut(c.src_off..c.src_off + c.len),
+                            Dst::Fused => Some(bytemuck::cast_slice_mut(&mut o.fused[f.clone()])),
+                            Dst::Weights => {
+                                Some(bytemuck::cast_slice_mut(&mut o.weights[w.clone()]))
+                            }
+                        };
+                        let dst = dst
+                            .filter(|dst| dst.len() == c.len)
+                            .ok_or_else(|| format!("download plan out of bounds: {c:?}"))?;
+                        // SAFETY: the source `[src_off, src_off + len)` lies inside the chunk's
+                        // `l.out_bytes` (the plan's invariant) of the slot's device output,
+                        // sized for the plan's largest chunk. A staged destination is the
+                        // slot's pinned staging, which the host reads only after `d2h_done`
+                        // (recorded next) and does not write. A direct destination is the
+                        // chunk's rows of the caller's outputs, page-locked (recorded in the
+                        // registry by the pool that owns the buffer, which unlocks it only
+                        // before freeing it) and mutably borrowed by this run, which writes
+                        // only other rows before it returns; it returns only after syncing
+                        // every chunk's `d2h_done` in the drain, and on an error
+                        // `CudaDevice::execute` synchronises every stream before the borrow
+                        // ends (docs/DESIGN.md section 6.7).
+                        unsafe {
+                            dr::memcpy_dtoh_async(
+                                dst,
+                                s.dev_out.ptr() + c.src_off as u64,
+                                streams.d2h,
+                            )
+                        }
                         .map_err(|e| de("cuMemcpyDtoHAsync", e))?;
+                    }
                     s.d2h_done.record(streams.d2h)?;
                 }
             }
@@ -352,19 +395,25 @@ impl Pipeline {
                     let (r0, n, l) = plan.chunk_at(j, batch.rows, &widths, d);
                     let s = &self.slots[j % SLOTS];
                     let t = Instant::now();
+                    // Also the wait for the rows downloaded straight into `out`: every chunk is
+                    // drained before the run returns.
                     s.d2h_done.sync()?;
                     let t = lap(&mut wait_ms, t);
                     let src = s.pin_out.bytes(l.out_bytes)?;
                     let mut pieces = Vec::new();
-                    copy_pieces(
-                        &mut pieces,
-                        bytemuck::cast_slice_mut(&mut out.fused[r0 * d..(r0 + n) * d]),
-                        &src[..n * d * 4],
-                    );
-                    pieces.push(Piece::Copy(
-                        bytemuck::cast_slice_mut(&mut out.weights[r0 * m..(r0 + n) * m]),
-                        &src[l.w_off..l.w_off + n * m * 4],
-                    ));
+                    if !s.out_direct[0] {
+                        copy_pieces(
+                            &mut pieces,
+                            bytemuck::cast_slice_mut(&mut out.fused[r0 * d..(r0 + n) * d]),
+                            &src[..n * d * 4],
+                        );
+                    }
+                    if !s.out_direct[1] {
+                        pieces.push(Piece::Copy(
+                            bytemuck::cast_slice_mut(&mut out.weights[r0 * m..(r0 + n) * m]),
+                            &src[l.w_off..l.w_off + n * m * 4],
+                        ));
+                    }
                     copy_in_pieces(pieces)?;
                     drain_ms += t.elapsed().as_secs_f64() * 1e3;
                     // Every event of chunk j is complete now (d2h waited on compute, compute on
@@ -374,7 +423,10 @@ impl Pipeline {
                     st.h2d_ms += s.h2d_done.elapsed_since(&s.h2d_start)?;
                     st.gemm_ms += s.gemm_done.elapsed_since(&s.compute_start)?;
                     st.epilogue_ms += s.compute_done.elapsed_since(&s.gemm_done)?;
-                    st.d2h_bytes += l.out_bytes as u64;
+                    let (all, direct) =
+                        download_bytes(&downloads(&l, n * d * 4, n * m * 4, s.out_direct));
+                    st.d2h_bytes += all;
+                    st.d2h_direct_bytes += direct;
                     st.d2h_ms += s.d2h_done.elapsed_since(&s.d2h_start)?;
                 }
             }

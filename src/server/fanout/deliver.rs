@@ -49,7 +49,8 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
         (d, m),
     );
     // Every result was encoded (deliver_results copies what it keeps): the buffers go back to
-    // the engine.
+    // the engine, which page-locks them for a CUDA device to write later results straight into
+    // (docs/DESIGN.md section 6.7).
     shared.engine.recycle(res.outputs);
 }
 

@@ -43,9 +43,10 @@ pub struct BenchArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
-    /// With --backend: the inputs in memory the backend page-locks in place, as the engine's
-    /// recycled batch buffers are (CUDA copies them to the device directly, no staging copy;
-    /// docs/DESIGN.md section 6.7). Without it they are ordinary pageable memory.
+    /// With --backend: the inputs and outputs in memory the backend page-locks in place, as the
+    /// engine's recycled batch and output buffers are (CUDA copies them to and from the device
+    /// directly, no staging copy; docs/DESIGN.md section 6.7). Without it they are ordinary
+    /// pageable memory.
     #[arg(long, conflicts_with = "devices")]
     pinned: bool,
     /// Run the whole engine on synthetic load over these devices instead of timing one
@@ -184,7 +185,7 @@ fn print_backend_result(r: &BenchResult) {
     };
     let steal = steal_note(r.host_steal_pct);
     let pinned = match r.inputs {
-        InputMemory::Pinned => "  (pinned inputs)",
+        InputMemory::Pinned => "  (pinned inputs and outputs)",
         InputMemory::Pageable => "",
     };
     println!(
@@ -194,8 +195,8 @@ fn print_backend_result(r: &BenchResult) {
     if let Some(s) = &r.stages {
         println!(
             "      device: proj {:.3} ms, head {:.3} ms ({:.2}x), {:.0} samples/s; copies: \
-             h2d {:.1} GB/s ({:.0}% direct), d2h {:.1} GB/s; host: stage {:.3} ms, wait {:.3} ms, \
-             drain {:.3} ms",
+             h2d {:.1} GB/s ({:.0}% direct), d2h {:.1} GB/s ({:.0}% direct); host: stage \
+             {:.3} ms, wait {:.3} ms, drain {:.3} ms",
             s.device_proj_ms,
             s.device_head_ms,
             s.device_head_over_proj,
@@ -203,6 +204,7 @@ fn print_backend_result(r: &BenchResult) {
             s.h2d_gbps,
             s.h2d_direct_share * 100.0,
             s.d2h_gbps,
+            s.d2h_direct_share * 100.0,
             s.host_stage_ms,
             s.host_wait_ms,
             s.host_drain_ms

@@ -13,6 +13,7 @@ use crate::backend::host_lock::registry;
 use crate::backend::Backend;
 use crate::batch::{Batch, Outputs};
 use crate::engine::buffers::BufferPool;
+use crate::engine::out_pool::OutputPool;
 use crate::error::{Error, Result};
 use crate::selftest::{random_batch, MaskMode};
 use crate::tensor::{DType, HostMat};
@@ -24,7 +25,9 @@ pub enum InputMemory {
     /// Ordinary (pageable) memory: the CUDA backend stages the inputs into its pinned buffers.
     Pageable,
     /// Page-locked by the backend in place, as the engine's recycled batch buffers are
-    /// (docs/DESIGN.md section 6.7): the CUDA backend copies them to the device directly.
+    /// (docs/DESIGN.md section 6.7): the CUDA backend copies them to the device directly. The
+    /// outputs are page-locked too, as the engine's recycled outputs are: the CUDA backend
+    /// copies the results into them directly.
     Pinned,
 }
 
@@ -90,6 +93,9 @@ pub struct StageTimes {
     /// Share of the copied input bytes the device read straight from the batch's page-locked
     /// memory (0 when everything was staged; docs/DESIGN.md section 6.7).
     pub h2d_direct_share: f64,
+    /// Share of the copied result bytes the device wrote straight into the page-locked outputs
+    /// (0 when everything was staged and drained; docs/DESIGN.md section 6.7).
+    pub d2h_direct_share: f64,
     /// Host ms per batch copying inputs into staging memory.
     pub host_stage_ms: f64,
     /// Host ms per batch waiting for the device.
@@ -100,6 +106,15 @@ pub struct StageTimes {
     /// section 2.5), and batches recomputed with f32 projections after a half overflow.
     pub half_h_runs: u64,
     pub h_f32_reruns: u64,
+}
+
+/// `part / all`, 0 when nothing was copied.
+fn share(part: u64, all: u64) -> f64 {
+    if all > 0 {
+        part as f64 / all as f64
+    } else {
+        0.0
+    }
 }
 
 impl StageTimes {
@@ -124,11 +139,8 @@ impl StageTimes {
             device_samples_per_s: rows as f64 / (head / 1e3),
             h2d_gbps: gbps(s.h2d_bytes, s.h2d_ms),
             d2h_gbps: gbps(s.d2h_bytes, s.d2h_ms),
-            h2d_direct_share: if s.h2d_bytes > 0 {
-                s.h2d_direct_bytes as f64 / s.h2d_bytes as f64
-            } else {
-                0.0
-            },
+            h2d_direct_share: share(s.h2d_direct_bytes, s.h2d_bytes),
+            d2h_direct_share: share(s.d2h_direct_bytes, s.d2h_bytes),
             host_stage_ms: s.host_stage_ms / n,
             host_wait_ms: s.host_wait_ms / n,
             host_drain_ms: s.host_drain_ms / n,
@@ -152,23 +164,30 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// The bench's batch; with a pool, its buffers are the pool's page-locked ones, given back
-/// (and unlocked when the pool drops, after them) when this drops.
+/// The bench's batch and outputs; with pools, their buffers are the pools' page-locked ones,
+/// given back (and unlocked when the pools drop, after them) when this drops.
 struct BenchBatch {
     batch: Batch,
-    pool: Option<BufferPool>,
+    outputs: Outputs,
+    pool: Option<(BufferPool, OutputPool)>,
 }
 
 impl Drop for BenchBatch {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
+        if let Some((pool, out_pool)) = &self.pool {
             pool.give_batch(&mut self.batch);
+            let empty = Outputs {
+                fused: Vec::new(),
+                weights: Vec::new(),
+            };
+            out_pool.recycle(std::mem::replace(&mut self.outputs, empty));
         }
     }
 }
 
-/// `src` copied into buffers page-locked by `backend`'s lock, all of them locked.
-fn pinned_batch(backend: &impl Backend, src: Batch) -> Result<BenchBatch> {
+/// `src` copied into buffers page-locked by `backend`'s lock, all of them locked, and outputs
+/// for it locked with the same lock.
+fn pinned_batch(backend: &impl Backend, src: Batch, outputs: Outputs) -> Result<BenchBatch> {
     let kind = backend.info().kind;
     let lock = backend.page_lock().ok_or_else(|| {
         Error::Config(format!(
@@ -176,7 +195,10 @@ fn pinned_batch(backend: &impl Backend, src: Batch) -> Result<BenchBatch> {
         ))
     })?;
     let pool = BufferPool::default();
-    pool.set_page_lock(lock);
+    pool.set_page_lock(lock.clone());
+    let out_pool = OutputPool::default();
+    out_pool.set_page_lock(lock);
+    let outputs = out_pool.take_locked(outputs.fused.len(), outputs.weights.len());
     let copy = |bytes: &[u8]| {
         let mut v = pool.take_locked(bytes.len());
         v.extend_from_slice(bytes);
@@ -199,7 +221,8 @@ fn pinned_batch(backend: &impl Backend, src: Batch) -> Result<BenchBatch> {
             inputs,
             mask,
         },
-        pool: Some(pool),
+        outputs,
+        pool: Some((pool, out_pool)),
     };
     let ranges = registry();
     let locked =
@@ -232,12 +255,17 @@ pub fn bench_backend(
         .ok_or_else(|| Error::Config("bench: no head uploaded".into()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xBE7C4);
     let batch = random_batch(&head, rows, dtype, MaskMode::All, &mut rng);
-    let batch = match inputs {
-        InputMemory::Pageable => BenchBatch { batch, pool: None },
-        InputMemory::Pinned => pinned_batch(backend, batch)?,
+    let outputs = Outputs::zeros(&head, rows);
+    let mut batch = match inputs {
+        InputMemory::Pageable => BenchBatch {
+            batch,
+            outputs,
+            pool: None,
+        },
+        InputMemory::Pinned => pinned_batch(backend, batch, outputs)?,
     };
     let view = batch.batch.view();
-    let mut out = Outputs::zeros(&head, rows);
+    let out = &mut batch.outputs;
     let mut has_proj = true;
     for _ in 0..warmup.max(1) {
         backend.run(&view, out.as_mut())?;

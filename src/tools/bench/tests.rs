@@ -21,6 +21,7 @@ fn stage_times_are_per_batch_means_and_rates() {
         half_h_runs: 3,
         h_f32_reruns: 1,
         h2d_direct_bytes: 50_000_000,
+        d2h_direct_bytes: 30_000_000,
     };
     let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
@@ -31,6 +32,7 @@ fn stage_times_are_per_batch_means_and_rates() {
     assert!(close(t.h2d_gbps, 50.0));
     assert!(close(t.d2h_gbps, 20.0));
     assert!(close(t.h2d_direct_share, 0.25));
+    assert!(close(t.d2h_direct_share, 0.75));
     assert!(close(t.host_stage_ms, 2.0));
     assert!(close(t.host_wait_ms, 0.25));
     assert!(close(t.host_drain_ms, 1.0));
@@ -141,11 +143,12 @@ impl crate::backend::host_lock::HostPageLock for CountingLock {
 }
 
 /// A CPU backend that offers [`CountingLock`] and checks, on every run, that each input
-/// lies in a locked range.
+/// lies in a locked range, and that both outputs do.
 struct Locking {
     inner: crate::backend::AnyBackend,
     lock: std::sync::Arc<CountingLock>,
     runs_all_locked: usize,
+    runs_out_locked: usize,
 }
 
 impl Backend for Locking {
@@ -170,6 +173,12 @@ impl Backend for Locking {
             .all(|x| r.contains(x.bytes.as_ptr() as usize, x.bytes.len()))
         {
             self.runs_all_locked += 1;
+        }
+        if [&*out.fused, &*out.weights]
+            .iter()
+            .all(|v| r.contains(v.as_ptr() as usize, std::mem::size_of_val(*v)))
+        {
+            self.runs_out_locked += 1;
         }
         self.inner.run(batch, out)
     }
@@ -201,17 +210,20 @@ fn pinned_inputs_are_locked_for_every_run_and_unlocked_after() {
         inner: cpu(head),
         lock: lock.clone(),
         runs_all_locked: 0,
+        runs_out_locked: 0,
     };
     let r = bench_backend(&mut b, 16, DType::F16, 3, 2, InputMemory::Pinned).expect("bench");
     assert_eq!(r.inputs, InputMemory::Pinned);
     assert!(serde_json::to_string(&r)
         .expect("json")
         .contains(r#""inputs":"pinned""#));
-    // 2 warm-up and 3 timed runs, each with both matrices locked.
+    // 2 warm-up and 3 timed runs, each with both matrices and both outputs locked.
     assert_eq!(b.runs_all_locked, 5);
-    // Two matrices and the mask, each locked once and unlocked once the bench is done.
+    assert_eq!(b.runs_out_locked, 5);
+    // Two matrices, the mask and the two outputs, each locked once and unlocked once the bench
+    // is done.
     let locks = lock.locks.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(locks, 3);
+    assert_eq!(locks, 5);
     assert!(
         lock.live.lock().is_empty(),
         "left locked: {:?}",
@@ -221,6 +233,7 @@ fn pinned_inputs_are_locked_for_every_run_and_unlocked_after() {
     let p = bench_backend(&mut b, 16, DType::F16, 3, 2, InputMemory::Pageable).expect("bench");
     assert_eq!(p.inputs, InputMemory::Pageable);
     assert_eq!(b.runs_all_locked, 5, "pageable inputs are not locked");
+    assert_eq!(b.runs_out_locked, 5, "nor are the outputs");
 }
 
 #[test]
