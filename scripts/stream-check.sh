@@ -145,7 +145,7 @@ if un and ov:
 if f32:
     n = f32['samples_per_s'] * f32['duration_s']
     server_us = ticks("f32") / tck / max(n, 1) * 1e6 - div(1e6, kt)
-    row("server CPU per sample besides the device (f32)", f"{server_us:.1f} us (tiny head kernel {div(1e6, kt):.2f} us)", "<= 2.0 us", server_us <= 2.0)
+    row("server CPU per sample besides the device (f32)", f"{server_us:.2f} us (tiny head kernel {div(1e6, kt):.2f} us)", "<= 2.0 us", server_us <= 2.0)
 w = max(len(r[0]) for r in rows)
 for name, value, goal, ok in rows:
     print(f"{name:<{w}}  {value}  (goal {goal}: {ok})")
