@@ -56,6 +56,48 @@ async fn collect(c: &mut Client, n: usize, ack_id: Option<u64>) -> HashMap<Strin
     got
 }
 
+/// Sends `keys`' samples `x` (every head modality) as one `samples` frame into `stream`, and
+/// records each key's rows in `want`.
+async fn send_all_modalities(
+    c: &mut Client,
+    stream: &str,
+    keys: Vec<String>,
+    x: Vec<Vec<Vec<f32>>>,
+    prio: Priority,
+    want: &mut HashMap<String, Vec<Vec<f32>>>,
+) {
+    let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
+    let feats: Vec<(&str, &[f32])> = ["vision", "text", "audio"]
+        .iter()
+        .zip(&blocks)
+        .map(|(nm, b)| (*nm, b.as_slice()))
+        .collect();
+    c.produce_samples(stream, &kr, &feats, prio, 0)
+        .await
+        .unwrap();
+    for (k, xs) in keys.into_iter().zip(x) {
+        want.insert(k, xs);
+    }
+}
+
+/// The next `n` results in the order they arrive, failing on a result that comes twice.
+async fn results_in_order(c: &mut Client, n: usize) -> Vec<FuseResult> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match next(c, 10.0).await {
+            Event::Result(r) => {
+                assert!(seen.insert(r.key.clone()), "a result came twice");
+                out.push(r);
+            }
+            Event::Control(_) => {}
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_frames_match_the_reference() {
     let h = small_head();
@@ -461,38 +503,15 @@ async fn two_connections_interleaving_frames_into_one_stream_keep_results_and_se
         for (ci, c) in conns.iter_mut().enumerate() {
             let x = rows(&h, per, 100 + (f * 2 + ci) as u64);
             let keys: Vec<String> = (0..per).map(|i| format!("c{ci}-f{f}-{i}")).collect();
-            let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-            let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
-            let feats: Vec<(&str, &[f32])> = ["vision", "text", "audio"]
-                .iter()
-                .zip(&blocks)
-                .map(|(nm, b)| (*nm, b.as_slice()))
-                .collect();
-            c.produce_samples("mix", &kr, &feats, Priority::Important, 0)
-                .await
-                .unwrap();
-            for (k, xs) in keys.into_iter().zip(x) {
-                want.insert(k, xs);
-            }
+            send_all_modalities(c, "mix", keys, x, Priority::Important, &mut want).await;
         }
     }
     let total = frames * 2 * per;
     for (ci, c) in conns.iter_mut().enumerate() {
-        let mut seqs = Vec::with_capacity(total);
-        let mut got = HashMap::new();
-        while got.len() < total {
-            match next(c, 10.0).await {
-                Event::Result(r) => {
-                    seqs.push(r.seq);
-                    assert!(
-                        got.insert(r.key.clone(), r).is_none(),
-                        "a result came twice"
-                    );
-                }
-                Event::Control(_) => {}
-                e => panic!("unexpected {e:?}"),
-            }
-        }
+        let order = results_in_order(c, total).await;
+        let seqs: Vec<u64> = order.iter().map(|r| r.seq).collect();
+        let got: HashMap<String, FuseResult> =
+            order.into_iter().map(|r| (r.key.clone(), r)).collect();
         // Every result of both connections' frames, each equal to its own sample's reference,
         // and this connection's seqs 1, 2, 3, ... in the order it received them.
         for (k, x) in &want {
@@ -536,37 +555,15 @@ async fn a_whole_frame_of_half_a_batch_is_a_batch_of_its_own_and_classes_keep_th
     for (fi, (name, n, prio)) in plan.into_iter().enumerate() {
         let x = rows(&h, n, 300 + fi as u64);
         let keys: Vec<String> = (0..n).map(|i| format!("{name}{i}")).collect();
-        let kr: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-        let blocks: Vec<Vec<f32>> = (0..3).map(|m| block(&x, m)).collect();
-        let feats: Vec<(&str, &[f32])> = ["vision", "text", "audio"]
-            .iter()
-            .zip(&blocks)
-            .map(|(nm, b)| (*nm, b.as_slice()))
-            .collect();
-        c.produce_samples("solo", &kr, &feats, prio, 0)
-            .await
-            .unwrap();
-        for (k, xs) in keys.into_iter().zip(x) {
-            want.insert(k, xs);
-        }
+        send_all_modalities(&mut c, "solo", keys, x, prio, &mut want).await;
     }
-    let mut bulk_order = Vec::new();
-    let mut got = HashMap::new();
-    while got.len() < want.len() {
-        match next(&mut c, 10.0).await {
-            Event::Result(r) => {
-                if !r.key.starts_with('c') {
-                    bulk_order.push(r.key.clone());
-                }
-                assert!(
-                    got.insert(r.key.clone(), r).is_none(),
-                    "a result came twice"
-                );
-            }
-            Event::Control(_) => {}
-            e => panic!("unexpected {e:?}"),
-        }
-    }
+    let order = results_in_order(&mut c, want.len()).await;
+    let bulk_order: Vec<String> = order
+        .iter()
+        .filter(|r| !r.key.starts_with('c'))
+        .map(|r| r.key.clone())
+        .collect();
+    let got: HashMap<String, FuseResult> = order.into_iter().map(|r| (r.key.clone(), r)).collect();
     for (k, x) in &want {
         let (ef, ew) = check(&h, x, &[1, 1, 1], &got[k].fused, &got[k].weights);
         assert!(ef <= 1e-5 && ew <= 1e-5, "{k}: {ef} {ew}");
