@@ -89,6 +89,11 @@ impl GatewayConfig {
 impl Gateway {
     /// Connects, creates the streams and this gateway id's results consumer when needed. The
     /// results are read once [`Gateway::attach`] gives the gateway its fan-out.
+    /// The NATS server's `max_payload`: the largest batch message it stores.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
     pub async fn connect(cfg: &GatewayConfig, head: &FusionHead) -> Result<Gateway> {
         let id = match &cfg.id {
             Some(id) => {

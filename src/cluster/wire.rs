@@ -46,6 +46,20 @@ pub struct WireBatch {
     pub mask: Vec<u8>,
 }
 
+/// Bytes of a batch message besides its rows, at most: the magic, the batch id and reply
+/// subject (names of at most 256 bytes each), the fingerprint, counts, and 9 bytes per modality.
+const BATCH_FIXED_BYTES: usize = 4096;
+
+/// The most rows a batch may hold for its message ([`WireBatch::encode`]) to be at most
+/// `max_payload` bytes (the NATS server's limit) whatever its rows: every feature in f32 (a
+/// batch that mixes dtypes is widened to f32), every stream and key name `max_name_bytes` long,
+/// for a head of these modality `widths`. At least 1.
+pub fn max_batch_rows(max_payload: usize, widths: &[usize], max_name_bytes: usize) -> usize {
+    let row =
+        widths.iter().map(|w| w * 4).sum::<usize>() + widths.len() + 2 * (4 + max_name_bytes) + 1;
+    (max_payload.saturating_sub(BATCH_FIXED_BYTES) / row.max(1)).max(1)
+}
+
 /// A batch's outcome as the worker publishes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireResult {

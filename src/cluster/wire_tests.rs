@@ -142,3 +142,35 @@ proptest! {
         let _ = WireResult::decode(&m);
     }
 }
+
+#[test]
+fn a_batch_of_max_batch_rows_fits_max_payload_and_one_more_row_may_not() {
+    let widths = [1024usize, 768, 128];
+    let (max_payload, name) = (1 << 20, 256);
+    let rows = max_batch_rows(max_payload, &widths, name);
+    assert!(rows > 100 && rows < 130, "{rows}");
+    let batch = |n: usize| WireBatch {
+        id: "g".repeat(256),
+        reply: "r".repeat(256),
+        fingerprint: 7,
+        priority: Priority::Bulk,
+        version: 2,
+        streams: vec!["s".repeat(name); n],
+        keys: vec!["k".repeat(name); n],
+        priorities: vec![Priority::Bulk; n],
+        inputs: widths
+            .iter()
+            .map(|&w| HostMat {
+                dtype: DType::F32,
+                rows: n,
+                cols: w,
+                bytes: vec![0; n * w * 4],
+            })
+            .collect(),
+        mask: vec![1; n * widths.len()],
+    };
+    assert!(batch(rows).encode().len() <= max_payload);
+    assert!(batch(rows + 1).encode().len() > max_payload - 8300);
+    // Tiny limits still allow a batch of one row.
+    assert_eq!(max_batch_rows(100, &widths, name), 1);
+}

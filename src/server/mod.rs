@@ -59,6 +59,7 @@ use self::ingest::{pressure, queue::IngestQueue};
 use self::metrics::ServerMetrics;
 pub(crate) use self::shared::Shared;
 use crate::cluster::gateway::Gateway;
+use crate::cluster::wire::max_batch_rows;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::FusionHead;
@@ -246,11 +247,27 @@ pub async fn start_with_head(
 
 /// [`start_with_head`] dispatching batches to NATS through `nats` when given.
 pub async fn start_gateway(
-    cfg: ServerConfig,
+    mut cfg: ServerConfig,
     head: Arc<FusionHead>,
     prometheus: Option<PrometheusHandle>,
     nats: Option<Arc<Gateway>>,
 ) -> Result<Server> {
+    if let Some(g) = &nats {
+        // A batch larger than the NATS server's max_payload would be refused on every publish
+        // (and its producers told `overloaded` again and again): batches are capped to fit
+        // (docs/DESIGN.md section 11).
+        let widths: Vec<usize> = head.modalities.iter().map(|m| m.width).collect();
+        let fit = max_batch_rows(g.max_payload(), &widths, cfg.max_name_bytes);
+        if cfg.max_batch > fit {
+            tracing::warn!(
+                max_batch = cfg.max_batch,
+                fit,
+                max_payload = g.max_payload(),
+                "max_batch lowered: a batch must fit the NATS server's max_payload"
+            );
+            cfg.max_batch = fit;
+        }
+    }
     let ecfg = cfg.engine.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::start(ecfg, head))
         .await
