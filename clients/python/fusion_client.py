@@ -703,12 +703,15 @@ class FusionClient:
         ws: Any = self._ws
         send_context = getattr(ws, "send_context", None)
         transport = getattr(ws, "transport", None)
-        if start < WS_HEADER_ROOM or send_context is None or transport is None or not hasattr(ws, "send_in_progress"):
+        # The future websockets keeps while a fragmented message is being sent (its name since
+        # 14; 13.x called it fragmented_send_waiter).
+        busy = next((a for a in ("send_in_progress", "fragmented_send_waiter") if hasattr(ws, a)), None)
+        if start < WS_HEADER_ROOM or send_context is None or transport is None or busy is None:
             await ws.send(memoryview(buf)[start:])
             return
         # As websockets' send does: never between the fragments of another message.
-        while ws.send_in_progress is not None:
-            await asyncio.shield(ws.send_in_progress)
+        while getattr(ws, busy) is not None:
+            await asyncio.shield(getattr(ws, busy))
         n = len(buf) - start
         key = os.urandom(4)
         if n < 126:

@@ -792,6 +792,14 @@ def test_send_masked_writes_one_masked_frame_or_falls_back_to_send():
         async def send(self, m: Any) -> None:
             self.sent.append(bytes(m))
 
+    class Ws13(Ws):  # websockets 13.x's name for the same future
+        fragmented_send_waiter = None
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "send_in_progress":
+                raise AttributeError(name)
+            return object.__getattribute__(self, name)
+
     class Plain:
         def __init__(self) -> None:
             self.sent: list[bytes] = []
@@ -814,13 +822,13 @@ def test_send_masked_writes_one_masked_frame_or_falls_back_to_send():
         keys = set()
         for n in (0, 1, 5, 125, 126, 127, 65535, 65536, 70001):
             payload = (np.arange(n, dtype=np.int64) * 7 + 3).astype(np.uint8).tobytes()
-            for cls in (Ws, Plain):
+            for cls in (Ws, Ws13, Plain):
                 c = object.__new__(fc.FusionClient)
                 c.closed = None
                 c._ws = cls()
                 buf = bytearray(fc.WS_HEADER_ROOM) + bytearray(payload)
                 await c._send_masked(buf, fc.WS_HEADER_ROOM)
-                if cls is Ws:
+                if cls is not Plain:
                     assert unframe(c._ws.transport.data) == payload and not c._ws.sent
                     keys.add(c._ws.transport.data[-n - 4:len(c._ws.transport.data) - n] if n else b"")
                 else:
