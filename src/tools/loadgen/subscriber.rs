@@ -17,6 +17,9 @@ use super::options::LoadgenError;
 use super::stats::{gaps, key_id, now_us, parse_key, Close, ConnRecord, Role, SharedLive};
 use crate::protocol::split_results;
 
+/// Per stream: the resume points, looked up once per result (foldhash, not SipHash).
+type Points = HashMap<String, [u64; 2], foldhash::fast::RandomState>;
+
 /// One subscriber's settings.
 #[derive(Debug)]
 pub(crate) struct SubscriberCfg {
@@ -58,7 +61,7 @@ struct Sub {
     /// The server epoch the points are from (0 = none yet).
     epoch: u64,
     /// Per stream: the last CRITICAL and IMPORTANT stream seq received (resume points).
-    points: HashMap<String, [u64; 2]>,
+    points: Points,
     /// The current socket subscribed with `resume`.
     resuming: bool,
     /// Send time (from its key) of the last result read.
@@ -66,10 +69,7 @@ struct Sub {
 }
 
 /// Subscribe messages: plain, or resuming from `points` of `epoch` (PROTOCOL 7.4).
-fn subscribes(
-    streams: &[String],
-    resume: Option<(u64, &HashMap<String, [u64; 2]>)>,
-) -> Vec<String> {
+fn subscribes(streams: &[String], resume: Option<(u64, &Points)>) -> Vec<String> {
     streams
         .iter()
         .map(|s| {
@@ -112,7 +112,7 @@ pub(crate) async fn run_subscriber(cfg: SubscriberCfg) -> Result<ConnRecord, Loa
         tx,
         rx,
         epoch: 0,
-        points: HashMap::new(),
+        points: Points::default(),
         resuming: false,
         last_sent_us: None,
     };
