@@ -31,20 +31,8 @@ pub(super) unsafe fn block_has_non_finite(block: &[u8], mask: u64, add: u64, top
         acc = _mm256_or_si256(acc, _mm256_add_epi64(_mm256_and_si256(v, m), a));
         i += 32;
     }
-    // The rest (under 32 bytes): whole words, then a zero-padded tail (zero lanes are finite).
-    let lanes = |acc: u64, w: u64| acc | (w & mask).wrapping_add(add);
-    let mut words = block[whole..].chunks_exact(8);
-    let mut rest = words.by_ref().fold(0u64, |acc, b| {
-        lanes(
-            acc,
-            u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        )
-    });
-    let mut tail = [0u8; 8];
-    let left = words.remainder();
-    tail[..left.len()].copy_from_slice(left);
-    rest = lanes(rest, u64::from_le_bytes(tail));
-    _mm256_testz_si256(acc, t) == 0 || rest & top != 0
+    // The rest (under 32 bytes): the word test.
+    _mm256_testz_si256(acc, t) == 0 || super::block_has_non_finite(&block[whole..], mask, add, top)
 }
 
 #[cfg(test)]
