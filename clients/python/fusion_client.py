@@ -90,9 +90,12 @@ _RESULT_HEADER_V2 = struct.Struct("<2sBBBBHHHIQQ")  # 32 bytes (version 2: + str
 _RESULTS_HEADER = struct.Struct("<2sBBI")  # 8 bytes: magic, version, kind 4, record count
 _RECORD_LEN = struct.Struct("<I")
 RESULT_FLAG_REPLAYED = 1
-# fuse(): bytes of features per samples frame at most (docs/PERF.md, session 9: frames of
-# ~250 KB stay in cache through websockets' copies; 2 MB frames doubled the client's CPU).
-FUSE_FRAME_BYTES = 256 << 10
+# fuse(): bytes of features per samples frame at most. Session 9 (docs/PERF.md) kept ~250 KB
+# frames in cache through websockets' copies; fuse() now builds each frame masked in one pass and
+# writes it to the transport itself, and 1 MiB frames cost the client less per sample (less
+# Python per frame) and are batches of their own in the server (>= half its max_batch of 256
+# rows of the embedded head): docs/PERF.md session 13.
+FUSE_FRAME_BYTES = 1 << 20
 # The send queue fuse() asks the server for, in results of its class (hello `send_queue`,
 # PROTOCOL.md 2): its window is 90% of what it is granted, so a larger queue keeps more samples
 # in flight without the server ever dropping a result (docs/PERF.md session 10).
@@ -201,21 +204,51 @@ def _encode_keys(keys: Sequence[Any]) -> bytes:
     return b"".join(struct.pack("<H", len(k)) + k for k in enc)
 
 
-def _samples_frame(stream: bytes, prio: int, table: bytes, nmods: int, keys: bytes, n: int,
-                   blocks: Sequence[npt.NDArray[Any]], wire: np.dtype[Any], room: int = 0) -> bytearray:
-    """A samples frame (4.4) built in one buffer: `table` and `keys` are the encoded modality
-    table and keys section, `blocks` the [n, width] arrays in table order, copied once (and
-    converted to `wire`) straight into the frame. `room`: bytes left free in front of the frame
-    (for the WebSocket frame header, `_send_masked`)."""
+def _masked_samples_frame(stream: bytes, prio: int, table: bytes, nmods: int, keys: bytes, n: int,
+                          blocks: Sequence[npt.NDArray[Any]], wire: np.dtype[Any],
+                          key: bytes) -> tuple[npt.NDArray[np.uint8], int]:
+    """A samples frame (4.4) built in one buffer and masked with the WebSocket masking `key`
+    (RFC 6455 5.3) as it is built: returns (buf, start), the frame is `buf[start:]` and
+    `buf[:start]` (at least WS_HEADER_ROOM bytes) is room for the WebSocket frame header
+    (`_send_masked`). `table` and `keys` are the encoded modality table and keys section,
+    `blocks` the [n, width] arrays in table order. `start` puts the blocks at an 8-aligned
+    address, so a block already in the wire dtype is read once and written masked in one
+    aligned numpy pass (no copy and second pass to mask it, no unaligned buffering: docs/PERF.md
+    session 13); others are converted into the frame, then masked in place."""
     fixed = _SAMPLES_HEADER.pack(MAGIC, PRODUCE_VERSION, KIND_SAMPLES, DTYPES[wire], prio, 0, 0, len(stream), nmods,
                                  n, 0, 0) + stream + table + keys
-    out = bytearray(room + len(fixed) + sum(int(a.size) for a in blocks) * wire.itemsize)
-    out[room:room + len(fixed)] = fixed
-    o = room + len(fixed)
-    for a in blocks:
-        np.copyto(np.frombuffer(out, wire, a.size, o).reshape(a.shape), a, casting="unsafe")
-        o += a.size * wire.itemsize
-    return out
+    start = WS_HEADER_ROOM + (-(WS_HEADER_ROOM + len(fixed))) % 8
+    body = start + len(fixed)
+    sizes = [int(a.size) * wire.itemsize for a in blocks]
+    # Not zero-filled: every byte from `start` on is written below.
+    out = np.empty(body + sum(sizes), np.uint8)
+    out[start:body] = np.frombuffer(fixed, np.uint8)
+    _mask(out, start, len(fixed), key)
+    # The key as it lines up with the blocks: they start len(fixed) bytes into the payload.
+    phase = len(fixed) % 4
+    kb = key[phase:] + key[:phase]
+    k32 = np.frombuffer(kb, "<u4")[0]
+    o = body
+    for a, nb in zip(blocks, sizes):
+        if a.dtype == wire and a.flags.c_contiguous and nb % 4 == 0 and (o - body) % 4 == 0:
+            np.bitwise_xor(a.reshape(-1).view("<u4"), k32, out=np.frombuffer(out, "<u4", nb // 4, o))
+        else:
+            np.copyto(np.frombuffer(out, wire, a.size, o).reshape(a.shape), a, casting="unsafe")
+            ph = (o - body) % 4
+            _mask(out, o, nb, kb[ph:] + kb[:ph])
+        o += nb
+    return out, start
+
+
+def _mask(buf: Union[bytearray, npt.NDArray[np.uint8]], at: int, n: int, key: bytes) -> None:
+    """XORs `buf[at:at + n]` with the 4-byte `key` repeated from its first byte (RFC 6455 5.3:
+    the key as it lines up with that byte), in place; its inverse too."""
+    whole = n // 4 * 4
+    if whole:
+        words = np.frombuffer(buf, "<u4", whole // 4, at)
+        np.bitwise_xor(words, np.frombuffer(key, "<u4")[0], out=words)
+    for i in range(whole, n):
+        buf[at + i] ^= key[i - whole]
 
 
 def split_results(buf: bytes) -> list[bytes]:
@@ -691,13 +724,15 @@ class FusionClient:
             raise self.closed
         await self._ws.send(frame)
 
-    async def _send_masked(self, buf: bytearray, start: int) -> None:
+    async def _send_masked(self, buf: Union[bytearray, npt.NDArray[np.uint8]], start: int,
+                           masked_with: Optional[bytes] = None) -> None:
         """Sends `buf[start:]` as one binary message; `buf[:start]` (at least WS_HEADER_ROOM
         bytes) is free room for the WebSocket frame header. The payload is masked in place with
-        a fresh random key and the frame handed to the connection's transport inside websockets'
-        own send context (state check, then flow control), instead of websockets copying it
-        twice to mask and serialise it (docs/PERF.md session 12: ~10% of fuse()'s CPU). `buf`
-        is not used again. Falls back to `send` where that context is not available."""
+        a fresh random key (or was already, with `masked_with`: `_masked_samples_frame`) and the
+        frame handed to the connection's transport inside websockets' own send context (state
+        check, then flow control), instead of websockets copying it twice to mask and serialise
+        it (docs/PERF.md session 12: ~10% of fuse()'s CPU). `buf` is not used again. Falls back
+        to `send` (of the payload unmasked) where that context is not available."""
         if self.closed:
             raise self.closed
         ws: Any = self._ws
@@ -706,14 +741,20 @@ class FusionClient:
         # The future websockets keeps while a fragmented message is being sent (its name since
         # 14; 13.x called it fragmented_send_waiter).
         busy = next((a for a in ("send_in_progress", "fragmented_send_waiter") if hasattr(ws, a)), None)
+        n = len(buf) - start
+        view = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
         if start < WS_HEADER_ROOM or send_context is None or transport is None or busy is None:
-            await ws.send(memoryview(buf)[start:])
+            if masked_with is not None:
+                _mask(buf, start, n, masked_with)
+            await ws.send(view[start:])
             return
         # As websockets' send does: never between the fragments of another message.
         while getattr(ws, busy) is not None:
             await asyncio.shield(getattr(ws, busy))
-        n = len(buf) - start
-        key = os.urandom(4)
+        key = masked_with
+        if key is None:
+            key = os.urandom(4)
+            _mask(buf, start, n, key)
         if n < 126:
             head = struct.pack("!BB", 0x82, 0x80 | n)
         elif n < 65536:
@@ -721,17 +762,10 @@ class FusionClient:
         else:
             head = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
         head += key
-        body = np.frombuffer(buf, np.uint8, n, start)
-        whole = n // 4 * 4
-        if whole:
-            words = body[:whole].view("<u4")
-            np.bitwise_xor(words, np.frombuffer(key, "<u4")[0], out=words)
-        for i in range(whole, n):
-            body[i] ^= key[i - whole]
         at = start - len(head)
-        buf[at:start] = head
+        buf[at:start] = np.frombuffer(head, np.uint8) if isinstance(buf, np.ndarray) else head
         async with send_context():
-            transport.write(memoryview(buf)[at:])
+            transport.write(view[at:])
 
     async def _send_frame(self, frame: Callable[[int], bytes], ack: bool, timeout: float) -> None:
         """Sends `frame(request_id)`; with `ack`, under a fresh request id, waiting for its ack."""
@@ -1023,11 +1057,12 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
                 if not n_part:
                     continue
                 table, present, wire = frames_of[pid]
-                frame = _samples_frame(sb, prio, table, len(present), keytab[part].tobytes(), n_part,
-                                       [arrays[n][part] for n in present], wire, WS_HEADER_ROOM)
+                key = os.urandom(4)
+                frame, start = _masked_samples_frame(sb, prio, table, len(present), keytab[part].tobytes(), n_part,
+                                                     [arrays[n][part] for n in present], wire, key)
                 sent[part] = True
                 acct["sent"] += n_part
-                await c._send_masked(frame, WS_HEADER_ROOM)
+                await c._send_masked(frame, start, key)
                 # Let the reader run between frames (a send that need not wait for the socket
                 # does not yield): results not read pile up in the server's send queue.
                 await asyncio.sleep(0)

@@ -627,15 +627,39 @@ def test_results_arrays_fall_back_on_records_that_differ():
     assert fc.decode_results_arrays(_frame([_record(1, b"k"), _record(2, b"k", version=1)])) is None
 
 
-def test_samples_frames_built_in_one_buffer_equal_encode_samples():
+def test_samples_frames_built_masked_in_one_buffer_equal_encode_samples():
+    """fuse()'s frames, unmasked, are byte for byte encode_samples' frames: inputs already in the
+    wire dtype (masked in one pass), others (f64, Fortran order, f16 blocks of 2 mod 4 bytes
+    that shift the key's phase for the next block) converted and masked in place; the blocks
+    start 8-aligned in the buffer, and a fresh key gives a different frame."""
     rng = np.random.default_rng(4)
-    feats = {"vision": rng.standard_normal((5, 6)), "text": rng.standard_normal((5, 3)).astype(np.float32)}
     keys = ["k1", "k2", "k3", "k4", "k5"]
-    table = b"".join(struct.pack("<IH", a.shape[1], len(n)) + n.encode() for n, a in feats.items())
-    for wire, fs in ((np.dtype("<f4"), feats), (np.dtype("<f2"), {n: a.astype(np.float16) for n, a in feats.items()})):
-        ref = fc.encode_samples("st", keys, fs, priority="bulk")
-        built = fc._samples_frame(b"st", 2, table, 2, fc._encode_keys(keys), 5, list(fs.values()), wire)
-        assert bytes(built) == ref
+    cases = [
+        {"vision": rng.standard_normal((5, 6)).astype(np.float32), "text": rng.standard_normal((5, 3)).astype(np.float32)},
+        {"vision": rng.standard_normal((5, 6)), "text": rng.standard_normal((5, 3)).astype(np.float32)},
+        {"vision": np.asfortranarray(rng.standard_normal((5, 6)).astype(np.float32)),
+         "text": rng.standard_normal((5, 3)).astype(np.float32)},
+        {"vision": rng.standard_normal((5, 3)).astype(np.float16), "text": rng.standard_normal((5, 5)).astype(np.float16)},
+        {"vision": rng.standard_normal((5, 4)).astype(np.float16), "text": rng.standard_normal((5, 7)).astype(np.float16)},
+    ]
+    for feats in cases:
+        table = b"".join(struct.pack("<IH", a.shape[1], len(n)) + n.encode() for n, a in feats.items())
+        wire = np.dtype("<f2" if all(a.dtype == np.float16 for a in feats.values()) else "<f4")
+        ref = fc.encode_samples("st", keys, feats, priority="bulk")
+        frames = set()
+        for key in (b"\x00\x00\x00\x00", b"\x9a\x13\xfe\x01", bytes(rng.integers(0, 256, 4, dtype=np.uint8))):
+            buf, start = fc._masked_samples_frame(b"st", 2, table, 2, fc._encode_keys(keys), 5, list(feats.values()),
+                                                  wire, key)
+            assert start >= fc.WS_HEADER_ROOM and len(buf) - start == len(ref)
+            blocks = sum(a.size for a in feats.values()) * wire.itemsize
+            assert (len(buf) - blocks) % 8 == 0  # where the blocks start
+            masked = bytes(buf[start:])
+            frames.add(masked)
+            mask = np.resize(np.frombuffer(key, np.uint8), len(ref))
+            assert (np.frombuffer(masked, np.uint8) ^ mask).tobytes() == ref
+            fc._mask(buf, start, len(buf) - start, key)  # its own inverse
+            assert bytes(buf[start:]) == ref
+        assert len(frames) == 3
     # Keys of several lengths: one `u16 len, key` each, as PROTOCOL.md 4.4 writes it.
     mixed = ["a", "bcd", 7, "é"]
     assert fc._encode_keys(mixed) == b"".join(struct.pack("<H", len(k)) + k for k in (str(k).encode() for k in mixed))
@@ -831,6 +855,18 @@ def test_send_masked_writes_one_masked_frame_or_falls_back_to_send():
                 if cls is not Plain:
                     assert unframe(c._ws.transport.data) == payload and not c._ws.sent
                     keys.add(c._ws.transport.data[-n - 4:len(c._ws.transport.data) - n] if n else b"")
+                else:
+                    assert c._ws.sent == [payload]
+                # Masked already (fuse()'s frames): sent with that key, or unmasked for send().
+                c._ws = cls()
+                arr = np.zeros(fc.WS_HEADER_ROOM + 3 + n, np.uint8)  # as _masked_samples_frame's
+                arr[fc.WS_HEADER_ROOM + 3:] = np.frombuffer(payload, np.uint8)
+                fc._mask(arr, fc.WS_HEADER_ROOM + 3, n, b"\x01\x02\x03\x04")
+                await c._send_masked(arr, fc.WS_HEADER_ROOM + 3, b"\x01\x02\x03\x04")
+                if cls is not Plain:
+                    data = c._ws.transport.data
+                    assert unframe(data) == payload and not c._ws.sent
+                    assert data[len(data) - n - 4:len(data) - n] == b"\x01\x02\x03\x04"
                 else:
                     assert c._ws.sent == [payload]
         assert len(keys) > 2  # a fresh key per frame
