@@ -38,6 +38,11 @@ fi
 python3 scripts/tiny_head.py "$WORK/tiny.safetensors"
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# user and system ticks of a process, "U S"
+cpu_split() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# user and system seconds of this shell's finished children so far, "U S", from the output of
+# bash's `times` (which must run in this shell itself: a subshell has children of its own)
+child_secs() { tail -1 "$1" | awk '{ for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); printf "%s ", a[1] * 60 + a[2] } }'; }
 jget() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'r': r}))" "$@"; }
 TCK=$(getconf CLK_TCK)
 CORES=$(nproc)
@@ -53,6 +58,8 @@ echo "raw loopback TCP (iperf3, one flow): $(python3 -c "print(f'{$TCP_BPS / 1e9
 
 KT=$("$BIN" bench --backend cpu --batch 256 --iters 4000 --model "$WORK/tiny.safetensors" --json 2>/dev/null \
   | tail -1 | python3 -c "import json,sys; print(json.loads(sys.stdin.read())['samples_per_s'])")
+KT16=$("$BIN" bench --backend cpu --dtype f16 --batch 256 --iters 4000 --model "$WORK/tiny.safetensors" --json 2>/dev/null \
+  | tail -1 | python3 -c "import json,sys; print(json.loads(sys.stdin.read())['samples_per_s'])")
 
 P=$(free_port); M=$(free_port)
 "$BIN" serve --model "$WORK/tiny.safetensors" --listen "127.0.0.1:$P" --metrics "127.0.0.1:$M" >"$WORK/serve.log" 2>&1 &
@@ -62,14 +69,20 @@ for _ in $(seq 150); do curl -sf "127.0.0.1:$M/healthz" >/dev/null && break; sle
 # loadgen NAME RATE DTYPE SUBSCRIBERS: one steady run into $WORK/NAME.json, server CPU ticks in
 # $WORK/NAME.ticks.
 loadgen() {
-  local name=$1 rate=$2 dtype=$3 subs=$4 t0 t1
+  local name=$1 rate=$2 dtype=$3 subs=$4 t0 t1 s0 s1
   t0=$(cpu_ticks "$SP")
+  s0=$(cpu_split "$SP")
+  times >"$WORK/times0"
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
     --rate "$rate" --producers "$PRODUCERS" --subscribers "$subs" --samples-per-frame 256 \
     --batch-results --dtype "$dtype" --duration "$SECS" "${SQ_ARGS[@]}" --plot "$WORK/$name.svg" --json \
     >"$WORK/$name.json" 2>/dev/null
   t1=$(cpu_ticks "$SP")
+  s1=$(cpu_split "$SP")
+  times >"$WORK/times1"
   echo $((t1 - t0)) >"$WORK/$name.ticks"
+  # server user/system ticks, load generator user/system seconds
+  echo "$s0 $s1 $(child_secs "$WORK/times0") $(child_secs "$WORK/times1")" >"$WORK/$name.split"
 }
 
 if [ "${PERF:-0}" = 1 ] && command -v perf >/dev/null; then
@@ -107,9 +120,13 @@ print(n / (time.perf_counter() - t0))
 PY
 kill -TERM "$SP"; timeout 15 tail --pid="$SP" -f /dev/null
 
-python3 - "$WORK" "$TCP_BPS" "$KT" "$TCK" "$SECS" <<'PY'
+python3 - "$WORK" "$TCP_BPS" "$KT" "$TCK" "$SECS" "$KT16" <<'PY'
 import json, os, sys
 work, tcp_bps, kt, tck, secs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+try:
+    kt16 = float(sys.argv[6])
+except ValueError:
+    kt16 = float("nan")
 def rep(n):
     try:
         return json.load(open(os.path.join(work, n + ".json")))
@@ -149,6 +166,26 @@ if f32:
 w = max(len(r[0]) for r in rows)
 for name, value, goal, ok in rows:
     print(f"{name:<{w}}  {value}  (goal {goal}: {ok})")
+# Where each sample's CPU goes, and the budget at the goal: at 0.75 of TCP the cores give
+# `budget` us of CPU a sample; the kernel (both processes' system time: TCP, wakeups) and the
+# device take theirs first, user space (the server's stream path, the load generator) gets the
+# rest (docs/PERF.md session 13).
+cores = os.cpu_count() or 1
+print("CPU per sample (us), and what 0.75 of TCP leaves for user space on these cores:")
+for n, r, size, dev in (("f32", f32, 7680, div(1e6, kt)), ("f16", f16, 3840, div(1e6, kt16))):
+    try:
+        su0, ss0, su1, ss1, cu0, cs0, cu1, cs1 = (float(v) for v in open(os.path.join(work, n + ".split")).read().split())
+    except (OSError, ValueError):
+        continue
+    if not r:
+        continue
+    ns = max(r['samples_per_s'] * r['duration_s'], 1)
+    su, ss = (su1 - su0) / tck / ns * 1e6, (ss1 - ss0) / tck / ns * 1e6
+    lu, ls = (cu1 - cu0) / ns * 1e6, (cs1 - cs0) / ns * 1e6
+    budget = div(cores * 1e6, 0.75 * tcp_bps / size)
+    print(f"  [{n}] server user {su:.2f} (device {dev:.2f}) + system {ss:.2f}; load generator user {lu:.2f} + system "
+          f"{ls:.2f}. Budget {budget:.2f}: kernel {ss + ls:.2f} + device {dev:.2f} leave {budget - ss - ls - dev:.2f} "
+          f"for user space, which spends {su - dev + lu:.2f}")
 for n, r in (("f32", f32), ("f16", f16), ("subs4", s4), ("unsat", un), ("over", ov)):
     if r:
         print(f"  [{n}] offered {r['offered_samples_per_s']:.0f}/s, carried {r['samples_per_s']:.0f}/s, checks "
