@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
 mod scan_avx2;
+mod scan_words;
 mod widen;
 
 /// Element type of an input or weight tensor.
@@ -258,7 +259,7 @@ pub fn find_non_finite_bytes(dtype: DType, bytes: &[u8]) -> Option<usize> {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let bad = None;
-        let bad = bad.unwrap_or_else(|| block_has_non_finite(block, mask, add, top));
+        let bad = bad.unwrap_or_else(|| scan_words::block_has_non_finite(block, mask, add, top));
         if bad {
             let pos = match dtype {
                 DType::F32 => block.chunks_exact(4).position(|b| {
@@ -275,24 +276,6 @@ pub fn find_non_finite_bytes(dtype: DType, bytes: &[u8]) -> Option<usize> {
         }
     }
     None
-}
-
-/// Whether `block` holds a lane whose exponent bits (`mask`) are all set, 64 bits at a time
-/// (see [`find_non_finite_bytes`]; `scan_avx2.rs` is the same test with AVX2).
-fn block_has_non_finite(block: &[u8], mask: u64, add: u64, top: u64) -> bool {
-    let lanes = |acc: u64, w: u64| acc | (w & mask).wrapping_add(add);
-    let mut words = block.chunks_exact(8);
-    let acc = words.by_ref().fold(0u64, |acc, b| {
-        lanes(
-            acc,
-            u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        )
-    });
-    // A short tail, zero-padded: zero lanes are finite.
-    let mut tail = [0u8; 8];
-    let rest = words.remainder();
-    tail[..rest.len()].copy_from_slice(rest);
-    lanes(acc, u64::from_le_bytes(tail)) & top != 0
 }
 
 /// Appends `src` to `dst` and scans it for NaN/Inf in the same pass: each 64 KiB chunk is

@@ -32,7 +32,8 @@ pub(super) unsafe fn block_has_non_finite(block: &[u8], mask: u64, add: u64, top
         i += 32;
     }
     // The rest (under 32 bytes): the word test.
-    _mm256_testz_si256(acc, t) == 0 || super::block_has_non_finite(&block[whole..], mask, add, top)
+    _mm256_testz_si256(acc, t) == 0
+        || super::scan_words::block_has_non_finite(&block[whole..], mask, add, top)
 }
 
 #[cfg(test)]
@@ -78,7 +79,7 @@ mod tests {
                         };
                         b[at..at + es].copy_from_slice(special);
                     }
-                    let want = crate::tensor::block_has_non_finite(&b, mask, add, top);
+                    let want = super::super::scan_words::block_has_non_finite(&b, mask, add, top);
                     // SAFETY: AVX2 is present (checked above).
                     let got = unsafe { block_has_non_finite(&b, mask, add, top) };
                     assert_eq!(got, want, "len {len} trial {trial}");
