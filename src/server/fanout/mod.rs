@@ -4,6 +4,7 @@
 //!   the replay buffer and every subscriber (docs/DESIGN.md section 5.7); errors go to the
 //!   producers.
 //! - [`stored`]: a result encoded once, shared by the replay buffer and every queue.
+//! - [`chunks`]: the pooled memory a run of encoded results shares.
 //! - [`replay`]: per-stream seqs and the bounded replay buffer (PROTOCOL 7.4).
 //! - [`remote`]: results from other gateways and from this gateway's earlier process
 //!   (`serve --nats`), through [`deliver`]'s path.
@@ -13,6 +14,7 @@
 //! - [`bench`]: a fixed fan-out for benches/fanout.rs and tests/fanout_alloc.rs.
 
 pub(crate) mod bench;
+pub(crate) mod chunks;
 pub(crate) mod deliver;
 pub(crate) mod outbound;
 pub(crate) mod registry;

@@ -14,10 +14,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::chunks::{ChunkPool, SharedFrame};
 use super::outbound::{Body, Encoding, Live, Outbound};
 use super::registry::Registry;
 use super::stored::Stored;
@@ -58,7 +58,7 @@ struct Encoded {
     stream_seq: u64,
     stored: Option<Stored>,
     keep: bool,
-    v1: Option<Bytes>,
+    v1: Option<SharedFrame>,
     json: Option<String>,
 }
 
@@ -144,6 +144,8 @@ pub(crate) struct Replay {
     age: Duration,
     max_bytes: usize,
     inner: Mutex<Inner>,
+    /// The chunks results are encoded into (DESIGN 5.7).
+    chunks: ChunkPool,
     m: Arc<ServerMetrics>,
 }
 
@@ -162,6 +164,7 @@ impl Replay {
                 floor: 0,
                 last_sweep: Instant::now(),
             }),
+            chunks: ChunkPool::default(),
             m,
         }
     }
@@ -225,7 +228,8 @@ impl Replay {
         let keeps = |p: Priority| p != Priority::Bulk && self.messages > 0;
         let views: Vec<ResultView<'_>> =
             results.iter().zip(first..).map(|(r, s)| at(r, s)).collect();
-        let mut stored = Stored::encode_runs(stream, &views, |v| keeps(v.priority) || v2);
+        let mut stored =
+            Stored::encode_runs(&self.chunks, stream, &views, |v| keeps(v.priority) || v2);
         let mut enc: Vec<Encoded> = Vec::with_capacity(results.len());
         for ((view, sseq), stored) in views.iter().zip(first..).zip(stored.drain(..)) {
             let keep = keeps(view.priority);
@@ -245,7 +249,8 @@ impl Replay {
                 }
             }
             enc.push(Encoded {
-                v1: v1.then(|| Bytes::from(protocol::encode_result(view, protocol::VERSION))),
+                v1: v1
+                    .then(|| SharedFrame::alone(protocol::encode_result(view, protocol::VERSION))),
                 json: json.then(|| protocol::json_result_tail(view)),
                 keep,
                 stored,
@@ -270,7 +275,7 @@ impl Replay {
                     // The encoding changed since it was read above (a second `hello`): made
                     // for this connection alone.
                     (Encoding::Binary(v), _, _) => {
-                        Bytes::from(protocol::encode_result(&at(r, e.stream_seq), v))
+                        SharedFrame::alone(protocol::encode_result(&at(r, e.stream_seq), v))
                     }
                     (Encoding::Json, _, _) => {
                         match &e.json {

@@ -6,19 +6,13 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-
+use super::chunks::{Chunk, ChunkPool, SharedFrame, CHUNK_BYTES};
 use crate::engine::Priority;
 use crate::protocol::{self, ResultView, VERSION_2};
 
-/// What a shared `Bytes` allocation costs beyond its bytes: the `bytes` crate's shared header
-/// (buffer pointer, capacity, reference count).
-const SHARED_HEADER: usize = 3 * std::mem::size_of::<usize>();
-
-/// The most bytes of encoded results that share one buffer. Sharing saves two allocations per
-/// result, but a buffer lives as long as any of its results: a queue that keeps one result
-/// of each buffer (a conflating subscriber, say) holds up to this much per queued result.
-pub(crate) const SHARED_BUFFER: usize = 16 << 10;
+/// What a shared chunk costs beyond its bytes, counted per result: its reference counts and
+/// vector header (pointer, capacity, length).
+const SHARED_HEADER: usize = 5 * std::mem::size_of::<usize>();
 
 /// One encoded result (see the module doc).
 #[derive(Debug, Clone)]
@@ -27,7 +21,7 @@ pub(crate) struct Stored {
     pub stream_seq: u64,
     pub priority: Priority,
     /// The version 2 binary result, seq 0 and flags 0.
-    pub frame: Bytes,
+    pub frame: SharedFrame,
 }
 
 impl Stored {
@@ -39,21 +33,39 @@ impl Stored {
             stream: Arc::clone(stream),
             stream_seq: r.stream_seq,
             priority: r.priority,
-            frame: Bytes::from(protocol::encode_result(r, VERSION_2)),
+            frame: SharedFrame::alone(protocol::encode_result(r, VERSION_2)),
         }
     }
 
     /// Encodes the results of `views` that `want` names (one stream's results of one batch, in
     /// batch order, their stream seqs set; the rest are None): consecutive results of one class
-    /// are written into one buffer of at most [`SHARED_BUFFER`] bytes that they share
-    /// (docs/DESIGN.md section 5.7), two allocations per buffer instead of two per result.
+    /// are written into one chunk of at most [`CHUNK_BYTES`] from `pool` that they share
+    /// (docs/DESIGN.md section 5.7): no allocation per result, none for chunks once the pool
+    /// holds enough (the two lists here are per call).
     pub fn encode_runs(
+        pool: &ChunkPool,
         stream: &Arc<str>,
         views: &[ResultView<'_>],
         want: impl Fn(&ResultView<'_>) -> bool,
     ) -> Vec<Option<Stored>> {
         let mut out = Vec::with_capacity(views.len());
-        let mut buf = BytesMut::new();
+        // The open chunk's results, (index in `out`, start, end, stream seq, class): their
+        // frames are taken when the chunk is full (a chunk takes no writes once shared).
+        let mut marks: Vec<(usize, usize, usize, u64, Priority)> = Vec::with_capacity(views.len());
+        let mut chunk: Option<Chunk<'_>> = None;
+        let close = |out: &mut Vec<Option<Stored>>, marks: &mut Vec<_>, c: Option<Chunk<'_>>| {
+            let Some(c) = c else { return };
+            for (i, start, end, stream_seq, priority) in marks.drain(..) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(Stored {
+                        stream: Arc::clone(stream),
+                        stream_seq,
+                        priority,
+                        frame: c.frame(start, end),
+                    });
+                }
+            }
+        };
         let mut class = None;
         for (i, v) in views.iter().enumerate() {
             if !want(v) {
@@ -61,9 +73,10 @@ impl Stored {
                 continue;
             }
             let len = protocol::encoded_result_len(v, VERSION_2);
-            if class != Some(v.priority) || buf.capacity() < len {
-                // A new buffer: for this result and the ones after it of its class, up to
-                // SHARED_BUFFER bytes (a larger result alone).
+            let fits = chunk.as_ref().is_some_and(|c| c.room() >= len);
+            if class != Some(v.priority) || !fits {
+                // A new chunk: for this result and the ones after it of its class, up to
+                // CHUNK_BYTES (a larger result alone).
                 let mut size = 0;
                 for w in views[i..]
                     .iter()
@@ -71,27 +84,28 @@ impl Stored {
                     .filter(|w| want(w))
                 {
                     let l = protocol::encoded_result_len(w, VERSION_2);
-                    if size > 0 && size + l > SHARED_BUFFER {
+                    if size > 0 && size + l > CHUNK_BYTES {
                         break;
                     }
                     size += l;
                 }
-                buf = BytesMut::with_capacity(size);
+                close(&mut out, &mut marks, chunk.replace(pool.take(size)));
                 class = Some(v.priority);
             }
-            protocol::encode_result_into(v, VERSION_2, &mut buf);
-            out.push(Some(Stored {
-                stream: Arc::clone(stream),
-                stream_seq: v.stream_seq,
-                priority: v.priority,
-                frame: buf.split().freeze(),
-            }));
+            // Never shared before `close`: writable.
+            if let Some(b) = chunk.as_mut().and_then(Chunk::bytes) {
+                let start = b.len();
+                protocol::encode_result_into(v, VERSION_2, b);
+                marks.push((out.len(), start, b.len(), v.stream_seq, v.priority));
+            }
+            out.push(None);
         }
+        close(&mut out, &mut marks, chunk);
         out
     }
 
     /// What it costs in memory, for `replay_max_bytes` (docs/PROTOCOL.md 7.4): its slot, its
-    /// encoding and that encoding's shared header. Queues holding it add nothing: they hold the
+    /// encoding and a share of its chunk's header. Queues holding it add nothing: they hold the
     /// same bytes.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Stored>() + self.frame.len() + SHARED_HEADER
@@ -102,8 +116,9 @@ impl Stored {
 mod tests {
     use super::*;
 
-    /// Results of one class share buffers of at most SHARED_BUFFER bytes, classes never share
-    /// one, unwanted results are not encoded, and each frame is exactly `encode_result`'s.
+    /// Results of one class share chunks of at most CHUNK_BYTES bytes, classes never share
+    /// one, unwanted results are not encoded, each frame is exactly `encode_result`'s, and once
+    /// a batch's results are gone the next batch's go into the same chunks (no new one).
     #[test]
     fn encode_runs_shares_buffers_within_a_class_and_up_to_the_cap() {
         let stream: Arc<str> = Arc::from("s");
@@ -127,10 +142,11 @@ mod tests {
                 replayed: false,
             })
             .collect();
-        let got = Stored::encode_runs(&stream, &views, |v| v.priority != Priority::Bulk);
+        let pool = ChunkPool::default();
+        let got = Stored::encode_runs(&pool, &stream, &views, |v| v.priority != Priority::Bulk);
         assert_eq!(got.len(), 40);
         assert!(got[35..].iter().all(Option::is_none));
-        let frames: Vec<&Bytes> = got[..35]
+        let frames: Vec<&SharedFrame> = got[..35]
             .iter()
             .map(|s| &s.as_ref().expect("encoded").frame)
             .collect();
@@ -148,7 +164,7 @@ mod tests {
             }
         }
         let len = frames[0].len();
-        let per = SHARED_BUFFER / len;
+        let per = CHUNK_BYTES / len;
         // CRITICAL 0..5 in one; IMPORTANT 5..35 in buffers of `per`.
         let mut want = vec![(0..5).collect::<Vec<_>>()];
         let mut i = 5;
@@ -157,5 +173,28 @@ mod tests {
             i += per;
         }
         assert_eq!(buffers, want);
+        // The next batch, after this one's results are dropped: the same chunks, reused.
+        let chunks = pool.len();
+        assert_eq!(chunks, want.len());
+        let firsts: Vec<*const u8> = buffers.iter().map(|b| frames[b[0]].as_ptr()).collect();
+        drop(frames);
+        drop(got);
+        let again = Stored::encode_runs(&pool, &stream, &views, |v| v.priority != Priority::Bulk);
+        assert_eq!(pool.len(), chunks);
+        for (i, s) in again[..35].iter().enumerate() {
+            let f = &s.as_ref().expect("encoded").frame;
+            assert_eq!(&f[..], &protocol::encode_result(&views[i], VERSION_2)[..]);
+        }
+        let reused = buffers
+            .iter()
+            .filter(|b| {
+                firsts.contains(
+                    &again[b[0]]
+                        .as_ref()
+                        .map_or(std::ptr::null(), |s| s.frame.as_ptr()),
+                )
+            })
+            .count();
+        assert_eq!(reused, buffers.len());
     }
 }

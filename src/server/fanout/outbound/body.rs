@@ -3,8 +3,9 @@
 
 use std::fmt;
 
-use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::server::fanout::chunks::SharedFrame;
 
 /// What a queued item sends.
 #[derive(Debug)]
@@ -14,7 +15,7 @@ pub(crate) enum Body {
     /// A binary result (PROTOCOL 4.2) encoded once with seq 0 and shared by every queue that
     /// holds it: the writer writes the item's seq (and, `replayed`, the version 2 replayed
     /// flag) into the copy it sends, or into its record of a `results` frame (4.5).
-    Shared { frame: Bytes, replayed: bool },
+    Shared { frame: SharedFrame, replayed: bool },
 }
 
 impl Body {

@@ -5,11 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{class_of, Body, Conflate, Encoding, Item, Outbound, QueueState};
 use crate::protocol::{self, ResultView, VERSION, VERSION_2};
+use crate::server::fanout::chunks::SharedFrame;
 use crate::server::fanout::stored::Stored;
 
 impl Outbound {
@@ -134,7 +134,7 @@ impl Outbound {
                 replayed,
             },
             Encoding::Binary(_) => Body::Shared {
-                frame: Bytes::from(protocol::result_v1_of_v2(&e.frame)?),
+                frame: SharedFrame::alone(protocol::result_v1_of_v2(&e.frame)?),
                 replayed: false,
             },
             Encoding::Json => {
