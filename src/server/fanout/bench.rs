@@ -17,7 +17,7 @@ use super::writer::{Framer, BURST_BYTES, BURST_MESSAGES};
 use crate::engine::Priority;
 use crate::protocol::VERSION_2;
 use crate::server::config::ServerConfig;
-use crate::server::ingest::keys::SampleKey;
+use crate::server::ingest::keys::RunKeys;
 use crate::server::metrics::ServerMetrics;
 
 /// Fused width of the bench's results (the embedded head's).
@@ -79,7 +79,7 @@ impl FanoutBench {
         }
         let meta = |stream: &Arc<str>, j: usize| Meta {
             stream: Arc::clone(stream),
-            key: SampleKey::Own(format!("frame-{j:06}")),
+            keys: RunKeys::Own(format!("frame-{j:06}")),
             priority: Priority::Important,
             mask: vec![1; MODALITIES].into(),
             producers: Arc::new([]),

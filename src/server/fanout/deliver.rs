@@ -11,18 +11,32 @@ use super::replay::Replay;
 use crate::engine::{BatchResult, Priority};
 use crate::error::Result;
 use crate::protocol::{notices, Code, ResultView};
-use crate::server::ingest::keys::SampleKey;
+use crate::server::ingest::keys::RunKeys;
 use crate::server::shared::Shared;
 
-/// What the fan-out needs of a sample once its features are in the batch. The mask and the
-/// producers are shared by every sample of a `samples` frame (a reference count each, not an
-/// allocation per sample).
+/// What the fan-out needs of a run of a batch's samples once their features are in the batch:
+/// one aligned sample, or rows of one `samples` frame, which share its stream, class, mask,
+/// producer and keys table (a reference count each per run, nothing per sample).
 pub(crate) struct Meta {
     pub stream: Arc<str>,
-    pub key: SampleKey,
+    pub keys: RunKeys,
     pub priority: Priority,
     pub mask: Arc<[u8]>,
     pub producers: Arc<[Arc<Outbound>]>,
+}
+
+impl Meta {
+    /// Samples in the run.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// (stream, key, class, producers) of each of its samples.
+    pub fn samples(&self) -> impl Iterator<Item = (&Arc<str>, &str, Priority, &[Arc<Outbound>])> {
+        self.keys
+            .iter()
+            .map(move |k| (&self.stream, k, self.priority, &self.producers[..]))
+    }
 }
 
 /// Sends each result to every subscriber of its stream, or the error to its producers.
@@ -31,10 +45,12 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
         Ok(res) => res,
         Err(e) => {
             let code = Code::of_engine_error(&e);
-            let it = metas
-                .iter()
-                .map(|m| (&m.stream, m.key.as_str(), m.priority, &m.producers[..]));
-            tell_producers(shared, it, code, &e.to_string());
+            tell_producers(
+                shared,
+                metas.iter().flat_map(Meta::samples),
+                code,
+                &e.to_string(),
+            );
             return;
         }
     };
@@ -55,7 +71,7 @@ pub(crate) fn fan_out(shared: &Shared, metas: Vec<Meta>, r: Result<BatchResult>)
 }
 
 /// Fans a batch's results out: `fused` `[B, D]` and `weights` `[B, M]` (`dims` = (D, M)) in
-/// the order of `metas`; a row missing from the outputs is skipped. The results of each stream
+/// the order of `metas`' samples; a row missing from the outputs is skipped. The results of each stream
 /// go out as one unit, in batch order ([`Replay::deliver_stream`], docs/DESIGN.md section 5).
 pub(crate) fn deliver_results(
     replay: &Replay,
@@ -65,8 +81,12 @@ pub(crate) fn deliver_results(
     weights: &[f32],
     (d, m): (usize, usize),
 ) {
-    let mut rows: Vec<(&Arc<str>, ResultView<'_>)> = Vec::with_capacity(metas.len());
-    for (i, meta) in metas.iter().enumerate() {
+    let samples = metas.iter().map(Meta::len).sum();
+    let mut rows: Vec<(&Arc<str>, ResultView<'_>)> = Vec::with_capacity(samples);
+    let keys = metas
+        .iter()
+        .flat_map(|meta| meta.keys.iter().map(move |k| (meta, k)));
+    for (i, (meta, key)) in keys.enumerate() {
         let (Some(fused), Some(weights)) = (
             fused.get(i * d..(i + 1) * d),
             weights.get(i * m..(i + 1) * m),
@@ -75,7 +95,7 @@ pub(crate) fn deliver_results(
         };
         let view = ResultView {
             stream: &meta.stream,
-            key: &meta.key,
+            key,
             priority: meta.priority,
             mask: &meta.mask,
             fused,

@@ -14,7 +14,7 @@ use super::writer::Framer;
 use crate::engine::Priority;
 use crate::protocol::{decode_result, DecodedResult, ResultView, VERSION, VERSION_2};
 use crate::server::config::ServerConfig;
-use crate::server::ingest::keys::SampleKey;
+use crate::server::ingest::keys::RunKeys;
 use crate::server::metrics::ServerMetrics;
 
 fn outbound(cfg: &ServerConfig, m: &Arc<ServerMetrics>, json: bool, version: u8) -> Arc<Outbound> {
@@ -196,7 +196,7 @@ fn a_batch_of_several_streams_goes_out_per_stream_in_batch_order() {
     reg.subscribe(&b, &both);
     let meta = |s: &Arc<str>, k: &str| Meta {
         stream: Arc::clone(s),
-        key: SampleKey::Own(k.to_string()),
+        keys: RunKeys::Own(k.to_string()),
         priority: Priority::Important,
         mask: Arc::new([1]),
         producers: Arc::new([]),

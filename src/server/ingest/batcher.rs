@@ -144,7 +144,7 @@ impl Batcher {
             classes.extend(std::iter::repeat_n(w.priority() as usize, w.len()));
             priority = priority.min(w.priority());
         }
-        let mut metas: Vec<Meta> = Vec::with_capacity(rows);
+        let mut metas: Vec<Meta> = Vec::with_capacity(take.len());
         for (_, w) in take {
             w.into_metas(m, &mut metas);
         }
@@ -210,10 +210,11 @@ fn dispatch(shared: &Shared, batch: Batch, priority: Priority, metas: &[Meta]) -
     match &shared.nats {
         None => Ok(Box::pin(shared.engine.submit(batch, priority)?)),
         Some(gw) => {
+            let samples = || metas.iter().flat_map(Meta::samples);
             let rows = Rows {
-                streams: metas.iter().map(|m| m.stream.to_string()).collect(),
-                keys: metas.iter().map(|m| m.key.to_string()).collect(),
-                priorities: metas.iter().map(|m| m.priority).collect(),
+                streams: samples().map(|(s, ..)| s.to_string()).collect(),
+                keys: samples().map(|(_, k, ..)| k.to_string()).collect(),
+                priorities: samples().map(|(_, _, p, _)| p).collect(),
                 mask: Vec::new(), // the gateway takes the batch's
             };
             Ok(Box::pin(gw.submit(batch, priority, rows)))

@@ -1,9 +1,8 @@
 //! Sample keys without an allocation per sample (docs/DESIGN.md section 4): the keys of one
-//! `samples` frame are copied once into one [`FrameKeys`], and each of its samples' [`SampleKey`]
-//! is a reference to it and a row index, from the batcher to the fan-out.
+//! `samples` frame are copied once into one [`FrameKeys`], and each run of its rows in a batch
+//! ([`RunKeys`]) is a reference to it and a row range, from the batcher to the fan-out.
 
 use std::fmt;
-use std::ops::Deref;
 use std::sync::Arc;
 
 /// The keys of one `samples` frame in one allocation: their bytes back to back, and where
@@ -56,38 +55,44 @@ impl fmt::Debug for FrameKeys {
     }
 }
 
-/// One sample's key: its own string (a sample the aligner joined from produce messages), or
-/// row `i` of its `samples` frame's keys (a reference count, no allocation).
+/// The keys of a run of a batch's samples: one sample's own (a sample the aligner joined from
+/// produce messages), or rows `start..end` of its `samples` frame's keys (a reference count
+/// per run, no allocation).
 #[derive(Clone)]
-pub(crate) enum SampleKey {
+pub(crate) enum RunKeys {
     Own(String),
-    Row(Arc<FrameKeys>, u32),
+    Rows(Arc<FrameKeys>, u32, u32),
 }
 
-impl SampleKey {
-    /// Row `i` of `keys`.
-    pub fn row(keys: &Arc<FrameKeys>, i: usize) -> SampleKey {
-        SampleKey::Row(Arc::clone(keys), u32::try_from(i).unwrap_or(u32::MAX))
+impl RunKeys {
+    /// Rows `start..end` of `keys` (clamped to the keys it holds).
+    pub fn rows(keys: &Arc<FrameKeys>, start: usize, end: usize) -> RunKeys {
+        let end = end.min(keys.len());
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        RunKeys::Rows(Arc::clone(keys), n(start.min(end)), n(end))
     }
 
-    pub fn as_str(&self) -> &str {
+    /// Samples in the run.
+    pub fn len(&self) -> usize {
         match self {
-            SampleKey::Own(s) => s,
-            SampleKey::Row(k, i) => k.get(*i as usize),
+            RunKeys::Own(_) => 1,
+            RunKeys::Rows(_, s, e) => e.saturating_sub(*s) as usize,
         }
     }
-}
 
-impl Deref for SampleKey {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
+    /// The run's keys, in row order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        let (own, rows) = match self {
+            RunKeys::Own(k) => (Some(k.as_str()), None),
+            RunKeys::Rows(f, s, e) => (None, Some((*s..*e).map(|i| f.get(i as usize)))),
+        };
+        own.into_iter().chain(rows.into_iter().flatten())
     }
 }
 
-impl fmt::Debug for SampleKey {
+impl fmt::Debug for RunKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -102,9 +107,16 @@ mod tests {
         assert_eq!(f.len(), 4);
         assert_eq!(f.iter().collect::<Vec<_>>(), keys);
         assert_eq!(f.get(4), "");
-        assert_eq!(&*SampleKey::row(&f, 2), "héllo");
-        assert_eq!(&*SampleKey::row(&f, 9), "");
-        assert_eq!(&*SampleKey::Own("x".into()), "x");
+        let run = |a, b| {
+            let r = RunKeys::rows(&f, a, b);
+            r.iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1, 3), ["", "héllo"]);
+        assert_eq!(run(2, 9), ["héllo", "k-0003"]);
+        assert_eq!(RunKeys::rows(&f, 2, 9).len(), 2);
+        assert!(run(9, 12).is_empty());
+        assert_eq!(RunKeys::rows(&f, 9, 12).len(), 0);
+        assert_eq!(RunKeys::Own("x".into()).iter().collect::<Vec<_>>(), ["x"]);
         let none = FrameKeys::new(&[]).expect("no keys");
         assert_eq!((none.len(), none.get(0)), (0, ""));
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::aligner::Sample;
-use super::keys::{FrameKeys, SampleKey};
+use super::keys::{FrameKeys, RunKeys};
 use super::queue::IngestSamples;
 use crate::engine::{PooledBlocks, Priority};
 use crate::model::FusionHead;
@@ -238,31 +238,25 @@ impl Waiting {
         }
     }
 
-    /// What the fan-out needs of each sample, in order.
+    /// What the fan-out needs of its samples: one run ([`Meta`]).
     pub fn into_metas(self, m: usize, out: &mut Vec<Meta>) {
         match self {
             Waiting::One(s) => out.push(Meta {
                 mask: s.parts.iter().map(|p| u8::from(p.is_some())).collect(),
                 stream: s.stream,
-                key: SampleKey::Own(s.key),
+                keys: RunKeys::Own(s.key),
                 priority: s.priority,
                 producers: s.producers.into(),
             }),
-            Waiting::Rows(r) => {
-                let mask: Arc<[u8]> = (0..m)
+            Waiting::Rows(r) => out.push(Meta {
+                mask: (0..m)
                     .map(|i| u8::from(matches!(r.slot.get(i), Some(Some(_)))))
-                    .collect();
-                let producers: Arc<[Arc<Outbound>]> = Arc::new([Arc::clone(&r.producer)]);
-                for i in r.start..r.end {
-                    out.push(Meta {
-                        mask: Arc::clone(&mask),
-                        stream: Arc::clone(&r.stream),
-                        key: SampleKey::row(&r.keys, i),
-                        priority: r.priority,
-                        producers: Arc::clone(&producers),
-                    });
-                }
-            }
+                    .collect(),
+                keys: RunKeys::rows(&r.keys, r.start, r.end),
+                stream: r.stream,
+                priority: r.priority,
+                producers: Arc::new([r.producer]),
+            }),
         }
     }
 }
