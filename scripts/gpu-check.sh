@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh [BINARY]        (default: target/release/fusion-engine)
 #   env: ITERS (default 30), BACKENDS (default "cuda wgpu cpu"), OUT (copy the table there),
 #        TESTS (test executables built elsewhere, e.g. `cargo test --no-run` outputs of
-#        tests/cuda_backend.rs, tests/cuda_pinned.rs and tests/wgpu_backend.rs, run here after
+#        tests/cuda_backend.rs, tests/cuda_pinned.rs, tests/wgpu_backend.rs and
+#        tests/wgpu_kernels.rs, run here after
 #        the CUDA bench),
 #        STEP_TIMEOUT (seconds per step, default 150), COMPILE (torch.compile too: 1, default),
 #        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log),
