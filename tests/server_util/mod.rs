@@ -142,4 +142,5 @@ pub async fn raw_subscriber_with(url: &str, version: u8, subscribe: &str) -> Ws 
         }
     }
 }
+pub mod frames;
 pub mod nats;
