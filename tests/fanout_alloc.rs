@@ -3,16 +3,16 @@
 //! allocations per result in steady state, counted by a per-thread counting allocator, and what
 //! several subscribers of one stream receive (the same payload, each its own seqs).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod counting;
+
 use std::cell::Cell;
 
+use counting::Counting;
 use fusion_engine::protocol::{decode_result, split_results};
 use fusion_engine::server::{BenchResults, FanoutBench};
 
-/// Counts the allocations (and reallocations) of the thread that makes them, so that tests
-/// running in parallel do not count each other's.
-struct Counting;
-
+// Allocations (and reallocations) are counted per thread, the one that makes them, so that
+// tests running in parallel do not count each other's.
 thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
 }
@@ -22,27 +22,8 @@ fn count() {
     let _ = ALLOCS.try_with(|a| a.set(a.get() + 1));
 }
 
-// SAFETY: forwards every call to the system allocator unchanged; only counts (a const-initialised
-// thread-local `Cell`, which never allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `alloc` is passed on as is.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: the caller's contract for `dealloc` is passed on as is.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `realloc` is passed on as is.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Counting = Counting(count);
 
 fn allocs() -> u64 {
     ALLOCS.with(|a| a.get())

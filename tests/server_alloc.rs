@@ -2,14 +2,16 @@
 //! allocator): `samples` frames in over a real socket, the batcher, the engine on the CPU
 //! device, the fan-out and `results` frames out. A global counting allocator counts every
 //! allocation made by a thread that is not the client's (the server's runtime workers, the
-//! engine's device worker and pool), over many frames after a warm-up, divided by the samples.
+//! engine's device worker and pool), over many frames after a warm-up: per sample, and per
+//! extra sample (frames of 256 rows against as many of 128).
 
+mod counting;
 mod server_util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use counting::Counting;
 use fusion_engine::client::{Client, ConnectOptions};
 use fusion_engine::engine::Priority;
 use server_util::*;
@@ -22,8 +24,6 @@ thread_local! {
     static NOT_SERVER: Cell<bool> = const { Cell::new(false) };
 }
 
-struct Counting;
-
 fn count() {
     // `try_with`: nothing to count while the thread's locals are being torn down.
     if NOT_SERVER.try_with(|c| !c.get()).unwrap_or(false) {
@@ -31,27 +31,8 @@ fn count() {
     }
 }
 
-// SAFETY: forwards every call to the system allocator unchanged; only counts (an atomic and a
-// const-initialised thread-local `Cell`, neither of which allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `alloc` is passed on as is.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: the caller's contract for `dealloc` is passed on as is.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `realloc` is passed on as is.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Counting = Counting(count);
 
 /// `calls` fuse_batch calls of the same rows: the results received.
 async fn run(c: &mut Client, feats: &[(&str, &[f32])], calls: usize) -> usize {
