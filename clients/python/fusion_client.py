@@ -987,8 +987,13 @@ async def fuse_async(url: str, stream: str, features: Features, mask: Optional[n
         limit = {"now": window, "since": 0}
         row_bytes = sum(int(a.shape[1]) * 4 for a in arrays.values()) + 64
         # Frames of at most a quarter window (while the server fuses one, the next ones are on
-        # their way) and at most FUSE_FRAME_BYTES.
-        chunk = max(1, min(window // 4, FUSE_FRAME_BYTES // row_bytes))
+        # their way) and at most FUSE_FRAME_BYTES, or what fits the server's max_frame_bytes
+        # (welcome `limits`; a larger frame closes the connection, PROTOCOL.md 2) beside the
+        # header and modality table (each name at most max_name_bytes, 256 by default).
+        limits = c.welcome.get("limits") or {}
+        max_frame = int(limits.get("max_frame_bytes") or FUSE_FRAME_BYTES)
+        fixed = 64 + len(stream.encode()) + sum(6 + len(n.encode()) for n in names)
+        chunk = max(1, min(window // 4, min(FUSE_FRAME_BYTES, max_frame - fixed) // row_bytes))
 
         # Mask patterns, in order of first appearance: the rows of each go in frames of their own.
         if bool(m.all()):

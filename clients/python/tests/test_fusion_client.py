@@ -721,6 +721,25 @@ def _dropped(metrics: str, cls_: str) -> int:
     return int(next(c["dropped"] for c in classes if c["class"] == cls_))
 
 
+def test_fuse_keeps_its_frames_under_the_servers_max_frame_bytes(server, tmp_path):
+    """A server with a small `max_frame_bytes` (welcome `limits`): fuse() sends frames that fit
+    it (a larger one would close the connection, 1009) and gets what the default server gives."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("max_frame_bytes = 200000\n")
+    small = Server("--config", str(cfg))
+    try:
+        rng = np.random.default_rng(11)
+        feats = {"vision": rng.standard_normal((300, 1024), dtype=np.float32),
+                 "text": rng.standard_normal((300, 768), dtype=np.float32)}
+        got, gw = fc.fuse(small.url, "small-frames", feats, timeout=30)
+        want, ww = fc.fuse(server.url, "small-frames", feats, timeout=30)
+        assert got.shape == (300, want.shape[1])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
+    finally:
+        small.stop()
+
+
 def test_fuse_recovers_results_the_server_drops():
     """A send queue far smaller than fuse()'s window: the server drops IMPORTANT results
     (announced in `dropped` notices), fuse() sends those samples again, and every result is
