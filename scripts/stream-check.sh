@@ -11,8 +11,9 @@
 #        1013 part way through a run), PERF=1 (also `perf record -g` the server
 #        during the f32 run and print the top of its report)
 #
-# Yardstick: `iperf3` over 127.0.0.1 (one flow, 4 s), converted to samples/s at the payload's
-# size (7,680 B of f32 features a sample, 3,840 B of f16). The device is the D = 8 head of
+# Yardstick: `iperf3` over 127.0.0.1 (one flow, 4 s), run before the server's runs and again
+# after them, their mean converted to samples/s at the payload's size (7,680 B of f32 features
+# a sample, 3,840 B of f16): on a VM whose speed drifts, one run before could be off by 10%. The device is the D = 8 head of
 # scripts/tiny_head.py (the embedded head's input widths, so the same bytes on the wire, ~1/60
 # of its device cost); the server and the load generator run in separate processes. The server
 # CPU per sample is its process CPU over the run per result, less the tiny head's kernel cost
@@ -48,13 +49,19 @@ TCK=$(getconf CLK_TCK)
 CORES=$(nproc)
 echo "== stream check on $CORES cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(date -u +%FT%TZ), $BIN"
 
-# Yardstick: raw loopback TCP.
-IP=$(free_port)
-iperf3 -s -1 -p "$IP" >/dev/null 2>&1 &
-sleep 0.5
-iperf3 -c 127.0.0.1 -p "$IP" -t 4 -J >"$WORK/iperf.json" 2>/dev/null
-TCP_BPS=$(jget "$WORK/iperf.json" "r['end']['sum_received']['bits_per_second'] / 8")
-echo "raw loopback TCP (iperf3, one flow): $(python3 -c "print(f'{$TCP_BPS / 1e9:.2f}')") GB/s"
+# Yardstick: raw loopback TCP, bytes/s into $WORK/NAME.json (its CPU use too).
+iperf() {
+  local ip
+  ip=$(free_port)
+  iperf3 -s -1 -p "$ip" >/dev/null 2>&1 &
+  sleep 0.5
+  iperf3 -c 127.0.0.1 -p "$ip" -t 4 -J >"$WORK/$1.json" 2>/dev/null
+  jget "$WORK/$1.json" "r['end']['sum_received']['bits_per_second'] / 8"
+}
+# The host's steal over the whole check (the VM waiting for a physical CPU): a noisy run shows.
+STAT0=$(head -1 /proc/stat)
+TCP_BEFORE=$(iperf iperf)
+echo "raw loopback TCP (iperf3, one flow): $(python3 -c "print(f'{$TCP_BEFORE / 1e9:.2f}')") GB/s (before)"
 
 KT=$("$BIN" bench --backend cpu --batch 256 --iters 4000 --model "$WORK/tiny.safetensors" --json 2>/dev/null \
   | tail -1 | python3 -c "import json,sys; print(json.loads(sys.stdin.read())['samples_per_s'])")
@@ -119,6 +126,15 @@ while time.perf_counter() - t0 < secs:
 print(n / (time.perf_counter() - t0))
 PY
 kill -TERM "$SP"; timeout 15 tail --pid="$SP" -f /dev/null
+TCP_AFTER=$(iperf iperf-after)
+TCP_BPS=$(python3 -c "print(($TCP_BEFORE + $TCP_AFTER) / 2)")
+echo "raw loopback TCP (iperf3, one flow): $(python3 -c "print(f'{$TCP_AFTER / 1e9:.2f}')") GB/s (after); the yardstick: their mean, $(python3 -c "print(f'{$TCP_BPS / 1e9:.2f}')") GB/s"
+python3 - "$STAT0" "$(head -1 /proc/stat)" <<'PY'
+import sys
+a, b = ([int(v) for v in s.split()[1:]] for s in sys.argv[1:3])
+d = [y - x for x, y in zip(a, b)]
+print(f"host steal over the check: {100 * d[7] / max(sum(d[:8]), 1):.1f}% of this VM's CPU time; idle {100 * (d[3] + d[4]) / max(sum(d[:8]), 1):.1f}%")
+PY
 
 python3 - "$WORK" "$TCP_BPS" "$KT" "$TCK" "$SECS" "$KT16" <<'PY'
 import json, os, sys
