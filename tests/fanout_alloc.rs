@@ -45,11 +45,12 @@ fn allocs_per_result(subs: usize, how: BenchResults, results: usize, rounds: u64
     (allocs() - a0) as f64 / (rounds * results as u64) as f64
 }
 
-/// The bound this fan-out achieves (docs/PERF.md, 2026-12-04 session 13: 0.052): consecutive
+/// The bound this fan-out achieves (docs/PERF.md, 2026-12-04 session 13: 0.052-0.067): consecutive
 /// binary results of one stream and class in a batch are encoded into one chunk of up to 16 KiB
 /// that they share, from a pool that hands a chunk out again once its results are gone (none
 /// per result, none per chunk in steady state); what is left is per batch (grouping by stream,
-/// the lists of encodings): 0.05 per result of a 200-result batch; nothing per subscriber:
+/// the lists of encodings), and the pool growing by a chunk when the oldest ones are still held:
+/// 0.05-0.07 per result of a 200-result batch; nothing per subscriber:
 /// queues hold references and the writers reuse their buffers. (Session 11: 0.29, the chunk
 /// and the `bytes` crate's shared header per 16 KiB; before: two per result.)
 const BINARY_BOUND: f64 = 0.08;

@@ -21,9 +21,12 @@ pub(crate) const CHUNK_BYTES: usize = 16 << 10;
 /// needs as many as the results held at once (replay buffers and send queues) fill.
 const POOL_CHUNKS: usize = 2048;
 
-/// Chunks the pool looks at for a free one before making a new one (a reference count read
-/// each): results leave the replay buffer oldest first, so the oldest chunk is usually free.
-const SCAN: usize = 32;
+/// Chunks the pool looks at for a free one before making a new one. Results leave the replay
+/// buffer oldest first and chunks are handed out oldest first, so when the oldest is still held
+/// the younger ones behind it almost always are too: a long scan only costs (with 32, ~65
+/// instructions a D = 512 result in `benches/fanout.rs` under callgrind, docs/PERF.md session
+/// 13); a few misses make the pool a few chunks larger instead.
+const SCAN: usize = 4;
 
 /// One encoded result: a range of a chunk that it shares (or a buffer of its own); a clone is
 /// a reference count, never a copy.
