@@ -105,8 +105,15 @@ pub(crate) fn deliver_results(
         };
         rows.push((&meta.stream, view));
     }
-    // Stable: each stream's results stay in batch order (a batch of one stream, the common
-    // case, is one sorted run).
+    // A batch of one stream (the common case, checked per run): its results as they are.
+    if let Some(first) = metas.first() {
+        if metas.iter().all(|meta| meta.stream == first.stream) {
+            let views: Vec<ResultView<'_>> = rows.into_iter().map(|(_, v)| v).collect();
+            replay.deliver_stream(registry, &first.stream, &views);
+            return;
+        }
+    }
+    // Stable: each stream's results stay in batch order.
     rows.sort_by(|a, b| a.0.cmp(b.0));
     let mut views = Vec::with_capacity(rows.len());
     for group in rows.chunk_by(|a, b| a.0 == b.0) {
