@@ -50,7 +50,7 @@ pub(crate) mod page_locks;
 mod router;
 mod worker;
 
-pub(crate) use buffers::PooledBlocks;
+pub(crate) use buffers::{BufferPool, PooledBlocks};
 pub use config::{DeviceSpec, EngineConfig, FaultSpec};
 pub use core::DeviceCounters;
 pub use handle::{DeviceStats, Engine, EngineStats};

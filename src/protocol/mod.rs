@@ -24,6 +24,7 @@ pub mod produce;
 pub mod result;
 pub mod results_frame;
 pub mod samples;
+mod samples_keys;
 
 pub use code::{Code, ProtoError};
 pub use control::{decode_client_message, parse_client_json, ClientMessage};

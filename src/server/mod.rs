@@ -50,6 +50,8 @@ use tokio::task::JoinHandle;
 
 pub use config::{QueueConfig, ServerConfig};
 #[doc(hidden)]
+pub use conn::bench::IngestBench;
+#[doc(hidden)]
 pub use fanout::bench::{BenchResults, FanoutBench};
 
 use self::fanout::outbound::Outbound;

@@ -215,6 +215,12 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Elements tested per call of the block test: 4,096 (8-16 KiB) amortise its set-up and tail;
+/// 256 cost the ingest check ~600 instructions more per sample of the embedded head's widths
+/// (callgrind of `benches/ingest.rs`, docs/PERF.md session 13). Only a failed block is searched
+/// element by element.
+const BLOCK: usize = 4096;
+
 /// Index of the first NaN/Inf element in little-endian bytes of `dtype`.
 ///
 /// An IEEE value is non-finite exactly when all its exponent bits are set. With `e` its masked
@@ -227,7 +233,6 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 /// (`scan_avx2.rs`, 1.7x the SSE2 loop: docs/PERF.md, session 12). The exact position is only
 /// searched for in a block that failed.
 pub fn find_non_finite_bytes(dtype: DType, bytes: &[u8]) -> Option<usize> {
-    const BLOCK: usize = 256;
     let es = dtype.size();
     // (exponent mask, its lowest bit, the bit above it) repeated over each lane of a u64.
     let (mask, add, top): (u64, u64, u64) = match dtype {
@@ -457,11 +462,32 @@ mod tests {
             (DType::F16, [0x7e00, 0x7c00, 0xfc00]),
             (DType::BF16, [0x7fc0, 0x7f80, 0xff80]),
         ];
+        let sizes = [
+            1,
+            255,
+            256,
+            257,
+            1000,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            2 * BLOCK + 7,
+        ];
         for (dtype, specials) in cases {
-            for n in [1usize, 255, 256, 257, 511, 512, 1000] {
+            for n in sizes {
                 assert_eq!(find_non_finite_bytes(dtype, &encode(dtype, n, &[])), None);
                 for &bits in &specials {
-                    for p in [0, n / 2, n.saturating_sub(2), n - 1, 255, 256] {
+                    let at = [
+                        0,
+                        n / 2,
+                        n.saturating_sub(2),
+                        n - 1,
+                        255,
+                        256,
+                        BLOCK - 1,
+                        BLOCK,
+                    ];
+                    for p in at {
                         if p >= n {
                             continue;
                         }

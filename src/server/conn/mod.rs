@@ -26,7 +26,19 @@ use crate::protocol::notices::{self, About};
 use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
 use crate::tensor::find_non_finite_bytes;
 
+pub(crate) mod bench;
 mod samples;
+
+/// A stream name or key of 1 to `max` bytes (`max_name_bytes`).
+fn check_name(max: usize, what: &str, s: &str) -> Result<(), ProtoError> {
+    if s.is_empty() || s.len() > max {
+        return Err(ProtoError::new(
+            Code::InvalidName,
+            format!("{what} must be 1 to {max} bytes, got {}", s.len()),
+        ));
+    }
+    Ok(())
+}
 
 struct Conn {
     shared: Arc<Shared>,
@@ -110,14 +122,7 @@ impl Conn {
     }
 
     fn check_name(&self, what: &str, s: &str) -> Result<(), ProtoError> {
-        let max = self.shared.cfg.max_name_bytes;
-        if s.is_empty() || s.len() > max {
-            return Err(ProtoError::new(
-                Code::InvalidName,
-                format!("{what} must be 1 to {max} bytes, got {}", s.len()),
-            ));
-        }
-        Ok(())
+        check_name(self.shared.cfg.max_name_bytes, what, s)
     }
 
     /// The interned stream, counting it against the per-connection limit.

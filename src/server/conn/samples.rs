@@ -9,8 +9,9 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::Conn;
-use crate::engine::{PooledBlocks, Priority};
+use super::{check_name, Conn};
+use crate::engine::{BufferPool, PooledBlocks, Priority};
+use crate::model::FusionHead;
 use crate::protocol::notices::About;
 use crate::protocol::{self, Code, ProtoError};
 use crate::server::ingest::keys::FrameKeys;
@@ -76,64 +77,87 @@ impl Conn {
                 "the server is shutting down",
             ));
         }
-        self.check_name("stream", f.stream)?;
-        for (i, k) in f.keys.iter().enumerate() {
-            self.check_name("key", k)
-                .map_err(|e| ProtoError::new(e.code, format!("sample {i}: {}", e.message)))?;
-        }
-        let head = &self.shared.head;
-        let mut modalities = Vec::with_capacity(f.modalities.len());
-        // Each block is copied out of the frame into a pooled buffer and scanned for NaN/Inf in
-        // the same pass, here on this connection's task (docs/DESIGN.md section 4): the frame's
-        // buffer is free again as soon as this returns, and on a bad value nothing of the frame
-        // is kept (the blocks copied so far go back to the pool with `blocks`).
-        let mut blocks = PooledBlocks::new(Arc::clone(self.shared.engine.buffer_pool()));
-        for (&(name, width), block) in f.modalities.iter().zip(&f.blocks) {
-            let Some(mi) = head.modality_index(name) else {
-                return Err(ProtoError::new(
-                    Code::UnknownModality,
-                    format!(
-                        "unknown modality \"{name}\" (the head has {})",
-                        head.modality_list()
-                    ),
-                ));
-            };
-            let want = head.modalities[mi].width;
-            if width != want {
-                return Err(ProtoError::new(
-                    Code::WrongWidth,
-                    format!("modality \"{name}\" has width {want}, got {width} values"),
-                ));
-            }
-            let mut buf = blocks.buffer(block.len());
-            if let Err(e) = copy_finite(f.dtype, block, &mut buf) {
-                blocks.give_back(buf);
-                return Err(ProtoError::new(
-                    Code::NonFinite,
-                    format!(
-                        "modality \"{name}\" of sample {} (key \"{}\"): element {} is NaN or Inf",
-                        e / width,
-                        f.keys.get(e / width).copied().unwrap_or_default(),
-                        e % width
-                    ),
-                ));
-            }
-            blocks.push(buf);
-            modalities.push(mi);
-        }
-        let keys = FrameKeys::new(&f.keys)
-            .ok_or_else(|| ProtoError::new(Code::Malformed, "the frame's keys exceed 4 GiB"))?;
+        let sh = &self.shared;
+        let c = check_frame(&sh.head, sh.cfg.max_name_bytes, sh.engine.buffer_pool(), f)?;
         let stream = self.use_stream(f.stream)?;
         Ok(IngestSamples {
             stream,
-            keys,
+            keys: c.keys,
             dtype: f.dtype,
             priority: f.priority,
-            modalities,
-            blocks,
+            modalities: c.modalities,
+            blocks: c.blocks,
             ack: f.ack,
             id,
             producer: Arc::clone(&self.out),
         })
     }
+}
+
+/// What a `samples` frame becomes once checked: its modalities' head indices, their blocks
+/// copied out of the frame, its keys.
+pub(crate) struct CheckedFrame {
+    pub modalities: Vec<usize>,
+    pub blocks: PooledBlocks,
+    pub keys: Arc<FrameKeys>,
+}
+
+/// Checks a parsed `samples` frame against the head and `max_name_bytes` (stream and key
+/// names, modalities known, widths right) and copies each block out of the frame into a
+/// buffer from `pool`, scanning it for NaN/Inf in the same pass (docs/DESIGN.md section 4):
+/// the frame's buffer is free again as soon as this returns, and on a bad value nothing of the
+/// frame is kept (the blocks copied so far go back to the pool).
+pub(crate) fn check_frame(
+    head: &FusionHead,
+    max_name: usize,
+    pool: &Arc<BufferPool>,
+    f: &protocol::SamplesFrame<'_>,
+) -> Result<CheckedFrame, ProtoError> {
+    check_name(max_name, "stream", f.stream)?;
+    for (i, k) in f.keys.iter().enumerate() {
+        check_name(max_name, "key", k)
+            .map_err(|e| ProtoError::new(e.code, format!("sample {i}: {}", e.message)))?;
+    }
+    let mut modalities = Vec::with_capacity(f.modalities.len());
+    let mut blocks = PooledBlocks::new(Arc::clone(pool));
+    for (&(name, width), block) in f.modalities.iter().zip(&f.blocks) {
+        let Some(mi) = head.modality_index(name) else {
+            return Err(ProtoError::new(
+                Code::UnknownModality,
+                format!(
+                    "unknown modality \"{name}\" (the head has {})",
+                    head.modality_list()
+                ),
+            ));
+        };
+        let want = head.modalities[mi].width;
+        if width != want {
+            return Err(ProtoError::new(
+                Code::WrongWidth,
+                format!("modality \"{name}\" has width {want}, got {width} values"),
+            ));
+        }
+        let mut buf = blocks.buffer(block.len());
+        if let Err(e) = copy_finite(f.dtype, block, &mut buf) {
+            blocks.give_back(buf);
+            return Err(ProtoError::new(
+                Code::NonFinite,
+                format!(
+                    "modality \"{name}\" of sample {} (key \"{}\"): element {} is NaN or Inf",
+                    e / width,
+                    f.keys.get(e / width).copied().unwrap_or_default(),
+                    e % width
+                ),
+            ));
+        }
+        blocks.push(buf);
+        modalities.push(mi);
+    }
+    let keys = FrameKeys::new(&f.keys)
+        .ok_or_else(|| ProtoError::new(Code::Malformed, "the frame's keys exceed 4 GiB"))?;
+    Ok(CheckedFrame {
+        modalities,
+        blocks,
+        keys,
+    })
 }
