@@ -63,7 +63,7 @@ impl IngestBench {
             head,
             pool: Arc::new(BufferPool::default()),
             frame: Bytes::from(frame),
-            max_name: crate::server::ServerConfig::default().max_name_bytes,
+            max_name: crate::server::config::ServerConfig::default().max_name_bytes,
         }
     }
 
