@@ -120,21 +120,18 @@ pub fn parse_samples(frame: &Bytes) -> Result<SamplesFrame<'_>, ProtoError> {
             b.len()
         ));
     }
-    // One UTF-8 check for the whole section when every key is short (samples_keys.rs), else
-    // one per key, which also names what is wrong.
+    // One UTF-8 check for a section of short keys (samples_keys.rs), else one per key.
     let keys = match super::samples_keys::short_keys(b, c.at, n) {
         Some((keys, end)) => {
             c.at = end;
             keys
         }
-        None => {
-            let mut keys = Vec::with_capacity(n);
-            for _ in 0..n {
-                let l = c.take(2, "the keys")?;
-                keys.push(c.text(u16_at(l, 0), "a key")?);
-            }
-            keys
-        }
+        None => (0..n)
+            .map(|_| {
+                c.take(2, "the keys")
+                    .and_then(|l| c.text(u16_at(l, 0), "a key"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
     };
     let expected = n as u64 * row_elems * dtype.size() as u64;
     let rest = (b.len() - c.at) as u64;

@@ -215,10 +215,8 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Elements tested per call of the block test: 4,096 (8-16 KiB) amortise its set-up and tail;
-/// 256 cost the ingest check ~600 instructions more per sample of the embedded head's widths
-/// (callgrind of `benches/ingest.rs`, docs/PERF.md session 13). Only a failed block is searched
-/// element by element.
+/// Elements per call of the block test (only a failed block is searched element by element):
+/// 256 cost the ingest check ~600 instructions more a sample (docs/PERF.md session 13).
 const BLOCK: usize = 4096;
 
 /// Index of the first NaN/Inf element in little-endian bytes of `dtype`.
@@ -462,31 +460,14 @@ mod tests {
             (DType::F16, [0x7e00, 0x7c00, 0xfc00]),
             (DType::BF16, [0x7fc0, 0x7f80, 0xff80]),
         ];
-        let sizes = [
-            1,
-            255,
-            256,
-            257,
-            1000,
-            BLOCK - 1,
-            BLOCK,
-            BLOCK + 1,
-            2 * BLOCK + 7,
-        ];
+        let big = 2 * BLOCK + 7;
+        let sizes = [1, 255, 256, 257, 1000, BLOCK - 1, BLOCK, BLOCK + 1, big];
         for (dtype, specials) in cases {
             for n in sizes {
                 assert_eq!(find_non_finite_bytes(dtype, &encode(dtype, n, &[])), None);
                 for &bits in &specials {
-                    let at = [
-                        0,
-                        n / 2,
-                        n.saturating_sub(2),
-                        n - 1,
-                        255,
-                        256,
-                        BLOCK - 1,
-                        BLOCK,
-                    ];
+                    let (last, before) = (n - 1, n.saturating_sub(2));
+                    let at = [0, n / 2, before, last, 255, 256, BLOCK - 1, BLOCK];
                     for p in at {
                         if p >= n {
                             continue;

@@ -144,8 +144,7 @@ pub(crate) struct Replay {
     age: Duration,
     max_bytes: usize,
     inner: Mutex<Inner>,
-    /// The chunks results are encoded into (DESIGN 5.7).
-    chunks: ChunkPool,
+    chunks: ChunkPool, // what results are encoded into (DESIGN 5.7)
     m: Arc<ServerMetrics>,
 }
 
