@@ -12,7 +12,7 @@
 #        TUNE (1, default: scripts/cuda-tune.sh after the table, into $OUT/cuda-tune.log),
 #        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
 #        throughput checks on this host's cores, into $OUT/cpu-check.txt),
-#        SERVE_CHECK (1, default: scripts/serve-device-check.sh after the table: `serve` on
+#        SERVE_CHECK (1, default: scripts/serve-device-check.sh after the pinned table: `serve` on
 #        cuda:0, cpu and wgpu:0 driven by `loadgen --url`, 8 producers, f16 wire; issue 18)
 #
 # After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
@@ -158,6 +158,13 @@ for name in ("bench-cuda.jsonl", "bench-cuda-pinned.jsonl"):
 PY
   ;;
 esac
+# Issue 18's figures through the server come right after the head's CUDA figures, before
+# the slower steps, so that a short lease still gets them.
+if [ "$SERVE_CHECK" = 1 ]; then
+  echo "== serve end to end: cuda:0, cpu, wgpu:0 (scripts/serve-device-check.sh)"
+  timeout -k 5 200 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-check.txt"
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$WORK/serve-check.txt" "$OUT/serve-check.txt"
+fi
 echo "== PyTorch eager (same head, same shapes) and the copy ceiling"
 T python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
   --compile eager >"$WORK/torch.jsonl" 2>"$WORK/torch.err" || echo "torch_head.py failed: $(tail -3 "$WORK/torch.err")"
@@ -247,11 +254,6 @@ if [ -n "${OUT:-}" ]; then
   cp "$WORK/gpu-table.md" "$OUT/gpu-table.md"
   cat "$WORK"/*.jsonl >"$OUT/gpu-check.jsonl" 2>/dev/null || true
   cat "$WORK"/selftest-*.txt "$WORK"/test-*.txt "$WORK"/*.err >"$OUT/gpu-check.log" 2>/dev/null || true
-fi
-if [ "$SERVE_CHECK" = 1 ]; then
-  echo "== serve end to end: cuda:0, cpu, wgpu:0 (scripts/serve-device-check.sh)"
-  timeout -k 5 200 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-check.txt"
-  [ -n "${OUT:-}" ] && cp "$WORK/serve-check.txt" "$OUT/serve-check.txt"
 fi
 if [ "$TUNE" = 1 ]; then
   echo "== cuda-tune (chunk sizes, epilogues)"

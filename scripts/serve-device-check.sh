@@ -28,6 +28,11 @@ FRAME=${FRAME:-256}
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+# The metrics listener's /healthz; python3 where curl is missing (the GPU host's image may lack it).
+healthy() {
+  if command -v curl >/dev/null; then curl -sf "127.0.0.1:$1/healthz" >/dev/null 2>&1
+  else python3 -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$1/healthz', timeout=1)" 2>/dev/null; fi
+}
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 TCK=$(getconf CLK_TCK)
 echo "== serve end to end on $(nproc) cores, $(date -u +%FT%TZ), $BIN: $PRODUCERS producers, $DTYPE wire, samples frames of $FRAME, results frames, ${SECS}s per device"
@@ -39,7 +44,7 @@ for spec in $DEVICES; do
   SP=$!
   up=0
   for _ in $(seq 300); do
-    if curl -sf "127.0.0.1:$M/healthz" >/dev/null 2>&1; then up=1; break; fi
+    if healthy "$M"; then up=1; break; fi
     kill -0 "$SP" 2>/dev/null || break
     sleep 0.2
   done
