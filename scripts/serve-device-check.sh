@@ -9,7 +9,9 @@
 #        reported as such), SECS (10 per run), PRODUCERS (8: each its own stream), RATE
 #        (4000000 samples/s offered in all: more than any device carries, so the figure is
 #        what the server carries), DTYPE (f16 on the wire), FRAME (256 samples per `samples`
-#        frame), OUT (copy the table there)
+#        frame), MODEL (a safetensors head for `serve --model`; default the embedded one), CONFIG
+#        (a `serve --config` TOML, e.g. a larger `max_batch`), OUT
+#        (copy the table there)
 #
 # Load: `loadgen --scenario steady` with PRODUCERS producers sending whole samples in `samples`
 # frames (docs/PROTOCOL.md section 4.4), one subscriber on every stream asking for `results`
@@ -40,7 +42,7 @@ echo "== serve end to end on $(nproc) cores, $(date -u +%FT%TZ), $BIN: $PRODUCER
 for spec in $DEVICES; do
   tag=$(echo "$spec" | tr ':=,' '___')
   P=$(free_port); M=$(free_port)
-  "$BIN" serve --devices "$spec" --listen "127.0.0.1:$P" --metrics "127.0.0.1:$M" >"$WORK/$tag.serve.log" 2>&1 &
+  "$BIN" serve ${MODEL:+--model "$MODEL"} ${CONFIG:+--config "$CONFIG"} --devices "$spec" --listen "127.0.0.1:$P" --metrics "127.0.0.1:$M" >"$WORK/$tag.serve.log" 2>&1 &
   SP=$!
   up=0
   for _ in $(seq 300); do
@@ -62,7 +64,7 @@ for spec in $DEVICES; do
   fi
   t0=$(cpu_ticks "$SP")
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
-    --rate "$RATE" --producers "$PRODUCERS" --subscribers 1 --samples-per-frame "$FRAME" \
+    --rate "$RATE" --producers "$PRODUCERS" --subscribers "$PRODUCERS" --split-streams --samples-per-frame "$FRAME" \
     --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json \
     >"$WORK/$tag.json" 2>"$WORK/$tag.err" || echo "$spec: loadgen: $(tail -2 "$WORK/$tag.err")"
   t1=$(cpu_ticks "$SP")

@@ -71,6 +71,7 @@ pub async fn run_demo_with(
         name: "demo".into(),
         producers: vec![Some(800.0), Some(600.0), Some(400.0)],
         subscribers: vec![Role::Fast, Role::Slow { per_s: 10.0 }],
+        split_streams: false,
         devices: DEMO_DEVICES.into(),
     };
     let (server, url, metrics) = start_server(&plan.devices).await?;

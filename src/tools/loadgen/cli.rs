@@ -34,6 +34,11 @@ pub struct LoadgenArgs {
     /// Fast subscribers (each subscribes to every stream) [default: the scenario's].
     #[arg(long)]
     subscribers: Option<usize>,
+    /// The fast subscribers share the producers' streams out between them (subscriber k of n
+    /// reads streams k, k + n, ...; at most one per stream) instead of each reading every
+    /// stream; the report's results/s is then their sum.
+    #[arg(long)]
+    split_streams: bool,
     /// Producer connections sharing --rate (each its own stream) [default: the scenario's].
     #[arg(long)]
     producers: Option<usize>,
@@ -83,6 +88,16 @@ impl LoadgenArgs {
                 return Err(Error::Config("--producers must be at least 1".into()));
             }
             plan.set_producers(n);
+        }
+        if self.split_streams {
+            let fast = plan.fast_subscribers();
+            if fast > plan.producers.len() {
+                return Err(Error::Config(format!(
+                    "--split-streams: {fast} fast subscribers for {} streams: at most one per stream",
+                    plan.producers.len()
+                )));
+            }
+            plan.split_streams = true;
         }
         if let Some(d) = &self.devices {
             plan.devices = d.clone();

@@ -123,7 +123,7 @@ pub async fn drive(
                 id,
                 role: *role,
                 url: url.to_string(),
-                streams: streams.clone(),
+                streams: plan.subscriber_streams(id),
                 t0_us: t0,
                 ready: ready_tx.clone(),
                 drain: drain_rx.clone(),

@@ -54,7 +54,8 @@ pub struct Report {
     pub subscribers: BTreeMap<String, usize>,
     /// Samples sent per class.
     pub samples_sent: PerClass<u64>,
-    /// Results per second per fast subscriber (results read / time to its last result).
+    /// Results per second per fast subscriber (results read / time to its last result); with
+    /// split streams, the fast subscribers' sum.
     pub samples_per_s: f64,
     /// Samples sent per second, all producers (over `duration_s`).
     pub offered_samples_per_s: f64,
@@ -202,7 +203,8 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
     let mut producer_errors = BTreeMap::new();
     let mut producer_shed = 0;
     let mut closes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut expected_critical = HashSet::new();
+    // Per stream: the CRITICAL keys a subscriber of that stream must get.
+    let mut expected_critical: BTreeMap<&str, HashSet<u64>> = BTreeMap::new();
     for p in &i.producers {
         for (total, n) in sent.iter_mut().zip(p.sent) {
             *total += n;
@@ -219,7 +221,10 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             .iter()
             .filter(|k| !p.critical_refused.contains(*k))
         {
-            expected_critical.insert(key_id(&p.stream, k));
+            expected_critical
+                .entry(p.stream.as_str())
+                .or_default()
+                .insert(key_id(&p.stream, k));
         }
     }
     let mut fast_lat: [Vec<u32>; 3] = Default::default();
@@ -298,10 +303,10 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             }
         }
         if !server_closed && !matches!(role, Role::Reconnect { .. }) {
-            critical_lost += expected_critical
-                .iter()
-                .filter(|k| !r.kept_keys.contains(*k))
-                .count() as u64;
+            for stream in i.plan.subscriber_streams(r.id) {
+                let expected = expected_critical.get(stream.as_str()).into_iter().flatten();
+                critical_lost += expected.filter(|k| !r.kept_keys.contains(*k)).count() as u64;
+            }
         }
     }
     let peak_rss = i
@@ -338,7 +343,9 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         producers: i.producers.len(),
         subscribers,
         samples_sent: PerClass::from(sent),
-        samples_per_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        // Split streams: each fast subscriber reads its share, so the rate is their sum.
+        samples_per_s: rates.iter().sum::<f64>()
+            / if i.plan.split_streams { 1.0 } else { rates.len().max(1) as f64 },
         offered_samples_per_s: sent.iter().sum::<u64>() as f64 / i.produced_s.max(1e-9),
         engine_samples_per_s: engine_rate(&i.scrapes),
         latency_ms: PerClass::from(fast_lat.map(Latency::of)),

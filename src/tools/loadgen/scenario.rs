@@ -50,6 +50,7 @@ impl Scenario {
             name: self.name().to_string(),
             producers: vec![half, half],
             subscribers: vec![Role::Fast, Role::Fast],
+            split_streams: false,
             devices: "cpu".into(),
         };
         match self {
@@ -114,8 +115,14 @@ pub struct Plan {
     /// One entry per producer connection: its rate in samples/s, `None` = flood. Producer `p`
     /// produces into stream `lg-<p>`.
     pub producers: Vec<Option<f64>>,
-    /// One entry per subscriber connection (each subscribes to every producer's stream).
+    /// One entry per subscriber connection (each subscribes to every producer's stream, unless
+    /// `split_streams`).
     pub subscribers: Vec<Role>,
+    /// The fast subscribers share the streams out between them (fast subscriber `k` of `n`
+    /// reads streams `k`, `k + n`, ...) instead of each reading every stream: one consumer per
+    /// stream, as a coordinator's workers would, so that one connection does not carry every
+    /// result.
+    pub split_streams: bool,
     /// Devices of an in-process server (`cpu`, `cpu,cpu:delay=50ms`, ...).
     pub devices: String,
 }
@@ -148,11 +155,49 @@ impl Plan {
             .map(|p| format!("lg-{p}"))
             .collect()
     }
+
+    /// How many subscribers read as fast as they can.
+    pub fn fast_subscribers(&self) -> usize {
+        self.subscribers.iter().filter(|r| **r == Role::Fast).count()
+    }
+
+    /// The streams subscriber `id` subscribes to: every stream, or with `split_streams` a fast
+    /// subscriber's share of them.
+    pub fn subscriber_streams(&self, id: usize) -> Vec<String> {
+        let all = self.streams();
+        if !self.split_streams || self.subscribers.get(id) != Some(&Role::Fast) {
+            return all;
+        }
+        let fast = self.fast_subscribers();
+        let k = self.subscribers[..id]
+            .iter()
+            .filter(|r| **r == Role::Fast)
+            .count();
+        all.into_iter()
+            .enumerate()
+            .filter(|(j, _)| j % fast == k)
+            .map(|(_, s)| s)
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_streams_gives_every_stream_to_one_fast_subscriber() {
+        let mut p = Scenario::SlowConsumer.plan(1000.0);
+        p.set_producers(5);
+        p.set_fast_subscribers(2);
+        assert_eq!(p.subscriber_streams(0).len(), 5, "not split: every stream");
+        p.split_streams = true;
+        assert_eq!(p.subscriber_streams(0), ["lg-0", "lg-2", "lg-4"]);
+        assert_eq!(p.subscriber_streams(1), ["lg-1", "lg-3"]);
+        // The slow and stalled subscribers still read every stream.
+        assert_eq!(p.subscriber_streams(2).len(), 5);
+        assert_eq!(p.subscriber_streams(4).len(), 5);
+    }
 
     #[test]
     fn set_producers_keeps_the_total_rate() {
