@@ -11,7 +11,9 @@
 #        what the server carries), DTYPE (f16 on the wire), FRAME (256 samples per `samples`
 #        frame), MODEL (a safetensors head for `serve --model`; default the embedded one), CONFIG
 #        (a `serve --config` TOML, e.g. a larger `max_batch`), OUT
-#        (copy the table there)
+#        (copy the table there), SEND_QUEUE (4096: each subscriber's send queue per class,
+#        `hello`'s `send_queue`; the server's default of 400 CRITICAL results is ~20 ms of one
+#        stream at these rates, and a subscriber that falls further behind is closed)
 #
 # Load: `loadgen --scenario steady` with PRODUCERS producers sending whole samples in `samples`
 # frames (docs/PROTOCOL.md section 4.4), one subscriber on every stream asking for `results`
@@ -27,6 +29,7 @@ PRODUCERS=${PRODUCERS:-8}
 RATE=${RATE:-4000000}
 DTYPE=${DTYPE:-f16}
 FRAME=${FRAME:-256}
+SEND_QUEUE=${SEND_QUEUE:-4096}
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
@@ -65,7 +68,7 @@ for spec in $DEVICES; do
   t0=$(cpu_ticks "$SP")
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
     --rate "$RATE" --producers "$PRODUCERS" --subscribers "$PRODUCERS" --split-streams --samples-per-frame "$FRAME" \
-    --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json \
+    --send-queue "$SEND_QUEUE" --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json \
     >"$WORK/$tag.json" 2>"$WORK/$tag.err" || echo "$spec: loadgen: $(tail -2 "$WORK/$tag.err")"
   t1=$(cpu_ticks "$SP")
   [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
@@ -110,7 +113,7 @@ for s in specs:
     bad = [k for k, v in r.get("checks", {}).items() if not v]
     carried[s] = r["samples_per_s"]
     f = lambda v: "-" if v is None else f"{v:.1f}"
-    print(f"| {s} | {r['samples_per_s']:.0f} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'} |")
+    print(f"| {s} | {r['samples_per_s']:.0f} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'}; overload closes {r.get('closes', {}).get('1013', 0)} |")
 cuda = next((v for k, v in carried.items() if k.startswith("cuda")), None)
 cpu = carried.get("cpu")
 print()
