@@ -13,13 +13,16 @@
 #        (a `serve --config` TOML, e.g. a larger `max_batch`), OUT
 #        (copy the table there), SEND_QUEUE (4096: each subscriber's send queue per class,
 #        `hello`'s `send_queue`; the server's default of 400 CRITICAL results is ~20 ms of one
-#        stream at these rates, and a subscriber that falls further behind is closed)
+#        stream at these rates, and a subscriber that falls further behind is closed),
+#        LOADGEN_ARGS (more loadgen flags, e.g. `--max-rss-mb 4096`)
 #
 # Load: `loadgen --scenario steady` with PRODUCERS producers sending whole samples in `samples`
 # frames (docs/PROTOCOL.md section 4.4), one subscriber on every stream asking for `results`
 # frames (section 4.5). The server's CPU per sample is its process CPU time over the run
 # (/proc/PID/stat) per result delivered; GPU utilisation is nvidia-smi's, sampled every 200 ms
-# during the run (mean and max), where nvidia-smi exists.
+# during the run (mean and max), where nvidia-smi exists. Under each run's "serving" line:
+# the server's busiest threads and the host's busy cores over the run (scripts/thread_cpu.py):
+# a thread near 100% while cores idle is a serial stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
@@ -66,11 +69,13 @@ for spec in $DEVICES; do
     SMI=$!
   fi
   t0=$(cpu_ticks "$SP")
+  python3 scripts/thread_cpu.py snap "$SP" "$WORK/$tag.threads" 2>/dev/null
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
     --rate "$RATE" --producers "$PRODUCERS" --subscribers "$PRODUCERS" --split-streams --samples-per-frame "$FRAME" \
-    --send-queue "$SEND_QUEUE" --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json \
+    --send-queue "$SEND_QUEUE" --batch-results --dtype "$DTYPE" --duration "$SECS" --plot "$WORK/$tag.svg" --json ${LOADGEN_ARGS:-} \
     >"$WORK/$tag.json" 2>"$WORK/$tag.err" || echo "$spec: loadgen: $(tail -2 "$WORK/$tag.err")"
   t1=$(cpu_ticks "$SP")
+  python3 scripts/thread_cpu.py diff "$SP" "$WORK/$tag.threads" 2>/dev/null
   [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
   echo $((t1 - t0)) >"$WORK/$tag.ticks"
   kill -TERM "$SP" 2>/dev/null; timeout 20 tail --pid="$SP" -f /dev/null
