@@ -22,7 +22,8 @@
 # (/proc/PID/stat) per result delivered; GPU utilisation is nvidia-smi's, sampled every 200 ms
 # during the run (mean and max), where nvidia-smi exists. Under each run's "serving" line:
 # the server's busiest threads and the host's busy cores over the run (scripts/thread_cpu.py):
-# a thread near 100% while cores idle is a serial stage.
+# a thread near 100% while cores idle is a serial stage; and where a batch's time went
+# (scripts/metrics_breakdown.py: each device's run, the engine's submit-to-done).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
@@ -76,6 +77,7 @@ for spec in $DEVICES; do
     >"$WORK/$tag.json" 2>"$WORK/$tag.err" || echo "$spec: loadgen: $(tail -2 "$WORK/$tag.err")"
   t1=$(cpu_ticks "$SP")
   python3 scripts/thread_cpu.py diff "$SP" "$WORK/$tag.threads" 2>/dev/null
+  python3 scripts/metrics_breakdown.py "127.0.0.1:$M" 2>/dev/null
   [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
   echo $((t1 - t0)) >"$WORK/$tag.ticks"
   kill -TERM "$SP" 2>/dev/null; timeout 20 tail --pid="$SP" -f /dev/null

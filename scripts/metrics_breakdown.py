@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""One line of where a batch's time goes, from a running server's /metrics (docs/DESIGN.md 8).
+
+    metrics_breakdown.py HOST:PORT
+
+Prints the mean batch size, each device's batch time (its worker's run: copies and kernels),
+the engine's batch time (submitted to done: the engine's queues plus the device), the writers'
+send time, and the engine's pending batches now. Used by scripts/serve-device-check.sh after
+each run, before the server stops."""
+import re, sys, urllib.request
+
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode()
+vals = {}
+for line in text.splitlines():
+    m = re.match(r'^([a-z_]+)(\{[^}]*\})?\s+(\S+)$', line)
+    if m:
+        vals[(m.group(1), m.group(2) or "")] = float(m.group(3))
+
+
+def mean(name, labels=""):
+    s, c = vals.get((name + "_sum", labels)), vals.get((name + "_count", labels))
+    return None if not c else s / c
+
+
+def q(name, quant, labels=""):
+    inner = labels[1:-1] + "," if labels else ""
+    return vals.get((name, "{" + inner + f'quantile="{quant}"' + "}"))
+
+
+def ms(v):
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+parts = []
+b = mean("fusion_server_batch_size")
+parts.append(f"batch size mean {b:.0f}" if b else "batch size -")
+for (n, labels) in sorted(vals):
+    if n == "fusion_device_batch_seconds_count":
+        dev = re.search(r'device="([^"]+)"', labels).group(1)
+        parts.append(f"{dev} run ms mean {ms(mean('fusion_device_batch_seconds', labels))} "
+                     f"p50 {ms(q('fusion_device_batch_seconds', '0.5', labels))} (n {vals[(n, labels)]:.0f})")
+parts.append(f"engine submit-to-done ms mean {ms(mean('fusion_engine_batch_seconds'))} "
+             f"p50 {ms(q('fusion_engine_batch_seconds', '0.5'))}")
+parts.append(f"send ms mean {ms(mean('fusion_server_send_seconds'))}")
+parts.append(f"pending batches now {vals.get(('fusion_engine_pending_batches', ''), 0):.0f}")
+print("  metrics: " + "; ".join(parts))
