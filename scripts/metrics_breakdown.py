@@ -5,7 +5,8 @@
 
 Prints the mean batch size, each device's batch time (its worker's run: copies and kernels),
 the engine's batch time (submitted to done: the engine's queues plus the device), the writers'
-send time, and the engine's pending batches now. Used by scripts/serve-device-check.sh after
+send time, the page locks and unlocks of batch and output buffers (docs/DESIGN.md 6.7: how
+many, how long), and the engine's pending batches now. Used by scripts/serve-device-check.sh after
 each run, before the server stops."""
 import re, sys, urllib.request
 
@@ -41,6 +42,10 @@ for (n, labels) in sorted(vals):
                      f"p50 {ms(q('fusion_device_batch_seconds', '0.5', labels))} (n {vals[(n, labels)]:.0f})")
 parts.append(f"engine submit-to-done ms mean {ms(mean('fusion_engine_batch_seconds'))} "
              f"p50 {ms(q('fusion_engine_batch_seconds', '0.5'))}")
+for what in ("lock", "unlock"):
+    n = vals.get((f"fusion_engine_page_{what}_seconds_count", ""))
+    if n:
+        parts.append(f"page {what}s {n:.0f} (ms mean {ms(mean(f'fusion_engine_page_{what}_seconds'))})")
 parts.append(f"send ms mean {ms(mean('fusion_server_send_seconds'))}")
 parts.append(f"pending batches now {vals.get(('fusion_engine_pending_batches', ''), 0):.0f}")
 print("  metrics: " + "; ".join(parts))

@@ -121,11 +121,13 @@ for s in specs:
     carried[s] = r["samples_per_s"]
     f = lambda v: "-" if v is None else f"{v:.1f}"
     print(f"| {s} | {r['samples_per_s']:.0f} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'}; overload closes {r.get('closes', {}).get('1013', 0)} |")
-cuda = next((v for k, v in carried.items() if k.startswith("cuda")), None)
+# The best CUDA row (several specs of one GPU, e.g. `cuda:0 cuda:0:instances=2`), named.
+best = max(((v, k) for k, v in carried.items() if k.startswith("cuda")), default=None)
+cuda = best[0] if best else None
 cpu = carried.get("cpu")
 print()
 print("Goals (issue 18, H200 host): cuda:0 >= 1.5M samples/s through serve: "
-      + ("-" if cuda is None else f"{cuda:.0f} ({'met' if cuda >= 1.5e6 else 'NOT met'})")
+      + ("-" if cuda is None else f"{cuda:.0f} with {best[1]} ({'met' if cuda >= 1.5e6 else 'NOT met'})")
       + "; cuda:0 / cpu >= 5x: "
       + ("-" if cuda is None or not cpu else f"{cuda / cpu:.2f}x ({'met' if cuda / cpu >= 5 else 'NOT met'})"))
 PY

@@ -8,11 +8,18 @@
 //! | key | value | meaning |
 //! | --- | --- | --- |
 //! | `threads` | integer | CPU worker threads of this device (CPU only; default all cores) |
+//! | `instances` | integer | copies of the head on this device, each its own worker and backend (default 1; see below) |
 //! | `delay` | duration | injected latency added to every batch |
 //! | `jitter` | duration | extra injected latency, uniform in `[0, jitter]` |
 //! | `fail` | probability | injected failure: the batch errors, the device is FAILED |
 //! | `hang` | probability | injected hang: the batch sleeps `hang_for`, far past `device_timeout` |
 //! | `hang_for` | duration | length of an injected hang (default 10 x `device_timeout`) |
+//!
+//! `instances=N` runs N workers on one device, each with its own backend (for CUDA its own
+//! streams), so that one batch's host work, copies and kernel launches overlap another's
+//! instead of leaving the device idle between them (docs/DESIGN.md section 6.1). Each instance
+//! is a device of its own to the engine (routing, health, metrics): the first keeps the
+//! device's name (`cuda:0`), the others are named `cuda:0/1`, `cuda:0/2`, ...
 //!
 //! Durations are `250us`, `50ms`, `2s` or `1.5s`. When the index is omitted the device gets
 //! the lowest index of its kind not taken yet, so `cpu,cpu` is `cpu:0` and `cpu:1`. In a config
@@ -24,6 +31,9 @@ use std::time::Duration;
 
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
+
+/// Most `instances` of one device: each holds its own copy of the head and device buffers.
+pub const MAX_INSTANCES: usize = 8;
 
 /// Injected faults of one device (see the module docs for the syntax).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -57,6 +67,8 @@ pub struct DeviceSpec {
     pub index: Option<usize>,
     /// CPU threads (CPU devices only).
     pub threads: Option<usize>,
+    /// Workers (each with its own backend) on this one device; `1` unless given.
+    pub instances: usize,
     /// Injected faults.
     pub faults: FaultSpec,
 }
@@ -68,6 +80,7 @@ impl DeviceSpec {
             kind,
             index,
             threads: None,
+            instances: 1,
             faults: FaultSpec::default(),
         }
     }
@@ -113,6 +126,17 @@ impl FromStr for DeviceSpec {
                     spec.threads = Some(n);
                 }
                 "threads" => return Err(bad("threads applies to cpu devices only".into())),
+                "instances" => {
+                    spec.instances = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_INSTANCES).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "instances=\"{value}\" is not an integer from 1 to {MAX_INSTANCES}"
+                            ))
+                        })?;
+                }
                 "delay" => f.delay = parse_duration(value).map_err(bad)?,
                 "jitter" => f.jitter = parse_duration(value).map_err(bad)?,
                 "hang_for" => f.hang_for = Some(parse_duration(value).map_err(bad)?),
@@ -120,7 +144,7 @@ impl FromStr for DeviceSpec {
                 "hang" => f.hang = parse_probability(value).map_err(bad)?,
                 other => {
                     return Err(bad(format!(
-                        "unknown option \"{other}\" (threads, delay, jitter, fail, hang, hang_for)"
+                        "unknown option \"{other}\" (threads, instances, delay, jitter, fail, hang, hang_for)"
                     )))
                 }
             }
@@ -137,6 +161,9 @@ impl fmt::Display for DeviceSpec {
         }
         if let Some(t) = self.threads {
             write!(f, ":threads={t}")?;
+        }
+        if self.instances != 1 {
+            write!(f, ":instances={}", self.instances)?;
         }
         let x = &self.faults;
         if !x.delay.is_zero() {
@@ -387,12 +414,19 @@ mod tests {
         assert_eq!(l[2].index, Some(0));
         assert_eq!(l[3].faults.fail, 0.2);
         assert_eq!(l[3].faults.hang_for, Some(Duration::from_secs(3)));
-        for d in &l {
+        assert_eq!(l[2].instances, 1);
+        let two = DeviceSpec::parse_list("cuda:0:instances=2").unwrap();
+        assert_eq!((two[0].index, two[0].instances), (Some(0), 2));
+        assert_eq!(two[0].to_string(), "cuda:0:instances=2");
+        for d in l.iter().chain(&two) {
             assert_eq!(&d.to_string().parse::<DeviceSpec>().unwrap(), d);
         }
         for bad in [
             "gpu",
             "cpu:x",
+            "cuda:0:instances=0",
+            "cuda:0:instances=9",
+            "cuda:0:instances=two",
             "cpu:fail=2",
             "cpu:delay=fast",
             "cuda:threads=2",

@@ -90,17 +90,24 @@ impl Engine {
         cfg.validate()?;
         let devices = resolve_devices(&cfg)?;
         let hang_default = cfg.device_timeout * 10;
+        // `instances=N`: N engine devices on one physical device, the first under its plain
+        // name, the others `kind:index/i` (docs/DESIGN.md section 6.1).
         let devices: Vec<Device> = devices
             .into_iter()
-            .map(|(spec, index)| {
-                let name = format!("{}:{index}", spec.kind);
-                Device {
-                    faults: Faults::new(&spec.faults, hang_default),
-                    metrics: DeviceMetrics::new(&name),
-                    name,
-                    spec,
-                    index,
-                }
+            .flat_map(|(spec, index)| {
+                (0..spec.instances.max(1)).map(move |i| {
+                    let name = match i {
+                        0 => format!("{}:{index}", spec.kind),
+                        i => format!("{}:{index}/{i}", spec.kind),
+                    };
+                    Device {
+                        faults: Faults::new(&spec.faults, hang_default),
+                        metrics: DeviceMetrics::new(&name),
+                        name,
+                        spec: spec.clone(),
+                        index,
+                    }
+                })
             })
             .collect();
         let core = Arc::new(Core::new(cfg, head, devices));

@@ -92,7 +92,10 @@ impl LockSet {
         if len < MIN_LOCK_BYTES || !self.ranges.insert(start, len) {
             return;
         }
-        if lock.lock(start, len) {
+        let t = std::time::Instant::now();
+        let locked = lock.lock(start, len);
+        metrics::histogram!("fusion_engine_page_lock_seconds").record(t.elapsed().as_secs_f64());
+        if locked {
             self.locked.insert(start, len);
         } else {
             self.ranges.remove(start);
@@ -143,7 +146,10 @@ impl LockSet {
         // Out of the registry first, so that no copy looks it up as locked any more.
         self.ranges.remove(start);
         if let Some(lock) = &self.lock {
+            let t = std::time::Instant::now();
             lock.unlock(start, len);
+            metrics::histogram!("fusion_engine_page_unlock_seconds")
+                .record(t.elapsed().as_secs_f64());
         }
     }
 
