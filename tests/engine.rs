@@ -299,3 +299,89 @@ fn no_usable_device_is_a_clear_start_error() {
         Ok(_) => panic!("a device listed twice was accepted"),
     }
 }
+
+/// Threads of this process whose name starts with `prefix` (Linux `/proc/self/task`).
+fn threads_named(prefix: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn instances_run_side_by_side_and_shutdown_waits_for_every_worker() {
+    within(60, || {
+        let head = small_head();
+        // Index 7: no other test's workers carry these thread names.
+        let engine = Engine::start(
+            config("cpu:7:threads=1:delay=20ms:instances=2"),
+            Arc::clone(&head),
+        )
+        .unwrap();
+        assert_eq!(engine.device_names(), ["cpu:7", "cpu:7/1"]);
+        let bs = batches(&head, 16, 8, 3);
+        let want: Vec<_> = bs.iter().map(|b| direct(&head, b)).collect();
+        for (t, w) in submit_all(&engine, &bs, |_| {}).into_iter().zip(&want) {
+            let r = t.wait().unwrap();
+            assert_close(&r.outputs.fused, &w.fused);
+        }
+        let st = engine.stats();
+        assert!(
+            st.devices.iter().all(|d| d.batches >= 1),
+            "both instances run batches: {:?}",
+            st.devices
+                .iter()
+                .map(|d| (&d.name, d.batches))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(threads_named("fusion-cpu:7").len(), 2, "one thread each");
+
+        // Each worker is inside a 400 ms batch when the engine shuts down without a grace
+        // period: shutdown returns only once both threads have exited (their backends
+        // dropped), not while they still sleep in the batch.
+        engine
+            .set_faults(
+                0,
+                &FaultSpec {
+                    delay: Duration::from_millis(400),
+                    ..FaultSpec::default()
+                },
+            )
+            .unwrap();
+        engine
+            .set_faults(
+                1,
+                &FaultSpec {
+                    delay: Duration::from_millis(400),
+                    ..FaultSpec::default()
+                },
+            )
+            .unwrap();
+        let running = submit_all(&engine, &batches(&head, 2, 8, 4), |_| {});
+        let t0 = Instant::now();
+        while engine.stats().devices.iter().any(|d| d.in_flight == 0) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "both instances took a batch"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            engine.shutdown(Duration::ZERO),
+            2,
+            "both running batches cut off"
+        );
+        assert_eq!(
+            threads_named("fusion-cpu:7"),
+            Vec::<String>::new(),
+            "a worker thread outlived shutdown"
+        );
+        for t in running {
+            assert!(t.wait().is_err(), "a batch cut off by shutdown fails");
+        }
+    });
+}

@@ -174,6 +174,8 @@ pub(crate) struct Core {
     pub outputs: OutputPool,
     /// Batch input buffers, back from every batch the engine dropped ([`BufferPool`]).
     pub buffers: Arc<BufferPool>,
+    /// The device worker threads started and not seen finished ([`Core::join_workers`]).
+    pub threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Core {
@@ -221,6 +223,7 @@ impl Core {
             overloaded: AtomicU64::new(0),
             outputs: OutputPool::default(),
             buffers: Arc::default(),
+            threads: Mutex::new(Vec::new()),
             cfg,
             head,
             devices,

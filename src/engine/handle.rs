@@ -20,7 +20,7 @@ use crate::model::FusionHead;
 /// One device's numbers, as `Engine::stats` reports them.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeviceStats {
-    /// `kind:index`.
+    /// `kind:index`, or `kind:index/i` for instance `i > 0` of a spec with `instances`.
     pub name: String,
     /// The device spec it was started from.
     pub spec: String,
@@ -294,6 +294,8 @@ impl Engine {
                 tracing::error!("the engine monitor thread panicked");
             }
         }
+        // A batch longer than `device_timeout` counts as hung anyway.
+        self.core.join_workers(self.core.cfg.device_timeout);
         n
     }
 }

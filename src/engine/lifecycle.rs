@@ -13,7 +13,7 @@
 //!   ignored (counted in `fusion_engine_late_results_total`) and every batch is delivered once.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::core::{Core, Deliveries, RoutingState, Work};
 use super::health::{DeviceState, Verdict};
@@ -227,15 +227,51 @@ impl Core {
         let gen = s.gen;
         let core = Arc::clone(self);
         let name = format!("fusion-{}", self.devices[d].name);
-        if let Err(e) = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name(name)
             .spawn(move || worker::worker_loop(core, d, gen, rx))
         {
-            tracing::error!(device = %self.devices[d].name, error = %e, "cannot start a worker thread");
-            s.tx = None;
-            s.rx = None;
-            s.restart_at = Some(Instant::now() + s.backoff);
+            Ok(h) => {
+                let mut threads = self.threads.lock();
+                threads.retain(|t| !t.is_finished());
+                threads.push(h);
+            }
+            Err(e) => {
+                tracing::error!(device = %self.devices[d].name, error = %e, "cannot start a worker thread");
+                s.tx = None;
+                s.rx = None;
+                s.restart_at = Some(Instant::now() + s.backoff);
+            }
         }
+    }
+
+    /// After [`Core::stop`]: waits up to `limit` for the device worker threads to exit, so that
+    /// each backend is dropped (CUDA streams and contexts, wgpu devices) before the process
+    /// exits: a driver torn down by `exit` under a thread still dropping its device failed
+    /// (NVIDIA: page unlocks answered `CUDA_ERROR_DEINITIALIZED`, a wgpu `serve` crashed at
+    /// exit; docs/PERF.md, session 14). A worker still running a batch past `limit` (a hang)
+    /// is left behind. Returns how many were.
+    pub fn join_workers(&self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        let threads = std::mem::take(&mut *self.threads.lock());
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut left = 0;
+        for t in threads {
+            if !t.is_finished() {
+                left += 1;
+            } else if t.join().is_err() {
+                tracing::error!("a device worker thread panicked");
+            }
+        }
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "shutdown: device workers still running a batch; left behind"
+            );
+        }
+        left
     }
 
     /// A worker opened its device (`Ok(is a hardware accelerator)`) or could not. Returns

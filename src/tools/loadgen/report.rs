@@ -345,7 +345,11 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         samples_sent: PerClass::from(sent),
         // Split streams: each fast subscriber reads its share, so the rate is their sum.
         samples_per_s: rates.iter().sum::<f64>()
-            / if i.plan.split_streams { 1.0 } else { rates.len().max(1) as f64 },
+            / if i.plan.split_streams {
+                1.0
+            } else {
+                rates.len().max(1) as f64
+            },
         offered_samples_per_s: sent.iter().sum::<u64>() as f64 / i.produced_s.max(1e-9),
         engine_samples_per_s: engine_rate(&i.scrapes),
         latency_ms: PerClass::from(fast_lat.map(Latency::of)),

@@ -158,7 +158,10 @@ impl Plan {
 
     /// How many subscribers read as fast as they can.
     pub fn fast_subscribers(&self) -> usize {
-        self.subscribers.iter().filter(|r| **r == Role::Fast).count()
+        self.subscribers
+            .iter()
+            .filter(|r| **r == Role::Fast)
+            .count()
     }
 
     /// The streams subscriber `id` subscribes to: every stream, or with `split_streams` a fast
