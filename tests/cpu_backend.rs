@@ -51,6 +51,21 @@ proptest! {
         let mut b = open_cpu(Some(threads));
         common::agree(&mut b, &widths, dim, rows, dtype, mask, seed);
     }
+
+    /// Heads of D <= 16 take the narrow projection kernel (AVX-512F; the GEMM elsewhere), 17
+    /// the GEMM again: the same reference either way, odd widths and row counts included.
+    #[test]
+    fn narrow_heads_agree_with_reference(
+        widths in prop::collection::vec(1usize..300, 1..4),
+        dim in 1usize..=17,
+        rows in 1usize..70,
+        dtype in prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16)],
+        mask in mask_strategy(),
+        seed in any::<u64>(),
+    ) {
+        let mut b = open_cpu(Some(1));
+        common::agree(&mut b, &widths, dim, rows, dtype, mask, seed);
+    }
 }
 
 /// Finite inputs whose projection overflows f32 are refused, never returned as Inf/NaN.

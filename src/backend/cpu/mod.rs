@@ -13,6 +13,7 @@
 //! - `device.rs`: the CPU as a device (model, threads, SIMD level).
 //! - `mod.rs` (here): [`CpuBackend`]: the head prepared for the CPU, row blocks, projections.
 //! - `epilogue.rs`: the fused per-row epilogue (score, masked softmax, weighted sum, LayerNorm).
+//! - `narrow.rs`: the projections of heads with D <= 16 (AVX-512F), instead of the GEMM.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::tensor::bytes_to_f32;
 
 mod device;
 mod epilogue;
+mod narrow;
 
 use device::default_threads;
 pub use device::device_info;
@@ -44,10 +46,12 @@ const MAX_BLOCK_ROWS: usize = 256;
 const PARALLEL_MIN_MACS: usize = 1 << 23;
 
 /// A head prepared for the CPU: projection weights transposed to `[d_m, D]` so each GEMM
-/// streams the weight rows contiguously.
+/// streams the weight rows contiguously, and for a narrow head (D <= 16, AVX-512F) the
+/// weights of the narrow kernel, per modality.
 struct Prepared {
     head: Arc<FusionHead>,
     wt: Vec<Vec<f32>>,
+    narrow: Vec<Option<narrow::NarrowWeights>>,
 }
 
 /// The CPU backend: its own rayon pool (so several CPU "devices" in the engine each own their
@@ -171,6 +175,12 @@ fn project_block(
         if (0..n).all(|r| !batch.present(r0 + r, i)) {
             continue;
         }
+        let dst = &mut h[i * n * d..(i + 1) * n * d];
+        if let Some(nw) = &p.narrow[i] {
+            if nw.project(x.dtype, x.bytes, n, dst) {
+                continue;
+            }
+        }
         let lhs: &[f32] = match x.as_f32() {
             Some(v) => v,
             None => {
@@ -181,7 +191,6 @@ fn project_block(
                 &xs[..n * k]
             }
         };
-        let dst = &mut h[i * n * d..(i + 1) * n * d];
         let wt = &p.wt[i];
         debug_assert_eq!(lhs.len(), n * k);
         debug_assert_eq!(wt.len(), k * d);
@@ -242,7 +251,13 @@ impl Backend for CpuBackend {
                 t
             })
             .collect();
-        self.prepared = Some(Prepared { head, wt });
+        let narrow = head
+            .modalities
+            .iter()
+            .zip(&head.proj_weight)
+            .map(|(md, w)| narrow::NarrowWeights::new(w, d, md.width))
+            .collect();
+        self.prepared = Some(Prepared { head, wt, narrow });
         Ok(())
     }
 
