@@ -342,24 +342,13 @@ fn instances_run_side_by_side_and_shutdown_waits_for_every_worker() {
         // Each worker is inside a 400 ms batch when the engine shuts down without a grace
         // period: shutdown returns only once both threads have exited (their backends
         // dropped), not while they still sleep in the batch.
-        engine
-            .set_faults(
-                0,
-                &FaultSpec {
-                    delay: Duration::from_millis(400),
-                    ..FaultSpec::default()
-                },
-            )
-            .unwrap();
-        engine
-            .set_faults(
-                1,
-                &FaultSpec {
-                    delay: Duration::from_millis(400),
-                    ..FaultSpec::default()
-                },
-            )
-            .unwrap();
+        let slow = FaultSpec {
+            delay: Duration::from_millis(400),
+            ..FaultSpec::default()
+        };
+        for d in 0..2 {
+            engine.set_faults(d, &slow).unwrap();
+        }
         let running = submit_all(&engine, &batches(&head, 2, 8, 4), |_| {});
         let t0 = Instant::now();
         while engine.stats().devices.iter().any(|d| d.in_flight == 0) {
