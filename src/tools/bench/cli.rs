@@ -51,7 +51,7 @@ pub struct BenchArgs {
     pinned: bool,
     /// Run the whole engine on synthetic load over these devices instead of timing one
     /// backend: a comma list such as `cpu,cpu:delay=50ms`, `cpu:threads=1:fail=0.2`,
-    /// `cuda:0,wgpu:0,cpu` (options: threads, delay, jitter, fail, hang, hang_for).
+    /// `cuda:0,wgpu:0,cpu` (options: threads, instances, delay, jitter, fail, hang, hang_for).
     #[arg(long)]
     devices: Option<String>,
     /// With --devices: samples to submit.
