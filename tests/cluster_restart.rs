@@ -222,3 +222,36 @@ async fn nats_over_tls_with_a_ca_file() {
     assert!(e.to_string().contains("--nats-tls-ca"), "{e}");
     server.shutdown().await;
 }
+
+/// Gateways and workers that start together all create the JetStream streams at once: every
+/// one of them gets the streams (NATS refuses all but one create; the others must use that
+/// one). Seen failing in CI before: a worker exited with "subjects overlap with an existing
+/// stream" and the gateway's batch was never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_starting_together_all_get_the_streams() {
+    use fusion_engine::cluster::streams::{connect, ensure_streams, NatsAccess};
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let Some((nats, url)) = nats_server(&dir.path().join(format!("js{round}"))) else {
+            return;
+        };
+        let _procs = Procs(vec![nats]);
+        let mut sides = Vec::new();
+        for _ in 0..8 {
+            sides.push(connect(&NatsAccess::plain(&url)).await.unwrap());
+        }
+        // Gateways and workers size the streams differently (a gateway's `max_bytes`, a
+        // worker's 1 GiB), so the creates disagree and NATS takes only the first.
+        let made = futures_util::future::join_all(
+            sides
+                .iter()
+                .enumerate()
+                .map(|(i, (_, js))| ensure_streams(js, (64 << 20) * (1 + i as i64 % 2))),
+        )
+        .await;
+        for (i, r) in made.into_iter().enumerate() {
+            let s = r.unwrap_or_else(|e| panic!("round {round}, side {i}: {e}"));
+            assert_eq!(s.cached_info().config.name, "FUSION_BATCHES");
+        }
+    }
+}

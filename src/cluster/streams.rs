@@ -133,8 +133,9 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     max_bytes: i64,
 ) -> Result<jetstream::stream::Stream> {
-    let batches = js
-        .get_or_create_stream(stream::Config {
+    let batches = get_or_create(
+        js,
+        stream::Config {
             name: BATCH_STREAM.into(),
             subjects: vec!["fusion.batches.*".into()],
             retention: stream::RetentionPolicy::WorkQueue,
@@ -143,32 +144,57 @@ pub async fn ensure_streams(
             discard: stream::DiscardPolicy::New,
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_err("creating the batch stream", e))?;
-    js.get_or_create_stream(stream::Config {
-        name: RESULT_STREAM.into(),
-        subjects: vec!["fusion.results.>".into()],
-        storage: stream::StorageType::File,
-        max_age: DUPLICATE_WINDOW,
-        duplicate_window: DUPLICATE_WINDOW,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_err("creating the result stream", e))?;
-    js.get_or_create_stream(stream::Config {
-        name: SHARED_STREAM.into(),
-        subjects: vec!["fusion.streams.>".into()],
-        storage: stream::StorageType::File,
-        max_age: DUPLICATE_WINDOW,
-        max_bytes,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: DUPLICATE_WINDOW,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_err("creating the shared results stream", e))?;
+        },
+        "creating the batch stream",
+    )
+    .await?;
+    get_or_create(
+        js,
+        stream::Config {
+            name: RESULT_STREAM.into(),
+            subjects: vec!["fusion.results.>".into()],
+            storage: stream::StorageType::File,
+            max_age: DUPLICATE_WINDOW,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        },
+        "creating the result stream",
+    )
+    .await?;
+    get_or_create(
+        js,
+        stream::Config {
+            name: SHARED_STREAM.into(),
+            subjects: vec!["fusion.streams.>".into()],
+            storage: stream::StorageType::File,
+            max_age: DUPLICATE_WINDOW,
+            max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        },
+        "creating the shared results stream",
+    )
+    .await?;
     Ok(batches)
+}
+
+/// The stream `config` names, created when missing. A gateway and a worker that start together
+/// both find it missing and both create it, sized differently (a gateway's `max_bytes`, a
+/// worker's 1 GiB); NATS refuses the second create ("stream name already in use with a
+/// different configuration", 10058, or "subjects overlap with an existing stream", 10065: a CI
+/// run's worker exited on it), so a failed create looks the stream up once more and uses the
+/// one the other side made, as an existing stream is used.
+async fn get_or_create(
+    js: &jetstream::Context,
+    config: stream::Config,
+    what: &str,
+) -> Result<jetstream::stream::Stream> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(s) => Ok(s),
+        Err(e) => js.get_stream(&name).await.map_err(|_| nats_err(what, e)),
+    }
 }
 
 /// The class's shared durable pull consumer (created by the first worker).
