@@ -79,6 +79,7 @@ loadgen() {
   local name=$1 rate=$2 dtype=$3 subs=$4 t0 t1 s0 s1
   t0=$(cpu_ticks "$SP")
   s0=$(cpu_split "$SP")
+  head -1 /proc/stat >"$WORK/$name.host"
   times >"$WORK/times0"
   "$BIN" loadgen --url "ws://127.0.0.1:$P/" --metrics "127.0.0.1:$M" --scenario steady \
     --rate "$rate" --producers "$PRODUCERS" --subscribers "$subs" --samples-per-frame 256 \
@@ -86,6 +87,7 @@ loadgen() {
     >"$WORK/$name.json" 2>/dev/null
   t1=$(cpu_ticks "$SP")
   s1=$(cpu_split "$SP")
+  head -1 /proc/stat >>"$WORK/$name.host"
   times >"$WORK/times1"
   echo $((t1 - t0)) >"$WORK/$name.ticks"
   # server user/system ticks, load generator user/system seconds
@@ -185,7 +187,10 @@ for name, value, goal, ok in rows:
 # Where each sample's CPU goes, and the budget at the goal: at 0.75 of TCP the cores give
 # `budget` us of CPU a sample; the kernel (both processes' system time: TCP, wakeups) and the
 # device take theirs first, user space (the server's stream path, the load generator) gets the
-# rest (docs/PERF.md session 13).
+# rest (docs/PERF.md session 13). The host's softirq time over the run (the network stack's
+# receive processing, which no process's system time counts: 13.5% of the 2 cores in an f16 run,
+# docs/PERF.md session 14) is the kernel's too. (The host's idle time is not shown: the interval
+# holds the load generator's start and drain, which no sample pays for.)
 cores = os.cpu_count() or 1
 print("CPU per sample (us), and what 0.75 of TCP leaves for user space on these cores:")
 for n, r, size, dev in (("f32", f32, 7680, div(1e6, kt)), ("f16", f16, 3840, div(1e6, kt16))):
@@ -198,10 +203,17 @@ for n, r, size, dev in (("f32", f32, 7680, div(1e6, kt)), ("f16", f16, 3840, div
     ns = max(r['samples_per_s'] * r['duration_s'], 1)
     su, ss = (su1 - su0) / tck / ns * 1e6, (ss1 - ss0) / tck / ns * 1e6
     lu, ls = (cu1 - cu0) / ns * 1e6, (cs1 - cs0) / ns * 1e6
+    try:
+        h0, h1 = ([int(v) for v in l.split()[1:]] for l in open(os.path.join(work, n + ".host")))
+        hd = [y - x for x, y in zip(h0, h1)]
+        sirq = (hd[5] + hd[6]) / tck / ns * 1e6
+    except (OSError, ValueError):
+        sirq = float("nan")
     budget = div(cores * 1e6, 0.75 * tcp_bps / size)
+    kernel = ss + ls + sirq
     print(f"  [{n}] server user {su:.2f} (device {dev:.2f}) + system {ss:.2f}; load generator user {lu:.2f} + system "
-          f"{ls:.2f}. Budget {budget:.2f}: kernel {ss + ls:.2f} + device {dev:.2f} leave {budget - ss - ls - dev:.2f} "
-          f"for user space, which spends {su - dev + lu:.2f}")
+          f"{ls:.2f}; host irq+softirq {sirq:.2f}. Budget {budget:.2f}: kernel {kernel:.2f} + device "
+          f"{dev:.2f} leave {budget - kernel - dev:.2f} for user space, which spends {su - dev + lu:.2f}")
 for n, r in (("f32", f32), ("f16", f16), ("subs4", s4), ("unsat", un), ("over", ov)):
     if r:
         print(f"  [{n}] offered {r['offered_samples_per_s']:.0f}/s, carried {r['samples_per_s']:.0f}/s, checks "
