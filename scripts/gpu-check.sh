@@ -161,7 +161,7 @@ esac
 # Issue 18's figures through the server come right after the head's CUDA figures, before
 # the slower steps, so that a short lease still gets them.
 if [ "$SERVE_CHECK" = 1 ]; then
-  echo "== serve end to end: cuda:0, cpu, wgpu:0 (scripts/serve-device-check.sh)"
+  echo "== serve end to end: cuda:0, cuda:0 with 2 instances, cpu, wgpu:0 (scripts/serve-device-check.sh)"
   timeout -k 5 200 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-check.txt"
   [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$WORK/serve-check.txt" "$OUT/serve-check.txt"
 fi

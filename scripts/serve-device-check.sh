@@ -5,8 +5,9 @@
 # Run by scripts/gpu-check.sh after its head table (SERVE_CHECK=1, the default), or alone:
 #
 #   scripts/serve-device-check.sh [BINARY]   (default: target/release/fusion-engine)
-#   env: DEVICES ("cuda:0 cpu wgpu:0": one run each; a spec whose device is missing is
-#        reported as such), SECS (10 per run), PRODUCERS (8: each its own stream), RATE
+#   env: DEVICES ("cuda:0 cuda:0:instances=2 cpu wgpu:0": one run each; a spec whose device
+#        is missing is reported as such; the goal line takes the best CUDA row), SECS (10 per
+#        run), PRODUCERS (8: each its own stream), RATE
 #        (4000000 samples/s offered in all: more than any device carries, so the figure is
 #        what the server carries), DTYPE (f16 on the wire), FRAME (256 samples per `samples`
 #        frame), MODEL (a safetensors head for `serve --model`; default the embedded one), CONFIG
@@ -27,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
-DEVICES=${DEVICES:-cuda:0 cpu wgpu:0}
+DEVICES=${DEVICES:-cuda:0 cuda:0:instances=2 cpu wgpu:0}
 SECS=${SECS:-10}
 PRODUCERS=${PRODUCERS:-8}
 RATE=${RATE:-4000000}
