@@ -17,7 +17,7 @@
 //!
 //! `instances=N` runs N workers on one device, each with its own backend (for CUDA its own
 //! streams), so that one batch's host work, copies and kernel launches overlap another's
-//! instead of leaving the device idle between them (docs/DESIGN.md section 6.1). Each instance
+//! instead of leaving the device idle between them (docs/DESIGN.md section 6.2). Each instance
 //! is a device of its own to the engine (routing, health, metrics): the first keeps the
 //! device's name (`cuda:0`), the others are named `cuda:0/1`, `cuda:0/2`, ...
 //!

@@ -91,7 +91,7 @@ impl Engine {
         let devices = resolve_devices(&cfg)?;
         let hang_default = cfg.device_timeout * 10;
         // `instances=N`: N engine devices on one physical device, the first under its plain
-        // name, the others `kind:index/i` (docs/DESIGN.md section 6.1).
+        // name, the others `kind:index/i` (docs/DESIGN.md section 6.2).
         let devices: Vec<Device> = devices
             .into_iter()
             .flat_map(|(spec, index)| {
