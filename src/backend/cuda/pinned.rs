@@ -71,15 +71,22 @@ impl HostPageLock for CudaPageLock {
     }
 
     fn unlock(&self, start: usize, _len: usize) {
+        // `CUDA_ERROR_DEINITIALIZED`: the driver is being torn down with the process (a buffer
+        // dropped after `exit` began, by an embedder that outlives its engine), and its page
+        // locks go with it: nothing is left to undo, nothing to warn about.
+        let deinit =
+            |e: &cudarc::driver::DriverError| e.0 == sys::CUresult::CUDA_ERROR_DEINITIALIZED;
         let r = libs::guard("cuMemHostUnregister", || {
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| de("cuCtxSetCurrent", e))?;
+            match self.ctx.bind_to_thread() {
+                Err(e) if deinit(&e) => return Ok(()),
+                r => r.map_err(|e| de("cuCtxSetCurrent", e))?,
+            }
             // SAFETY: `start` is the base address of a successful registration not undone yet
             // (HostPageLock's contract); unregistering accesses no memory through it.
-            unsafe { sys::cuMemHostUnregister(start as *mut c_void) }
-                .result()
-                .map_err(|e| de("cuMemHostUnregister", e))
+            match unsafe { sys::cuMemHostUnregister(start as *mut c_void) }.result() {
+                Err(e) if deinit(&e) => Ok(()),
+                r => r.map_err(|e| de("cuMemHostUnregister", e)),
+            }
         });
         if let Err(e) = r {
             tracing::warn!("unlocking a batch buffer: {e}");
