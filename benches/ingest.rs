@@ -1,7 +1,8 @@
 //! Criterion bench of the ingest check of one `samples` frame (docs/DESIGN.md section 4): the
-//! connection's parse, names and widths, each block copied into a pooled buffer and scanned for
-//! NaN/Inf, the keys; 256 samples of the embedded head's modalities (7,680 B of f32, 3,840 B of
-//! f16 each). docs/PERF.md has the numbers.
+//! connection's parse, names and widths, each block scanned for NaN/Inf and copied into a pooled
+//! buffer (`copy`, as with CUDA) or kept in the frame (`in_frame`, CPU and wgpu engines), the
+//! keys; 256 samples of the embedded head's modalities (7,680 B of f32, 3,840 B of f16 each).
+//! docs/PERF.md has the numbers.
 //!
 //! `INGEST_ROUNDS=N` runs N rounds of each case (after 2 warm-up rounds) without criterion, for
 //! `valgrind --tool=callgrind`, whose instruction counts do not depend on what else the host
@@ -19,11 +20,13 @@ fn ingest(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest_256");
     g.throughput(Throughput::Elements(ROWS as u64));
     for (name, dtype) in CASES {
-        let mut b = IngestBench::new(ROWS, dtype);
-        assert_eq!(b.run(), ROWS, "the bench frame is accepted");
-        g.bench_function(BenchmarkId::new("parse_check_copy", name), |x| {
-            x.iter(|| b.run())
-        });
+        for (how, in_frame) in [("copy", false), ("in_frame", true)] {
+            let mut b = IngestBench::new(ROWS, dtype).in_frame(in_frame);
+            assert_eq!(b.run(), ROWS, "the bench frame is accepted");
+            g.bench_function(BenchmarkId::new(format!("parse_check_{how}"), name), |x| {
+                x.iter(|| b.run())
+            });
+        }
     }
     g.finish();
 }

@@ -253,7 +253,7 @@ mod tests {
     fn poison(b: &mut Batch, m: usize, row: usize, col: usize, value: f32) {
         let w = b.inputs[m].cols;
         let at = (row * w + col) * 4;
-        b.inputs[m].bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        b.inputs[m].bytes.to_mut()[at..at + 4].copy_from_slice(&value.to_le_bytes());
     }
 
     #[test]

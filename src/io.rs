@@ -60,7 +60,7 @@ pub fn read_input(bytes: &[u8], head: &FusionHead, context: &str) -> Result<Batc
             dtype,
             rows: shape[0],
             cols: shape[1],
-            bytes: t.data().to_vec(),
+            bytes: t.data().to_vec().into(),
         });
     }
     let rows = rows.unwrap_or(0);

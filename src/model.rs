@@ -461,7 +461,7 @@ impl FusionHead {
             .into_iter()
             .map(|(n, s, v)| {
                 let m = crate::tensor::HostMat::from_f32_as(dtype, 1, v.len(), &v);
-                (n, s, m.bytes)
+                (n, s, m.bytes.into_owned())
             })
             .collect();
         crate::tensor::serialize(

@@ -196,7 +196,12 @@ fn f32t(
     v: f32,
 ) -> (&'static str, safetensors::Dtype, Vec<usize>, Vec<u8>) {
     let m = HostMat::from_f32(rows, cols, &vec![v; rows * cols]);
-    (name, safetensors::Dtype::F32, vec![rows, cols], m.bytes)
+    (
+        name,
+        safetensors::Dtype::F32,
+        vec![rows, cols],
+        m.bytes.into_owned(),
+    )
 }
 
 #[test]
@@ -260,7 +265,7 @@ fn fuse_input_errors_name_tensor_row_and_expectation() {
         "text",
         safetensors::Dtype::F32,
         vec![4, 768],
-        HostMat::from_f32(4, 768, &v).bytes,
+        HostMat::from_f32(4, 768, &v).bytes.into_owned(),
     );
     let e = fuse_fails(&t);
     assert!(

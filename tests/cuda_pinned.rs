@@ -155,7 +155,7 @@ fn pooled(engine: &Engine, src: &Batch) -> Batch {
                 dtype: m.dtype,
                 rows: m.rows,
                 cols: m.cols,
-                bytes: copy(&m.bytes),
+                bytes: copy(&m.bytes).into(),
             })
             .collect(),
         mask: copy(&src.mask),

@@ -21,7 +21,10 @@ fn pooled(engine: &Engine, src: &Batch) -> Batch {
         .map(|m| {
             let mut bytes = engine.batch_buffer(m.bytes.len());
             bytes.extend_from_slice(&m.bytes);
-            HostMat { bytes, ..m.clone() }
+            HostMat {
+                bytes: bytes.into(),
+                ..m.clone()
+            }
         })
         .collect();
     let mut mask = engine.batch_buffer(src.mask.len());

@@ -179,7 +179,7 @@ impl WireBatch {
                 dtype,
                 rows,
                 cols,
-                bytes,
+                bytes: bytes.into(),
             });
         }
         let mask = r.bytes()?.to_vec();

@@ -12,6 +12,7 @@
 //! replaced by a larger one, or the pool itself dropped). Each locked range is recorded in
 //! [`host_lock::registry`], where a device's upload looks a batch matrix up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -20,6 +21,7 @@ use super::page_locks::MIN_LOCK_BYTES;
 use super::page_locks::{range_of, LockSet};
 use crate::backend::host_lock::{self, HostPageLock, LockedRanges};
 use crate::batch::Batch;
+use crate::tensor::HostBytes;
 
 /// Spare buffers kept at most (a batch of M modalities gives back M + 1).
 const SPARE_BUFFERS: usize = 256;
@@ -30,6 +32,8 @@ const SPARE_BYTES: usize = 256 << 20;
 #[derive(Debug)]
 pub(crate) struct BufferPool {
     spare: Mutex<Spare>,
+    /// Whether a page lock is installed (read per `samples` frame, without the mutex).
+    locks_pages: AtomicBool,
 }
 
 impl Default for BufferPool {
@@ -79,6 +83,7 @@ impl BufferPool {
                 bytes: 0,
                 locks: LockSet::new(ranges),
             }),
+            locks_pages: AtomicBool::new(false),
         }
     }
 
@@ -89,11 +94,18 @@ impl BufferPool {
         if !spare.locks.set_lock(lock) {
             return;
         }
+        self.locks_pages.store(true, Ordering::Relaxed);
         let held = std::mem::take(&mut spare.buffers);
         for v in &held {
             spare.adopt(v);
         }
         spare.buffers = held;
+    }
+
+    /// Whether the buffers this pool keeps are page-locked (a device copies faster from them:
+    /// the server then copies `samples` blocks into them, docs/DESIGN.md section 4.2).
+    pub fn locks_pages(&self) -> bool {
+        self.locks_pages.load(Ordering::Relaxed)
     }
 
     /// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, else
@@ -169,8 +181,9 @@ impl BufferPool {
 
     /// Gives back every buffer of a batch the engine is done with.
     pub fn give_batch(&self, batch: &mut Batch) {
-        for m in batch.inputs.drain(..) {
-            self.give(m.bytes);
+        // Slices of received frames are freed with their last reference, not kept.
+        for v in batch.inputs.drain(..).filter_map(|m| m.bytes.into_vec()) {
+            self.give(v);
         }
         self.give(std::mem::take(&mut batch.mask));
     }
@@ -196,11 +209,12 @@ impl Drop for BufferPool {
     }
 }
 
-/// Buffers that go back to their pool when dropped: the copied blocks of one `samples` frame,
-/// shared by the runs of rows a batcher splits it into (docs/DESIGN.md section 4).
+/// The blocks of one `samples` frame, shared by the runs of rows a batcher splits it into
+/// (docs/DESIGN.md section 4): buffers copied from the frame, which go back to their pool when
+/// dropped, or slices of the frame itself (section 4.2), freed with their last reference.
 #[derive(Debug)]
 pub(crate) struct PooledBlocks {
-    blocks: Vec<Vec<u8>>,
+    blocks: Vec<HostBytes>,
     pool: Arc<BufferPool>,
 }
 
@@ -225,8 +239,9 @@ impl PooledBlocks {
         self.pool.give(v);
     }
 
-    pub fn push(&mut self, v: Vec<u8>) {
-        self.blocks.push(v);
+    /// Adds a block: a buffer from [`PooledBlocks::buffer`], or a slice of the frame.
+    pub fn push(&mut self, v: impl Into<HostBytes>) {
+        self.blocks.push(v.into());
     }
 
     pub fn get(&self, j: usize) -> Option<&[u8]> {
@@ -235,7 +250,7 @@ impl PooledBlocks {
 
     /// The blocks themselves, moved out (they no longer go back to the pool on drop; a batch
     /// built from them gives them back when the engine drops it).
-    pub fn take_all(&mut self) -> Vec<Vec<u8>> {
+    pub fn take_all(&mut self) -> Vec<HostBytes> {
         std::mem::take(&mut self.blocks)
     }
 
@@ -247,8 +262,8 @@ impl PooledBlocks {
 
 impl Drop for PooledBlocks {
     fn drop(&mut self) {
-        for b in self.blocks.drain(..) {
-            self.pool.give(b);
+        for v in self.blocks.drain(..).filter_map(HostBytes::into_vec) {
+            self.pool.give(v);
         }
     }
 }

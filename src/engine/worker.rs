@@ -159,7 +159,7 @@ mod tests {
                 dtype: DType::F32,
                 rows,
                 cols: 8,
-                bytes: bytemuck::cast_slice(x).to_vec(),
+                bytes: bytemuck::cast_slice(x).to_vec().into(),
             }],
             mask: vec![1; rows],
         };

@@ -10,10 +10,13 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
+mod host_bytes;
 #[cfg(target_arch = "x86_64")]
 mod scan_avx2;
 mod scan_words;
 mod widen;
+
+pub use host_bytes::HostBytes;
 
 /// Element type of an input or weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -311,8 +314,8 @@ pub struct HostMat {
     pub rows: usize,
     /// Columns.
     pub cols: usize,
-    /// Little-endian element bytes.
-    pub bytes: Vec<u8>,
+    /// Little-endian element bytes (any alignment).
+    pub bytes: HostBytes,
 }
 
 impl HostMat {
@@ -332,7 +335,7 @@ impl HostMat {
             dtype: DType::F32,
             rows,
             cols,
-            bytes: bytemuck::cast_slice(data).to_vec(),
+            bytes: bytemuck::cast_slice(data).to_vec().into(),
         }
     }
 
@@ -353,7 +356,7 @@ impl HostMat {
             dtype,
             rows,
             cols,
-            bytes,
+            bytes: bytes.into(),
         }
     }
 }

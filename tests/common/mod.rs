@@ -122,10 +122,10 @@ pub fn non_finite(b: &mut AnyBackend) {
     // Inf too, in f16.
     let (head16, mut b16) = setup(&[9], 8, 3, DType::F16, MaskMode::All, 8);
     b.upload(head16.clone()).expect("upload");
-    let mut raw = b16.inputs[0].bytes.clone();
+    let mut raw = b16.inputs[0].bytes.to_vec();
     let inf = half::f16::INFINITY.to_bits().to_le_bytes();
     raw[2 * 18 + 2..2 * 18 + 4].copy_from_slice(&inf);
-    b16.inputs[0].bytes = raw;
+    b16.inputs[0].bytes = raw.into();
     let mut out16 = Outputs::zeros(&head16, 3);
     assert!(matches!(
         b.run(&b16.view(), out16.as_mut()),

@@ -1,13 +1,13 @@
 //! A fixed `samples` frame through the ingest check, for `benches/ingest.rs` (doc-hidden): the
-//! connection's own parse and [`check_frame`] (names, widths, each block copied into a pooled
-//! buffer and scanned for NaN/Inf in the same pass, the keys), without a socket, so that its
-//! instructions can be counted (callgrind) whatever else the host runs.
+//! connection's own parse and [`check_frame`] (names, widths, each block scanned for NaN/Inf and
+//! kept in the frame or copied into a pooled buffer in the same pass, the keys), without a
+//! socket, so that its instructions can be counted (callgrind) whatever else the host runs.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::samples::check_frame;
+use super::samples::{check_frame, Placement};
 use crate::engine::{BufferPool, Priority};
 use crate::model::FusionHead;
 use crate::protocol;
@@ -19,6 +19,7 @@ pub struct IngestBench {
     pool: Arc<BufferPool>,
     frame: Bytes,
     max_name: usize,
+    in_frame: bool,
 }
 
 impl IngestBench {
@@ -64,7 +65,15 @@ impl IngestBench {
             pool: Arc::new(BufferPool::default()),
             frame: Bytes::from(frame),
             max_name: crate::server::config::ServerConfig::default().max_name_bytes,
+            in_frame: false,
         }
+    }
+
+    /// Keeps the blocks in the frame (scanned only, as with a CPU-only engine) instead of
+    /// copying them into the pool's buffers (as with CUDA).
+    pub fn in_frame(mut self, yes: bool) -> IngestBench {
+        self.in_frame = yes;
+        self
     }
 
     /// Parses and checks the frame once; the rows it accepted (0 on an error). Its blocks go
@@ -73,7 +82,12 @@ impl IngestBench {
         let Ok(f) = protocol::parse_samples(&self.frame) else {
             return 0;
         };
-        match check_frame(&self.head, self.max_name, &self.pool, &f) {
+        let place = if self.in_frame {
+            Placement::InFrame
+        } else {
+            Placement::Copied
+        };
+        match check_frame(&self.head, self.max_name, &self.pool, place, &f) {
             Ok(c) => c.keys.len(),
             Err(_) => 0,
         }

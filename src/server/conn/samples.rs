@@ -1,6 +1,7 @@
-//! A connection's `samples` frames (PROTOCOL 4.4): validated as a whole, copied and scanned for
-//! NaN/Inf on this connection's task into pooled buffers (docs/DESIGN.md section 4), then handed
-//! to the pipeline as one message.
+//! A connection's `samples` frames (PROTOCOL 4.4): validated as a whole and scanned for NaN/Inf
+//! on this connection's task, their blocks kept in place in the frame's buffer or copied into
+//! the engine's pooled (page-locked) buffers (docs/DESIGN.md section 4.2), then handed to the
+//! pipeline as one message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use crate::protocol::{self, Code, ProtoError};
 use crate::server::ingest::keys::FrameKeys;
 use crate::server::ingest::pipeline::refuse_samples;
 use crate::server::ingest::queue::{IngestMsg, IngestSamples};
-use crate::tensor::copy_finite;
+use crate::tensor::{copy_finite, find_non_finite_bytes, HostBytes};
 
 impl Conn {
     /// A `samples` frame (PROTOCOL 4.4): validated as a whole (one error refuses every sample of
@@ -78,7 +79,13 @@ impl Conn {
             ));
         }
         let sh = &self.shared;
-        let c = check_frame(&sh.head, sh.cfg.max_name_bytes, sh.engine.buffer_pool(), f)?;
+        let pool = sh.engine.buffer_pool();
+        let place = if keep_frames(pool) {
+            Placement::InFrame
+        } else {
+            Placement::Copied
+        };
+        let c = check_frame(&sh.head, sh.cfg.max_name_bytes, pool, place, f)?;
         let stream = self.use_stream(f.stream)?;
         Ok(IngestSamples {
             stream,
@@ -94,8 +101,28 @@ impl Conn {
     }
 }
 
+/// Whether this engine's batches may read `samples` blocks in place in the frames they came in
+/// (docs/DESIGN.md section 4.2): yes unless a device copies faster from the pool's page-locked
+/// buffers (CUDA), which the blocks are then copied into, or `FUSION_KEEP_FRAMES=0` (a
+/// measuring knob: every block copied, as with CUDA).
+fn keep_frames(pool: &BufferPool) -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let allowed =
+        *ALLOWED.get_or_init(|| std::env::var("FUSION_KEEP_FRAMES").as_deref() != Ok("0"));
+    allowed && !pool.locks_pages()
+}
+
+/// Where [`check_frame`] puts a frame's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Where they are: slices of the frame's buffer, which they keep alive by reference.
+    InFrame,
+    /// Copies in buffers from the pool.
+    Copied,
+}
+
 /// What a `samples` frame becomes once checked: its modalities' head indices, their blocks
-/// copied out of the frame, its keys.
+/// (kept in the frame or copied out of it), its keys.
 pub(crate) struct CheckedFrame {
     pub modalities: Vec<usize>,
     pub blocks: PooledBlocks,
@@ -103,14 +130,16 @@ pub(crate) struct CheckedFrame {
 }
 
 /// Checks a parsed `samples` frame against the head and `max_name_bytes` (stream and key
-/// names, modalities known, widths right) and copies each block out of the frame into a
-/// buffer from `pool`, scanning it for NaN/Inf in the same pass (docs/DESIGN.md section 4):
-/// the frame's buffer is free again as soon as this returns, and on a bad value nothing of the
-/// frame is kept (the blocks copied so far go back to the pool).
+/// names, modalities known, widths right) and scans each block for NaN/Inf (docs/DESIGN.md
+/// section 4.2): with [`Placement::InFrame`] a block stays where it is in the frame's buffer (a
+/// reference-counted slice of it); with [`Placement::Copied`] it is copied into a buffer from
+/// `pool` in the same pass as the scan. On an error nothing of the frame is kept (the blocks
+/// taken so far are dropped, copies back to the pool).
 pub(crate) fn check_frame(
     head: &FusionHead,
     max_name: usize,
     pool: &Arc<BufferPool>,
+    place: Placement,
     f: &protocol::SamplesFrame<'_>,
 ) -> Result<CheckedFrame, ProtoError> {
     check_name(max_name, "stream", f.stream)?;
@@ -137,10 +166,24 @@ pub(crate) fn check_frame(
                 format!("modality \"{name}\" has width {want}, got {width} values"),
             ));
         }
-        let mut buf = blocks.buffer(block.len());
-        if let Err(e) = copy_finite(f.dtype, block, &mut buf) {
-            blocks.give_back(buf);
-            return Err(ProtoError::new(
+        let taken = match place {
+            Placement::InFrame => match find_non_finite_bytes(f.dtype, block) {
+                Some(e) => Err(e),
+                None => Ok(HostBytes::from(block.clone())),
+            },
+            Placement::Copied => {
+                let mut buf = blocks.buffer(block.len());
+                match copy_finite(f.dtype, block, &mut buf) {
+                    Ok(()) => Ok(HostBytes::from(buf)),
+                    Err(e) => {
+                        blocks.give_back(buf);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let taken = taken.map_err(|e| {
+            ProtoError::new(
                 Code::NonFinite,
                 format!(
                     "modality \"{name}\" of sample {} (key \"{}\"): element {} is NaN or Inf",
@@ -148,9 +191,9 @@ pub(crate) fn check_frame(
                     f.keys.get(e / width).copied().unwrap_or_default(),
                     e % width
                 ),
-            ));
-        }
-        blocks.push(buf);
+            )
+        })?;
+        blocks.push(taken);
         modalities.push(mi);
     }
     let keys = FrameKeys::new(&f.keys)
@@ -160,4 +203,96 @@ pub(crate) fn check_frame(
         blocks,
         keys,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of `rows` samples of modalities a (width 3) and b (width 5), f32, the last
+    /// value of b `last` (its last row's last element), and the head it fits.
+    fn frame(rows: usize, last: f32) -> (FusionHead, Bytes) {
+        let dims = [("a".to_string(), 3), ("b".to_string(), 5)];
+        let head = FusionHead::random(&dims, 4, 1e-5, 7);
+        let a: Vec<u8> = (0..rows * 3)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        let mut b: Vec<f32> = (0..rows * 5).map(|i| i as f32 * 0.5).collect();
+        if let Some(v) = b.last_mut() {
+            *v = last;
+        }
+        let b: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let keys: Vec<String> = (0..rows).map(|i| format!("k{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let f = protocol::encode_samples(
+            "s",
+            &keys,
+            &["a", "b"],
+            &[&a, &b],
+            crate::tensor::DType::F32,
+            Priority::Important,
+            false,
+            0,
+        )
+        .expect("encodes");
+        (head, Bytes::from(f))
+    }
+
+    fn inside(frame: &Bytes, b: &[u8]) -> bool {
+        let (f0, b0) = (frame.as_ptr() as usize, b.as_ptr() as usize);
+        b0 >= f0 && b0 + b.len() <= f0 + frame.len()
+    }
+
+    #[test]
+    fn in_frame_blocks_are_slices_of_the_frame_and_copies_are_not() {
+        let (head, bytes) = frame(4, 1.5);
+        let f = protocol::parse_samples(&bytes).expect("parses");
+        let pool = Arc::new(BufferPool::default());
+        let kept = check_frame(&head, 64, &pool, Placement::InFrame, &f).expect("ok");
+        let copied = check_frame(&head, 64, &pool, Placement::Copied, &f).expect("ok");
+        for (j, want) in f.blocks.iter().enumerate() {
+            let (k, c) = (
+                kept.blocks.get(j).expect("kept"),
+                copied.blocks.get(j).expect("copied"),
+            );
+            assert_eq!(
+                (k, c),
+                (&want[..], &want[..]),
+                "block {j}: the frame's bytes"
+            );
+            assert!(inside(&bytes, k), "block {j} is read in place");
+            assert!(!inside(&bytes, c), "block {j} was copied out");
+        }
+        drop(f);
+        assert!(!bytes.is_unique(), "the kept blocks hold the frame");
+        drop((kept, copied));
+        assert!(
+            bytes.is_unique(),
+            "nothing holds the frame once its blocks are dropped"
+        );
+        assert_eq!(pool.spare(), 2, "the copies went back to the pool");
+    }
+
+    #[test]
+    fn a_nan_in_the_last_row_keeps_nothing_of_the_frame_either_way() {
+        let (head, bytes) = frame(4, f32::NAN);
+        let f = protocol::parse_samples(&bytes).expect("parses");
+        let pool = Arc::new(BufferPool::default());
+        for place in [Placement::InFrame, Placement::Copied] {
+            let e = check_frame(&head, 64, &pool, place, &f)
+                .err()
+                .expect("refused");
+            assert_eq!(e.code, Code::NonFinite);
+            assert!(
+                e.message
+                    .contains("\"b\" of sample 3 (key \"k3\"): element 4"),
+                "{}",
+                e.message
+            );
+        }
+        drop(f);
+        assert!(bytes.is_unique(), "no block of the frame is kept");
+        // The copies of a (accepted) and b (refused) went back to the pool.
+        assert_eq!(pool.spare(), 2);
+    }
 }

@@ -195,7 +195,7 @@ fn assemble(shared: &Shared, take: &[(Instant, Waiting)], rows: usize) -> Vec<Ho
             dtype,
             rows,
             cols: md.width,
-            bytes,
+            bytes: bytes.into(),
         });
     }
     inputs

@@ -11,7 +11,7 @@ use crate::engine::{PooledBlocks, Priority};
 use crate::model::FusionHead;
 use crate::server::fanout::deliver::Meta;
 use crate::server::fanout::outbound::Outbound;
-use crate::tensor::{bytes_to_f32, DType, HostMat};
+use crate::tensor::{bytes_to_f32, DType, HostBytes, HostMat};
 
 /// Rows `start..end` of one `samples` frame, all of its modalities in the frame's dtype.
 #[derive(Debug)]
@@ -211,15 +211,15 @@ impl Waiting {
                         dtype: DType::F32,
                         rows,
                         cols: md.width,
-                        bytes,
+                        bytes: bytes.into(),
                     }
                 }
             })
             .collect();
         // Blocks of modalities the head does not list cannot exist (checked at ingest); any
         // left here go back to the pool.
-        for b in blocks {
-            pool.give(b);
+        for v in blocks.into_iter().filter_map(HostBytes::into_vec) {
+            pool.give(v);
         }
         Some(inputs)
     }

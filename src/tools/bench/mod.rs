@@ -211,7 +211,7 @@ fn pinned_batch(backend: &impl Backend, src: Batch, outputs: Outputs) -> Result<
             dtype: m.dtype,
             rows: m.rows,
             cols: m.cols,
-            bytes: copy(&m.bytes),
+            bytes: copy(&m.bytes).into(),
         })
         .collect();
     let mask = copy(&src.mask);
