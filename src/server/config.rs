@@ -80,6 +80,10 @@ pub struct ServerConfig {
     pub max_name_bytes: usize,
     /// Largest WebSocket message or frame, bytes. Default 16 MiB.
     pub max_frame_bytes: usize,
+    /// Each connection's kernel receive buffer, bytes (`SO_RCVBUF`; Linux doubles it); 0 = the
+    /// kernel's autotuning (up to 32 MiB a connection on Debian). What waits there is ahead of
+    /// every priority class and of the ingest fill (docs/DESIGN.md section 5.6). Default 512 KiB.
+    pub recv_buffer: usize,
     /// Open (incomplete) samples in the aligner, all streams together. Default 100,000.
     pub max_open_samples: usize,
     /// A sample is fused with what arrived this long after its first modality. Default 50 ms.
@@ -149,6 +153,7 @@ impl Default for ServerConfig {
             max_streams_per_connection: 256,
             max_name_bytes: 256,
             max_frame_bytes: 16 << 20,
+            recv_buffer: 512 << 10,
             max_open_samples: 100_000,
             align_timeout: Duration::from_millis(50),
             min_modalities: 1,
@@ -243,6 +248,9 @@ impl ServerConfig {
         if self.max_frame_bytes < 1024 || self.max_name_bytes == 0 {
             return bad("max_frame_bytes must be at least 1024 and max_name_bytes at least 1");
         }
+        if self.recv_buffer != 0 && self.recv_buffer < 4096 {
+            return bad("recv_buffer must be 0 (the kernel's autotuning) or at least 4096 bytes");
+        }
         if self.send_timeout.is_zero() || self.slow_sends == 0 {
             return bad("send_timeout must be positive and slow_sends at least 1");
         }
@@ -285,6 +293,14 @@ mod tests {
         assert_eq!(p.engine.devices.len(), 1);
         assert!(ServerConfig::from_toml("nope = 1").is_err());
         c.validate().unwrap();
+        assert_eq!(c.recv_buffer, 512 << 10);
+        let small = ServerConfig::from_toml("recv_buffer = 100\n").unwrap();
+        let e = small.validate().unwrap_err().to_string();
+        assert!(e.contains("recv_buffer"), "{e}");
+        ServerConfig::from_toml("recv_buffer = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

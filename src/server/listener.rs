@@ -54,6 +54,18 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Bounds the kernel's receive buffer of an accepted connection at `bytes` (`recv_buffer`;
+/// 0: leave the kernel's autotuning, which grows it to `net.ipv4.tcp_rmem`'s maximum, 32 MiB on
+/// Debian). What waits there waits ahead of every priority class, in arrival order, where no
+/// ingest fill sees it: bounded, a producer sending faster than the server reads is slowed by
+/// TCP instead (docs/DESIGN.md section 5.6).
+fn bound_recv_buffer(tcp: &TcpStream, bytes: usize) -> std::io::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    socket2::SockRef::from(tcp).set_recv_buffer_size(bytes)
+}
+
 /// Handshakes (TLS, then the WebSocket upgrade: limit, auth, frame size), then the
 /// connection handler.
 async fn connection(
@@ -65,6 +77,9 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = bound_recv_buffer(&tcp, shared.cfg.recv_buffer) {
+        tracing::debug!(%peer, "cannot set the receive buffer: {e}");
+    }
     let hs = upgrade(&shared, tcp, permit.is_none(), tls);
     let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
         Ok(Ok(ws)) => ws,
@@ -174,4 +189,35 @@ fn authorized(req: &Request, token: &str) -> bool {
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted connection and the client's end of it.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
+        (s.unwrap().0, c.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_receive_buffer_is_bounded_or_left_to_the_kernel() {
+        let (s, _c) = pair().await;
+        let before = socket2::SockRef::from(&s).recv_buffer_size().unwrap();
+        bound_recv_buffer(&s, 0).unwrap();
+        assert_eq!(
+            socket2::SockRef::from(&s).recv_buffer_size().unwrap(),
+            before
+        );
+        // Linux doubles what is asked (the kernel's bookkeeping share), others take it as is;
+        // either way it is no longer the default and at most twice the bound.
+        let (s, _c) = pair().await;
+        bound_recv_buffer(&s, 48 << 10).unwrap();
+        let got = socket2::SockRef::from(&s).recv_buffer_size().unwrap();
+        assert!(got >= 48 << 10 && got <= 96 << 10, "{got}");
+        assert_ne!(got, before);
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{Options, Scenario, DEFAULT_RATE};
+use super::{Options, Scenario, DEFAULT_RATE, PRODUCER_SEND_BUFFER};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use crate::tools::common::{print_json, runtime, seconds};
@@ -59,6 +59,11 @@ pub struct LoadgenArgs {
     /// PROTOCOL 2; the server caps it at its `max_send_queue`) [default: the server's sizes].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     send_queue: Option<u32>,
+    /// Each producer's kernel send buffer, bytes (`SO_SNDBUF`); 0: the kernel's autotuning (up to
+    /// 4 MiB). Frames waiting there were built and timestamped but not yet read by the server:
+    /// bounded, a producer behind schedule waits before it builds its next frame instead.
+    #[arg(long, default_value_t = PRODUCER_SEND_BUFFER)]
+    producer_send_buffer: u32,
     /// SVG plot path [default: loadgen-<scenario>.svg].
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -117,6 +122,8 @@ impl LoadgenArgs {
             samples_per_frame: self.samples_per_frame as usize,
             batch_results: self.batch_results,
             send_queue: self.send_queue.map(|n| n as usize),
+            producer_send_buffer: (self.producer_send_buffer > 0)
+                .then_some(self.producer_send_buffer),
             ..Default::default()
         };
         let r = runtime()?

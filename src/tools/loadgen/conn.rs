@@ -16,14 +16,16 @@ pub(crate) type Ws = WebSocketStream<TcpStream>;
 /// Connects to `url` (`ws://host:port/...`); `recv_buffer` sets the socket's receive buffer
 /// (bytes) before connecting, so that a reader that stops is noticed by the server soon.
 pub(crate) async fn connect(url: &str, recv_buffer: Option<u32>) -> Result<Ws, LoadgenError> {
-    connect_with(url, recv_buffer, None).await
+    connect_with(url, recv_buffer, None, None).await
 }
 
-/// [`connect`], with tungstenite writing its buffered frames to the socket only past
-/// `write_buffer` bytes (besides on flush) when given, instead of past 128 KiB.
+/// [`connect`], with the socket's send buffer set to `send_buffer` bytes before connecting and
+/// tungstenite writing its buffered frames to the socket only past `write_buffer` bytes (besides
+/// on flush) when given, instead of past 128 KiB.
 pub(crate) async fn connect_with(
     url: &str,
     recv_buffer: Option<u32>,
+    send_buffer: Option<u32>,
     write_buffer: Option<usize>,
 ) -> Result<Ws, LoadgenError> {
     let cerr = |e: &dyn std::fmt::Display| LoadgenError::Connect(format!("{url}: {e}"));
@@ -48,6 +50,9 @@ pub(crate) async fn connect_with(
     .map_err(|e| cerr(&e))?;
     if let Some(n) = recv_buffer {
         sock.set_recv_buffer_size(n).map_err(|e| cerr(&e))?;
+    }
+    if let Some(n) = send_buffer {
+        sock.set_send_buffer_size(n).map_err(|e| cerr(&e))?;
     }
     let tcp = sock.connect(addr).await.map_err(|e| cerr(&e))?;
     let _ = tcp.set_nodelay(true);

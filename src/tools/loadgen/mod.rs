@@ -28,7 +28,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-pub use options::{LoadgenError, Options};
+pub use options::{LoadgenError, Options, PRODUCER_SEND_BUFFER};
 pub use report::Report;
 pub use scenario::{Plan, Scenario};
 
@@ -163,6 +163,7 @@ pub async fn drive(
                 dtype: o.dtype,
                 mods: Arc::clone(&mods),
                 samples_per_frame: o.samples_per_frame.max(1),
+                send_buffer: o.producer_send_buffer,
             },
         )));
     }

@@ -55,7 +55,14 @@ pub struct Options {
     pub batch_results: bool,
     /// Subscribers ask for send queues of this many results per class (`hello`'s `send_queue`).
     pub send_queue: Option<usize>,
+    /// Each producer's kernel send buffer (`SO_SNDBUF`), bytes; `None`: the kernel's autotuning.
+    pub producer_send_buffer: Option<u32>,
 }
+
+/// The producers' default kernel send buffer: 512 KiB (Linux doubles it), so that under
+/// overload a producer's frames wait unbuilt in the producer, not timestamped in a 4 MiB socket
+/// buffer (docs/PERF.md, session 16).
+pub const PRODUCER_SEND_BUFFER: u32 = 512 << 10;
 
 impl Default for Options {
     fn default() -> Self {
@@ -71,6 +78,7 @@ impl Default for Options {
             samples_per_frame: 1,
             batch_results: false,
             send_queue: None,
+            producer_send_buffer: Some(PRODUCER_SEND_BUFFER),
         }
     }
 }

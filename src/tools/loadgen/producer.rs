@@ -40,6 +40,8 @@ pub(crate) struct ProducerCfg {
     /// 1: one produce frame per modality (the aligner joins them); N > 1: whole samples in
     /// `samples` frames of up to N samples (one frame per class among the samples due).
     pub samples_per_frame: usize,
+    /// The socket's kernel send buffer (`SO_SNDBUF`), bytes; `None`: the kernel's autotuning.
+    pub send_buffer: Option<u32>,
 }
 
 /// Longest pause for one `ingest_backpressure` `on` without an `off` (a lost `off` must not
@@ -86,7 +88,7 @@ const PRIORITIES: [Priority; 3] = [Priority::Critical, Priority::Important, Prio
 /// Runs one producer until `cfg.until`, then closes and returns what it saw.
 pub(crate) async fn run_producer(cfg: ProducerCfg) -> Result<ProducerRecord, LoadgenError> {
     // A burst of due samples goes out in one write, at its flush.
-    let ws = connect_with(&cfg.url, None, Some(WRITE_BUFFER)).await?;
+    let ws = connect_with(&cfg.url, None, cfg.send_buffer, Some(WRITE_BUFFER)).await?;
     // Frames go to the socket from their own buffers, unmasked by the all-zero key (no copy
     // and no masking pass: `raw_sink.rs`).
     let (mut tx, rx) = raw_sink::split(ws, WRITE_BUFFER).await;
