@@ -217,7 +217,7 @@ mod tests {
         let (s, _c) = pair().await;
         bound_recv_buffer(&s, 48 << 10).unwrap();
         let got = socket2::SockRef::from(&s).recv_buffer_size().unwrap();
-        assert!(got >= 48 << 10 && got <= 96 << 10, "{got}");
+        assert!((48 << 10..=96 << 10).contains(&got), "{got}");
         assert_ne!(got, before);
     }
 }
