@@ -82,7 +82,9 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Each connection's kernel receive buffer, bytes (`SO_RCVBUF`; Linux doubles it); 0 = the
     /// kernel's autotuning (up to 32 MiB a connection on Debian). What waits there is ahead of
-    /// every priority class and of the ingest fill (docs/DESIGN.md section 5.6). Default 512 KiB.
+    /// every priority class and of the ingest fill (docs/DESIGN.md section 5.6); it also caps a
+    /// connection's bytes in flight per round trip (raise it for producers across a WAN).
+    /// Default 512 KiB.
     pub recv_buffer: usize,
     /// Open (incomplete) samples in the aligner, all streams together. Default 100,000.
     pub max_open_samples: usize,
