@@ -102,6 +102,11 @@ loadgen f32 "$RATE" f32 1
 [ -n "${PERFP:-}" ] && wait "$PERFP"
 loadgen f16 "$RATE" f16 1
 loadgen subs4 "$RATE" f32 4
+# The 4-subscriber row compares two runs; on this 2-vCPU VM one binary's flood rate swings by up
+# to a third from run to run (docs/PERF.md, session 16), so the pair is run again in the other
+# order (1, 4, 4, 1) and the row compares the sums.
+loadgen subs4b "$RATE" f32 4
+loadgen f32b "$RATE" f32 1
 CARRIED=$(jget "$WORK/f32.json" "round(r['samples_per_s'])")
 # Offered 2x the unsaturated rate: first what the server carries when not pushed (70% of the
 # saturated rate, offered), then twice that.
@@ -153,7 +158,7 @@ def rep(n):
 def ticks(n):
     return float(open(os.path.join(work, n + ".ticks")).read())
 tcp32, tcp16 = tcp_bps / 7680, tcp_bps / 3840
-f32, f16, s4, un, ov = (rep(n) for n in ("f32", "f16", "subs4", "unsat", "over"))
+f32, f16, s4, un, ov, s4b, f32b = (rep(n) for n in ("f32", "f16", "subs4", "unsat", "over", "subs4b", "f32b"))
 try:
     py = float(open(os.path.join(work, "py.txt")).read().strip())
 except (OSError, ValueError):
@@ -167,8 +172,12 @@ div = lambda a, b: a / b if b else float("nan")
 row("f32: samples/s carried / TCP samples/s", f"{g(f32, 'samples_per_s'):.0f} / {tcp32:.0f} = {g(f32, 'samples_per_s') / tcp32:.2f}", ">= 0.75", g(f32, 'samples_per_s') / tcp32 >= 0.75)
 row("f16: same", f"{g(f16, 'samples_per_s'):.0f} / {tcp16:.0f} = {g(f16, 'samples_per_s') / tcp16:.2f}", ">= 0.75", g(f16, 'samples_per_s') / tcp16 >= 0.75)
 row("Python fuse(), B = %s, f32" % os.environ.get("PY_B", "16384"), f"{py:.0f} / {tcp32:.0f} = {py / tcp32:.2f}", ">= 0.50", py / tcp32 >= 0.5)
-r4 = div(g(s4, 'samples_per_s'), g(f32, 'samples_per_s'))
-row("4 subscribers: carried / 1-subscriber rate", f"{g(s4, 'samples_per_s'):.0f} / {g(f32, 'samples_per_s'):.0f} = {r4:.2f}", ">= 0.85", r4 >= 0.85)
+c4 = g(s4, 'samples_per_s') + g(s4b, 'samples_per_s')
+c1 = g(f32, 'samples_per_s') + g(f32b, 'samples_per_s')
+r4 = div(c4, c1)
+row("4 subscribers: carried / 1-subscriber rate (runs 1, 4, 4, 1)",
+    f"({g(s4, 'samples_per_s'):.0f} + {g(s4b, 'samples_per_s'):.0f}) / ({g(f32, 'samples_per_s'):.0f} + {g(f32b, 'samples_per_s'):.0f}) = {r4:.2f}",
+    ">= 0.85", r4 >= 0.85)
 if un and ov:
     ro = div(ov['samples_per_s'], un['samples_per_s'])
     silent = not ov['checks'].get('nothing_lost_silently', False)
@@ -214,7 +223,7 @@ for n, r, size, dev in (("f32", f32, 7680, div(1e6, kt)), ("f16", f16, 3840, div
     print(f"  [{n}] server user {su:.2f} (device {dev:.2f}) + system {ss:.2f}; load generator user {lu:.2f} + system "
           f"{ls:.2f}; host irq+softirq {sirq:.2f}. Budget {budget:.2f}: kernel {kernel:.2f} + device "
           f"{dev:.2f} leave {budget - kernel - dev:.2f} for user space, which spends {su - dev + lu:.2f}")
-for n, r in (("f32", f32), ("f16", f16), ("subs4", s4), ("unsat", un), ("over", ov)):
+for n, r in (("f32", f32), ("f16", f16), ("subs4", s4), ("subs4b", s4b), ("f32b", f32b), ("unsat", un), ("over", ov)):
     if r:
         print(f"  [{n}] offered {r['offered_samples_per_s']:.0f}/s, carried {r['samples_per_s']:.0f}/s, checks "
               + (", ".join(k + " FALSE" for k, v in r['checks'].items() if not v) or "all true"))
