@@ -13,13 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use super::conn;
+use super::conn::{self, frames::FrameReader};
 use super::fanout::outbound::Outbound;
 use super::fanout::writer;
 use super::shared::Shared;
+use super::split::{self, HandshakeTap, ReadSide, WriteSide};
 use super::tls::{self, Refusal, Stream};
 
 /// How long a connection may take from accept to an open WebSocket (the TLS handshake
@@ -81,8 +82,8 @@ async fn connection(
         tracing::debug!(%peer, "cannot set the receive buffer: {e}");
     }
     let hs = upgrade(&shared, tcp, permit.is_none(), tls);
-    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
-        Ok(Ok(ws)) => ws,
+    let (reader, sink) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+        Ok(Ok(halves)) => halves,
         Ok(Err((reason, why))) => {
             shared.m.refused(reason);
             tracing::debug!(%peer, "handshake refused ({reason}): {why}");
@@ -106,7 +107,7 @@ async fn connection(
     shared.m.connections.increment(1.0);
     shared.m.connections_total.increment(1);
     tracing::debug!(%peer, conn = id, "connected");
-    conn::handle(Arc::clone(&shared), ws, out, stop).await;
+    conn::handle(Arc::clone(&shared), reader, sink, out, stop).await;
     shared.conns.lock().remove(&id);
     shared.m.connections.decrement(1.0);
     tracing::debug!(%peer, conn = id, "closed");
@@ -114,7 +115,8 @@ async fn connection(
 }
 
 /// The TLS handshake (with `tls`) and the WebSocket upgrade; a refusal is its
-/// `refused_total` reason and a line for the log.
+/// `refused_total` reason and a line for the log. The open connection is its frame reader
+/// and, for the writer, tungstenite over the sending half (`split.rs`).
 // The handshake callback's error type is tungstenite's (an HTTP response), not ours.
 #[allow(clippy::result_large_err)]
 async fn upgrade(
@@ -122,7 +124,7 @@ async fn upgrade(
     tcp: TcpStream,
     full: bool,
     tls: Option<TlsAcceptor>,
-) -> Result<WebSocketStream<Stream>, Refusal> {
+) -> Result<(FrameReader<ReadSide>, WebSocketStream<WriteSide>), Refusal> {
     let stream = match tls {
         Some(acceptor) => tls::accept(&acceptor, tcp).await?,
         None => Stream::Plain(tcp),
@@ -157,9 +159,17 @@ async fn upgrade(
         // Bounded (tungstenite's default is unbounded): the writer flushes every burst, so the
         // buffer holds at most one burst and one message, and no message is over a frame.
         .max_write_buffer_size(writer::BURST_BYTES + (32 << 10) + max);
-    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(ws_cfg))
-        .await
-        .map_err(|e| (refused.lock().unwrap_or("handshake"), e.to_string()))
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        HandshakeTap::new(stream),
+        check,
+        Some(ws_cfg),
+    )
+    .await
+    .map_err(|e| (refused.lock().unwrap_or("handshake"), e.to_string()))?;
+    let (stream, read) = ws.into_inner().into_parts();
+    let (read_side, write_side) = split::split(stream);
+    let sink = WebSocketStream::from_raw_socket(write_side, Role::Server, Some(ws_cfg)).await;
+    Ok((FrameReader::new(read_side, read, max), sink))
 }
 
 fn http_status(code: u16) -> tokio_tungstenite::tungstenite::http::StatusCode {

@@ -9,8 +9,9 @@
 //! ```
 //!
 //! - [`config`]: [`ServerConfig`], every default in one place (TOML).
-//! - `listener`: accept, handshake, auth; `tls`: wss:// (rustls); `conn`: the per-connection
-//!   reader (validation).
+//! - `listener`: accept, handshake, auth; `tls`: wss:// (rustls); `split`: the socket's halves
+//!   after the upgrade; `conn`: the per-connection reader (its own WebSocket frame reader,
+//!   `conn/frames.rs`; validation).
 //! - `ingest/`: queue (its row accounting), aligner, batcher, pressure (producer flow control),
 //!   pipeline (the task that runs them).
 //! - `fanout/`: deliver, replay, registry (subscriptions), outbound (per-class queues, drops,
@@ -33,6 +34,7 @@ mod metrics;
 mod readings;
 pub mod serve;
 mod shared;
+mod split;
 mod status;
 mod tls;
 

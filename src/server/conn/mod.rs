@@ -8,10 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc::error::TrySendError, watch};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::fanout::outbound::{Conflate, Outbound};
@@ -20,14 +19,17 @@ use super::fanout::writer;
 use super::ingest::pipeline::refuse;
 use super::ingest::queue::{Ingest, IngestMsg};
 use super::shared::Shared;
-use super::tls::Stream;
+use super::split::{ReadSide, WriteSide};
 use crate::engine::Priority;
 use crate::protocol::notices::{self, About};
 use crate::protocol::{self, ClientMessage, Code, Produce, ProtoError};
 use crate::tensor::find_non_finite_bytes;
 
 pub(crate) mod bench;
+pub(crate) mod frames;
 mod samples;
+
+use frames::{FrameReader, Incoming, ReadError};
 
 /// A stream name or key of 1 to `max` bytes (`max_name_bytes`).
 fn check_name(max: usize, what: &str, s: &str) -> Result<(), ProtoError> {
@@ -52,11 +54,11 @@ struct Conn {
 /// Serves one upgraded connection until it closes.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    ws: WebSocketStream<Stream>,
+    mut reader: FrameReader<ReadSide>,
+    sink: WebSocketStream<WriteSide>,
     out: Arc<Outbound>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (sink, mut stream) = ws.split();
     let m = Arc::clone(&shared.m);
     let writer = tokio::spawn(writer::write_loop(
         Arc::clone(&out),
@@ -73,27 +75,40 @@ pub(crate) async fn handle(
     };
     loop {
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
+            msg = reader.next() => match msg {
+                Ok(Some(Incoming::Text(t))) => {
                     out.reserve_room().await;
                     c.text(t.as_str()).await
                 }
-                Some(Ok(Message::Binary(b))) => {
+                Ok(Some(Incoming::Binary(b))) => {
                     out.reserve_room().await;
                     c.binary(b).await
                 }
-                Some(Ok(Message::Close(_))) | None => {
+                Ok(Some(Incoming::Ping(p))) => {
+                    out.reserve_room().await;
+                    out.push_control(Message::Pong(p));
+                }
+                Ok(Some(Incoming::Close(code))) => {
+                    // Echo the client's code (RFC 6455 5.5.1), after nothing more.
+                    out.close_now(code.unwrap_or(1000), "closed_by_peer");
+                    break;
+                }
+                Ok(None) => {
                     out.stop();
                     break;
                 }
-                Some(Ok(_)) => {} // ping (answered by tungstenite), pong
-                Some(Err(WsError::Capacity(e))) => {
-                    let msg = format!("{e} (max_frame_bytes {})", c.shared.cfg.max_frame_bytes);
+                Err(ReadError::TooLarge { size, max }) => {
+                    let msg = format!("Message too long: {size} > {max} (max_frame_bytes {max})");
                     c.error(Code::FrameTooLarge, &msg, &About::default());
                     out.close_after_drain(1009, "frame_too_large");
                     break;
                 }
-                Some(Err(e)) => {
+                Err(e @ (ReadError::Protocol(_) | ReadError::NotUtf8)) => {
+                    tracing::debug!(conn = out.id, "{e}");
+                    out.close_now(e.close_code(), "protocol_error");
+                    break;
+                }
+                Err(e) => {
                     tracing::debug!(conn = out.id, "read error: {e}");
                     out.stop();
                     break;

@@ -365,6 +365,13 @@ impl Outbound {
         self.wake.notify_one();
     }
 
+    /// The writer sends nothing more but a close with `code` (the peer's close answered, RFC
+    /// 6455 5.5.1, or the peer broke the protocol).
+    pub fn close_now(&self, code: u16, why: &'static str) {
+        self.state.lock().fatal.get_or_insert((code, why));
+        self.wake.notify_one();
+    }
+
     /// The peer is gone: the writer stops without sending more.
     pub fn stop(&self) {
         self.state.lock().stop = true;

@@ -1,0 +1,342 @@
+//! The server's WebSocket frame reader (RFC 6455 section 5, docs/DESIGN.md section 7): a
+//! connection's reading half, parsed into messages without tungstenite's read path, which
+//! zero-filled up to 128 KiB of its buffer before every socket read and unmasked in a separate
+//! pass (13.6% and 6.0% of the server's CPU in an f32 flood, docs/PERF.md session 16).
+//!
+//! - A payload over [`READ_AHEAD`] is read straight from the socket into a buffer of exactly its
+//!   length (uninitialised memory, no zero-fill, no second copy); smaller frames and headers come
+//!   from a read-ahead buffer filled [`READ_AHEAD`] at a time.
+//! - The client's mask is removed in place, 8 bytes at a time; an all-zero key (which changes
+//!   nothing) is skipped.
+//! - What RFC 6455 asks of a server is checked: client frames are masked, reserved bits are
+//!   clear, opcodes are known, control frames are whole and at most 125 bytes, fragments come in
+//!   order, text is UTF-8, a close frame's code is one a peer may send. A frame or message over
+//!   `max_frame_bytes` is refused from its header, before its payload is read.
+//! - [`FrameReader::next`] is cancel-safe: every byte read is kept in the reader itself, so the
+//!   connection's `select!` may drop it between reads.
+//!
+//! Pings are returned for the caller to answer (the writer owns the sending half); pongs are
+//! dropped here.
+
+use std::io;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Bytes asked of the socket per read for headers and small frames; a payload longer than this
+/// is read into a buffer of its own.
+pub(crate) const READ_AHEAD: usize = 64 << 10;
+
+/// A message from the client.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Incoming {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    /// Answer with a pong carrying the same payload (RFC 6455 5.5.2).
+    Ping(Bytes),
+    /// The client's close: the code to echo (RFC 6455 5.5.1; `None`: it sent none).
+    Close(Option<u16>),
+}
+
+/// Why the reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// A frame, or a message's fragments together, over the limit: nothing of it was read.
+    #[error("Message too long: {size} > {max}")]
+    TooLarge { size: u64, max: usize },
+    /// The client broke RFC 6455 (close with 1002).
+    #[error("WebSocket protocol error: {0}")]
+    Protocol(&'static str),
+    /// A text message that is not UTF-8 (close with 1007).
+    #[error("WebSocket protocol error: a text message that is not UTF-8")]
+    NotUtf8,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ReadError {
+    /// The close code for a protocol error (RFC 6455 7.4.1).
+    pub fn close_code(&self) -> u16 {
+        match self {
+            ReadError::NotUtf8 => 1007,
+            ReadError::TooLarge { .. } => 1009,
+            ReadError::Protocol(_) | ReadError::Io(_) => 1002,
+        }
+    }
+}
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    len: usize,
+}
+
+/// Parses the header at the front of `buf`: `Ok(None)` while it is incomplete, else the header
+/// and its length in bytes. Checks what can be checked from the header alone.
+fn parse_header(buf: &[u8], max: usize) -> Result<Option<(Header, usize)>, ReadError> {
+    let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(ReadError::Protocol(
+            "reserved bits set (no extension was agreed)",
+        ));
+    }
+    let opcode = b0 & 0x0F;
+    let control = opcode & 0x8 != 0;
+    if !matches!(
+        opcode,
+        OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
+        return Err(ReadError::Protocol("unknown opcode"));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(ReadError::Protocol("a client frame that is not masked"));
+    }
+    let fin = b0 & 0x80 != 0;
+    let (len, at) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(b);
+                (u64::from_be_bytes(n), 10)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    if control && (!fin || len > 125) {
+        return Err(ReadError::Protocol(
+            "a control frame fragmented or over 125 bytes",
+        ));
+    }
+    if len > max as u64 {
+        return Err(ReadError::TooLarge { size: len, max });
+    }
+    let Some(k) = buf.get(at..at + 4) else {
+        return Ok(None);
+    };
+    let header = Header {
+        fin,
+        opcode,
+        mask: [k[0], k[1], k[2], k[3]],
+        // At most `max`, a usize (checked above).
+        len: len as usize,
+    };
+    Ok(Some((header, at + 4)))
+}
+
+/// Removes the client's mask from a whole payload (RFC 6455 5.3), 8 bytes at a time.
+pub(crate) fn unmask(buf: &mut [u8], key: [u8; 4]) {
+    if key == [0; 4] {
+        return;
+    }
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut words = buf.chunks_exact_mut(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        w.copy_from_slice(&(u64::from_ne_bytes(b) ^ wide).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so at key byte 0.
+    for (b, k) in words.into_remainder().iter_mut().zip(key.iter().cycle()) {
+        *b ^= k;
+    }
+}
+
+/// Reads one connection's frames (see the module's notes).
+pub(crate) struct FrameReader<R> {
+    io: R,
+    /// Bytes read and not yet parsed (headers, small payloads).
+    buf: BytesMut,
+    /// `max_frame_bytes`: the most a frame or a message may carry.
+    max: usize,
+    /// The header whose payload is being read.
+    header: Option<Header>,
+    /// A payload over [`READ_AHEAD`] being read into memory of its own.
+    big: Option<BytesMut>,
+    /// A fragmented message so far: text or not, and its payload.
+    partial: Option<(bool, BytesMut)>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of `io` that starts with `read` (bytes the handshake read past the request).
+    pub fn new(io: R, read: BytesMut, max: usize) -> Self {
+        FrameReader {
+            io,
+            buf: read,
+            max,
+            header: None,
+            big: None,
+            partial: None,
+        }
+    }
+
+    /// The next message; `Ok(None)` when the client closed the socket between frames.
+    /// Cancel-safe (see the module's notes).
+    pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let h = match self.header {
+                Some(h) => h,
+                None => match parse_header(&self.buf, self.max)? {
+                    Some((h, n)) => {
+                        self.buf.advance(n);
+                        self.start(h)?;
+                        h
+                    }
+                    None => {
+                        if self.fill().await? == 0 {
+                            let mid_frame = !self.buf.is_empty() || self.partial.is_some();
+                            return match mid_frame {
+                                true => Err(eof()),
+                                false => Ok(None),
+                            };
+                        }
+                        continue;
+                    }
+                },
+            };
+            let payload = if let Some(big) = self.big.as_mut() {
+                let left = h.len - big.len();
+                if left > 0 {
+                    if self.io.read_buf(&mut big.limit(left)).await? == 0 {
+                        return Err(eof());
+                    }
+                    continue;
+                }
+                self.big.take().unwrap_or_default()
+            } else if self.buf.len() < h.len {
+                if self.fill().await? == 0 {
+                    return Err(eof());
+                }
+                continue;
+            } else {
+                self.buf.split_to(h.len)
+            };
+            self.header = None;
+            if let Some(m) = self.frame(h, payload)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// A header was parsed: checks it against the message in progress, and sets a large
+    /// payload up to be read into memory of its own.
+    fn start(&mut self, h: Header) -> Result<(), ReadError> {
+        match (h.opcode, &self.partial) {
+            (OP_CONTINUATION, None) => {
+                return Err(ReadError::Protocol("a continuation frame with no message"))
+            }
+            (OP_TEXT | OP_BINARY, Some(_)) => {
+                return Err(ReadError::Protocol("a new message inside a fragmented one"))
+            }
+            (OP_CONTINUATION, Some((_, so_far))) => {
+                let size = so_far.len() as u64 + h.len as u64;
+                if size > self.max as u64 {
+                    return Err(ReadError::TooLarge {
+                        size,
+                        max: self.max,
+                    });
+                }
+            }
+            _ => {}
+        }
+        self.header = Some(h);
+        if h.len > READ_AHEAD {
+            let mut big = BytesMut::with_capacity(h.len);
+            let have = self.buf.len().min(h.len);
+            big.extend_from_slice(&self.buf[..have]);
+            self.buf.advance(have);
+            self.big = Some(big);
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has into the read-ahead buffer (no zero-fill: `read_buf` reads
+    /// into its spare capacity). `Ok(0)`: end of stream.
+    async fn fill(&mut self) -> io::Result<usize> {
+        let want = self.header.map_or(0, |h| h.len - self.buf.len());
+        self.buf.reserve(want.max(READ_AHEAD));
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    /// A whole frame's payload: the message it completes, if any.
+    fn frame(&mut self, h: Header, mut payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
+        unmask(&mut payload, h.mask);
+        let data = match h.opcode {
+            OP_PING => return Ok(Some(Incoming::Ping(payload.freeze()))),
+            OP_PONG => return Ok(None),
+            OP_CLOSE => return close_code(&payload).map(|c| Some(Incoming::Close(c))),
+            OP_CONTINUATION => {
+                let Some((text, mut so_far)) = self.partial.take() else {
+                    return Err(ReadError::Protocol("a continuation frame with no message"));
+                };
+                so_far.extend_from_slice(&payload);
+                if !h.fin {
+                    self.partial = Some((text, so_far));
+                    return Ok(None);
+                }
+                (text, so_far)
+            }
+            op => {
+                if !h.fin {
+                    self.partial = Some((op == OP_TEXT, payload));
+                    return Ok(None);
+                }
+                (op == OP_TEXT, payload)
+            }
+        };
+        match data {
+            (true, p) => Utf8Bytes::try_from(p.freeze())
+                .map(|t| Some(Incoming::Text(t)))
+                .map_err(|_| ReadError::NotUtf8),
+            (false, p) => Ok(Some(Incoming::Binary(p.freeze()))),
+        }
+    }
+}
+
+fn eof() -> ReadError {
+    ReadError::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the client closed the socket inside a frame",
+    ))
+}
+
+/// A close frame's code (RFC 6455 5.5.1, 7.4): none, or one a peer may send, with a UTF-8
+/// reason.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, ReadError> {
+    let bad = || ReadError::Protocol("a close frame with a bad code or reason");
+    match payload {
+        [] => Ok(None),
+        [_] => Err(bad()),
+        [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !allowed || std::str::from_utf8(reason).is_err() {
+                return Err(bad());
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "frames_tests.rs"]
+mod tests;
