@@ -169,7 +169,8 @@ async fn upgrade(
     let (stream, read) = ws.into_inner().into_parts();
     let (read_side, write_side) = split::split(stream);
     let sink = WebSocketStream::from_raw_socket(write_side, Role::Server, Some(ws_cfg)).await;
-    Ok((FrameReader::new(read_side, read, max), sink))
+    let pool = Arc::clone(shared.engine.buffer_pool());
+    Ok((FrameReader::new(read_side, read, max, Some(pool)), sink))
 }
 
 fn http_status(code: u16) -> tokio_tungstenite::tungstenite::http::StatusCode {

@@ -3,9 +3,12 @@
 //! zero-filled up to 128 KiB of its buffer before every socket read and unmasked in a separate
 //! pass (13.6% and 6.0% of the server's CPU in an f32 flood, docs/PERF.md session 16).
 //!
-//! - A payload over [`READ_AHEAD`] is read straight from the socket into a buffer of exactly its
-//!   length (uninitialised memory, no zero-fill, no second copy); smaller frames and headers come
-//!   from a read-ahead buffer filled [`READ_AHEAD`] at a time.
+//! - A payload over [`READ_AHEAD`] is read straight from the socket into a buffer of its own
+//!   (uninitialised memory, no zero-fill, no second copy), taken from the engine's buffer pool
+//!   and given back to it when the message's last slice is dropped: recycled memory is already
+//!   faulted in and likely in cache, where a fresh 1-2 MiB allocation per frame page-faulted
+//!   (~12% of the server's CPU under Python `fuse()`, docs/PERF.md session 17). Smaller frames
+//!   and headers come from a read-ahead buffer filled [`READ_AHEAD`] at a time.
 //! - The client's mask is removed in place, 8 bytes at a time; an all-zero key (which changes
 //!   nothing) is skipped.
 //! - What RFC 6455 asks of a server is checked: client frames are masked, reserved bits are
@@ -19,10 +22,13 @@
 //! dropped here.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::engine::BufferPool;
 
 /// Bytes asked of the socket per read for headers and small frames; a payload longer than this
 /// is read into a buffer of its own.
@@ -171,20 +177,24 @@ pub(crate) struct FrameReader<R> {
     /// The header whose payload is being read.
     header: Option<Header>,
     /// A payload over [`READ_AHEAD`] being read into memory of its own.
-    big: Option<BytesMut>,
+    big: Option<Vec<u8>>,
+    /// Where that memory comes from and goes back to (`None`: allocated and freed).
+    pool: Option<Arc<BufferPool>>,
     /// A fragmented message so far: text or not, and its payload.
     partial: Option<(bool, BytesMut)>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// A reader of `io` that starts with `read` (bytes the handshake read past the request).
-    pub fn new(io: R, read: BytesMut, max: usize) -> Self {
+    /// A reader of `io` that starts with `read` (bytes the handshake read past the request),
+    /// reading large payloads into buffers of `pool`.
+    pub fn new(io: R, read: BytesMut, max: usize, pool: Option<Arc<BufferPool>>) -> Self {
         FrameReader {
             io,
             buf: read,
             max,
             header: None,
             big: None,
+            pool,
             partial: None,
         }
     }
@@ -221,14 +231,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                     continue;
                 }
-                self.big.take().unwrap_or_default()
+                Payload::Big(self.big.take().unwrap_or_default())
             } else if self.buf.len() < h.len {
                 if self.fill().await? == 0 {
                     return Err(eof());
                 }
                 continue;
             } else {
-                self.buf.split_to(h.len)
+                Payload::Small(self.buf.split_to(h.len))
             };
             self.header = None;
             if let Some(m) = self.frame(h, payload)? {
@@ -260,7 +270,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         self.header = Some(h);
         if h.len > READ_AHEAD {
-            let mut big = BytesMut::with_capacity(h.len);
+            let mut big = match &self.pool {
+                Some(p) => p.take(h.len),
+                None => Vec::with_capacity(h.len),
+            };
             let have = self.buf.len().min(h.len);
             big.extend_from_slice(&self.buf[..have]);
             self.buf.advance(have);
@@ -278,37 +291,93 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// A whole frame's payload: the message it completes, if any.
-    fn frame(&mut self, h: Header, mut payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
-        unmask(&mut payload, h.mask);
+    fn frame(&mut self, h: Header, mut payload: Payload) -> Result<Option<Incoming>, ReadError> {
+        unmask(payload.as_mut(), h.mask);
         let data = match h.opcode {
-            OP_PING => return Ok(Some(Incoming::Ping(payload.freeze()))),
+            OP_PING => return Ok(Some(Incoming::Ping(self.bytes(payload)))),
             OP_PONG => return Ok(None),
-            OP_CLOSE => return close_code(&payload).map(|c| Some(Incoming::Close(c))),
+            OP_CLOSE => return close_code(payload.as_mut()).map(|c| Some(Incoming::Close(c))),
             OP_CONTINUATION => {
                 let Some((text, mut so_far)) = self.partial.take() else {
                     return Err(ReadError::Protocol("a continuation frame with no message"));
                 };
-                so_far.extend_from_slice(&payload);
+                so_far.extend_from_slice(payload.as_mut());
+                self.give_back(payload);
                 if !h.fin {
                     self.partial = Some((text, so_far));
                     return Ok(None);
                 }
-                (text, so_far)
+                (text, so_far.freeze())
             }
             op => {
                 if !h.fin {
-                    self.partial = Some((op == OP_TEXT, payload));
+                    // A first fragment (rare): kept in a buffer that can grow.
+                    let first = BytesMut::from(&payload.as_mut()[..]);
+                    self.give_back(payload);
+                    self.partial = Some((op == OP_TEXT, first));
                     return Ok(None);
                 }
-                (op == OP_TEXT, payload)
+                (op == OP_TEXT, self.bytes(payload))
             }
         };
         match data {
-            (true, p) => Utf8Bytes::try_from(p.freeze())
+            (true, p) => Utf8Bytes::try_from(p)
                 .map(|t| Some(Incoming::Text(t)))
                 .map_err(|_| ReadError::NotUtf8),
-            (false, p) => Ok(Some(Incoming::Binary(p.freeze()))),
+            (false, p) => Ok(Some(Incoming::Binary(p))),
         }
+    }
+
+    /// A payload as a message's bytes: a buffer of the pool goes back to it with the last slice.
+    fn bytes(&self, payload: Payload) -> Bytes {
+        match (payload, &self.pool) {
+            (Payload::Small(b), _) => b.freeze(),
+            (Payload::Big(v), Some(pool)) => Bytes::from_owner(Pooled {
+                v,
+                pool: Arc::clone(pool),
+            }),
+            (Payload::Big(v), None) => Bytes::from(v),
+        }
+    }
+
+    /// A payload no message holds: its buffer goes back to the pool.
+    fn give_back(&self, payload: Payload) {
+        if let (Payload::Big(v), Some(pool)) = (payload, &self.pool) {
+            pool.give(v);
+        }
+    }
+}
+
+/// A frame's payload: a slice of the read-ahead buffer, or memory of its own.
+enum Payload {
+    Small(BytesMut),
+    Big(Vec<u8>),
+}
+
+impl Payload {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            Payload::Small(b) => b,
+            Payload::Big(v) => v,
+        }
+    }
+}
+
+/// A message's buffer from the pool, given back when the message's last slice is dropped.
+struct Pooled {
+    v: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.v
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.v));
     }
 }
 

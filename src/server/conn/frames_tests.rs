@@ -80,7 +80,7 @@ impl AsyncRead for Trickle {
 /// Every message of `wire`, read in pieces of `sizes`, each `next` raced against a zero
 /// timeout first (dropped when it would wait: the cancellations of the connection's select!).
 async fn read_all(wire: Vec<u8>, sizes: Vec<usize>, max: usize) -> Result<Vec<Incoming>, String> {
-    let mut r = FrameReader::new(Trickle::new(wire, sizes), BytesMut::new(), max);
+    let mut r = FrameReader::new(Trickle::new(wire, sizes), BytesMut::new(), max, None);
     let mut got = Vec::new();
     loop {
         let m = match tokio::time::timeout(Duration::ZERO, r.next()).await {
@@ -162,7 +162,7 @@ proptest! {
 fn bytes_read_by_the_handshake_come_first() {
     let wire = frame(true, OP_BINARY, b"abcdef", KEY);
     let (early, rest) = wire.split_at(5);
-    let mut r = FrameReader::new(rest, BytesMut::from(early), 1 << 10);
+    let mut r = FrameReader::new(rest, BytesMut::from(early), 1 << 10, None);
     let got = rt().block_on(r.next()).unwrap();
     assert_eq!(got, Some(Incoming::Binary(Bytes::from_static(b"abcdef"))));
     assert!(rt().block_on(r.next()).unwrap().is_none());
@@ -307,4 +307,34 @@ proptest! {
             prop_assert!(n <= max);
         }
     }
+}
+
+#[test]
+fn large_payloads_are_read_into_pool_buffers_that_come_back() {
+    let pool = Arc::new(BufferPool::default());
+    let p = bytes_of(READ_AHEAD * 3, 5);
+    let mut wire = frame(true, OP_BINARY, &p, KEY);
+    // A fragmented one too: its first fragment's buffer goes back at once.
+    wire.extend(frame(false, OP_BINARY, &p, KEY));
+    wire.extend(frame(true, OP_CONTINUATION, b"tail", KEY));
+    let mut r = FrameReader::new(&wire[..], BytesMut::new(), 1 << 20, Some(Arc::clone(&pool)));
+    let first = rt().block_on(r.next()).unwrap().unwrap();
+    assert_eq!(first, Incoming::Binary(Bytes::from(p.clone())));
+    assert_eq!(pool.spare(), 0, "held by the message");
+    let Incoming::Binary(b) = first else {
+        unreachable!()
+    };
+    let slice = b.slice(10..20);
+    drop(b);
+    assert_eq!(pool.spare(), 0, "held by a slice");
+    drop(slice);
+    assert_eq!(pool.spare(), 1, "back in the pool");
+    // The next large payload reuses it.
+    let second = rt().block_on(r.next()).unwrap().unwrap();
+    let Incoming::Binary(b) = second else {
+        panic!("{second:?}")
+    };
+    assert_eq!(&b[..p.len()], &p[..]);
+    assert_eq!(&b[p.len()..], b"tail");
+    assert_eq!(pool.spare(), 1, "the fragment's buffer went back");
 }
