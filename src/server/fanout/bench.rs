@@ -156,9 +156,9 @@ impl FanoutBench {
             let (mut n, mut bytes) = (0, 0);
             f.begin(o);
             while let Next::Send(it) = o.next() {
-                n += 1;
                 bytes += it.msg.len();
                 for m in f.push(it).into_iter().flatten() {
+                    n += 1;
                     sink(i, m);
                 }
                 if n >= BURST_MESSAGES || bytes >= BURST_BYTES {

@@ -238,3 +238,59 @@ fn a_batch_of_several_streams_goes_out_per_stream_in_batch_order() {
         vec![("a-stream".to_string(), 2), ("b-stream".to_string(), 2)]
     );
 }
+
+/// With `batch_results` a send carries up to 64 WebSocket messages, a `results` frame counting
+/// once (PROTOCOL 7.3): 240 small results queued at once go out in one frame, not one frame per
+/// 64 results, with every seq once and in the writer's strict priority order.
+#[tokio::test]
+async fn one_send_frames_every_small_result_queued_in_one_results_frame() {
+    use futures_util::SinkExt;
+
+    use super::writer::{write_loop, WriterConfig};
+    use crate::protocol::split_results;
+
+    let cfg = ServerConfig::default();
+    let m = Arc::new(ServerMetrics::new());
+    let (replay, reg) = (Replay::new(&cfg, Arc::clone(&m)), Registry::default());
+    let s: Arc<str> = Arc::from("s");
+    let o = outbound(&cfg, &m, false, VERSION_2);
+    o.set_batch_results(true);
+    reg.subscribe(&s, &o);
+    for b in 0..40 {
+        deliver(&replay, &reg, &s, 6 * b);
+    }
+    o.close_after_drain(1000, "test");
+    let mut sent: Vec<Message> = Vec::new();
+    let sink = (&mut sent).sink_map_err(|e: std::convert::Infallible| match e {});
+    let wcfg = WriterConfig {
+        send_timeout: Duration::from_secs(5),
+        slow_send: Duration::from_secs(5),
+        slow_sends: 5,
+        close_linger: Duration::from_secs(1),
+        heartbeat: Duration::from_secs(60),
+    };
+    write_loop(Arc::clone(&o), sink, wcfg, m).await;
+    let frames: Vec<Vec<u64>> = sent
+        .iter()
+        .filter_map(|msg| match msg {
+            Message::Binary(b) => Some(
+                split_results(b)
+                    .expect("a results frame")
+                    .iter()
+                    .map(|r| decode_result(r).expect("a result").seq)
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        frames.len(),
+        1,
+        "{:?}",
+        frames.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    // CRITICAL (seqs 1, 4, ...), then IMPORTANT, then BULK.
+    let want: Vec<u64> = (1..=3).flat_map(|c| (c..=240).step_by(3)).collect();
+    assert_eq!(frames[0], want);
+    assert!(matches!(sent.last(), Some(Message::Close(_))));
+}

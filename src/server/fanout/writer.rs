@@ -53,7 +53,8 @@ pub(crate) async fn write_loop<S>(
     out.finish();
 }
 
-/// A burst ends after this many messages ...
+/// A burst ends after this many WebSocket messages (a `results` frame counts once, whatever
+/// number of results it carries) ...
 pub(crate) const BURST_MESSAGES: usize = 64;
 /// ... or this many bytes (under the WebSocket write buffer, so a burst's frames are written by
 /// its flush, one or a few syscalls, not one per message).
@@ -282,10 +283,11 @@ impl Writer<'_> {
         let mut item = Some(first);
         while let Some(it) = item.take() {
             b.bytes += it.msg.len();
-            b.n += 1;
             b.sent[it.class] += 1;
             b.seq = b.seq.max(it.seq);
+            // Messages fed: a result that joins the `results` frame being built is not one.
             for m in self.framer.push(it).into_iter().flatten() {
+                b.n += 1;
                 sink.feed(m).await?;
             }
             if b.n >= BURST_MESSAGES || b.bytes >= BURST_BYTES {
