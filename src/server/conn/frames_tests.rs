@@ -338,3 +338,47 @@ fn large_payloads_are_read_into_pool_buffers_that_come_back() {
     assert_eq!(&b[p.len()..], b"tail");
     assert_eq!(pool.spare(), 1, "the fragment's buffer went back");
 }
+
+/// Records how many bytes each read may return.
+struct Asked<'a> {
+    data: &'a [u8],
+    asked: Vec<usize>,
+}
+
+impl AsyncRead for Asked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let room = buf.remaining();
+        self.asked.push(room);
+        let n = room.min(self.data.len());
+        buf.put_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[test]
+fn after_a_large_payload_the_next_header_is_read_alone() {
+    let big = bytes_of(READ_AHEAD * 2, 1);
+    let mut wire = frame(true, OP_BINARY, &big, KEY);
+    wire.extend(frame(true, OP_BINARY, &big, KEY));
+    wire.extend(frame(true, OP_BINARY, b"small", KEY));
+    let asked = Asked {
+        data: &wire,
+        asked: Vec::new(),
+    };
+    let mut r = FrameReader::new(asked, BytesMut::new(), 1 << 20, None);
+    for want in [&big[..], &big[..], b"small"] {
+        let got = rt().block_on(r.next()).unwrap();
+        assert_eq!(got, Some(Incoming::Binary(Bytes::copy_from_slice(want))));
+    }
+    // Read ahead for the first header, then the rest of its payload; the second header alone
+    // (14 bytes), its payload; the third header alone, then its small payload read ahead.
+    let asked = &r.io.asked;
+    assert!(asked[0] >= READ_AHEAD, "{asked:?}");
+    let headers: Vec<usize> = asked.iter().copied().filter(|&n| n == MAX_HEADER).collect();
+    assert_eq!(headers.len(), 2, "{asked:?}");
+}
