@@ -11,10 +11,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 use super::tls::Stream;
 
@@ -103,41 +104,22 @@ impl AsyncWrite for HandshakeTap {
     }
 }
 
-/// What the frame reader reads.
-pub(crate) enum ReadSide {
-    Plain(OwnedReadHalf),
-    Tls(tokio::io::ReadHalf<Box<TlsStream<TcpStream>>>),
-}
+/// What the frame reader reads: a plain socket's reading half or TLS's.
+pub(crate) type ReadSide = Either<OwnedReadHalf, ReadHalf<Box<TlsStream<TcpStream>>>>;
 
 /// What the writer's tungstenite writes. Dropping it shuts the socket's sending direction.
-pub(crate) enum WriteSide {
-    Plain(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<Box<TlsStream<TcpStream>>>),
-}
+pub(crate) struct WriteSide(Either<OwnedWriteHalf, WriteHalf<Box<TlsStream<TcpStream>>>>);
 
 /// The socket's two directions.
 pub(crate) fn split(s: Stream) -> (ReadSide, WriteSide) {
     match s {
         Stream::Plain(tcp) => {
             let (r, w) = tcp.into_split();
-            (ReadSide::Plain(r), WriteSide::Plain(w))
+            (Either::Left(r), WriteSide(Either::Left(w)))
         }
         Stream::Tls(tls) => {
             let (r, w) = tokio::io::split(tls);
-            (ReadSide::Tls(r), WriteSide::Tls(w))
-        }
-    }
-}
-
-impl AsyncRead for ReadSide {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadSide::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ReadSide::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            (Either::Right(r), WriteSide(Either::Right(w)))
         }
     }
 }
@@ -161,10 +143,7 @@ impl AsyncWrite for WriteSide {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteSide::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            WriteSide::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -172,31 +151,19 @@ impl AsyncWrite for WriteSide {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteSide::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            WriteSide::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteSide::Plain(s) => s.is_write_vectored(),
-            WriteSide::Tls(s) => s.is_write_vectored(),
-        }
+        self.0.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteSide::Plain(s) => Pin::new(s).poll_flush(cx),
-            WriteSide::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteSide::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            WriteSide::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
