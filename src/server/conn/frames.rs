@@ -65,12 +65,13 @@ pub(crate) enum ReadError {
 }
 
 impl ReadError {
-    /// The close code for a protocol error (RFC 6455 7.4.1).
-    pub fn close_code(&self) -> u16 {
+    /// The close code to send (RFC 6455 7.4.1); `None` when the socket itself failed.
+    pub fn close_code(&self) -> Option<u16> {
         match self {
-            ReadError::NotUtf8 => 1007,
-            ReadError::TooLarge { .. } => 1009,
-            ReadError::Protocol(_) | ReadError::Io(_) => 1002,
+            ReadError::NotUtf8 => Some(1007),
+            ReadError::TooLarge { .. } => Some(1009),
+            ReadError::Protocol(_) => Some(1002),
+            ReadError::Io(_) => None,
         }
     }
 }
@@ -151,7 +152,7 @@ fn parse_header(buf: &[u8], max: usize) -> Result<Option<(Header, usize)>, ReadE
 }
 
 /// Removes the client's mask from a whole payload (RFC 6455 5.3), 8 bytes at a time.
-pub(crate) fn unmask(buf: &mut [u8], key: [u8; 4]) {
+fn unmask(buf: &mut [u8], key: [u8; 4]) {
     if key == [0; 4] {
         return;
     }
@@ -297,12 +298,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// into the read-ahead buffer and copied out of it (2.4% of the server's CPU in an f32 flood
     /// of 2 MiB frames). One more read per large frame; small frames read ahead as before.
     async fn fill(&mut self) -> io::Result<usize> {
-        let want = self.header.map_or(0, |h| h.len - self.buf.len());
-        self.buf.reserve(want.max(READ_AHEAD));
         if self.header.is_none() && self.after_big && self.buf.len() < MAX_HEADER {
             let n = MAX_HEADER - self.buf.len();
+            self.buf.reserve(n);
             return self.io.read_buf(&mut (&mut self.buf).limit(n)).await;
         }
+        let want = self.header.map_or(0, |h| h.len - self.buf.len());
+        self.buf.reserve(want.max(READ_AHEAD));
         self.io.read_buf(&mut self.buf).await
     }
 

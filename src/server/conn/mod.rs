@@ -97,20 +97,18 @@ pub(crate) async fn handle(
                     out.stop();
                     break;
                 }
-                Err(ReadError::TooLarge { size, max }) => {
-                    let msg = format!("Message too long: {size} > {max} (max_frame_bytes {max})");
-                    c.error(Code::FrameTooLarge, &msg, &About::default());
-                    out.close_after_drain(1009, "frame_too_large");
-                    break;
-                }
-                Err(e @ (ReadError::Protocol(_) | ReadError::NotUtf8)) => {
-                    tracing::debug!(conn = out.id, "{e}");
-                    out.close_now(e.close_code(), "protocol_error");
-                    break;
-                }
                 Err(e) => {
                     tracing::debug!(conn = out.id, "read error: {e}");
-                    out.stop();
+                    match (&e, e.close_code()) {
+                        // Said in an error first (PROTOCOL 1), then closed after what is queued.
+                        (ReadError::TooLarge { max, .. }, Some(code)) => {
+                            let msg = format!("{e} (max_frame_bytes {max})");
+                            c.error(Code::FrameTooLarge, &msg, &About::default());
+                            out.close_after_drain(code, "frame_too_large");
+                        }
+                        (_, Some(code)) => out.close_now(code, "protocol_error"),
+                        (_, None) => out.stop(),
+                    }
                     break;
                 }
             },
