@@ -34,6 +34,8 @@ pub(crate) struct BufferPool {
     spare: Mutex<Spare>,
     /// Whether a page lock is installed (read per `samples` frame, without the mutex).
     locks_pages: AtomicBool,
+    /// Where this pool records the ranges it locks (read per `samples` frame block).
+    ranges: &'static LockedRanges,
 }
 
 impl Default for BufferPool {
@@ -84,6 +86,7 @@ impl BufferPool {
                 locks: LockSet::new(ranges),
             }),
             locks_pages: AtomicBool::new(false),
+            ranges,
         }
     }
 
@@ -106,6 +109,14 @@ impl BufferPool {
     /// the server then copies `samples` blocks into them, docs/DESIGN.md section 4.2).
     pub fn locks_pages(&self) -> bool {
         self.locks_pages.load(Ordering::Relaxed)
+    }
+
+    /// Whether `bytes` (non-empty) lie inside one page-locked range of the registry this pool
+    /// records in: a block of a `samples` frame that was read into one of the pool's locked
+    /// buffers, which a device then copies straight from (docs/DESIGN.md sections 4.1, 6.7).
+    /// False while no lock is installed.
+    pub fn is_page_locked(&self, bytes: &[u8]) -> bool {
+        self.locks_pages() && self.ranges.contains(bytes.as_ptr() as usize, bytes.len())
     }
 
     /// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, else

@@ -80,11 +80,7 @@ impl Conn {
         }
         let sh = &self.shared;
         let pool = sh.engine.buffer_pool();
-        let place = if keep_frames(pool) {
-            Placement::InFrame
-        } else {
-            Placement::Copied
-        };
+        let place = placement(pool);
         let c = check_frame(&sh.head, sh.cfg.max_name_bytes, pool, place, f)?;
         let stream = self.use_stream(f.stream)?;
         Ok(IngestSamples {
@@ -101,15 +97,20 @@ impl Conn {
     }
 }
 
-/// Whether this engine's batches may read `samples` blocks in place in the frames they came in
-/// (docs/DESIGN.md section 4.2): yes unless a device copies faster from the pool's page-locked
-/// buffers (CUDA), which the blocks are then copied into, or `FUSION_KEEP_FRAMES=0` (a
-/// measuring knob: every block copied, as with CUDA).
-fn keep_frames(pool: &BufferPool) -> bool {
+/// Where this engine's batches read `samples` blocks from (docs/DESIGN.md section 4.1): in the
+/// frames they came in, unless a device copies faster from the pool's page-locked buffers
+/// (CUDA): then in the frame only where the frame lies in one (a payload over 64 KiB is read
+/// into a buffer of the pool, locked once it has come back to it), else copied into one.
+/// `FUSION_KEEP_FRAMES=0` (a measuring knob) copies every block.
+fn placement(pool: &BufferPool) -> Placement {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let allowed =
         *ALLOWED.get_or_init(|| std::env::var("FUSION_KEEP_FRAMES").as_deref() != Ok("0"));
-    allowed && !pool.locks_pages()
+    match (allowed, pool.locks_pages()) {
+        (false, _) => Placement::Copied,
+        (true, false) => Placement::InFrame,
+        (true, true) => Placement::InFrameIfLocked,
+    }
 }
 
 /// Where [`check_frame`] puts a frame's blocks.
@@ -117,6 +118,9 @@ fn keep_frames(pool: &BufferPool) -> bool {
 pub(crate) enum Placement {
     /// Where they are: slices of the frame's buffer, which they keep alive by reference.
     InFrame,
+    /// Where they are when they lie in page-locked memory ([`BufferPool::is_page_locked`]),
+    /// else copied.
+    InFrameIfLocked,
     /// Copies in buffers from the pool.
     Copied,
 }
@@ -131,9 +135,10 @@ pub(crate) struct CheckedFrame {
 
 /// Checks a parsed `samples` frame against the head and `max_name_bytes` (stream and key
 /// names, modalities known, widths right) and scans each block for NaN/Inf (docs/DESIGN.md
-/// section 4.2): with [`Placement::InFrame`] a block stays where it is in the frame's buffer (a
+/// section 4.1): with [`Placement::InFrame`] a block stays where it is in the frame's buffer (a
 /// reference-counted slice of it); with [`Placement::Copied`] it is copied into a buffer from
-/// `pool` in the same pass as the scan. On an error nothing of the frame is kept (the blocks
+/// `pool` in the same pass as the scan; with [`Placement::InFrameIfLocked`] it stays only if
+/// it lies in page-locked memory, else it is copied. On an error nothing of the frame is kept (the blocks
 /// taken so far are dropped, copies back to the pool).
 pub(crate) fn check_frame(
     head: &FusionHead,
@@ -166,19 +171,23 @@ pub(crate) fn check_frame(
                 format!("modality \"{name}\" has width {want}, got {width} values"),
             ));
         }
-        let taken = match place {
-            Placement::InFrame => match find_non_finite_bytes(f.dtype, block) {
+        let in_frame = match place {
+            Placement::InFrame => true,
+            Placement::InFrameIfLocked => pool.is_page_locked(block),
+            Placement::Copied => false,
+        };
+        let taken = if in_frame {
+            match find_non_finite_bytes(f.dtype, block) {
                 Some(e) => Err(e),
                 None => Ok(HostBytes::from(block.clone())),
-            },
-            Placement::Copied => {
-                let mut buf = blocks.buffer(block.len());
-                match copy_finite(f.dtype, block, &mut buf) {
-                    Ok(()) => Ok(HostBytes::from(buf)),
-                    Err(e) => {
-                        blocks.give_back(buf);
-                        Err(e)
-                    }
+            }
+        } else {
+            let mut buf = blocks.buffer(block.len());
+            match copy_finite(f.dtype, block, &mut buf) {
+                Ok(()) => Ok(HostBytes::from(buf)),
+                Err(e) => {
+                    blocks.give_back(buf);
+                    Err(e)
                 }
             }
         };
@@ -271,6 +280,91 @@ mod tests {
             "nothing holds the frame once its blocks are dropped"
         );
         assert_eq!(pool.spare(), 2, "the copies went back to the pool");
+    }
+
+    #[test]
+    fn under_a_page_lock_blocks_stay_in_frames_read_into_locked_buffers_and_others_are_copied() {
+        use crate::backend::host_lock::LockedRanges;
+        use crate::engine::buffers::lock_tests::FakeLock;
+        /// A frame in a buffer of the pool, given back when its last slice drops (as the frame
+        /// reader's are).
+        struct Pooled(Vec<u8>, Arc<BufferPool>);
+        impl AsRef<[u8]> for Pooled {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Pooled {
+            fn drop(&mut self) {
+                self.1.give(std::mem::take(&mut self.0));
+            }
+        }
+        let ranges: &'static LockedRanges = Box::leak(Box::new(LockedRanges::new()));
+        let pool = Arc::new(BufferPool::with_registry(ranges));
+        // The frame read into a buffer of the pool that has come back to it once (and so is
+        // locked when the pool has a lock), as the frame reader does with a payload over 64 KiB.
+        let read_into_pool = |frame: &Bytes| {
+            let v = pool.take(frame.len());
+            pool.give(v);
+            let mut v = pool.take(frame.len());
+            v.extend_from_slice(frame);
+            Bytes::from_owner(Pooled(v, Arc::clone(&pool)))
+        };
+        // 4,000 rows: a frame of ~130 KB, over the 64 KiB a buffer needs to be locked.
+        let (head, plain) = frame(4000, 1.5);
+        let f = protocol::parse_samples(&plain).expect("parses");
+        let kept = check_frame(&head, 64, &pool, Placement::InFrameIfLocked, &f).expect("ok");
+        assert!(
+            (0..2).all(|j| !inside(&plain, kept.blocks.get(j).expect("kept"))),
+            "no lock installed: nothing is locked, every block copied"
+        );
+        drop((kept, f));
+
+        let fake = Arc::new(FakeLock::default());
+        pool.set_page_lock(fake.clone());
+        let locked = read_into_pool(&plain);
+        assert!(
+            pool.is_page_locked(&locked),
+            "the recycled buffer is locked"
+        );
+        assert!(!pool.is_page_locked(&plain), "a frame elsewhere is not");
+        for (bytes, in_place) in [(&locked, true), (&plain, false)] {
+            let f = protocol::parse_samples(bytes).expect("parses");
+            let c = check_frame(&head, 64, &pool, Placement::InFrameIfLocked, &f).expect("ok");
+            for (j, want) in f.blocks.iter().enumerate() {
+                let got = c.blocks.get(j).expect("block");
+                assert_eq!(got, &want[..], "block {j}: the frame's values");
+                assert_eq!(
+                    inside(bytes, got),
+                    in_place,
+                    "block {j}, locked frame: {in_place}"
+                );
+                if in_place {
+                    assert!(pool.is_page_locked(got), "block {j} lies in locked memory");
+                }
+            }
+        }
+        drop(locked);
+
+        // A NaN in the last row of a locked frame: refused, nothing of it kept.
+        let (_, bad) = frame(4000, f32::NAN);
+        let bad = read_into_pool(&bad);
+        assert!(pool.is_page_locked(&bad));
+        let f = protocol::parse_samples(&bad).expect("parses");
+        let e = check_frame(&head, 64, &pool, Placement::InFrameIfLocked, &f)
+            .err()
+            .expect("refused");
+        assert_eq!(e.code, Code::NonFinite);
+        assert!(e.message.contains("sample 3999"), "{}", e.message);
+        drop(f);
+        let spare = pool.spare();
+        drop(bad);
+        assert_eq!(
+            pool.spare(),
+            spare + 1,
+            "no block of the refused frame is kept: its buffer is back"
+        );
+        assert!(fake.misuse.lock().is_empty(), "{:?}", fake.misuse.lock());
     }
 
     #[test]
