@@ -72,18 +72,23 @@ __device__ __forceinline__ float fusion_f16_to_f32(unsigned short b) {
 #endif
 }
 
-// One element of h as f32. Half elements at the top of their range (see the header) read as NaN.
+// One half element of h as f32, from its bits. Elements at the top of their range (see the
+// header) read as NaN.
+__device__ __forceinline__ float fusion_h_value(fusion_f16, unsigned short b) {
+    return ((b & 0x7fffu) >= 0x7bffu) ? __int_as_float(0x7fc00000) : fusion_f16_to_f32(b);
+}
+__device__ __forceinline__ float fusion_h_value(fusion_bf16, unsigned short b) {
+    return ((b & 0x7fffu) >= 0x7f7fu) ? __int_as_float(0x7fc00000)
+                                      : __uint_as_float((unsigned)b << 16);
+}
+
+// One element of h as f32.
 __device__ __forceinline__ float fusion_load_h(const float* __restrict__ h, size_t i) {
     return h[i];
 }
-__device__ __forceinline__ float fusion_load_h(const fusion_f16* __restrict__ h, size_t i) {
-    const unsigned short b = h[i].bits;
-    return ((b & 0x7fffu) >= 0x7bffu) ? __int_as_float(0x7fc00000) : fusion_f16_to_f32(b);
-}
-__device__ __forceinline__ float fusion_load_h(const fusion_bf16* __restrict__ h, size_t i) {
-    const unsigned short b = h[i].bits;
-    return ((b & 0x7fffu) >= 0x7f7fu) ? __int_as_float(0x7fc00000)
-                                      : __uint_as_float((unsigned)b << 16);
+template <typename H>
+__device__ __forceinline__ float fusion_load_h(const H* __restrict__ h, size_t i) {
+    return fusion_h_value(H{}, h[i].bits);
 }
 
 __device__ __forceinline__ float fusion_warp_sum(float v) {
@@ -231,23 +236,98 @@ FUSION_EPILOGUE_BLOCK(fusion_f16, f16)
 FUSION_EPILOGUE_BLOCK(fusion_bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
-// Warp-per-row variant for D <= 32 * PER_LANE (the common case: every D up to 1024).
+// Warp-per-row variants for D <= 32 * PER_LANE (the common case: every D up to 1024).
 //
-// One warp owns one sample row; lane l owns the elements d = l + 32 j (j < PER_LANE), so z, the
-// current modality's v and every reduction stay in registers and warp shuffles: no block
-// barrier, no shared memory but the M scores. The softmax is computed online while h is read
-// (running max and sum; z rescaled when the max grows), so h is read exactly once and the row
-// is written once. Same math and the same non-finite rule as fusion_epilogue_f32 (a non-finite
-// present projection makes the row's weights NaN); one instantiation per dtype of h as well.
+// One warp owns one sample row; lane l owns PER_LANE elements of it, so z, the current
+// modality's v and every reduction stay in registers and warp shuffles: no block barrier, no
+// shared memory but the M scores. The softmax is computed online while h is read (running max
+// and sum; z rescaled when the max grows), so h is read exactly once and the row is written
+// once. Same math and the same non-finite rule as fusion_epilogue_f32 (a non-finite present
+// projection makes the row's weights NaN); one instantiation per dtype of h as well.
+//
+// VEC is the elements one load brings: 1 (`warp`: lane l owns d = l + 32 j, one element a
+// load) or 16 bytes' worth (`vec`: 4 f32 or 8 f16/bf16; lane l owns d = (l + 32 j) VEC + k,
+// k < VEC, and reads h, bias, gate, gamma and beta in 16-byte loads). Either way the next
+// present modality's h is loaded before the current one is computed, so that its loads are in
+// flight meanwhile (a row's modalities would otherwise be fetched one after another).
 //
 // Launch contract: grid = (ceil(n / W), 1, 1), block = (32 W, 1, 1),
-// dynamic shared memory = 4 * W * M bytes; D <= 32 * PER_LANE.
-template <int PER_LANE, typename H>
+// dynamic shared memory = 4 * W * M bytes; D <= 32 * PER_LANE. For VEC > 1 also D % VEC == 0
+// and h, bias, gate, gamma, beta and y 16-byte aligned (every row then is).
+
+// 16 bytes, one load.
+struct alignas(16) fusion_vec16 {
+    unsigned w[4];
+};
+
+// A lane's share of one row of h as loaded, unpacked only when used.
+template <int PER_LANE, int VEC, typename H>
+struct fusion_lane_row {
+    H e[VEC == 1 ? PER_LANE : 1];                   // VEC == 1: the elements as stored
+    fusion_vec16 q[VEC == 1 ? 1 : PER_LANE / VEC];  // else: 16-byte vectors
+};
+
+// Element j (< PER_LANE) of the lane's share is d = fusion_lane_d<VEC>(lane, j).
+template <int VEC>
+__device__ __forceinline__ int fusion_lane_d(int lane, int j) {
+    return (lane + 32 * (j / VEC)) * VEC + j % VEC;
+}
+
+template <int PER_LANE, int VEC, typename H>
+__device__ __forceinline__ void fusion_load_row(fusion_lane_row<PER_LANE, VEC, H>& raw,
+                                                const H* __restrict__ hr, int lane, int D) {
+#pragma unroll
+    for (int j = 0; j < (VEC == 1 ? PER_LANE : PER_LANE / VEC); ++j) {
+        const int d = (lane + 32 * j) * VEC;
+        if (d < D) {
+            if constexpr (VEC == 1) {
+                raw.e[j] = hr[d];
+            } else {
+                raw.q[j] = *reinterpret_cast<const fusion_vec16*>(hr + d);
+            }
+        }
+    }
+}
+
+// Element j of the lane's share, as f32.
+template <int PER_LANE, int VEC, typename H>
+__device__ __forceinline__ float fusion_row_value(const fusion_lane_row<PER_LANE, VEC, H>& raw,
+                                                  int j) {
+    if constexpr (VEC == 1) {
+        return fusion_load_h(raw.e, j);
+    } else if constexpr (sizeof(H) == 4) {
+        return __uint_as_float(raw.q[j / VEC].w[j % VEC]);
+    } else {
+        const unsigned word = raw.q[j / VEC].w[(j % VEC) / 2];
+        return fusion_h_value(H{}, (unsigned short)((j & 1) ? word >> 16 : word & 0xffffu));
+    }
+}
+
+// p[d .. d + VEC) of an f32 parameter vector (16-byte loads when VEC > 1).
+template <int VEC>
+__device__ __forceinline__ void fusion_load_f32(const float* __restrict__ p, int d, float* out) {
+    if constexpr (VEC == 1) {
+        out[0] = p[d];
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC / 4; ++i) {
+            const fusion_vec16 q = *reinterpret_cast<const fusion_vec16*>(p + d + 4 * i);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                out[4 * i + k] = __uint_as_float(q.w[k]);
+            }
+        }
+    }
+}
+
+template <int PER_LANE, int VEC, typename H>
 __device__ __forceinline__ void fusion_epilogue_warp(
     const H* __restrict__ h, const float* __restrict__ bias, const float* __restrict__ gate,
     const float* __restrict__ gamma, const float* __restrict__ beta,
     const unsigned char* __restrict__ mask, float* __restrict__ y, float* __restrict__ w, int n,
     int D, int M, float eps) {
+    static_assert(PER_LANE % VEC == 0, "whole vectors per lane");
+    constexpr int NV = PER_LANE / VEC;  // loads per lane per row
     extern __shared__ float fusion_smem[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -265,23 +345,46 @@ __device__ __forceinline__ void fusion_epilogue_warp(
     }
     float run_max = __int_as_float(0xff800000);  // -inf
     float run_sum = 0.0f;
-    for (int m = 0; m < M; ++m) {
-        if (mrow[m] == 0) {
-            continue;  // uniform over the warp: the row is the warp's
+    int m = 0;
+    while (m < M && mrow[m] == 0) {
+        ++m;  // uniform over the warp: the row is the warp's
+    }
+    fusion_lane_row<PER_LANE, VEC, H> cur{};
+    if (m < M) {
+        fusion_load_row(cur, h + ((size_t)m * n + r) * D, lane, D);
+    }
+    while (m < M) {
+        int next = m + 1;
+        while (next < M && mrow[next] == 0) {
+            ++next;
         }
-        const H* hr = h + ((size_t)m * n + r) * D;
+        fusion_lane_row<PER_LANE, VEC, H> ahead{};
+        if (next < M) {
+            fusion_load_row(ahead, h + ((size_t)next * n + r) * D, lane, D);
+        }
         const float* b = bias + (size_t)m * D;
         float v[PER_LANE];
         float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            const int d = lane + 32 * j;
-            v[j] = 0.0f;
-            if (d < D) {
-                const float t = fusion_load_h(hr, d) + b[d];
-                v[j] = t;
-                acc = fusion_is_finite(t) ? fmaf(gate[d], tanhf(t), acc)
-                                          : __int_as_float(0x7fc00000);
+        for (int jv = 0; jv < NV; ++jv) {
+            const int d0 = (lane + 32 * jv) * VEC;
+            if (d0 < D) {
+                float bv[VEC], gv[VEC];
+                fusion_load_f32<VEC>(b, d0, bv);
+                fusion_load_f32<VEC>(gate, d0, gv);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    const int j = jv * VEC + k;
+                    const float t = fusion_row_value(cur, j) + bv[k];
+                    v[j] = t;
+                    acc = fusion_is_finite(t) ? fmaf(gv[k], tanhf(t), acc)
+                                              : __int_as_float(0x7fc00000);
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    v[jv * VEC + k] = 0.0f;
+                }
             }
         }
         const float s = fusion_warp_sum(acc);
@@ -299,11 +402,13 @@ __device__ __forceinline__ void fusion_epilogue_warp(
             z[j] = fmaf(e, v[j], z[j] * scale);
         }
         run_max = new_max;
+        cur = ahead;
+        m = next;
     }
     __syncwarp();  // sc[] written by lane 0 is read by the lanes below
 
-    for (int m = lane; m < M; m += 32) {
-        w[(size_t)r * M + m] = mrow[m] ? expf(sc[m] - run_max) / run_sum : 0.0f;
+    for (int mm = lane; mm < M; mm += 32) {
+        w[(size_t)r * M + mm] = mrow[mm] ? expf(sc[mm] - run_max) / run_sum : 0.0f;
     }
 
     // z = sum_m a_m v_m, then LayerNorm (two-pass, biased variance).
@@ -311,7 +416,7 @@ __device__ __forceinline__ void fusion_epilogue_warp(
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
         z[j] = z[j] / run_sum;
-        if (lane + 32 * j < D) {
+        if (fusion_lane_d<VEC>(lane, j) < D) {
             lsum += z[j];
         }
     }
@@ -319,7 +424,7 @@ __device__ __forceinline__ void fusion_epilogue_warp(
     float lsq = 0.0f;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-        if (lane + 32 * j < D) {
+        if (fusion_lane_d<VEC>(lane, j) < D) {
             const float t = z[j] - mean;
             lsq = fmaf(t, t, lsq);
         }
@@ -328,32 +433,60 @@ __device__ __forceinline__ void fusion_epilogue_warp(
     const float rstd = 1.0f / sqrtf(var + eps);
     float* yr = y + (size_t)r * D;
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-        const int d = lane + 32 * j;
-        if (d < D) {
-            yr[d] = fmaf((z[j] - mean) * rstd, gamma[d], beta[d]);
+    for (int jv = 0; jv < NV; ++jv) {
+        const int d0 = (lane + 32 * jv) * VEC;
+        if (d0 < D) {
+            float ga[VEC], be[VEC], out[VEC];
+            fusion_load_f32<VEC>(gamma, d0, ga);
+            fusion_load_f32<VEC>(beta, d0, be);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                out[k] = fmaf((z[jv * VEC + k] - mean) * rstd, ga[k], be[k]);
+            }
+            if constexpr (VEC == 1) {
+                yr[d0] = out[0];
+            } else {
+#pragma unroll
+                for (int i = 0; i < VEC / 4; ++i) {
+                    fusion_vec16 q;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        q.w[k] = __float_as_uint(out[4 * i + k]);
+                    }
+                    *reinterpret_cast<fusion_vec16*>(yr + d0 + 4 * i) = q;
+                }
+            }
         }
     }
 }
 
 // The instantiations the host picks from (smallest PER_LANE with D <= 32 * PER_LANE), per dtype
-// of h. Same parameter list as fusion_epilogue_f32 (flags unused) so that one argument block
-// serves all.
-#define FUSION_EPILOGUE_WARP(PL, HT, DT)                                                         \
-    extern "C" __global__ void __launch_bounds__(256) fusion_epilogue_warp##PL##_##DT(          \
+// of h: `warp<PL>` one element a load, `vec<PL>` 16 bytes a load (PER_LANE 8 or more, so that
+// a lane holds whole vectors of every dtype). Same parameter list as fusion_epilogue_f32 (flags
+// unused) so that one argument block serves all.
+#define FUSION_EPILOGUE_WARP(NAME, PL, VEC, HT, DT)                                              \
+    extern "C" __global__ void __launch_bounds__(256) fusion_epilogue_##NAME##PL##_##DT(        \
         const HT* __restrict__ h, const float* __restrict__ bias,                               \
         const float* __restrict__ gate, const float* __restrict__ gamma,                        \
         const float* __restrict__ beta, const unsigned char* __restrict__ mask,                 \
         float* __restrict__ y, float* __restrict__ w, int n, int D, int M, float eps,           \
         int flags) {                                                                            \
         (void)flags;                                                                            \
-        fusion_epilogue_warp<PL, HT>(h, bias, gate, gamma, beta, mask, y, w, n, D, M, eps);     \
+        fusion_epilogue_warp<PL, VEC, HT>(h, bias, gate, gamma, beta, mask, y, w, n, D, M,      \
+                                          eps);                                                 \
     }
 #define FUSION_EPILOGUE_WARP_ALL(PL)                                                             \
-    FUSION_EPILOGUE_WARP(PL, float, f32)                                                        \
-    FUSION_EPILOGUE_WARP(PL, fusion_f16, f16)                                                   \
-    FUSION_EPILOGUE_WARP(PL, fusion_bf16, bf16)
+    FUSION_EPILOGUE_WARP(warp, PL, 1, float, f32)                                               \
+    FUSION_EPILOGUE_WARP(warp, PL, 1, fusion_f16, f16)                                          \
+    FUSION_EPILOGUE_WARP(warp, PL, 1, fusion_bf16, bf16)
+#define FUSION_EPILOGUE_VEC_ALL(PL)                                                              \
+    FUSION_EPILOGUE_WARP(vec, PL, 4, float, f32)                                                \
+    FUSION_EPILOGUE_WARP(vec, PL, 8, fusion_f16, f16)                                           \
+    FUSION_EPILOGUE_WARP(vec, PL, 8, fusion_bf16, bf16)
 FUSION_EPILOGUE_WARP_ALL(4)
 FUSION_EPILOGUE_WARP_ALL(8)
 FUSION_EPILOGUE_WARP_ALL(16)
 FUSION_EPILOGUE_WARP_ALL(32)
+FUSION_EPILOGUE_VEC_ALL(8)
+FUSION_EPILOGUE_VEC_ALL(16)
+FUSION_EPILOGUE_VEC_ALL(32)

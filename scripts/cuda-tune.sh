@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tuning sweep for the CUDA pipeline on a GPU machine, from a carried release binary:
 # FUSION_CUDA_CHUNK_MIB (chunk size of the copy/compute pipeline) over CHUNKS, REPS times
-# interleaved (host noise hits every setting alike), then the warp-per-row epilogue (opt-in,
-# FUSION_CUDA_EPILOGUE=warp; its selftest first) against the default block-per-row one, and
+# interleaved (host noise hits every setting alike), then the warp-per-row epilogues (opt-in,
+# FUSION_CUDA_EPILOGUE=warp and =vec; each one's selftest first) against the default
+# block-per-row one, and
 # f32 projections for half inputs (FUSION_CUDA_H=f32) against the default half ones. One
 # line per run (bench's human output, with its device/host breakdown).
 #
@@ -23,9 +24,11 @@ for rep in $(seq "$REPS"); do
     FUSION_CUDA_CHUNK_MIB=$c bench
   done
 done
-echo "== warp-per-row epilogue (FUSION_CUDA_EPILOGUE=warp): selftest, then bench"
-FUSION_CUDA_EPILOGUE=warp timeout 90 "$BIN" selftest --backend cuda 2>&1 | tail -3
-FUSION_CUDA_EPILOGUE=warp bench
+for epi in warp vec; do
+  echo "== warp-per-row epilogue (FUSION_CUDA_EPILOGUE=$epi): selftest, then bench"
+  FUSION_CUDA_EPILOGUE=$epi timeout 90 "$BIN" selftest --backend cuda 2>&1 | tail -3
+  FUSION_CUDA_EPILOGUE=$epi bench
+done
 echo "== block-per-row epilogue (default), default chunks"
 bench
 echo "== projections h in f32 for half inputs too (FUSION_CUDA_H=f32; default: h in the inputs' f16/bf16)"

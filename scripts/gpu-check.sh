@@ -19,7 +19,8 @@
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
 # f32 (FUSION_CUDA_H=f32), at B = 1024 and 8192. Then `bench --pinned` at B = 8192 in f32 and
 # f16 (inputs page-locked in place, copied to the device directly: docs/DESIGN.md section 6.7)
-# beside the pageable figure of the CUDA bench.
+# beside the pageable figure of the CUDA bench, then again with FUSION_CUDA_EPILOGUE=vec and
+# with chunks of PINNED_CHUNKS MiB (default "4 8 16"; the default chunk is 32 MiB).
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -90,11 +91,13 @@ run_tests() {
 
 echo "== selftest cuda"
 run_selftest cuda
-echo "== selftest cuda, warp-per-row epilogue (opt-in: FUSION_CUDA_EPILOGUE=warp)"
-if ! FUSION_CUDA_EPILOGUE=warp T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selftest-cuda-warp.txt"; then
-  echo "selftest --backend cuda with FUSION_CUDA_EPILOGUE=warp FAILED"
-  status=1
-fi
+for epi in warp vec; do
+  echo "== selftest cuda, warp-per-row epilogue (opt-in: FUSION_CUDA_EPILOGUE=$epi)"
+  if ! FUSION_CUDA_EPILOGUE=$epi T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selftest-cuda-$epi.txt"; then
+    echo "selftest --backend cuda with FUSION_CUDA_EPILOGUE=$epi FAILED"
+    status=1
+  fi
+done
 echo "== selftest cuda, projections h in f32 for half inputs too (FUSION_CUDA_H=f32, the path before f16 h)"
 if ! FUSION_CUDA_H=f32 T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selftest-cuda-h-f32.txt"; then
   echo "selftest --backend cuda with FUSION_CUDA_H=f32 FAILED"
@@ -102,19 +105,19 @@ if ! FUSION_CUDA_H=f32 T "$BIN" selftest --backend cuda 2>&1 | tee "$WORK/selfte
 fi
 echo "== bench cuda"
 case " $BACKENDS " in *" cuda "*) run_bench cuda ;; esac
-echo "== f16 head on the device vs its cuBLAS GEMMs: h in f16 (default) and in f32 (FUSION_CUDA_H=f32)"
+echo "== f16 head on the device vs its cuBLAS GEMMs: h in f16 (default) and in f32 (FUSION_CUDA_H=f32); epilogues block (default), warp, vec (FUSION_CUDA_EPILOGUE)"
 case " $BACKENDS " in *" cuda "*)
-  for hp in auto f32; do
-    FUSION_CUDA_H=$hp T "$BIN" bench --backend cuda --batch 1024,8192 --dtype f16 --iters "$ITERS" --json \
-      >"$WORK/bench-cuda-h-$hp.jsonl" 2>"$WORK/bench-cuda-h-$hp.err" \
-      || echo "bench with FUSION_CUDA_H=$hp failed: $(tail -3 "$WORK/bench-cuda-h-$hp.err")"
+  for cfg in auto:block f32:block auto:warp auto:vec; do
+    FUSION_CUDA_H=${cfg%%:*} FUSION_CUDA_EPILOGUE=${cfg##*:} T "$BIN" bench --backend cuda --batch 1024,8192 --dtype f16 --iters "$ITERS" --json \
+      >"$WORK/bench-cuda-h-$cfg.jsonl" 2>"$WORK/bench-cuda-h-$cfg.err" \
+      || echo "bench with FUSION_CUDA_H/EPILOGUE=$cfg failed: $(tail -3 "$WORK/bench-cuda-h-$cfg.err")"
   done
   python3 - "$WORK" <<'PY'
 import json, os, sys
 work = sys.argv[1]
-print("| FUSION_CUDA_H | B | dtype | device head ms | device GEMMs ms | head/GEMMs | runs with half h | f32 reruns | samples/s (host to host) |")
+print("| FUSION_CUDA_H:EPILOGUE | B | dtype | device head ms | device GEMMs ms | head/GEMMs | runs with half h | f32 reruns | samples/s (host to host) |")
 print("|---|---|---|---|---|---|---|---|---|")
-for hp in ("auto", "f32"):
+for hp in ("auto:block", "f32:block", "auto:warp", "auto:vec"):
     p = os.path.join(work, f"bench-cuda-h-{hp}.jsonl")
     for l in (open(p) if os.path.exists(p) else []):
         if not l.startswith("{"):
@@ -129,18 +132,32 @@ for hp in ("auto", "f32"):
 PY
   ;;
 esac
-echo "== pinned inputs (copied directly) vs pageable (staged), B = 8192"
+echo "== pinned inputs (copied directly) vs pageable (staged), B = 8192; pinned with other chunk sizes (PINNED_CHUNKS MiB) and the vec epilogue"
 case " $BACKENDS " in *" cuda "*)
   T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
     >"$WORK/bench-cuda-pinned.jsonl" 2>"$WORK/bench-cuda-pinned.err" \
     || echo "bench --pinned failed: $(tail -3 "$WORK/bench-cuda-pinned.err")"
+  FUSION_CUDA_EPILOGUE=vec T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
+    >"$WORK/bench-cuda-pinned-vec.jsonl" 2>"$WORK/bench-cuda-pinned-vec.err" \
+    || echo "bench --pinned (vec) failed: $(tail -3 "$WORK/bench-cuda-pinned-vec.err")"
+  for c in ${PINNED_CHUNKS:-4 8 16}; do
+    FUSION_CUDA_CHUNK_MIB=$c T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
+      >"$WORK/bench-cuda-pinned-chunk$c.jsonl" 2>"$WORK/bench-cuda-pinned-chunk$c.err" \
+      || echo "bench --pinned (chunks of $c MiB) failed: $(tail -3 "$WORK/bench-cuda-pinned-chunk$c.err")"
+  done
   python3 - "$WORK" <<'PY'
-import json, os, sys
+import glob, json, os, sys
 work = sys.argv[1]
-print("| inputs | B | dtype | ms (host to host) | samples/s | H2D GB/s | direct share | host stage / wait / drain ms |")
-print("|---|---|---|---|---|---|---|---|")
-for name in ("bench-cuda.jsonl", "bench-cuda-pinned.jsonl"):
+print("| inputs | setting | B | dtype | ms (host to host) | samples/s | H2D GB/s | direct share | host stage / wait / drain ms |")
+print("|---|---|---|---|---|---|---|---|---|")
+names = ["bench-cuda.jsonl", "bench-cuda-pinned.jsonl", "bench-cuda-pinned-vec.jsonl"]
+names += sorted((os.path.basename(p) for p in glob.glob(os.path.join(work, "bench-cuda-pinned-chunk*.jsonl"))),
+                key=lambda n: int(n[len("bench-cuda-pinned-chunk"):-len(".jsonl")]))
+for name in names:
     p = os.path.join(work, name)
+    setting = {"bench-cuda.jsonl": "defaults", "bench-cuda-pinned.jsonl": "defaults",
+               "bench-cuda-pinned-vec.jsonl": "FUSION_CUDA_EPILOGUE=vec"}.get(
+        name, "FUSION_CUDA_CHUNK_MIB=" + name[len("bench-cuda-pinned-chunk"):-len(".jsonl")])
     for l in (open(p) if os.path.exists(p) else []):
         if not l.startswith("{"):
             continue
@@ -153,7 +170,7 @@ for name in ("bench-cuda.jsonl", "bench-cuda-pinned.jsonl"):
         g = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
         host = (f"{r['host_stage_ms']:.2f} / {r['host_wait_ms']:.2f} / {r['host_drain_ms']:.2f}"
                 if "host_stage_ms" in r else "-")
-        print(f"| {r.get('inputs', 'pageable')} | {r['batch']} | {r.get('dtype')} | {g('ms_per_batch', '{:.3f}')} "
+        print(f"| {r.get('inputs', 'pageable')} | {setting} | {r['batch']} | {r.get('dtype')} | {g('ms_per_batch', '{:.3f}')} "
               f"| {g('samples_per_s', '{:.0f}')} | {g('h2d_gbps', '{:.1f}')} | {g('h2d_direct_share', '{:.3f}')} | {host} |")
 PY
   ;;

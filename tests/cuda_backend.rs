@@ -217,25 +217,55 @@ fn non_finite_found_in_a_later_chunk() {
     assert!(fusion_engine::reference::rel_error(&out.fused, &r.fused) < 1e-4);
 }
 
-/// The opt-in warp-per-row epilogue (`FUSION_CUDA_EPILOGUE=warp`) passes the whole selftest
-/// (every case against the float64 reference) on a GPU; skipped without one.
+/// The opt-in warp-per-row epilogues (`FUSION_CUDA_EPILOGUE=warp`, one element a load, and
+/// `vec`, 16 bytes a load) pass the whole selftest (every case against the float64 reference) on
+/// a GPU, and are the kernels that ran (bench's `epilogue_kernel` on the default head, D = 512);
+/// skipped without one.
 #[test]
-fn warp_per_row_epilogue_passes_selftest() {
+fn warp_per_row_epilogues_pass_selftest() {
     if !gpu_present() {
         eprintln!("skipping: no usable CUDA device");
         return;
     }
-    let out = bin()
-        .args(["selftest", "--backend", "cuda"])
-        .env("FUSION_CUDA_EPILOGUE", "warp")
-        .output()
-        .expect("run selftest");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (kind, prefix) in [
+        ("warp", "fusion_epilogue_warp16_"),
+        ("vec", "fusion_epilogue_vec16_"),
+    ] {
+        let out = bin()
+            .args(["selftest", "--backend", "cuda"])
+            .env("FUSION_CUDA_EPILOGUE", kind)
+            .output()
+            .expect("run selftest");
+        assert!(
+            out.status.success(),
+            "{kind}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for dtype in ["f32", "f16"] {
+            let out = bin()
+                .args([
+                    "bench",
+                    "--backend",
+                    "cuda",
+                    "--batch",
+                    "256",
+                    "--iters",
+                    "2",
+                ])
+                .args(["--dtype", dtype, "--json"])
+                .env("FUSION_CUDA_EPILOGUE", kind)
+                .output()
+                .expect("run bench");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let want = format!("\"epilogue_kernel\":\"{prefix}{dtype}\"");
+            assert!(
+                out.status.success() && stdout.contains(&want),
+                "{kind}, {dtype}: no {want} in\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }
 
 /// Half inputs get half projections, f32 inputs f32 ones (docs/DESIGN.md section 2.5), and both

@@ -1,9 +1,10 @@
 //! The CUDA kernels' logic without a GPU: tests/cuda_emulation/epilogue.cpp compiles
 //! kernels/fusion_epilogue.cu as C++ with every CUDA thread an OS thread (barriers for
-//! `__syncthreads`, `__syncwarp` and warp shuffles) and checks every epilogue variant, for each
-//! dtype of the projections `h` (f32, f16, bf16), against a double-precision reference, NaN rule
-//! included; then the whole head with the GEMM's rounding of `h` to f16/bf16 emulated, on fresh
-//! random inputs (seed printed; `FUSION_EMU_SEED` repeats one), within docs/DESIGN.md section
+//! `__syncthreads`, `__syncwarp` and warp shuffles) and checks every epilogue variant
+//! (block-per-row; warp-per-row one element a load, `warp`, and 16 bytes a load, `vec`), for
+//! each dtype of the projections `h` (f32, f16, bf16), against a double-precision reference, NaN
+//! rule included; then the whole head with the GEMM's rounding of `h` to f16/bf16 emulated, on
+//! fresh random inputs (seed printed; `FUSION_EMU_SEED` repeats one), within docs/DESIGN.md section
 //! 2.4's 1e-2, and `h` at the top of f16's range (overflow: that row's weights NaN). Needs a
 //! C++20 compiler (`g++`, or `CXX`); skipped with the reason without one, unless
 //! FUSION_REQUIRE_CXX=1 (as in CI).
@@ -18,7 +19,13 @@ fn epilogue_kernels_agree_with_the_reference_under_emulation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = dir.path().join("epilogue");
     let compiled = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-pthread", "-I"])
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-fno-strict-aliasing",
+            "-pthread",
+            "-I",
+        ])
         .arg(root.join("kernels"))
         .arg("-o")
         .arg(&exe)
@@ -61,11 +68,13 @@ fn epilogue_kernels_agree_with_the_reference_under_emulation() {
             .filter(|l| l.starts_with(prefix) && l.ends_with(" ok"))
             .count()
     };
-    // Every variant ran: 10 shapes x (3 block-per-row + 1 warp-per-row) on f32 h, and 4 shapes
-    // that reach every warp-per-row size (D = 33, 200, 512, 1024) on f16 and bf16 h.
-    assert_eq!(ok("h=f32 "), 40, "{stdout}");
-    assert_eq!(ok("h=f16 "), 16, "{stdout}");
-    assert_eq!(ok("h=bf16 "), 16, "{stdout}");
+    // Every variant ran: 10 shapes x (3 block-per-row + 1 warp-per-row) on f32 h, plus the
+    // 16-byte-load `vec` one on the 8 whose D is a multiple of 4; 4 shapes that reach every
+    // warp-per-row size (D = 33, 200, 512, 1024) on f16 and bf16 h, plus `vec` on the 3 whose D
+    // is a multiple of 8.
+    assert_eq!(ok("h=f32 "), 48, "{stdout}");
+    assert_eq!(ok("h=f16 "), 19, "{stdout}");
+    assert_eq!(ok("h=bf16 "), 19, "{stdout}");
     for t in ["f32", "f16", "bf16"] {
         for pl in [4, 8, 16, 32] {
             let name = format!(" warp{pl} ");
@@ -76,11 +85,22 @@ fn epilogue_kernels_agree_with_the_reference_under_emulation() {
                 "no passing {name} line for h={t}:\n{stdout}"
             );
         }
+        for pl in [8, 16, 32] {
+            let name = format!(" vec{pl} ");
+            assert!(
+                stdout.lines().any(|l| l.starts_with(&format!("h={t:<4}"))
+                    && l.contains(&name)
+                    && l.ends_with(" ok")),
+                "no passing {name} line for h={t}:\n{stdout}"
+            );
+        }
     }
     assert_eq!(ok("half conversions"), 1, "{stdout}");
-    // Whole head: 2 shapes x {f16, bf16} x {f32, half weights} x {block, warp}.
-    assert_eq!(ok("whole head "), 16, "{stdout}");
-    // f16 near its maximum, f16 overflow (Inf and a saturated 65504), bf16 max/Inf; both kinds.
-    assert_eq!(ok("edge "), 6, "{stdout}");
-    assert_eq!(stdout.lines().filter(|l| l.ends_with(" ok")).count(), 95);
+    // Whole head: 2 shapes x {f16, bf16} x {f32, half weights} x {block, warp}, and `vec` on
+    // the shape whose D (512) it fits.
+    assert_eq!(ok("whole head "), 20, "{stdout}");
+    // f16 near its maximum, f16 overflow (Inf and a saturated 65504), bf16 max/Inf; all three
+    // kinds.
+    assert_eq!(ok("edge "), 9, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(" ok")).count(), 116);
 }

@@ -144,6 +144,8 @@ pub struct RunStats {
     /// CUDA: bytes of `d2h_bytes` the device wrote straight into page-locked output memory
     /// (no host drain copy; docs/DESIGN.md section 6.7).
     pub d2h_direct_bytes: u64,
+    /// CUDA: the epilogue kernel of the last run (`FUSION_CUDA_EPILOGUE` picks among them).
+    pub epilogue_kernel: Option<&'static str>,
 }
 
 /// One opened device with an uploaded head.

@@ -9,7 +9,8 @@
 // kernel widens f16 with integer arithmetic here and with the GPU's cvt instruction on a GPU
 // (the one line this cannot check). Checked, against double-precision references:
 //   - the f16/bf16 converters (every f16 value; rounding against the compiler's _Float16);
-//   - every epilogue (block-per-row with each shared-memory flag combination, warp-per-row) for
+//   - every epilogue (block-per-row with each shared-memory flag combination, warp-per-row one
+//     element a load and 16 bytes a load where D allows: a multiple of 4 f32, 8 f16/bf16) for
 //     each dtype of h, on random projections as stored, with a NaN in a present projection (the
 //     row's weights must come out NaN, absent ones 0) and an Inf in an absent one (never read);
 //   - the whole head on fresh random inputs (seed from argv[1]) with the GEMM emulated as cuBLAS
@@ -175,8 +176,9 @@ static std::vector<unsigned char> random_mask(std::mt19937& rng, int n, int M) {
     return mask;
 }
 
-// ---- One launch of an epilogue variant: pl = 0 is block-per-row (block threads, flags), else
-// the warp-per-row kernel with PER_LANE = pl (8 rows of 256 threads per block).
+// ---- One launch of an epilogue variant: pl = 0 is block-per-row (block threads, flags), pl > 0
+// the warp-per-row kernel with PER_LANE = pl, pl < 0 the 16-byte-load one (`vec`) with
+// PER_LANE = -pl (both 8 rows of 256 threads per block).
 struct Out { std::vector<float> y, w; };
 static Out run(HT t, int pl, unsigned block, int flags, const Hbuf& h, const Head& hd,
                const std::vector<unsigned char>& mask, int n) {
@@ -187,7 +189,8 @@ static Out run(HT t, int pl, unsigned block, int flags, const Hbuf& h, const Hea
 #define DISPATCH(DT, HP) switch (pl) { \
         case 0: CALL(fusion_epilogue_##DT, HP); break; case 4: CALL(fusion_epilogue_warp4_##DT, HP); break; \
         case 8: CALL(fusion_epilogue_warp8_##DT, HP); break; case 16: CALL(fusion_epilogue_warp16_##DT, HP); break; \
-        default: CALL(fusion_epilogue_warp32_##DT, HP); }
+        case 32: CALL(fusion_epilogue_warp32_##DT, HP); break; case -8: CALL(fusion_epilogue_vec8_##DT, HP); break; \
+        case -16: CALL(fusion_epilogue_vec16_##DT, HP); break; default: CALL(fusion_epilogue_vec32_##DT, HP); }
     const unsigned rows = pl ? 8 : 1, threads = pl ? 256 : block;
     launch((n + rows - 1) / rows, threads, [&] {
         if (t == F32) { DISPATCH(f32, h.f32.data()) }
@@ -197,6 +200,16 @@ static Out run(HT t, int pl, unsigned block, int flags, const Hbuf& h, const Hea
     return o;
 }
 static int per_lane(int D) { return D <= 128 ? 4 : D <= 256 ? 8 : D <= 512 ? 16 : 32; }
+// The `vec` variant's pl for D in dtype t (negative, see run()), or 0 when its contract does not
+// hold (D a multiple of the elements one 16-byte load brings: 4 f32, 8 f16/bf16).
+static int vec_pl(HT t, int D) { return D % (t == F32 ? 4 : 8) ? 0 : -(D <= 256 ? 8 : D <= 512 ? 16 : 32); }
+// Block-per-row, warp-per-row and, where D fits it, vec.
+static std::vector<int> kinds(HT t, int D) {
+    std::vector<int> k = {0, per_lane(D)};
+    if (vec_pl(t, D)) k.push_back(vec_pl(t, D));
+    return k;
+}
+static const char* kind_name(int pl) { return pl == 0 ? "block" : pl > 0 ? "warp" : "vec"; }
 // ||out - ref|| / ||ref|| over `rows` (docs/DESIGN.md section 2.4); a non-finite value fails.
 static double rel_err(const std::vector<float>& o, const std::vector<double>& r, int width, const std::vector<int>& rows) {
     double num = 0, den = 0;
@@ -248,11 +261,14 @@ static void variants(std::mt19937& rng) {
             std::vector<double> hs(hb.stored.begin(), hb.stored.end()), ry, rw;
             reference(hd, hs, mask, n, ry, rw);
             struct V { const char* name; int pl; unsigned block; int flags; };
-            char warp_name[16];
+            char warp_name[16], vec_name[16];
             snprintf(warp_name, sizeof warp_name, "warp%d", per_lane(D));
+            snprintf(vec_name, sizeof vec_name, "vec%d", -vec_pl(t, D));
             const V vs[] = {{"block(z,h shared)", 0, 128, 3}, {"block(z shared)", 0, 96, 1},
-                            {"block(no shared)", 0, 64, 0}, {warp_name, per_lane(D), 256, 0}};
+                            {"block(no shared)", 0, 64, 0}, {warp_name, per_lane(D), 256, 0},
+                            {vec_name, vec_pl(t, D), 256, 0}};
             for (const V& v : vs) {
+                if (v.name == vec_name && v.pl == 0) continue;  // D does not fit 16-byte loads
                 Out o = run(t, v.pl, v.block, v.flags, hb, hd, mask, n);
                 double ey = 0, ew = 0;
                 for (int r : good) {
@@ -327,12 +343,12 @@ static void whole_head(unsigned seed) {
         std::vector<float> h = gemm(t, p.x, p.W, s.k, s.n, s.D);
         Hbuf half(t, h), full(F32, h);
         std::vector<int> all(s.n); for (int r = 0; r < s.n; ++r) all[r] = r;
-        for (int pl : {0, per_lane(s.D)}) {
+        for (int pl : kinds(t, s.D)) {
             Out o = run(t, pl, 128, 3, half, hd, mask, s.n), o32 = run(F32, pl, 128, 3, full, hd, mask, s.n);
             const double ey = rel_err(o.y, ry, s.D, all), ew = rel_err(o.w, rw, M, all);
             char line[240];
             snprintf(line, sizeof line, "whole head %-4s inputs, %s weights, D=%d M=%d %-5s: fused %.2e weights %.2e (f32 h: %.2e %.2e)",
-                     ht_name[t], hw ? ht_name[t] : "f32", s.D, M, pl ? "warp" : "block", ey, ew, rel_err(o32.y, ry, s.D, all), rel_err(o32.w, rw, M, all));
+                     ht_name[t], hw ? ht_name[t] : "f32", s.D, M, kind_name(pl), ey, ew, rel_err(o32.y, ry, s.D, all), rel_err(o32.w, rw, M, all));
             verdict(ey <= 1e-2 && ew <= 1e-2, line);
         }
     }
@@ -368,8 +384,8 @@ static void edges(unsigned seed) {
         for (int d = 0; d < D; ++d) row[d] *= 8e4f / rm;
     }
     std::vector<int> rest; for (int r = 0; r < n; ++r) if (r != over && r != sat) rest.push_back(r);
-    for (int pl : {0, per_lane(D)}) {
-        const char* kind = pl ? "warp" : "block";
+    for (int pl : kinds(F16, D)) {
+        const char* kind = kind_name(pl);
         Hbuf big(F16, gemm(F16, p.x, p.W, k, n, D));
         Out o = run(F16, pl, 128, 3, big, hd, mask, n);
         Out o32 = run(F32, pl, 128, 3, Hbuf(F32, gemm(F16, p.x, p.W, k, n, D)), hd, mask, n);

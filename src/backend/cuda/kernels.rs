@@ -51,6 +51,15 @@ pub const SOURCES: &[KernelSource] = &[KernelSource {
         EPILOGUE_WARP[3][0],
         EPILOGUE_WARP[3][1],
         EPILOGUE_WARP[3][2],
+        EPILOGUE_VEC[0][0],
+        EPILOGUE_VEC[0][1],
+        EPILOGUE_VEC[0][2],
+        EPILOGUE_VEC[1][0],
+        EPILOGUE_VEC[1][1],
+        EPILOGUE_VEC[1][2],
+        EPILOGUE_VEC[2][0],
+        EPILOGUE_VEC[2][1],
+        EPILOGUE_VEC[2][2],
     ],
 }];
 
@@ -95,6 +104,29 @@ pub(crate) const EPILOGUE_WARP: [[&str; 3]; 4] = [
         "fusion_epilogue_warp32_f32",
         "fusion_epilogue_warp32_f16",
         "fusion_epilogue_warp32_bf16",
+    ],
+];
+
+/// Elements per lane of each 16-byte-load warp-per-row epilogue (`vec`): whole vectors of every
+/// dtype (8 f16/bf16 a load), so 8 or more.
+pub(crate) const VEC_PER_LANE: [usize; 3] = [8, 16, 32];
+
+/// The 16-byte-load warp-per-row epilogues: per entry of [`VEC_PER_LANE`], per dtype of `h`.
+pub(crate) const EPILOGUE_VEC: [[&str; 3]; 3] = [
+    [
+        "fusion_epilogue_vec8_f32",
+        "fusion_epilogue_vec8_f16",
+        "fusion_epilogue_vec8_bf16",
+    ],
+    [
+        "fusion_epilogue_vec16_f32",
+        "fusion_epilogue_vec16_f16",
+        "fusion_epilogue_vec16_bf16",
+    ],
+    [
+        "fusion_epilogue_vec32_f32",
+        "fusion_epilogue_vec32_f16",
+        "fusion_epilogue_vec32_bf16",
     ],
 ];
 
@@ -306,6 +338,8 @@ pub(crate) struct Kernels {
     /// The warp-per-row epilogues, indexed like [`EPILOGUE_WARP`]: per elements per lane
     /// (smallest first), per dtype of `h`.
     pub epilogue_warp: Vec<Vec<CudaFunction>>,
+    /// The 16-byte-load warp-per-row epilogues, indexed like [`EPILOGUE_VEC`].
+    pub epilogue_vec: Vec<Vec<CudaFunction>>,
 }
 
 /// Compiled images per architecture, shared by devices of the same kind.
@@ -340,14 +374,17 @@ pub(crate) fn load(
         .iter()
         .map(|s| function(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let epilogue_warp = EPILOGUE_WARP
-        .iter()
-        .map(|syms| syms.iter().map(|s| function(s)).collect())
-        .collect::<Result<Vec<Vec<_>>, _>>()?;
+    let table = |t: &[[&str; 3]]| {
+        t.iter()
+            .map(|syms| syms.iter().map(|s| function(s)).collect())
+            .collect::<Result<Vec<Vec<_>>, _>>()
+    };
+    let (epilogue_warp, epilogue_vec) = (table(&EPILOGUE_WARP)?, table(&EPILOGUE_VEC)?);
     let k = Arc::new(Kernels {
         _module: module,
         epilogue,
         epilogue_warp,
+        epilogue_vec,
     });
     modules.insert(ordinal, k.clone());
     Ok(k)

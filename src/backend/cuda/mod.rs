@@ -72,6 +72,8 @@ pub struct CudaBackend {
 /// pipeline's buffers and the uploaded head.
 struct CudaDevice {
     smem_limit: usize,
+    /// The epilogue kernel `FUSION_CUDA_EPILOGUE` asks for (read at open).
+    epilogue: plan::EpilogueKind,
     // Field order is drop order: everything that lives in the context goes before the streams
     // and the context itself (and `Drop` synchronises first).
     head: Option<weights::DeviceHead>,
@@ -109,10 +111,12 @@ impl CudaBackend {
             .map_err(|e| unavailable(format!("{} ({}): {e}", gpu.name, gpu.arch())))?;
         let blas = blas::Blas::new(compute.cu_stream(), opts.allow_tf32).map_err(unavailable)?;
         let pipeline = pipeline::Pipeline::new(&ctx).map_err(unavailable)?;
+        let epilogue = plan::EpilogueKind::from_env().map_err(Error::Config)?;
         Ok(CudaBackend {
             info: device::info(&gpu, driver),
             device: Box::new(CudaDevice {
                 smem_limit: gpu.smem_per_block,
+                epilogue,
                 head: None,
                 pipeline,
                 blas,
@@ -169,6 +173,7 @@ impl CudaDevice {
                 &self.kernels,
                 streams,
                 self.smem_limit,
+                self.epilogue,
                 batch,
                 out,
                 path,

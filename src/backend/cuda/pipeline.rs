@@ -34,7 +34,7 @@ use super::kernels::Kernels;
 use super::mem::{de, DeviceBuf, Event, GrowOnly, PinnedBuf};
 use super::pinned::{direct_inputs_now, uploads, Src};
 use super::pinned_out::{direct_outputs_now, download_bytes, downloads, Dst};
-use super::plan::{epilogue_plan, layout, HPath, Plan};
+use super::plan::{epilogue_plan, layout, EpilogueKind, HPath, Plan};
 use super::weights::DeviceHead;
 use crate::backend::api::RunStats;
 use crate::batch::{BatchRef, OutputsMut};
@@ -171,6 +171,7 @@ impl Pipeline {
         kernels: &Kernels,
         streams: Streams,
         smem_limit: usize,
+        epilogue: EpilogueKind,
         batch: &BatchRef<'_>,
         mut out: Option<OutputsMut<'_>>,
         path: HPath,
@@ -183,7 +184,7 @@ impl Pipeline {
         let widths: Vec<usize> = head.modalities.iter().map(|md| md.width).collect();
         let nchunks = batch.rows.div_ceil(plan.chunk);
         let [bias, gate, gamma, beta] = dh.params();
-        let epi = epilogue_plan(kernels, d, m, smem_limit, plan.h_dtype)?;
+        let epi = epilogue_plan(kernels, epilogue, d, m, smem_limit, plan.h_dtype)?;
         let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
         let mut direct_bytes = 0u64;
 
@@ -439,6 +440,7 @@ impl Pipeline {
             let st = &mut self.stats;
             st.runs += 1;
             st.half_h_runs += u64::from(plan.h_dtype != DType::F32);
+            st.epilogue_kernel = Some(epi.name);
             st.h2d_direct_bytes += direct_bytes;
             st.host_stage_ms += stage_ms;
             st.host_wait_ms += wait_ms;

@@ -190,32 +190,83 @@ pub(super) struct EpiloguePlan {
 /// Warps (rows) per block of the warp-per-row epilogue.
 pub(super) const WARP_ROWS: usize = 8;
 
-/// The block-per-row epilogue (the one verified on a GPU: the H200 runs of docs/PERF.md), or,
-/// with `FUSION_CUDA_EPILOGUE=warp`, the warp-per-row one when D fits its registers (D <= 1024)
-/// and its M scores fit shared memory; either reading `h` in `h_dtype`. The warp-per-row kernel
-/// agrees with the reference under host emulation (tests/cuda_emulation.rs) and passed `selftest`
-/// and tests/cuda_backend.rs on an H200 (docs/PERF.md, session 6), but was not faster there
-/// overall (its epilogue 9-14% faster at B = 8192, 0.021 against 0.012 ms at B = 1024), so it
-/// stays opt-in.
+/// Which epilogue kernel runs (`FUSION_CUDA_EPILOGUE`; kernels/fusion_epilogue.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EpilogueKind {
+    /// One block per row, any D (unset, empty or `block`): the default, the one measured on
+    /// an H200 (docs/PERF.md "GPU").
+    Block,
+    /// One warp per row, one element a load (`warp`): agrees with the reference under host
+    /// emulation and passed `selftest` and tests/cuda_backend.rs on an H200 (session 6), but was
+    /// not faster there overall (its epilogue 9-14% faster at B = 8192, 0.021 against 0.012 ms
+    /// at B = 1024).
+    Warp,
+    /// One warp per row, 16 bytes a load (`vec`), where D is a multiple of the elements one
+    /// load brings (4 f32, 8 f16/bf16); else as [`EpilogueKind::Warp`]. Written for the f16
+    /// head's epilogue, which moved ~0.3 TB/s on an H200 (docs/PERF.md, session 14): checked by
+    /// host emulation and NVRTC, not yet run on a GPU.
+    Vec,
+}
+
+impl EpilogueKind {
+    /// `FUSION_CUDA_EPILOGUE` (read once); an unknown value is an error.
+    pub(super) fn from_env() -> Result<EpilogueKind, String> {
+        static V: std::sync::OnceLock<Result<EpilogueKind, String>> = std::sync::OnceLock::new();
+        V.get_or_init(|| EpilogueKind::parse(std::env::var("FUSION_CUDA_EPILOGUE").ok().as_deref()))
+            .clone()
+    }
+
+    /// [`EpilogueKind::from_env`] for the variable's value (`None`: unset).
+    fn parse(v: Option<&str>) -> Result<EpilogueKind, String> {
+        match v.map(str::trim) {
+            None | Some("") | Some("block") => Ok(EpilogueKind::Block),
+            Some("warp") => Ok(EpilogueKind::Warp),
+            Some("vec") => Ok(EpilogueKind::Vec),
+            Some(other) => Err(format!(
+                "FUSION_CUDA_EPILOGUE={other}: expected block, warp or vec"
+            )),
+        }
+    }
+}
+
+/// The epilogue `kind` asks for, where it fits the head (D up to 1024 and the M scores in
+/// shared memory for the warp-per-row ones, D a multiple of the load's elements for `vec`),
+/// else the block-per-row one; reading `h` in `h_dtype`. Every buffer the kernel reads or
+/// writes starts 256-byte aligned (device allocations, `align256` offsets), so with D a
+/// multiple of the load's elements every row of `h`, `bias`, `y` is 16-byte aligned too.
 pub(super) fn epilogue_plan(
     kernels: &Kernels,
+    kind: EpilogueKind,
     d: usize,
     m: usize,
     smem_limit: usize,
     h_dtype: DType,
 ) -> Result<EpiloguePlan, String> {
     let hi = super::kernels::h_index(h_dtype);
-    let want_warp = std::env::var("FUSION_CUDA_EPILOGUE").as_deref() == Ok("warp");
-    if let Some(i) = warp_variant(d, m, smem_limit).filter(|_| want_warp) {
-        if let Some(f) = kernels.epilogue_warp.get(i).and_then(|v| v.get(hi)) {
-            return Ok(EpiloguePlan {
-                func: f.cu_function(),
-                name: super::kernels::EPILOGUE_WARP[i][hi],
-                rows_per_block: WARP_ROWS as u32,
-                block: (32 * WARP_ROWS) as u32,
-                smem: (4 * WARP_ROWS * m) as u32,
-                flags: 0,
-            });
+    let warp = |func: Option<&cudarc::driver::CudaFunction>, name: &'static str| {
+        func.map(|f| EpiloguePlan {
+            func: f.cu_function(),
+            name,
+            rows_per_block: WARP_ROWS as u32,
+            block: (32 * WARP_ROWS) as u32,
+            smem: (4 * WARP_ROWS * m) as u32,
+            flags: 0,
+        })
+    };
+    if kind == EpilogueKind::Vec {
+        if let Some(i) = vec_variant(d, m, smem_limit, h_dtype) {
+            let f = kernels.epilogue_vec.get(i).and_then(|v| v.get(hi));
+            if let Some(p) = warp(f, super::kernels::EPILOGUE_VEC[i][hi]) {
+                return Ok(p);
+            }
+        }
+    }
+    if kind != EpilogueKind::Block {
+        if let Some(i) = warp_variant(d, m, smem_limit) {
+            let f = kernels.epilogue_warp.get(i).and_then(|v| v.get(hi));
+            if let Some(p) = warp(f, super::kernels::EPILOGUE_WARP[i][hi]) {
+                return Ok(p);
+            }
         }
     }
     let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
@@ -239,6 +290,17 @@ pub(super) fn warp_variant(d: usize, m: usize, smem_limit: usize) -> Option<usiz
         return None;
     }
     super::kernels::WARP_PER_LANE
+        .iter()
+        .position(|&per_lane| d <= 32 * per_lane)
+}
+
+/// Index into `EPILOGUE_VEC` of the smallest 16-byte-load variant for D and `h` in `h_dtype`,
+/// if one fits: D a multiple of the elements one 16-byte load of `h` brings.
+pub(super) fn vec_variant(d: usize, m: usize, smem_limit: usize, h_dtype: DType) -> Option<usize> {
+    if 4 * WARP_ROWS * m > smem_limit || !d.is_multiple_of(16 / h_dtype.size()) {
+        return None;
+    }
+    super::kernels::VEC_PER_LANE
         .iter()
         .position(|&per_lane| d <= 32 * per_lane)
 }
@@ -335,6 +397,36 @@ mod tests {
     }
 
     #[test]
+    fn vec_variant_needs_whole_16_byte_loads() {
+        use DType::*;
+        // The default head (D = 512): vec16 for every dtype.
+        for t in [F32, F16, BF16] {
+            assert_eq!(vec_variant(512, 3, 48 << 10, t), Some(1), "{t:?}");
+        }
+        // Smallest that holds D, 8 elements a lane at least.
+        assert_eq!(vec_variant(8, 1, 48 << 10, F16), Some(0));
+        assert_eq!(vec_variant(256, 1, 48 << 10, F32), Some(0));
+        assert_eq!(vec_variant(264, 1, 48 << 10, F16), Some(1));
+        assert_eq!(vec_variant(1024, 1, 48 << 10, BF16), Some(2));
+        // D not a multiple of the load's elements (4 f32, 8 halves), too large, too many scores.
+        assert_eq!(vec_variant(100, 1, 48 << 10, F32), Some(0));
+        assert_eq!(vec_variant(100, 1, 48 << 10, F16), None);
+        assert_eq!(vec_variant(514, 1, 48 << 10, F32), None);
+        assert_eq!(vec_variant(1032, 1, 48 << 10, F16), None);
+        assert_eq!(vec_variant(64, 2000, 48 << 10, F32), None);
+    }
+
+    #[test]
+    fn fusion_cuda_epilogue_values() {
+        assert_eq!(EpilogueKind::parse(None), Ok(EpilogueKind::Block));
+        assert_eq!(EpilogueKind::parse(Some(" block")), Ok(EpilogueKind::Block));
+        assert_eq!(EpilogueKind::parse(Some("warp")), Ok(EpilogueKind::Warp));
+        assert_eq!(EpilogueKind::parse(Some("vec\n")), Ok(EpilogueKind::Vec));
+        let e = EpilogueKind::parse(Some("fast")).expect_err("not a kind");
+        assert!(e.contains("FUSION_CUDA_EPILOGUE=fast"), "{e}");
+    }
+
+    #[test]
     fn h_is_half_only_when_every_gemm_is_that_half() {
         use DType::*;
         assert_eq!(h_dtype(&[F16, F16, F16], HPath::Auto), F16);
@@ -363,7 +455,9 @@ mod tests {
 
     #[test]
     fn every_h_dtype_has_its_kernels() {
-        use super::super::kernels::{h_index, EPILOGUE, EPILOGUE_WARP, WARP_PER_LANE};
+        use super::super::kernels::{
+            h_index, EPILOGUE, EPILOGUE_VEC, EPILOGUE_WARP, VEC_PER_LANE, WARP_PER_LANE,
+        };
         for (i, t) in [DType::F32, DType::F16, DType::BF16]
             .into_iter()
             .enumerate()
@@ -375,6 +469,12 @@ mod tests {
                 assert_eq!(
                     EPILOGUE_WARP[j][i],
                     format!("fusion_epilogue_warp{pl}{suffix}")
+                );
+            }
+            for (j, pl) in VEC_PER_LANE.iter().enumerate() {
+                assert_eq!(
+                    EPILOGUE_VEC[j][i],
+                    format!("fusion_epilogue_vec{pl}{suffix}")
                 );
             }
         }

@@ -215,6 +215,9 @@ fn print_backend_result(r: &BenchResult) {
                 r.dtype, s.half_h_runs, s.h_f32_reruns
             );
         }
+        if let Some(k) = s.epilogue_kernel {
+            println!("      epilogue kernel: {k}");
+        }
     }
 }
 

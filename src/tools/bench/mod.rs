@@ -106,6 +106,8 @@ pub struct StageTimes {
     /// section 2.5), and batches recomputed with f32 projections after a half overflow.
     pub half_h_runs: u64,
     pub h_f32_reruns: u64,
+    /// The epilogue kernel that ran (CUDA: `FUSION_CUDA_EPILOGUE` picks it).
+    pub epilogue_kernel: Option<&'static str>,
 }
 
 /// `part / all`, 0 when nothing was copied.
@@ -146,6 +148,7 @@ impl StageTimes {
             host_drain_ms: s.host_drain_ms / n,
             half_h_runs: s.half_h_runs,
             h_f32_reruns: s.h_f32_reruns,
+            epilogue_kernel: s.epilogue_kernel,
         })
     }
 }

@@ -22,6 +22,7 @@ fn stage_times_are_per_batch_means_and_rates() {
         h_f32_reruns: 1,
         h2d_direct_bytes: 50_000_000,
         d2h_direct_bytes: 30_000_000,
+        epilogue_kernel: Some("fusion_epilogue_vec16_f16"),
     };
     let t = StageTimes::from_stats(&s, 1000).expect("runs > 0");
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
@@ -37,6 +38,7 @@ fn stage_times_are_per_batch_means_and_rates() {
     assert!(close(t.host_wait_ms, 0.25));
     assert!(close(t.host_drain_ms, 1.0));
     assert_eq!((t.half_h_runs, t.h_f32_reruns), (3, 1));
+    assert_eq!(t.epilogue_kernel, Some("fusion_epilogue_vec16_f16"));
     // No copy timed: the rate is NaN, not a division by zero passed off as a number.
     let none = RunStats {
         runs: 1,
