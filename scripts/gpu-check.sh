@@ -19,8 +19,9 @@
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
 # f32 (FUSION_CUDA_H=f32), at B = 1024 and 8192. Then `bench --pinned` at B = 8192 in f32 and
 # f16 (inputs page-locked in place, copied to the device directly: docs/DESIGN.md section 6.7)
-# beside the pageable figure of the CUDA bench, then again with FUSION_CUDA_EPILOGUE=vec and
-# with chunks of PINNED_CHUNKS MiB (default "4 8 16"; the default chunk is 32 MiB).
+# beside the pageable figure of the CUDA bench, then again with FUSION_CUDA_EPILOGUE=vec, with
+# FUSION_CUDA_TAPER=1 (the last chunks halving) and with chunks of PINNED_CHUNKS MiB (default
+# "4 8 16"; the default chunk is 32 MiB).
 #
 # Runs `devices`, `selftest` on every backend, `bench` for cuda/wgpu/cpu at B = 64, 1024, 8192 in
 # f32 and f16, the same head in PyTorch CUDA (eager and torch.compile) on the same shapes, the
@@ -132,7 +133,7 @@ for hp in ("auto:block", "f32:block", "auto:warp", "auto:vec"):
 PY
   ;;
 esac
-echo "== pinned inputs (copied directly) vs pageable (staged), B = 8192; pinned with other chunk sizes (PINNED_CHUNKS MiB) and the vec epilogue"
+echo "== pinned inputs (copied directly) vs pageable (staged), B = 8192; pinned with the vec epilogue, tapered chunks, other chunk sizes (PINNED_CHUNKS MiB)"
 case " $BACKENDS " in *" cuda "*)
   T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
     >"$WORK/bench-cuda-pinned.jsonl" 2>"$WORK/bench-cuda-pinned.err" \
@@ -140,6 +141,9 @@ case " $BACKENDS " in *" cuda "*)
   FUSION_CUDA_EPILOGUE=vec T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
     >"$WORK/bench-cuda-pinned-vec.jsonl" 2>"$WORK/bench-cuda-pinned-vec.err" \
     || echo "bench --pinned (vec) failed: $(tail -3 "$WORK/bench-cuda-pinned-vec.err")"
+  FUSION_CUDA_TAPER=1 T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
+    >"$WORK/bench-cuda-pinned-taper.jsonl" 2>"$WORK/bench-cuda-pinned-taper.err" \
+    || echo "bench --pinned (taper) failed: $(tail -3 "$WORK/bench-cuda-pinned-taper.err")"
   for c in ${PINNED_CHUNKS:-4 8 16}; do
     FUSION_CUDA_CHUNK_MIB=$c T "$BIN" bench --backend cuda --pinned --batch 8192 --dtype f32,f16 --iters "$ITERS" --json \
       >"$WORK/bench-cuda-pinned-chunk$c.jsonl" 2>"$WORK/bench-cuda-pinned-chunk$c.err" \
@@ -150,13 +154,14 @@ import glob, json, os, sys
 work = sys.argv[1]
 print("| inputs | setting | B | dtype | ms (host to host) | samples/s | H2D GB/s | direct share | host stage / wait / drain ms |")
 print("|---|---|---|---|---|---|---|---|---|")
-names = ["bench-cuda.jsonl", "bench-cuda-pinned.jsonl", "bench-cuda-pinned-vec.jsonl"]
+names = ["bench-cuda.jsonl", "bench-cuda-pinned.jsonl", "bench-cuda-pinned-vec.jsonl", "bench-cuda-pinned-taper.jsonl"]
 names += sorted((os.path.basename(p) for p in glob.glob(os.path.join(work, "bench-cuda-pinned-chunk*.jsonl"))),
                 key=lambda n: int(n[len("bench-cuda-pinned-chunk"):-len(".jsonl")]))
 for name in names:
     p = os.path.join(work, name)
     setting = {"bench-cuda.jsonl": "defaults", "bench-cuda-pinned.jsonl": "defaults",
-               "bench-cuda-pinned-vec.jsonl": "FUSION_CUDA_EPILOGUE=vec"}.get(
+               "bench-cuda-pinned-vec.jsonl": "FUSION_CUDA_EPILOGUE=vec",
+               "bench-cuda-pinned-taper.jsonl": "FUSION_CUDA_TAPER=1"}.get(
         name, "FUSION_CUDA_CHUNK_MIB=" + name[len("bench-cuda-pinned-chunk"):-len(".jsonl")])
     for l in (open(p) if os.path.exists(p) else []):
         if not l.startswith("{"):

@@ -12,7 +12,8 @@
 //! - [`blas`]: the cuBLAS handle and the projection GEMM.
 //! - [`mem`]: grow-only device and pinned buffers ([`mem::GrowOnly`]), events.
 //! - [`weights`]: the head on the device.
-//! - [`plan`]: chunk sizes, chunk byte layout, epilogue launch shape.
+//! - [`plan`]: chunk sizes, chunk byte layout, the dtype of `h`.
+//! - [`epilogue_plan`]: which epilogue kernel runs (`FUSION_CUDA_EPILOGUE`), its launch shape.
 //! - [`pinned`]: page-locking batch buffers in place, and the per-chunk copies that read them
 //!   directly (docs/DESIGN.md section 6.7).
 //! - [`pipeline`]: the chunked, double-buffered launch sequence ([`pipeline::Pipeline`]).
@@ -30,6 +31,7 @@ use crate::model::FusionHead;
 
 mod blas;
 mod device;
+mod epilogue_plan;
 mod kernels;
 mod libs;
 mod mem;
@@ -73,7 +75,7 @@ pub struct CudaBackend {
 struct CudaDevice {
     smem_limit: usize,
     /// The epilogue kernel `FUSION_CUDA_EPILOGUE` asks for (read at open).
-    epilogue: plan::EpilogueKind,
+    epilogue: epilogue_plan::EpilogueKind,
     // Field order is drop order: everything that lives in the context goes before the streams
     // and the context itself (and `Drop` synchronises first).
     head: Option<weights::DeviceHead>,
@@ -111,7 +113,7 @@ impl CudaBackend {
             .map_err(|e| unavailable(format!("{} ({}): {e}", gpu.name, gpu.arch())))?;
         let blas = blas::Blas::new(compute.cu_stream(), opts.allow_tf32).map_err(unavailable)?;
         let pipeline = pipeline::Pipeline::new(&ctx).map_err(unavailable)?;
-        let epilogue = plan::EpilogueKind::from_env().map_err(Error::Config)?;
+        let epilogue = epilogue_plan::EpilogueKind::from_env().map_err(Error::Config)?;
         Ok(CudaBackend {
             info: device::info(&gpu, driver),
             device: Box::new(CudaDevice {

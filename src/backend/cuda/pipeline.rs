@@ -30,11 +30,12 @@ use cudarc::driver::sys::CUstream;
 use rayon::prelude::*;
 
 use super::blas::Blas;
+use super::epilogue_plan::{epilogue_plan, EpilogueKind};
 use super::kernels::Kernels;
 use super::mem::{de, DeviceBuf, Event, GrowOnly, PinnedBuf};
 use super::pinned::{direct_inputs_now, uploads, Src};
 use super::pinned_out::{direct_outputs_now, download_bytes, downloads, Dst};
-use super::plan::{epilogue_plan, layout, EpilogueKind, HPath, Plan};
+use super::plan::{layout, HPath, Plan};
 use super::weights::DeviceHead;
 use crate::backend::api::RunStats;
 use crate::batch::{BatchRef, OutputsMut};
@@ -182,7 +183,7 @@ impl Pipeline {
         let head = dh.head.clone();
         let (d, m) = (head.dim, head.num_modalities());
         let widths: Vec<usize> = head.modalities.iter().map(|md| md.width).collect();
-        let nchunks = batch.rows.div_ceil(plan.chunk);
+        let nchunks = plan.nchunks();
         let [bias, gate, gamma, beta] = dh.params();
         let epi = epilogue_plan(kernels, epilogue, d, m, smem_limit, plan.h_dtype)?;
         let (mut stage_ms, mut wait_ms, mut drain_ms) = (0.0, 0.0, 0.0);
@@ -190,7 +191,7 @@ impl Pipeline {
 
         for k in 0..nchunks + 1 {
             if k < nchunks {
-                let (r0, n, l) = plan.chunk_at(k, batch.rows, &widths, d);
+                let (r0, n, l) = plan.chunk_at(k, &widths, d);
                 let s = &mut self.slots[k % SLOTS];
                 // Matrices in page-locked batch memory are copied from there, not staged
                 // (docs/DESIGN.md section 6.7).
@@ -393,7 +394,7 @@ impl Pipeline {
             if k >= 1 {
                 if let Some(out) = out.as_mut() {
                     let j = k - 1;
-                    let (r0, n, l) = plan.chunk_at(j, batch.rows, &widths, d);
+                    let (r0, n, l) = plan.chunk_at(j, &widths, d);
                     let s = &self.slots[j % SLOTS];
                     let t = Instant::now();
                     // Also the wait for the rows downloaded straight into `out`: every chunk is

@@ -1,9 +1,9 @@
 //! Chunk planning for the CUDA pipeline: how a batch is cut into chunks (about `CHUNK_BYTES` of
-//! input each, at least two once it holds `2 * SPLIT_BYTES`), the byte layout of a chunk's
-//! input and output slots, and how the epilogue kernel is launched for a head. Pure
-//! arithmetic: the launch sequence that follows the plan is `pipeline.rs`.
+//! input each, at least two once it holds `2 * SPLIT_BYTES`; with `FUSION_CUDA_TAPER=1` the
+//! last ones halving), the byte layout of a chunk's input and output slots, and the dtype of
+//! the projections `h`. Pure arithmetic: the launch sequence that follows the plan is
+//! `pipeline.rs`, the epilogue's launch shape `epilogue_plan.rs`.
 
-use super::kernels::Kernels;
 use super::mem::align256;
 use super::weights::DeviceHead;
 use crate::batch::BatchRef;
@@ -35,6 +35,57 @@ fn chunk_rows(rows: usize, row_bytes: usize, chunk_bytes: usize) -> usize {
     rows.div_ceil(nchunks.max(1)).max(1)
 }
 
+/// Row counts of a batch's chunks in order: [`chunk_rows`]'s chunks of one size (the last one
+/// smaller), or, with `taper` and when those are two or more, chunks of that size while more
+/// than two chunks' worth remains, then chunks halving down to at most `2 * MIN_CHUNK_ROWS`
+/// rows. What tapering is for: a batch's last chunk's compute and download overlap nothing (the
+/// copies before it overlap the chunks before), so a small last chunk shortens the run, while
+/// most bytes still go in large copies (a pinned copy's rate grew with its size on an H200,
+/// docs/PERF.md session 5; B = 8192 f16 from page-locked inputs waited 0.71 ms a batch for
+/// copies of 0.61 ms, session 14). Opt-in (`FUSION_CUDA_TAPER=1`) until measured on a GPU.
+fn chunk_sizes(rows: usize, row_bytes: usize, chunk_bytes: usize, taper: bool) -> Vec<usize> {
+    let c = chunk_rows(rows, row_bytes, chunk_bytes);
+    let uniform = || {
+        let mut v = vec![c; rows / c];
+        if !rows.is_multiple_of(c) {
+            v.push(rows % c);
+        }
+        v
+    };
+    if !taper || c >= rows || rows <= 2 * MIN_CHUNK_ROWS {
+        return uniform();
+    }
+    let mut sizes = Vec::new();
+    let mut left = rows;
+    while left > 2 * c {
+        sizes.push(c);
+        left -= c;
+    }
+    while left > 2 * MIN_CHUNK_ROWS {
+        let n = left.div_ceil(2);
+        sizes.push(n);
+        left -= n;
+    }
+    sizes.push(left);
+    sizes
+}
+
+/// `FUSION_CUDA_TAPER`: `1` tapers the last chunks ([`chunk_sizes`]); unset, empty or `0` does
+/// not; anything else does not either, with a warning (read once).
+fn taper() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(
+        || match std::env::var("FUSION_CUDA_TAPER").as_deref().map(str::trim) {
+            Ok("1") => true,
+            Err(_) | Ok("") | Ok("0") => false,
+            Ok(other) => {
+                tracing::warn!("FUSION_CUDA_TAPER={other}: expected 1 or 0; not tapering");
+                false
+            }
+        },
+    )
+}
+
 /// [`CHUNK_BYTES`], or `FUSION_CUDA_CHUNK_MIB` MiB when set to a positive number.
 fn chunk_bytes() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -48,9 +99,6 @@ fn chunk_bytes() -> usize {
 }
 /// Fewest rows per chunk (GEMM efficiency).
 const MIN_CHUNK_ROWS: usize = 128;
-/// Epilogue flags (kernels/fusion_epilogue.cu).
-pub(super) const Z_IN_SHARED: i32 = 1;
-pub(super) const H_IN_SHARED: i32 = 2;
 
 /// Byte layout of one chunk of `n` rows.
 pub(super) struct Layout {
@@ -103,7 +151,10 @@ pub(super) fn h_dtype(gemm_dtype: &[DType], path: HPath) -> DType {
 
 /// Per-batch plan.
 pub(super) struct Plan {
+    /// Rows of the largest chunk (what the buffers are sized for).
     pub(super) chunk: usize,
+    /// Each chunk's first row and row count, in order.
+    chunks: Vec<(usize, usize)>,
     /// Per modality: the dtype staged and multiplied (the input's, or f32 when the weights do
     /// not fit the input's dtype; then the host widens while staging).
     pub(super) gemm_dtype: Vec<DType>,
@@ -135,25 +186,37 @@ impl Plan {
             .map(|(m, t)| m.width * t.size())
             .sum::<usize>()
             + head.num_modalities();
-        let chunk = chunk_rows(batch.rows, row_bytes, chunk_bytes());
+        let sizes = chunk_sizes(batch.rows, row_bytes, chunk_bytes(), taper());
+        let chunks: Vec<(usize, usize)> = sizes
+            .iter()
+            .scan(0, |r0, &n| {
+                let c = (*r0, n);
+                *r0 += n;
+                Some(c)
+            })
+            .collect();
         let h_dtype = h_dtype(&gemm_dtype, path);
         Ok(Plan {
-            chunk,
+            chunk: sizes.iter().copied().max().unwrap_or(0),
+            chunks,
             gemm_dtype,
             h_dtype,
         })
     }
 
-    /// Chunk `k` of a batch of `rows`: its first row, its row count and its byte layout.
+    /// Chunks of the batch.
+    pub(super) fn nchunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Chunk `k` (< [`Plan::nchunks`]): its first row, its row count and its byte layout.
     pub(super) fn chunk_at(
         &self,
         k: usize,
-        rows: usize,
         widths: &[usize],
         dim: usize,
     ) -> (usize, usize, Layout) {
-        let r0 = k * self.chunk;
-        let n = self.chunk.min(rows - r0);
+        let (r0, n) = self.chunks.get(k).copied().unwrap_or((0, 0));
         (r0, n, layout(n, widths, &self.gemm_dtype, dim))
     }
 }
@@ -175,161 +238,6 @@ pub(super) fn layout(n: usize, widths: &[usize], dtypes: &[DType], dim: usize) -
         w_off,
         out_bytes: w_off + n * widths.len() * 4,
     }
-}
-
-/// How the epilogue is launched for one head.
-pub(super) struct EpiloguePlan {
-    pub(super) func: cudarc::driver::sys::CUfunction,
-    pub(super) name: &'static str,
-    pub(super) rows_per_block: u32,
-    pub(super) block: u32,
-    pub(super) smem: u32,
-    pub(super) flags: i32,
-}
-
-/// Warps (rows) per block of the warp-per-row epilogue.
-pub(super) const WARP_ROWS: usize = 8;
-
-/// Which epilogue kernel runs (`FUSION_CUDA_EPILOGUE`; kernels/fusion_epilogue.cu).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum EpilogueKind {
-    /// One block per row, any D (unset, empty or `block`): the default, the one measured on
-    /// an H200 (docs/PERF.md "GPU").
-    Block,
-    /// One warp per row, one element a load (`warp`): agrees with the reference under host
-    /// emulation and passed `selftest` and tests/cuda_backend.rs on an H200 (session 6), but was
-    /// not faster there overall (its epilogue 9-14% faster at B = 8192, 0.021 against 0.012 ms
-    /// at B = 1024).
-    Warp,
-    /// One warp per row, 16 bytes a load (`vec`), where D is a multiple of the elements one
-    /// load brings (4 f32, 8 f16/bf16); else as [`EpilogueKind::Warp`]. Written for the f16
-    /// head's epilogue, which moved ~0.3 TB/s on an H200 (docs/PERF.md, session 14): checked by
-    /// host emulation and NVRTC, not yet run on a GPU.
-    Vec,
-}
-
-impl EpilogueKind {
-    /// `FUSION_CUDA_EPILOGUE` (read once); an unknown value is an error.
-    pub(super) fn from_env() -> Result<EpilogueKind, String> {
-        static V: std::sync::OnceLock<Result<EpilogueKind, String>> = std::sync::OnceLock::new();
-        V.get_or_init(|| EpilogueKind::parse(std::env::var("FUSION_CUDA_EPILOGUE").ok().as_deref()))
-            .clone()
-    }
-
-    /// [`EpilogueKind::from_env`] for the variable's value (`None`: unset).
-    fn parse(v: Option<&str>) -> Result<EpilogueKind, String> {
-        match v.map(str::trim) {
-            None | Some("") | Some("block") => Ok(EpilogueKind::Block),
-            Some("warp") => Ok(EpilogueKind::Warp),
-            Some("vec") => Ok(EpilogueKind::Vec),
-            Some(other) => Err(format!(
-                "FUSION_CUDA_EPILOGUE={other}: expected block, warp or vec"
-            )),
-        }
-    }
-}
-
-/// The epilogue `kind` asks for, where it fits the head (D up to 1024 and the M scores in
-/// shared memory for the warp-per-row ones, D a multiple of the load's elements for `vec`),
-/// else the block-per-row one; reading `h` in `h_dtype`. Every buffer the kernel reads or
-/// writes starts 256-byte aligned (device allocations, `align256` offsets), so with D a
-/// multiple of the load's elements every row of `h`, `bias`, `y` is 16-byte aligned too.
-pub(super) fn epilogue_plan(
-    kernels: &Kernels,
-    kind: EpilogueKind,
-    d: usize,
-    m: usize,
-    smem_limit: usize,
-    h_dtype: DType,
-) -> Result<EpiloguePlan, String> {
-    let hi = super::kernels::h_index(h_dtype);
-    let warp = |func: Option<&cudarc::driver::CudaFunction>, name: &'static str| {
-        func.map(|f| EpiloguePlan {
-            func: f.cu_function(),
-            name,
-            rows_per_block: WARP_ROWS as u32,
-            block: (32 * WARP_ROWS) as u32,
-            smem: (4 * WARP_ROWS * m) as u32,
-            flags: 0,
-        })
-    };
-    if kind == EpilogueKind::Vec {
-        if let Some(i) = vec_variant(d, m, smem_limit, h_dtype) {
-            let f = kernels.epilogue_vec.get(i).and_then(|v| v.get(hi));
-            if let Some(p) = warp(f, super::kernels::EPILOGUE_VEC[i][hi]) {
-                return Ok(p);
-            }
-        }
-    }
-    if kind != EpilogueKind::Block {
-        if let Some(i) = warp_variant(d, m, smem_limit) {
-            let f = kernels.epilogue_warp.get(i).and_then(|v| v.get(hi));
-            if let Some(p) = warp(f, super::kernels::EPILOGUE_WARP[i][hi]) {
-                return Ok(p);
-            }
-        }
-    }
-    let (block, smem, flags) = epilogue_shape(d, m, smem_limit)?;
-    let func = kernels
-        .epilogue
-        .get(hi)
-        .ok_or_else(|| format!("no epilogue kernel for h in {h_dtype:?}"))?;
-    Ok(EpiloguePlan {
-        func: func.cu_function(),
-        name: super::kernels::EPILOGUE[hi],
-        rows_per_block: 1,
-        block,
-        smem,
-        flags,
-    })
-}
-
-/// Index into `EPILOGUE_WARP` of the smallest warp-per-row variant for D, if one fits.
-pub(super) fn warp_variant(d: usize, m: usize, smem_limit: usize) -> Option<usize> {
-    if 4 * WARP_ROWS * m > smem_limit {
-        return None;
-    }
-    super::kernels::WARP_PER_LANE
-        .iter()
-        .position(|&per_lane| d <= 32 * per_lane)
-}
-
-/// Index into `EPILOGUE_VEC` of the smallest 16-byte-load variant for D and `h` in `h_dtype`,
-/// if one fits: D a multiple of the elements one 16-byte load of `h` brings.
-pub(super) fn vec_variant(d: usize, m: usize, smem_limit: usize, h_dtype: DType) -> Option<usize> {
-    if 4 * WARP_ROWS * m > smem_limit || !d.is_multiple_of(16 / h_dtype.size()) {
-        return None;
-    }
-    super::kernels::VEC_PER_LANE
-        .iter()
-        .position(|&per_lane| d <= 32 * per_lane)
-}
-
-/// Block size, dynamic shared memory and flags for the block-per-row epilogue.
-pub(super) fn epilogue_shape(
-    d: usize,
-    m: usize,
-    smem_limit: usize,
-) -> Result<(u32, u32, i32), String> {
-    // About 4 elements per thread, 1 to 8 warps.
-    let block = (d.div_ceil(4).div_ceil(32) * 32).clamp(32, 256) as u32;
-    let base = 4 * (32 + 2 * m);
-    if base > smem_limit {
-        return Err(format!(
-            "{m} modalities need {base} B of shared memory, the GPU has {smem_limit}"
-        ));
-    }
-    let mut smem = base;
-    let mut flags = 0;
-    if base + 4 * d <= smem_limit {
-        smem += 4 * d;
-        flags |= Z_IN_SHARED;
-        if smem + 4 * m * d <= smem_limit {
-            smem += 4 * m * d;
-            flags |= H_IN_SHARED;
-        }
-    }
-    Ok((block, smem as u32, flags))
 }
 
 #[cfg(test)]
@@ -368,6 +276,56 @@ mod tests {
     }
 
     #[test]
+    fn tapered_chunks_cover_the_batch_and_end_small() {
+        let (f32_row, f16_row) = (1920 * 4 + 3, 1920 * 2 + 3);
+        let covers = |v: &[usize], rows: usize| v.iter().sum::<usize>() == rows && !v.contains(&0);
+        // Not tapering: chunk_rows's chunks, the last one what is left.
+        assert_eq!(chunk_sizes(8192, f16_row, CHUNK_BYTES, false), [4096, 4096]);
+        assert_eq!(chunk_sizes(1000, f32_row, 1, false), [125; 8]);
+        let mut v = vec![126; 7];
+        v.push(119);
+        assert_eq!(chunk_sizes(1001, 1 << 20, CHUNK_BYTES, false), v);
+        // B = 8192 f16 (two halves untapered): halving down to 256 rows.
+        assert_eq!(
+            chunk_sizes(8192, f16_row, CHUNK_BYTES, true),
+            [4096, 2048, 1024, 512, 256, 256]
+        );
+        // B = 8192 f32 at 8 MiB chunks (1091 rows each, 8 of them): full chunks while more than
+        // two remain, then the halving tail; every chunk within the target.
+        let c = chunk_rows(8192, f32_row, 8 << 20);
+        let v = chunk_sizes(8192, f32_row, 8 << 20, true);
+        assert!(covers(&v, 8192), "{v:?}");
+        assert!(v.iter().all(|&n| n <= c), "{v:?} (chunk {c})");
+        assert!(*v.last().expect("chunks") <= 2 * MIN_CHUNK_ROWS, "{v:?}");
+        assert!(v.windows(2).all(|w| w[0] >= w[1]), "{v:?}");
+        // One chunk, or too few rows to taper: as untapered.
+        assert_eq!(chunk_sizes(1024, f32_row, CHUNK_BYTES, true), [1024]);
+        assert_eq!(chunk_sizes(200, 1 << 20, CHUNK_BYTES, true), [100, 100]);
+        // Random batches: the chunks cover the rows in order, none empty, none over the largest
+        // untapered one unless it is the small last chunk.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let rows = 1 + (seed % 50_000) as usize;
+            let row_bytes = 1 + ((seed >> 20) % 20_000) as usize;
+            let chunk_bytes = 1 + ((seed >> 40) % (64 << 20)) as usize;
+            let c = chunk_rows(rows, row_bytes, chunk_bytes);
+            for taper in [false, true] {
+                let v = chunk_sizes(rows, row_bytes, chunk_bytes, taper);
+                assert!(
+                    covers(&v, rows),
+                    "{rows} {row_bytes} {chunk_bytes} {taper}: {v:?}"
+                );
+                let (last, body) = v.split_last().expect("at least one chunk");
+                assert!(body.iter().all(|&n| n <= c), "{v:?} (chunk {c})");
+                assert!(*last <= c.max(2 * MIN_CHUNK_ROWS), "{v:?} (chunk {c})");
+            }
+        }
+    }
+
+    #[test]
     fn layout_is_aligned_and_tight() {
         let l = layout(
             33,
@@ -382,48 +340,6 @@ mod tests {
         assert_eq!(l.in_bytes, l.mask_off + 33 * 3);
         assert_eq!(l.w_off % 256, 0);
         assert_eq!(l.out_bytes, l.w_off + 33 * 3 * 4);
-    }
-
-    #[test]
-    fn warp_variant_is_the_smallest_that_holds_d() {
-        assert_eq!(warp_variant(512, 3, 48 << 10), Some(2));
-        assert_eq!(warp_variant(513, 3, 48 << 10), Some(3));
-        assert_eq!(warp_variant(1, 1, 48 << 10), Some(0));
-        assert_eq!(warp_variant(128, 1, 48 << 10), Some(0));
-        assert_eq!(warp_variant(1024, 8, 48 << 10), Some(3));
-        assert_eq!(warp_variant(1025, 3, 48 << 10), None);
-        // Too many modalities for the scores in shared memory: block-per-row.
-        assert_eq!(warp_variant(64, 2000, 48 << 10), None);
-    }
-
-    #[test]
-    fn vec_variant_needs_whole_16_byte_loads() {
-        use DType::*;
-        // The default head (D = 512): vec16 for every dtype.
-        for t in [F32, F16, BF16] {
-            assert_eq!(vec_variant(512, 3, 48 << 10, t), Some(1), "{t:?}");
-        }
-        // Smallest that holds D, 8 elements a lane at least.
-        assert_eq!(vec_variant(8, 1, 48 << 10, F16), Some(0));
-        assert_eq!(vec_variant(256, 1, 48 << 10, F32), Some(0));
-        assert_eq!(vec_variant(264, 1, 48 << 10, F16), Some(1));
-        assert_eq!(vec_variant(1024, 1, 48 << 10, BF16), Some(2));
-        // D not a multiple of the load's elements (4 f32, 8 halves), too large, too many scores.
-        assert_eq!(vec_variant(100, 1, 48 << 10, F32), Some(0));
-        assert_eq!(vec_variant(100, 1, 48 << 10, F16), None);
-        assert_eq!(vec_variant(514, 1, 48 << 10, F32), None);
-        assert_eq!(vec_variant(1032, 1, 48 << 10, F16), None);
-        assert_eq!(vec_variant(64, 2000, 48 << 10, F32), None);
-    }
-
-    #[test]
-    fn fusion_cuda_epilogue_values() {
-        assert_eq!(EpilogueKind::parse(None), Ok(EpilogueKind::Block));
-        assert_eq!(EpilogueKind::parse(Some(" block")), Ok(EpilogueKind::Block));
-        assert_eq!(EpilogueKind::parse(Some("warp")), Ok(EpilogueKind::Warp));
-        assert_eq!(EpilogueKind::parse(Some("vec\n")), Ok(EpilogueKind::Vec));
-        let e = EpilogueKind::parse(Some("fast")).expect_err("not a kind");
-        assert!(e.contains("FUSION_CUDA_EPILOGUE=fast"), "{e}");
     }
 
     #[test]
@@ -451,46 +367,5 @@ mod tests {
             e.contains("FUSION_CUDA_H=f16") && e.contains("auto or f32"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn every_h_dtype_has_its_kernels() {
-        use super::super::kernels::{
-            h_index, EPILOGUE, EPILOGUE_VEC, EPILOGUE_WARP, VEC_PER_LANE, WARP_PER_LANE,
-        };
-        for (i, t) in [DType::F32, DType::F16, DType::BF16]
-            .into_iter()
-            .enumerate()
-        {
-            assert_eq!(h_index(t), i);
-            let suffix = format!("_{}", t.name());
-            assert!(EPILOGUE[i].ends_with(&suffix), "{}", EPILOGUE[i]);
-            for (j, pl) in WARP_PER_LANE.iter().enumerate() {
-                assert_eq!(
-                    EPILOGUE_WARP[j][i],
-                    format!("fusion_epilogue_warp{pl}{suffix}")
-                );
-            }
-            for (j, pl) in VEC_PER_LANE.iter().enumerate() {
-                assert_eq!(
-                    EPILOGUE_VEC[j][i],
-                    format!("fusion_epilogue_vec{pl}{suffix}")
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn epilogue_shape_fits_shared_memory() {
-        // Default head: everything in shared memory.
-        let (b, s, f) = epilogue_shape(512, 3, 48 << 10).expect("fits");
-        assert_eq!((b, f), (128, Z_IN_SHARED | H_IN_SHARED));
-        assert_eq!(s as usize, 4 * (32 + 6 + 512 + 3 * 512));
-        // Huge D: z falls back to the output row, h is re-read.
-        let (b, s, f) = epilogue_shape(20_000, 3, 48 << 10).expect("fits");
-        assert_eq!((b, f), (256, 0));
-        assert_eq!(s as usize, 4 * 38);
-        // Tiny D: one warp.
-        assert_eq!(epilogue_shape(8, 1, 48 << 10).expect("fits").0, 32);
     }
 }
