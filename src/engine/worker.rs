@@ -65,6 +65,9 @@ pub(crate) fn worker_loop(core: Arc<Core>, d: usize, gen: u64, rx: Receiver<Work
         let t = Instant::now();
         let res = run_one(&mut be, &core, d, &job.batch);
         let elapsed = t.elapsed();
+        if let Some(s) = be.take_run_stats() {
+            dev.metrics.record_run(&s);
+        }
         if !core.complete(d, gen, job.id, res, elapsed) {
             return;
         }
