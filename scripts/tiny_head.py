@@ -18,6 +18,8 @@ MODALITIES = [("vision", 1024), ("text", 768), ("audio", 128)]
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)  # usage (an option is not an output path)
     out = sys.argv[1]
     d = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     rng = random.Random(7)
