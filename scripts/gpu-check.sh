@@ -13,7 +13,9 @@
 #        CPU_CHECK (1, default: scripts/cpu-check.sh last, the host-side engine and server
 #        throughput checks on this host's cores, into $OUT/cpu-check.txt),
 #        SERVE_CHECK (1, default: scripts/serve-device-check.sh after the pinned table: `serve` on
-#        cuda:0, cpu and wgpu:0 driven by `loadgen --url`, 8 producers, f16 wire; issue 18)
+#        cuda:0, cpu and wgpu:0 driven by `loadgen --url`, 8 producers, f16 wire; issue 18),
+#        SERVE_MORE (1, default: then frames and batches of 1024 with 1-3 CUDA instances, and
+#        FUSION_KEEP_FRAMES=0 against the default; about 50 s more)
 #
 # After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
@@ -41,6 +43,7 @@ COMPILE=${COMPILE:-1}
 TUNE=${TUNE:-1}
 CPU_CHECK=${CPU_CHECK:-1}
 SERVE_CHECK=${SERVE_CHECK:-1}
+SERVE_MORE=${SERVE_MORE:-1}
 TESTS=${TESTS:-}
 T() { timeout -k 5 "$STEP_TIMEOUT" "$@"; }
 # Backends to bench (selftest always runs all three); e.g. BACKENDS="cuda cpu" to skip a wgpu
@@ -186,6 +189,17 @@ if [ "$SERVE_CHECK" = 1 ]; then
   echo "== serve end to end: cuda:0, cuda:0 with 2 instances, cpu, wgpu:0 (scripts/serve-device-check.sh)"
   timeout -k 5 200 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-check.txt"
   [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$WORK/serve-check.txt" "$OUT/serve-check.txt"
+  if [ "$SERVE_MORE" = 1 ]; then
+    printf 'max_batch = 1024\n' >"$WORK/b1024.toml"
+    echo "== serve, frames and batches of 1024: cuda:0 with 1, 2 and 3 instances, cpu"
+    FRAME=1024 CONFIG="$WORK/b1024.toml" LOADGEN_ARGS="--max-rss-mb 8192" SECS=6 OUT= \
+      DEVICES="cuda:0 cuda:0:instances=2 cuda:0:instances=3 cpu" \
+      timeout -k 5 90 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-1024.txt"
+    echo "== serve, every samples block copied into the pool (FUSION_KEEP_FRAMES=0): the A/B of blocks read in place"
+    FUSION_KEEP_FRAMES=0 SECS=6 OUT= DEVICES="cuda:0 cuda:0:instances=2" \
+      timeout -k 5 60 bash scripts/serve-device-check.sh "$BIN" 2>&1 | tee "$WORK/serve-copied.txt"
+    [ -n "${OUT:-}" ] && cp "$WORK/serve-1024.txt" "$WORK/serve-copied.txt" "$OUT/"
+  fi
 fi
 echo "== PyTorch eager (same head, same shapes) and the copy ceiling"
 T python3 scripts/torch_head.py --device cuda --batch 64,1024,8192 --dtype f32,f16 --iters "$ITERS" \
