@@ -92,6 +92,11 @@ pub struct Report {
     pub producer_errors: BTreeMap<String, u64>,
     /// Producer `shed` notices.
     pub producer_shed: u64,
+    /// Share of the producers' time spent paused by the server's `ingest_backpressure`
+    /// (docs/DESIGN.md section 5.6), averaged over the producers: 0 when the server never
+    /// paused them. Read beside `offered_samples_per_s`: a rate offered below the one asked for
+    /// with little pause is the producers' own limit.
+    pub producer_paused_share: f64,
     /// Highest process peak RSS scraped from the server's `/metrics`, MiB.
     pub server_peak_rss_mb: Option<f64>,
     /// Percent of this machine's CPU time stolen by the hypervisor while the producers ran
@@ -191,6 +196,15 @@ fn role_name(r: &Role) -> &'static str {
 
 fn close_key(code: Option<u16>) -> String {
     code.map_or_else(|| "none".to_string(), |c| c.to_string())
+}
+
+/// The producers' mean share of `produced_s` spent paused by the server (0 without producers).
+fn paused_share(producers: &[ProducerRecord], produced_s: f64) -> f64 {
+    if producers.is_empty() || produced_s <= 0.0 {
+        return 0.0;
+    }
+    let paused: f64 = producers.iter().map(|p| p.paused.as_secs_f64()).sum();
+    paused / (producers.len() as f64 * produced_s)
 }
 
 pub(crate) fn build(i: Inputs<'_>) -> Report {
@@ -365,6 +379,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         critical_lost_without_close: critical_lost,
         producer_errors,
         producer_shed,
+        producer_paused_share: paused_share(&i.producers, i.produced_s),
         server_peak_rss_mb: peak_rss,
         host_steal_pct: i.host_steal_pct,
         process_cpu_us_per_sample: i.process_cpu_s.and_then(|c| {
@@ -413,4 +428,23 @@ fn engine_rate(scrapes: &[Scrape]) -> Option<f64> {
         .find(|s| s.device_samples >= last.device_samples)?;
     (b.t_ms > a.t_ms)
         .then(|| (b.device_samples - a.device_samples) / ((b.t_ms - a.t_ms) as f64 / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn paused_share_is_the_producers_mean() {
+        let p = |ms: u64| ProducerRecord {
+            paused: Duration::from_millis(ms),
+            ..ProducerRecord::default()
+        };
+        assert_eq!(paused_share(&[], 5.0), 0.0);
+        assert_eq!(paused_share(&[p(1000)], 0.0), 0.0);
+        // 1 s and 0 s of 4 s each: 1/8.
+        assert!((paused_share(&[p(1000), p(0)], 4.0) - 0.125).abs() < 1e-12);
+        assert!((paused_share(&[p(4000)], 4.0) - 1.0).abs() < 1e-12);
+    }
 }

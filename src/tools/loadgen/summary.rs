@@ -128,9 +128,10 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  producer errors {}, shed {}; server peak RSS {} MiB (bound {})",
+            "  producer errors {}, shed {}, paused by the server {:.1}% of the time; server peak RSS {} MiB (bound {})",
             counts(&self.producer_errors),
             self.producer_shed,
+            self.producer_paused_share * 100.0,
             ms(self.server_peak_rss_mb),
             self.max_rss_mb
         );
