@@ -24,7 +24,10 @@
 # during the run (mean and max), where nvidia-smi exists. Under each run's "serving" line:
 # the server's busiest threads and the host's busy cores over the run (scripts/thread_cpu.py):
 # a thread near 100% while cores idle is a serial stage; and where a batch's time went
-# (scripts/metrics_breakdown.py: each device's run, the engine's submit-to-done).
+# (scripts/metrics_breakdown.py: each device's run, the engine's submit-to-done). "offered" is
+# what the producers managed to send (below RATE when they could not keep up) and the share of
+# their time the server's ingest_backpressure held them: a low rate offered with little pause
+# means the load generator, not the server, set the figure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/fusion-engine}
@@ -100,13 +103,13 @@ def smi(s):
     except OSError:
         return "-"
     return f"{sum(v) / len(v):.0f}% (max {max(v):.0f}%)" if v else "-"
-print("| devices | samples/s carried | server CPU us/sample | p50 ms | p99 ms | GPU util mean (max) | loadgen checks |")
-print("|---|---|---|---|---|---|---|")
+print("| devices | samples/s carried | offered (producers paused) | server CPU us/sample | p50 ms | p99 ms | GPU util mean (max) | loadgen checks |")
+print("|---|---|---|---|---|---|---|---|")
 carried = {}
 for s in specs:
     r = load(s)
     if not r or "samples_per_s" not in r:
-        print(f"| {s} | - (server did not start or loadgen failed) | - | - | - | - | - |")
+        print(f"| {s} | - (server did not start or loadgen failed) | - | - | - | - | - | - |")
         continue
     n = r["samples_per_s"] * r["duration_s"]
     try:
@@ -121,7 +124,10 @@ for s in specs:
     bad = [k for k, v in r.get("checks", {}).items() if not v]
     carried[s] = r["samples_per_s"]
     f = lambda v: "-" if v is None else f"{v:.1f}"
-    print(f"| {s} | {r['samples_per_s']:.0f} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'}; overload closes {r.get('closes', {}).get('1013', 0)} |")
+    offered = r.get("offered_samples_per_s")
+    paused = r.get("producer_paused_share")
+    off = "-" if offered is None else f"{offered:.0f}" + ("" if paused is None else f" ({paused * 100:.0f}%)")
+    print(f"| {s} | {r['samples_per_s']:.0f} | {off} | {cpu} | {f(p50)} | {f(p99)} | {smi(s)} | {', '.join(b + ' FALSE' for b in bad) or 'all true'}; overload closes {r.get('closes', {}).get('1013', 0)} |")
 # The best CUDA row (several specs of one GPU, e.g. `cuda:0 cuda:0:instances=2`), named.
 best = max(((v, k) for k, v in carried.items() if k.startswith("cuda")), default=None)
 cuda = best[0] if best else None
