@@ -15,7 +15,8 @@
 #        SERVE_CHECK (1, default: scripts/serve-device-check.sh after the pinned table: `serve` on
 #        cuda:0, cpu and wgpu:0 driven by `loadgen --url`, 8 producers, f16 wire; issue 18),
 #        SERVE_MORE (1, default: then frames and batches of 1024 with 1-3 CUDA instances, and
-#        FUSION_KEEP_FRAMES=0 against the default; about 50 s more)
+#        FUSION_KEEP_FRAMES=0 against the default; about 50 s more),
+#        NCU (1, default: Nsight Compute on the f16 epilogue with each kernel, where ncu exists)
 #
 # After the CUDA bench, the f16 head's device time against its GEMMs alone is printed for both
 # paths of the projections h (docs/DESIGN.md section 2.5): written in f16 (the default) and in
@@ -183,6 +184,18 @@ for name in names:
 PY
   ;;
 esac
+# Nsight Compute on the f16 epilogue, each kernel (where ncu is installed): throughput against
+# the memory's peak says whether a kernel is bound by bytes moved or by bytes in flight.
+if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
+  echo "== ncu: the f16 epilogue at B = 8192, each kernel (FUSION_CUDA_EPILOGUE)"
+  for epi in block warp vec; do
+    FUSION_CUDA_EPILOGUE=$epi T ncu --clock-control none --kernel-name regex:fusion_epilogue --launch-count 2 \
+      --section SpeedOfLight --section Occupancy "$BIN" bench --backend cuda --batch 8192 --dtype f16 --iters 1 \
+      >"$WORK/ncu-$epi.txt" 2>&1 || echo "ncu ($epi) failed: $(tail -2 "$WORK/ncu-$epi.txt")"
+    grep -E "fusion_epilogue|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per" "$WORK/ncu-$epi.txt" | head -16
+    [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$WORK/ncu-$epi.txt" "$OUT/"
+  done
+fi
 # Issue 18's figures through the server come right after the head's CUDA figures, before
 # the slower steps, so that a short lease still gets them.
 if [ "$SERVE_CHECK" = 1 ]; then
