@@ -390,3 +390,8 @@ mod tests {
         assert_eq!(pool.spare(), 2);
     }
 }
+
+/// `samples` frames in page-locked pool buffers, end to end (a fake lock).
+#[cfg(test)]
+#[path = "locked_frames_tests.rs"]
+mod locked_frames_tests;
