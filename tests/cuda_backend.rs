@@ -44,6 +44,21 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fusion-engine"))
 }
 
+/// `selftest --backend cuda` with `var=value`: whether it passed, and its stdout and stderr.
+fn selftest_cuda(var: &str, value: &str) -> (bool, String) {
+    let out = bin()
+        .args(["selftest", "--backend", "cuda"])
+        .env(var, value)
+        .output()
+        .expect("run selftest");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// `run_projections_only` is offered and agrees in shape handling with `run`.
 #[test]
 fn projections_only_is_offered() {
@@ -231,17 +246,8 @@ fn warp_per_row_epilogues_pass_selftest() {
         ("warp", "fusion_epilogue_warp16_"),
         ("vec", "fusion_epilogue_vec16_"),
     ] {
-        let out = bin()
-            .args(["selftest", "--backend", "cuda"])
-            .env("FUSION_CUDA_EPILOGUE", kind)
-            .output()
-            .expect("run selftest");
-        assert!(
-            out.status.success(),
-            "{kind}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = selftest_cuda("FUSION_CUDA_EPILOGUE", kind);
+        assert!(ok, "{kind}: {text}");
         for dtype in ["f32", "f16"] {
             let out = bin()
                 .args([
@@ -364,29 +370,8 @@ fn half_h_forced_f32_passes_selftest() {
         eprintln!("skipping: no usable CUDA device");
         return;
     }
-    let out = bin()
-        .args(["selftest", "--backend", "cuda"])
-        .env("FUSION_CUDA_H", "f32")
-        .output()
-        .expect("run selftest");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = bin()
-        .args(["selftest", "--backend", "cuda"])
-        .env("FUSION_CUDA_H", "f8")
-        .output()
-        .expect("run selftest");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !out.status.success() && text.contains("FUSION_CUDA_H=f8"),
-        "{text}"
-    );
+    let (ok, text) = selftest_cuda("FUSION_CUDA_H", "f32");
+    assert!(ok, "{text}");
+    let (ok, text) = selftest_cuda("FUSION_CUDA_H", "f8");
+    assert!(!ok && text.contains("FUSION_CUDA_H=f8"), "{text}");
 }
