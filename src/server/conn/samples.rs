@@ -138,8 +138,8 @@ pub(crate) struct CheckedFrame {
 /// section 4.1): with [`Placement::InFrame`] a block stays where it is in the frame's buffer (a
 /// reference-counted slice of it); with [`Placement::Copied`] it is copied into a buffer from
 /// `pool` in the same pass as the scan; with [`Placement::InFrameIfLocked`] it stays only if
-/// it lies in page-locked memory, else it is copied. On an error nothing of the frame is kept (the blocks
-/// taken so far are dropped, copies back to the pool).
+/// it lies in page-locked memory, else it is copied. On an error nothing of the frame is kept
+/// (the blocks taken so far are dropped, copies back to the pool).
 pub(crate) fn check_frame(
     head: &FusionHead,
     max_name: usize,
